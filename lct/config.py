@@ -1,0 +1,633 @@
+"""One typed configuration system for the trainer, data prep and eval.
+
+Schemas are pydantic models (types, defaults, ranges, in this file only). A configuration is
+YAML, optionally inheriting from other YAML files (`base: other.yaml`, paths relative to the file),
+plus dotted command-line overrides (`optim.lr=2e-4`). For the trainer, `method.preset` fills the
+method's reference hyperparameters (SPEC section 12) under whatever the files and overrides say.
+
+Every user mistake becomes a `ConfigError` that names the file, the dotted key and what was
+expected (with a "did you mean" for unknown keys); `lct.errors.cli_main` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lct.errors import ConfigError
+
+COMMAND_LINE = "command line"
+
+
+class Strict(BaseModel):
+    """Base of every schema section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer schema
+# --------------------------------------------------------------------------------------------
+
+PRESETS = ("edm", "ict", "ict_latent_baseline", "ect", "ect_imagenet", "ilct")
+
+
+class RunConfig(Strict):
+    dir: str = Field("runs/default", description="run directory: checkpoints, logs, samples, exports")
+    seed: int = Field(0, ge=0, description="seed of every counter-based random stream")
+    total_steps: int = Field(400_000, ge=1, description="K: applied optimizer steps; sets the curriculum")
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(5000, ge=1, description="checkpoint every this many applied steps")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept by rotation")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never', or a path")
+    allow_total_steps_change: bool = Field(False, description="accept a changed run.total_steps on resume (moves the curriculum)")
+    max_consecutive_skips: int = Field(20, ge=1, description="stop after this many non-finite steps in a row")
+    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly after this much training time")
+    dist_timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout (raised around sampling and saving)")
+    tensorboard: bool = True
+    wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = "lct"
+
+
+class MethodConfig(Strict):
+    preset: Literal["edm", "ict", "ict_latent_baseline", "ect", "ect_imagenet", "ilct"] = "ilct"
+    objective: Literal["edm", "ict", "ect", "ilct"] = "ilct"
+    distance: Literal["l2", "pseudo_huber", "cauchy"] = "cauchy"
+    c: float | Literal["adaptive"] = Field("adaptive", description="distance scale (mean form, SPEC 3) or 'adaptive' (SPEC 4)")
+    c_first: float | Literal["code"] = Field(0.03456, description="adaptive c of the first stage; 'code' = 0.00054*sqrt(C*H*W)")
+    sigma_min: float = Field(0.002, ge=0, description="training parameterisation sigma_min (SPEC 1); 0 = EDM scalings")
+    sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min recorded for sampling; default sigma_min")
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    p_mean: float = Field(-1.1, description="lognormal pair law / ECT t law mean (SPEC 2.3, 2.4)")
+    p_std: float = Field(2.0, gt=0)
+    edm_p_mean: float = Field(-0.4, description="EDM diffusion ln sigma mean (SPEC 5)")
+    edm_p_std: float = Field(1.0, gt=0)
+    s0: int = Field(10, ge=1, description="iCT curriculum initial intervals (SPEC 2.2)")
+    s1: int = Field(1280, ge=1, description="iCT curriculum final intervals")
+    ect_mapping: Literal["sigmoid", "const"] = "sigmoid"
+    ect_q: float = Field(2.0, gt=1)
+    ect_k: float = 8.0
+    ect_b: float = 1.0
+    stage_every: int = Field(25_000, ge=1, description="ECT: applied steps per mapping stage")
+    max_stage: int | None = Field(None, ge=0, description="ECT: cap on the stage index (short runs)")
+    ect_weight: Literal["inv_dt", "imagenet"] = "inv_dt"
+    diffusion_weight: float = Field(5.0, ge=0, description="weight of the early-step diffusion term (SPEC 5); 0 = off")
+    diff_sigma_max: float = Field(0.1698, gt=0, description="ECT mapping: early set is t <= this (SPEC 5)")
+    ot: bool = Field(True, description="minibatch OT coupling of latents and noise (SPEC 6)")
+    time_embed_scale: float = Field(1000.0, gt=0, description="time embedding input = scale * ln(sigma)/4 (SPEC 1)")
+    tau: list[float] = Field([0.36931547704], description="intermediate sigmas of multi-step sampling (SPEC 9)")
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_decreasing(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v) or any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError("taus must be positive and strictly decreasing")
+        return v
+
+
+class ModelConfig(Strict):
+    arch: str = Field("DiT-B/2", description="DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 (or /4)")
+    hidden_size: int | None = Field(None, ge=8, description="override the preset width (tests, demo)")
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    patch_size: int | None = Field(None, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    cond: Literal["text", "class", "none"] = "text"
+    num_classes: int = Field(0, ge=0, description="class-label mode only")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    nsln: Literal["qk", "none"] = "qk"
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    checkpointing: bool = Field(False, description="per-block activation checkpointing (use_reentrant=False)")
+    compile: bool = Field(False, description="torch.compile the DiT blocks")
+    init_from: str | None = Field(None, description="start from an lct run or export (ECT starts from an edm run)")
+    init_ema: str | None = Field(None, description="which EMA of init_from to copy into weights and EMAs (SPEC 2.4)")
+
+
+class DataConfig(Strict):
+    shards: str = Field("", description="latent shards: path, brace pattern or URL (encode_latents output)")
+    manifest: str | None = Field(None, description="manifest.json; default: beside the shards")
+    mode: Literal["stream", "indexed"] = "stream"
+    shuffle_buffer: int = Field(2000, ge=0)
+    num_workers: int = Field(4, ge=0)
+    prefetch_factor: int = Field(4, ge=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="rate of the learned null condition (SPEC 9)")
+    flip: bool = Field(True, description="use the stored horizontal-flip latents as augmentation")
+    latent_norm: Literal["channel", "element"] = "channel"
+    text: Literal["precomputed", "on_the_fly"] = "precomputed"
+    val_shards: str | None = Field(None, description="held-out latent shards for the validation batch")
+
+
+class TextConfig(Strict):
+    model: str | None = Field(None, description="open_clip model name; default: the manifest's")
+    pretrained: str | None = Field(None, description="open_clip tag or local path; default: the manifest's")
+
+
+class VAEConfig(Strict):
+    id: str | None = Field(None, description="diffusers AutoencoderKL hub id or local dir; default: the manifest's")
+
+
+class OptimConfig(Strict):
+    name: Literal["radam", "adam"] = "radam"
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="coupled (L2) weight decay, torch default")
+    schedule: Literal["constant", "inv_sqrt"] = "constant"
+    ref_steps: int = Field(2000, ge=1, description="inv_sqrt: lr / sqrt(max(step / ref_steps, 1))")
+    batch_size: int = Field(128, ge=1, description="global batch per optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / world")
+    grad_clip: float = Field(0.0, ge=0, description="0 = off (DeepSpeed clips at 1.0 unless told not to)")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("betas must lie in [0, 1)")
+        return v
+
+
+class EMAEntry(Strict):
+    name: str
+    halflife_images: float | None = Field(None, gt=0, description="half-life in training images")
+    decay: float | None = Field(None, gt=0, lt=1, description="per-step decay at decay_batch images/step")
+    decay_batch: int | None = Field(None, ge=1)
+
+    def resolved_halflife(self) -> float:
+        if self.halflife_images is not None:
+            return self.halflife_images
+        # EMA decays transfer across batch sizes as half-lives in images (SPEC 12).
+        return self.decay_batch * math.log(0.5) / math.log(self.decay)
+
+
+class EMAConfig(Strict):
+    models: list[EMAEntry] = Field(default_factory=lambda: [EMAEntry(name="ema", halflife_images=1.27e6)])
+    sample: str = Field("ema", description="EMA used for samples, validation and export")
+
+
+class DistributedConfig(Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    fp32_reduce: bool = Field(True, description="reduce gradients in fp32 (SPEC 1.1)")
+    allreduce_bucket_size: int = Field(500_000_000, ge=1)
+
+
+class SampleConfig(Strict):
+    every: int = Field(5000, ge=1, description="sample grid every this many applied steps")
+    prompts: list[str] = Field(default_factory=list, description="fixed prompts; default: held-out captions")
+    prompts_file: str | None = None
+    num: int = Field(16, ge=1, description="images per grid")
+    seed: int = 0
+    steps: list[int] = Field([1, 2])
+    guidance: float = Field(1.0, ge=0)
+
+
+class ValConfig(Strict):
+    every: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="fixed validation batch size")
+    buckets: int = Field(8, ge=1, description="sigma buckets for the per-bucket consistency distance")
+
+
+class TrainConfig(Strict):
+    """The trainer's whole configuration (`lct/train.py --config ...`)."""
+
+    base: list[str] | str | None = Field(None, description="YAML file(s) this one inherits from")
+    run: RunConfig = Field(default_factory=RunConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    precision: Literal["tf32", "bf16_trunk", "fp32"] = "tf32"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    val: ValConfig = Field(default_factory=ValConfig)
+
+
+def _ema(decay: float, batch: int) -> dict:
+    return {"models": [{"name": "ema", "decay": decay, "decay_batch": batch}], "sample": "ema"}
+
+
+# Method presets: SPEC section 12 (reference hyperparameters) and section 3 (distance, c).
+# Applied under the user's files and overrides: anything written explicitly wins.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "edm": {
+        "method": {"objective": "edm", "sigma_min": 0.0, "ot": False, "diffusion_weight": 0.0},
+        "model": {"dropout": 0.0, "nsln": "none"},
+        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 0.0},
+        "ema": _ema(0.9999, 128),
+        "precision": "tf32",
+    },
+    "ict": {
+        "method": {"objective": "ict", "distance": "pseudo_huber", "c": 0.00054, "sigma_min": 0.002,
+                   "s0": 10, "s1": 1280, "ot": False, "diffusion_weight": 0.0, "tau": [0.821]},
+        "model": {"dropout": 0.3, "nsln": "none"},
+        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                  "batch_size": 1024, "grad_clip": 0.0},
+        "ema": _ema(0.99993, 1024),
+        "run": {"total_steps": 400_000},
+        "precision": "tf32",
+    },
+    "ict_latent_baseline": {
+        "method": {"objective": "ict", "distance": "pseudo_huber", "c": 0.03456, "sigma_min": 0.002,
+                   "s0": 10, "s1": 640, "ot": False, "diffusion_weight": 0.0, "tau": [0.36931547704]},
+        "model": {"dropout": 0.0, "nsln": "none"},
+        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 1e-4,
+                  "batch_size": 128, "grad_clip": 0.0},
+        "ema": _ema(0.99993, 128),
+        "run": {"total_steps": 294_000},
+        "precision": "tf32",
+    },
+    "ect": {
+        "method": {"objective": "ect", "distance": "pseudo_huber", "c": 0.0, "sigma_min": 0.0,
+                   "p_mean": -1.1, "p_std": 2.0, "ect_mapping": "sigmoid", "ect_q": 2.0, "ect_k": 8.0,
+                   "ect_b": 1.0, "stage_every": 25_000, "ect_weight": "inv_dt", "ot": False,
+                   "diffusion_weight": 0.0, "tau": [0.821]},
+        "model": {"dropout": 0.2, "nsln": "none"},
+        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                  "batch_size": 128, "grad_clip": 0.0},
+        "ema": _ema(0.9999, 128),
+        "run": {"total_steps": 200_000},
+        "precision": "tf32",
+    },
+    "ect_imagenet": {
+        "method": {"objective": "ect", "distance": "pseudo_huber", "c": 0.000541, "sigma_min": 0.0,
+                   "p_mean": -0.8, "p_std": 1.6, "ect_mapping": "sigmoid", "ect_q": 4.0, "ect_k": 8.0,
+                   "ect_b": 1.0, "stage_every": 25_000, "ect_weight": "imagenet", "ot": False,
+                   "diffusion_weight": 0.0, "tau": [1.526]},
+        "model": {"dropout": 0.4, "nsln": "none"},
+        "optim": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0,
+                  "schedule": "inv_sqrt", "ref_steps": 2000, "batch_size": 128, "grad_clip": 0.0},
+        "ema": _ema(0.9999, 128),
+        "run": {"total_steps": 100_000},
+        "precision": "tf32",
+    },
+    "ilct": {
+        "method": {"objective": "ilct", "distance": "cauchy", "c": "adaptive", "c_first": 0.03456,
+                   "sigma_min": 0.002, "s0": 10, "s1": 640, "ot": True, "diffusion_weight": 5.0,
+                   "tau": [0.36931547704]},
+        "model": {"dropout": 0.0, "nsln": "qk"},
+        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 1e-4,
+                  "schedule": "constant", "batch_size": 128, "grad_clip": 0.0},
+        "ema": _ema(0.99993, 128),
+        "run": {"total_steps": 294_000},
+        "precision": "tf32",
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Data prep and eval schemas (flat: every field is also a command-line flag)
+# --------------------------------------------------------------------------------------------
+
+
+class EncodeLatentsConfig(Strict):
+    """`data_prep/encode_latents.py`: image-text shards to latent shards (SPEC 7)."""
+
+    input: str = Field(..., description="input shards: path, brace pattern, or pipe:/http/s3 URL")
+    output: str = Field(..., description="output directory (latent shards + manifest.json)")
+    vae: str = Field("stabilityai/sd-vae-ft-ema", description="AutoencoderKL hub id or local save_pretrained dir")
+    resolution: int = Field(256, ge=8, description="center-crop on the long edge, then resize to this")
+    text_model: str = Field("ViT-B-32", description="open_clip model name of the text tower")
+    text_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip tag or local path; 'random' = seeded random tower saved beside the shards")
+    text_states: bool = Field(False, description="also store fp16 token states and pooled features")
+    flip: bool = Field(False, description="also store the latents of the horizontally flipped image")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(4, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="VAE precision (fp32 + TF32 on GPU by default)")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    seed: int = Field(0, ge=0, description="seed of the random text tower ('random')")
+
+
+class EvalConfig(Strict):
+    """`eval/clip_fid.py`: samples and metrics with a fixed protocol."""
+
+    checkpoint: str = Field(..., description="run directory or export directory")
+    captions: str | None = Field(None, description="caption file (.txt one per line, or .jsonl); default: protocol's")
+    protocol: str = Field("coco2014val-30k", description="named protocol (README) or 'custom'")
+    num_samples: int | None = Field(None, ge=1, description="default: the protocol's")
+    steps: list[int] = Field([1, 2], description="sampling steps to evaluate")
+    tau: list[float] | None = Field(None, description="2-step tau(s) to sweep; default: the model's")
+    guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off)")
+    metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes")
+    ref_stats: str | None = Field(None, description="reference FID statistics .npz")
+    ref_images: str | None = Field(None, description="reference images (shards pattern or folder) to compute stats")
+    out: str = Field(..., description="output directory")
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(0, ge=0)
+    ema: str | None = Field(None, description="EMA name of a run directory; default: the run's sample EMA")
+    fid_weights: str | None = Field(None, description="local FID Inception weights (pt_inception-2015-12-05)")
+    clip_model: str = Field("ViT-g-14", description="open_clip model for the CLIP score")
+    clip_pretrained: str | None = Field("laion2b_s34b_b88k", description="open_clip tag or local path")
+    device: str = "auto"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + inheritance + presets + dotted overrides, with source tracking
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """Read one YAML file with its `base:` ancestors; returns (dict, dotted key -> source file)."""
+    if not path.is_file():
+        raise ConfigError("config file not found (check the path given to --config or base:)",
+                          source=str(path))
+    if path.resolve() in chain:
+        raise ConfigError("inheritance cycle through base:", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"not valid YAML ({where}): {getattr(err, 'problem', err)}", source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of keys at the top level", source=str(path))
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    sources: dict[str, str] = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        bpath = (path.parent / b) if not os.path.isabs(b) else Path(b)
+        bdata, bsrc = _read_yaml(bpath, chain + (path.resolve(),))
+        merged = _deep_merge(merged, bdata)
+        sources.update(bsrc)
+    merged = _deep_merge(merged, data)
+    sources.update({k: str(path) for k in _flatten(data)})
+    return merged, sources
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', YAML-parsed value)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value", source=COMMAND_LINE)
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads '2e-4' as a string; numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(ch in value for ch in "eE.") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def _schema_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class at `loc` inside `schema` (for 'did you mean')."""
+    cls: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        cls = next((a for a in (get_args(ann) or (ann,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        if get_origin(ann) is list:
+            cls = get_args(ann)[0]
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _source_for(key: str, sources: dict[str, str], default: str) -> str:
+    """The file that set `key`, one of its parents (a list or section), or one of its children."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in sources:
+            return sources[".".join(parts[:i])]
+    return next((s for k, s in sources.items() if k.startswith(key + ".")), default)
+
+
+def _format_validation(err: ValidationError, schema: type[BaseModel], sources: dict[str, str],
+                       default_source: str) -> ConfigError:
+    by_key: dict[str, list[dict]] = {}
+    for e in err.errors():
+        # Drop the union-member part of the location ('float', 'literal[...]').
+        loc = tuple(p for p in e["loc"] if isinstance(p, int) or not (
+            p in ("float", "int", "str", "bool", "list", "tuple", "function-after")
+            or str(p).startswith(("literal[", "list[", "tuple[", "function-"))))
+        by_key.setdefault(".".join(str(p) for p in loc), []).append(dict(e, loc=loc))
+    key, errs = next(iter(by_key.items()))
+    e0 = errs[0]
+    source = _source_for(key, sources, default_source)
+    if e0["type"] == "extra_forbidden":
+        parent = _schema_at(schema, e0["loc"][:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(e0["loc"][-1]), known, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in e0["loc"][:-1])
+        hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+        msg = f"unknown key{hint} (known here: {', '.join(known)})"
+    elif e0["type"] == "missing":
+        msg = "required value is missing"
+    else:
+        got = e0.get("input")
+        expected = "; or ".join(dict.fromkeys(x["msg"] for x in errs))
+        msg = f"got {got!r}: {expected}"
+    extra = len(by_key) - 1
+    if extra:
+        msg += f" (and {extra} more problem{'s' * (extra > 1)})"
+    return ConfigError(msg, key=key or None, source=source)
+
+
+def apply_preset(raw: dict, sources: dict[str, str]) -> dict:
+    """Put the method preset's reference values under what the user wrote (SPEC 12)."""
+    preset = (raw.get("method") or {}).get("preset", MethodConfig.model_fields["preset"].default)
+    if preset not in METHOD_PRESETS:
+        close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset {preset!r}{hint} (known: {', '.join(PRESETS)})",
+                          key="method.preset", source=sources.get("method.preset", COMMAND_LINE))
+    return _deep_merge(METHOD_PRESETS[preset], raw)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = TrainConfig, base: dict | None = None) -> Any:
+    """Load and validate a configuration; raises `ConfigError` (exit 2) on any user mistake."""
+    raw: dict = copy.deepcopy(base or {})
+    sources: dict[str, str] = {}
+    if path is not None:
+        raw, sources = _read_yaml(Path(path))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+        sources[key] = COMMAND_LINE
+    if schema is TrainConfig:
+        raw = apply_preset(raw, sources)
+    try:
+        cfg = schema.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation(err, schema, sources, str(path) if path else COMMAND_LINE) from None
+    if isinstance(cfg, TrainConfig):
+        cfg._sources = sources  # type: ignore[attr-defined]
+        for w in check_train_config(cfg, sources):
+            warnings.warn(w, ConfigWarning, stacklevel=2)
+    return cfg
+
+
+class ConfigWarning(UserWarning):
+    pass
+
+
+def source_of(cfg: Any, key: str) -> str:
+    return getattr(cfg, "_sources", {}).get(key, "defaults")
+
+
+def check_train_config(cfg: TrainConfig, sources: dict[str, str] | None = None) -> list[str]:
+    """Option compatibility checks that need several keys; returns warnings, raises on errors."""
+    src = sources or getattr(cfg, "_sources", {})
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(msg, key=key, source=_source_for(key, src, "preset " + cfg.method.preset))
+
+    m, warn = cfg.method, []
+    if m.objective == "ect" and m.sigma_min > 0:
+        fail("method.sigma_min", "the ECT objective trains with sigma_min = 0 (SPEC 2.4: with 0.002, "
+             "t < sigma_min gives c_out < 0); set method.sigma_min=0")
+    if m.objective != "edm" and m.c == "adaptive" and m.distance == "l2":
+        fail("method.c", "an adaptive c needs distance cauchy or pseudo_huber (l2 has no c)")
+    if m.objective == "ect" and m.c == "adaptive":
+        warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
+                    "(SPEC 4), not a published rule")
+    if m.objective in ("ict", "ilct") and m.s1 < m.s0:
+        fail("method.s1", f"s1 ({m.s1}) must be >= s0 ({m.s0})")
+    if cfg.distributed.zero_stage == 3:
+        fail("distributed.zero_stage", "ZeRO-3 is not supported: the partitioned EMA and the teacher "
+             "pass need full parameters on every rank; use zero_stage 0, 1 or 2")
+    if cfg.model.attention == "xformers":
+        import importlib.util
+        if importlib.util.find_spec("xformers") is None:
+            fail("model.attention", "xformers is not installed: `pip install xformers` "
+                 "(or `pip install 'lct[xformers]'`), or use model.attention=sdpa")
+    if cfg.model.cond == "class" and cfg.model.num_classes < 1:
+        fail("model.num_classes", "class-label mode needs model.num_classes >= 1")
+    names = [e.name for e in cfg.ema.models]
+    if len(set(names)) != len(names):
+        fail("ema.models", f"EMA names must be unique, got {names}")
+    for i, e in enumerate(cfg.ema.models):
+        if (e.halflife_images is None) == (e.decay is None) or (e.decay is not None and e.decay_batch is None):
+            fail(f"ema.models.{i}", "give either halflife_images, or decay with decay_batch")
+    if cfg.ema.sample not in names:
+        fail("ema.sample", f"no EMA named {cfg.ema.sample!r}; defined: {names}")
+    if cfg.optim.micro_batch_size and cfg.optim.batch_size % cfg.optim.micro_batch_size:
+        fail("optim.micro_batch_size", f"must divide optim.batch_size ({cfg.optim.batch_size})")
+    if m.ot and m.objective != "edm":
+        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
+        if mb < 64:
+            warn.append(f"OT coupling over micro-batches of {mb} (< 64) pairs little (SPEC 6)")
+    if cfg.model.init_ema and not cfg.model.init_from:
+        fail("model.init_ema", "init_ema needs model.init_from")
+    if cfg.data.mode == "indexed" and cfg.data.num_workers > 0 and cfg.data.shuffle_buffer:
+        pass  # indexed mode ignores the shuffle buffer; nothing to warn about
+    return warn
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Flat schemas as command-line tools (data prep, eval)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_list(ann: Any) -> bool:
+    return get_origin(ann) is list or any(get_origin(a) is list for a in get_args(ann))
+
+
+def _is_bool(ann: Any) -> bool:
+    return ann is bool or (get_origin(ann) is Union and bool in get_args(ann))
+
+
+def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
+               description: str = "", extra: callable = None) -> tuple[Any, argparse.Namespace]:
+    """Build an argparse CLI from a flat schema: one `--flag` per field, plus `--config FILE.yaml`
+    and trailing `key=value` overrides. Flags win over the file. Returns (config, parsed args)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    for name, field in schema.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = (field.description or "") + ("" if field.is_required() else f" (default: {field.default})")
+        if _is_bool(field.annotation):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif _is_list(field.annotation):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_)
+    if extra:
+        extra(parser)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    given: dict[str, Any] = {}
+    for name, field in schema.model_fields.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        if _is_list(field.annotation):
+            v = [x for item in v for x in str(item).split(",") if x != ""]
+        elif isinstance(v, str) and v.lower() in ("none", "null") and not field.is_required():
+            v = None
+        given[name] = v
+    raw: dict = {}
+    sources: dict[str, str] = {}
+    if args.config:
+        raw, sources = _read_yaml(Path(args.config))
+    for text in args.overrides:
+        k, v = parse_override(text)
+        _set_dotted(raw, k, v)
+        sources[k] = COMMAND_LINE
+    raw.update(given)
+    sources.update({k: COMMAND_LINE for k in given})
+    try:
+        cfg = schema.model_validate(raw)
+    except ValidationError as err:
+        # Flags are named like the fields, with dashes.
+        e = _format_validation(err, schema, sources, COMMAND_LINE)
+        if e.key and e.source == COMMAND_LINE and "." not in e.key:
+            e = ConfigError(e.detail, key="--" + e.key.replace("_", "-"), source=e.source)
+        raise e from None
+    return cfg, args
