@@ -1,0 +1,153 @@
+"""DeepSpeed engine from lct's config, with the method's optimizer and precision (SPEC 1.1, 12).
+
+Library defaults are not neutral, so everything the method depends on is written explicitly:
+- `gradient_clipping: 0.0` unless the config asks for clipping (DeepSpeed clips at 1.0 otherwise;
+  none of iCT, ECT, iLCT clips, SPEC 12);
+- RAdam (coupled weight decay, torch's default) or Adam as a *client* optimizer, so
+  `zero_allow_untested_optimizer: true` (RAdam is not a DeepSpeed built-in);
+- never `bf16.enabled` / `fp16.enabled`: those cast the whole module, wrapper included, to 16 bits.
+  `bf16_trunk` uses DeepSpeed's `torch_autocast` section instead, and the per-sample conditioning
+  layers are `FP32Linear`, a class DeepSpeed's autocast does not mark for bf16 communication;
+- fp32 gradient accumulation (`data_types.grad_accum_dtype`) and fp32 gradient reduction
+  (`communication_data_type`) for the reproduction presets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lct.config import TrainConfig
+from lct.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(local_rank_arg: int | None = None) -> DistInfo:
+    """Ranks from the launcher's environment (deepspeed, torchrun, SLURM) or one process.
+
+    `LOCAL_RANK` is preferred over `--local_rank` (newer launchers only set the variable)."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    local_rank = int(local) if local is not None else (local_rank_arg or 0)
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", world)))
+    return DistInfo(rank, world, local_rank, local_world)
+
+
+def init_distributed(info: DistInfo, timeout_minutes: float) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if info.world_size > 1 or "MASTER_ADDR" in os.environ:
+        import deepspeed
+
+        os.environ.setdefault("RANK", str(info.rank))
+        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    return device
+
+
+def set_precision(precision: str) -> None:
+    """fp32 matmul mode of the precision preset (SPEC 1.1)."""
+    tf32 = precision in ("tf32", "bf16_trunk")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, gradient-accumulation steps) for the global batch."""
+    batch = cfg.optim.batch_size
+    if batch % world_size:
+        raise ConfigError(f"the global batch {batch} does not split over {world_size} ranks; "
+                          f"use a multiple of {world_size}", key="optim.batch_size")
+    micro = cfg.optim.micro_batch_size or batch // world_size
+    if batch % (micro * world_size):
+        raise ConfigError(f"{micro} x {world_size} ranks does not divide the global batch {batch}",
+                          key="optim.micro_batch_size")
+    return micro, batch // (micro * world_size)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON that lct's config resolves to (asserted per preset by the tests)."""
+    micro, accum = batch_layout(cfg, world_size)
+    zero = {"stage": cfg.distributed.zero_stage}
+    if cfg.distributed.zero_stage > 0:
+        zero.update(reduce_bucket_size=cfg.distributed.allreduce_bucket_size,
+                    allgather_bucket_size=cfg.distributed.allreduce_bucket_size,
+                    overlap_comm=False, contiguous_gradients=True)
+    ds = {
+        "train_batch_size": cfg.optim.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if cfg.distributed.fp32_reduce:
+        ds["communication_data_type"] = "fp32"
+    if cfg.precision == "bf16_trunk":
+        ds["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            # Which modules' gradients may be reduced in bf16: none when fp32_reduce, else the
+            # trunk's plain Linear/Conv2d (the fp32 per-sample layers are FP32Linear, not matched).
+            "lower_precision_safe_modules": [] if cfg.distributed.fp32_reduce
+            else ["torch.nn.Linear", "torch.nn.Conv2d"],
+        }
+    return ds
+
+
+def learning_rate(cfg: TrainConfig, applied_steps: int) -> float:
+    """Constant (iCT, ECT CIFAR, iLCT) or lr / sqrt(max(k / ref, 1)) (ECT ImageNet, SPEC 12)."""
+    o = cfg.optim
+    if o.schedule == "inv_sqrt":
+        return o.lr / max(applied_steps / o.ref_steps, 1.0) ** 0.5
+    return o.lr
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The method's optimizer (SPEC 12): RAdam with coupled weight decay, foreach path."""
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, foreach=True)
+    if o.name == "radam":
+        return torch.optim.RAdam(params, decoupled_weight_decay=False, **kw)
+    return torch.optim.Adam(params, **kw)
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+    """`deepspeed.initialize` with the client optimizer; returns (engine, ds_config)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine, ds
