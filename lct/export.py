@@ -1,0 +1,143 @@
+"""Exported models: an EMA of the network as a diffusers `save_pretrained` directory (config.json +
+safetensors) plus `lct_export.json`, which records everything sampling needs: the SPEC 1
+parameterisation (sigma_min for sampling, sigma_data, sigma_max, time-embedding scale, 2-step
+tau), the latent normalisation statistics (SPEC 7), the VAE and the text tower the data used.
+
+`load_model(path)` accepts an export directory or a run directory (then `export/<ema>/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lct.errors import UserError
+
+EXPORT_FORMAT = "lct-export/1"
+META = "lct_export.json"
+
+
+def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
+                   cfg, manifest: dict, ema_name: str, step: int) -> Path:
+    """Write EMA weights of `precond.net` with its config and the sampling metadata, atomically."""
+    from lct.checkpoint import export_dir_atomic
+    from lct.latents import latent_stats
+
+    net = precond.net
+    cpu_net = type(net).from_config(net.config)
+    prefix = "net."
+    state = {k[len(prefix):]: v for k, v in ema_state.items() if k.startswith(prefix)}
+    missing, unexpected = cpu_net.load_state_dict(state, strict=False)
+    frozen = {n for n, p in cpu_net.named_parameters() if not p.requires_grad} | set(dict(cpu_net.named_buffers()))
+    if unexpected or [m for m in missing if m not in frozen]:
+        raise RuntimeError(f"EMA does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    cpu_net.save_pretrained(tmp, safe_serialization=True)
+    mean, std = latent_stats(manifest, cfg.data.latent_norm)
+    m = cfg.method
+    meta = {
+        "format": EXPORT_FORMAT,
+        "ema": ema_name,
+        "step": step,
+        "method": {"objective": m.objective, "sigma_min": m.sigma_min,
+                   "sample_sigma_min": m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min,
+                   "sigma_max": m.sigma_max, "sigma_data": m.sigma_data,
+                   "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
+        "model": {"cond": cfg.model.cond, "arch": cfg.model.arch},
+        "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"]),
+                   "mean": np.asarray(mean, dtype=np.float64).tolist(),
+                   "std": np.asarray(std, dtype=np.float64).tolist()},
+        "vae": manifest.get("vae"),
+        "text": manifest.get("text"),
+        "resolution": manifest.get("resolution"),
+        "manifest_path": manifest.get("manifest_path"),
+        "config": cfg.model_dump(mode="json"),
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    export_dir_atomic(tmp, out_dir)
+    return out_dir
+
+
+def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
+    """An export directory from an export or run directory (`export/<ema>/`, default the run's
+    sample EMA)."""
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    exports = p / "export"
+    if exports.is_dir():
+        name = ema
+        if name is None:
+            cfg_file = p / "config.yaml"
+            if cfg_file.is_file():
+                import yaml
+
+                name = (yaml.safe_load(cfg_file.read_text()).get("ema") or {}).get("sample")
+        candidates = [exports / name] if name else sorted(exports.iterdir())
+        for c in candidates:
+            if (c / META).is_file():
+                return c
+        raise UserError(f"{p}: no export for EMA {name!r} (have: {[c.name for c in exports.iterdir()]}); "
+                        "exports are written at each checkpoint")
+    raise UserError(f"{p} is neither an lct export (no {META}) nor a run directory with export/; "
+                    "pass --checkpoint RUN_DIR or RUN_DIR/export/<ema>")
+
+
+def load_network_weights(path: str | os.PathLike, ema: str | None = None) -> dict[str, torch.Tensor]:
+    """State dict of an exported network (for `model.init_from`)."""
+    from safetensors.torch import load_file
+
+    d = resolve_export(path, ema)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{d}: no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+@dataclass
+class LoadedModel:
+    """An exported model ready to sample: the parameterised network and what surrounds it."""
+
+    precond: torch.nn.Module
+    meta: dict
+    path: Path
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["latent"]["shape"])
+
+    def latent_norm(self):
+        from lct.vae import LatentNorm
+
+        lat = self.meta["latent"]
+        return LatentNorm(np.asarray(lat["mean"]), np.asarray(lat["std"]))
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema: str | None = None) -> LoadedModel:
+    from lct.models import Precond, TextDiT
+
+    d = resolve_export(path, ema)
+    meta = json.loads((d / META).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{d}: unknown export format {meta.get('format')!r}")
+    net = TextDiT.from_pretrained(str(d)).to(device).eval()
+    m = meta["method"]
+    precond = Precond(net, sigma_data=m["sigma_data"], sigma_min=m["sigma_min"],
+                      time_embed_scale=m["time_embed_scale"]).to(device).eval()
+    return LoadedModel(precond, meta, d)
+
+
+def copy_export(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

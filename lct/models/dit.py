@@ -1,0 +1,615 @@
+"""TextDiT: a text-conditioned DiT for latent consistency models, in one file.
+
+The network F of SPEC 1 (`Precond` in `lct/models/precond.py` wraps it): DiT (Peebles & Xie 2023,
+facebookresearch/DiT `models.py`) with adaLN-Zero blocks, plus cross-attention to text tokens
+(as PixArt-alpha), a pooled-text vector added to the conditioning vector, a learned null condition
+(SPEC 9) and the non-scaling LayerNorm of iLCT (SPEC 8).
+
+    F = TextDiT(...)(x_in [B,C,H,W], e [B] fp32, text_states=, text_mask=, pooled=, class_labels=,
+                     cond_drop=)  ->  [B,C,H,W] fp32
+
+`e` is the time-embedding input `time_embed_scale * ln(sigma) / 4` (computed by the wrapper).
+
+Conditioning vector `c = TimestepEmbedder(e) + PooledEmbedder(pooled)` (text mode), `+ class
+embedding` (class mode), or the time embedding alone (unconditional). Each block:
+
+    x = x + gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))
+    x = x + gate_ca  * CrossAttn(modulate(LN(x), shift_ca, scale_ca), text, mask)     (text mode)
+    x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+
+with the 9 (text) or 6 (class / none) modulation vectors from one zero-initialised linear on SiLU(c).
+Rows are ordered as DiT's six (shift/scale/gate msa, shift/scale/gate mlp), then the three
+cross-attention rows, so the first 6*hidden rows are exactly a DiT block's modulation.
+
+Precision (SPEC 1.1): the per-sample layers (time-embedding sinusoids and MLP, pooled-text MLP,
+every adaLN modulation linear, the final projection) are `FP32Linear`s that run with autocast
+disabled on fp32 inputs; only the per-token trunk (patch embedding, attention, MLP, text
+projection) follows the caller's autocast. The residual stream stays fp32 (fp32 gates times the
+trunk's outputs), and the output is fp32.
+
+Presets (widths/depths/heads of the DiT paper, Table 1). Parameter counts below from
+`count_parameters` on the meta device, 4x32x32 latents (256x256 images, SD-VAE). "trunk" is what
+the DiT paper counts (patch embedding, time embedder, self-attention, MLP, DiT's 6 adaLN rows, final
+layer): it equals DiT's own count when built as DiT was (class mode, 1000 classes, 8 output channels
+for learn_sigma), see tests/test_models.py. "extra" is what text conditioning adds, for the default
+text tower of `data_prep/encode_latents.py` (open_clip ViT-B-32: token states 77x512, pooled 512)
+with `nsln: qk`: cross-attention (q, kv, proj), the 3 extra adaLN rows per block, text projection and
+its norm, pooled-text MLP, learned null condition (77x512 + 512) and the NsLN betas. The text-mode
+trunk has 4 output channels (no learned sigma) and no class table, hence slightly below the paper.
+
+| preset   | hidden | depth | heads | patch | paper (class, 8 ch) | text trunk | text extra |
+|----------|--------|-------|-------|-------|---------------------|------------|------------|
+| DiT-S/2  | 384    | 12    | 6     | 2     | 33M  (32.97M)       | 32.58M     | 12.64M     |
+| DiT-S/4  | 384    | 12    | 6     | 4     | 33M  (32.99M)       | 32.60M     | 12.64M     |
+| DiT-B/2  | 768    | 12    | 12    | 2     | 130M (130.5M)       | 129.7M     | 50.05M     |
+| DiT-B/4  | 768    | 12    | 12    | 4     | 130M (130.5M)       | 129.7M     | 50.05M     |
+| DiT-L/2  | 1024   | 24    | 16    | 2     | 458M (458.1M)       | 457.0M     | 176.2M     |
+| DiT-L/4  | 1024   | 24    | 16    | 4     | 458M (458.1M)       | 457.1M     | 176.2M     |
+| DiT-XL/2 | 1152   | 28    | 16    | 2     | 675M (675.1M)       | 673.8M     | 259.6M     |
+| DiT-XL/4 | 1152   | 28    | 16    | 4     | 676M (675.2M)       | 673.9M     | 259.6M     |
+
+(The "paper" column shows the published value and, in brackets, this file's trunk count of the
+paper's configuration. Per block, text adds 3*hidden*(hidden+1) adaLN rows and
+hidden*(hidden+1) + (hidden+1)*2*hidden + hidden*(hidden+1) cross-attention weights, about 7
+hidden^2, i.e. ~60 % more per block than DiT's 12 hidden^2 + 6 hidden^2.)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.checkpoint import checkpoint
+
+from lct.errors import ConfigError, UserError
+
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "DiT-S/4": dict(hidden_size=384, depth=12, num_heads=6, patch_size=4),
+    "DiT-B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+    "DiT-B/4": dict(hidden_size=768, depth=12, num_heads=12, patch_size=4),
+    "DiT-L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
+    "DiT-L/4": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=4),
+    "DiT-XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
+    "DiT-XL/4": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=4),
+}
+
+XFORMERS_HINT = "xformers is not installed: `pip install xformers` (or `pip install 'lct[xformers]'`), or use model.attention=sdpa"
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                         Precision-pinned and normalisation layers             #
+#################################################################################
+
+
+class FP32Linear(nn.Linear):
+    """A Linear that always computes in fp32, whatever autocast is active (SPEC 1.1).
+
+    Used for the per-sample conditioning layers (time/pooled MLPs, adaLN modulation, final
+    projection). It is a subclass on purpose: DeepSpeed's `torch_autocast` marks the parameters of
+    modules whose class is *exactly* one of its lower-precision-safe classes (`module.__class__ in
+    [nn.Linear, nn.Conv*d]`) for bf16 gradient communication; a subclass is not matched, so these
+    weights and their gradients stay fp32 end to end.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+class NonScalingLayerNorm(nn.Module):
+    """Non-scaling LayerNorm (iLCT, SPEC 8): `y = (h - mean(h)) / sqrt(var(h) + eps) + beta`.
+
+    The scale is fixed at 1: it is neither a parameter nor a buffer, so no optimizer, EMA or
+    checkpoint ever sees it. Only the bias `beta` (`self.bias`) is trainable. Normalises over the
+    last dimension (biased variance, as `nn.LayerNorm`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, (self.dim,), None, self.bias.to(h.dtype), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, scale fixed at 1"
+
+
+#################################################################################
+#                      Embedding layers for time, pooled text, classes           #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoids of `e` (DiT's `timestep_embedding`, dim 256, max_period 10000) then an MLP; fp32."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            FP32Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            FP32Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """[N] (fractional) -> [N, dim] fp32: cos of the first half of frequencies, then sin."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=e.device.type, enabled=False):
+            return self.mlp(self.timestep_embedding(e.float(), self.frequency_embedding_size))
+
+
+class PooledEmbedder(nn.Module):
+    """Pooled text features [B, P] -> [B, hidden], an fp32 MLP added to the time embedding."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(FP32Linear(pooled_dim, hidden_size), nn.SiLU(), FP32Linear(hidden_size, hidden_size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return self.mlp(pooled.float())
+
+
+#################################################################################
+#                                Attention and MLP                              #
+#################################################################################
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              backend: str) -> torch.Tensor:
+    """q [B,N,H,d], k/v [B,L,H,d], mask [B,L] bool (True = attend) or None -> [B,N,H,d]."""
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            b, n, h = q.shape[0], q.shape[1], q.shape[2]
+            length = mask.shape[1]
+            padded = -(-length // 8) * 8  # xformers wants the bias' last-dim storage 8-aligned
+            bias = torch.zeros(b, 1, 1, padded, dtype=q.dtype, device=q.device)
+            bias[..., :length].masked_fill_(~mask[:, None, None, :], float("-inf"))
+            bias = bias[..., :length].expand(b, h, n, length)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    attn_mask = None if mask is None else mask[:, None, None, :]  # broadcast to [B,1,1,L]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, or cross-attention to `context` (with a key-padding mask).
+
+    With `qk_norm`, q and k are normalised over head_dim by a `NonScalingLayerNorm` (SPEC 8).
+    Dropout (rate `dropout`, training mode, global torch RNG) on the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cross: bool = False, qk_norm: bool = False,
+                 dropout: float = 0.0, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.cross, self.dropout, self.backend = cross, dropout, backend
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, dim = x.shape
+        h, d = self.num_heads, self.head_dim
+        if self.cross:
+            q = self.q(x).view(b, n, h, d)
+            k, v = self.kv(context).view(b, context.shape[1], 2, h, d).unbind(2)
+        else:
+            q, k, v = self.qkv(x).view(b, n, 3, h, d).unbind(2)
+        # Under CUDA autocast layer_norm returns fp32: bring q, k back to the trunk's dtype.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        out = attention(q, k, v, mask, self.backend).reshape(b, n, dim)
+        return F.dropout(self.proj(out), self.dropout, self.training)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> dropout -> fc2 (DiT's MLP, with the consistency papers' dropout)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1, self.fc2, self.dropout = nn.Linear(dim, hidden), nn.Linear(hidden, dim), dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(F.gelu(self.fc1(x), approximate="tanh"), self.dropout, self.training))
+
+
+#################################################################################
+#                                  Blocks                                       #
+#################################################################################
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attention, (text mode) cross-attention, MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross: bool = False,
+                 qk_norm: bool = False, dropout: float = 0.0, backend: str = "sdpa"):
+        super().__init__()
+        self.num_mod = 9 if cross else 6
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, dropout=dropout, backend=backend)
+        if cross:
+            self.norm_ca = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = Attention(hidden_size, num_heads, cross=True, qk_norm=qk_norm, dropout=dropout,
+                                        backend=backend)
+        else:
+            self.norm_ca = self.cross_attn = None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(hidden_size, self.num_mod * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)  # fp32
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            shift_ca, scale_ca, gate_ca = mod[6:]
+            x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN shift/scale then the (fp32) projection to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = FP32Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x.float()), shift, scale))
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """DiT/MAE fixed 2-D sin-cos embedding [grid_h*grid_w, dim], row-major tokens; float64 math.
+
+    As in DiT (numpy meshgrid with w first), the first dim/2 channels encode the column index and
+    the last dim/2 the row index; each half is [sin(pos*omega), cos(pos*omega)], omega_k =
+    10000^(-k/(dim/4)).
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def one_d(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([one_d(cols), one_d(rows)], dim=1).float()
+
+
+#################################################################################
+#                                  TextDiT                                      #
+#################################################################################
+
+
+class TextDiT(ModelMixin, ConfigMixin):
+    """Text- (or class-) conditioned DiT with adaLN-Zero: F(x_in, e, **cond) -> [B,C,H,W] fp32.
+
+    cond: "text" (cross-attention to `text_states` [B,L,text_dim] with `text_mask` [B,L] bool, plus
+    `pooled` [B,pooled_dim] added to c; pooled_dim 0 = no pooled input), "class" (`class_labels`
+    [B] with a null row at index num_classes), "none" (unconditional; condition kwargs ignored).
+    `cond_drop` [B] bool selects the learned null condition per sample (SPEC 9).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        input_height: int = 32,
+        input_width: int = 32,
+        patch_size: int = 2,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_channels: int | None = None,
+        cond: str = "text",
+        num_classes: int = 0,
+        text_dim: int = 512,
+        text_len: int = 77,
+        pooled_dim: int = 512,
+        dropout: float = 0.0,
+        nsln: str = "qk",
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        _validate(locals())
+        self.cond = cond
+        self.in_channels = in_channels
+        self.out_ch = out_channels or in_channels
+        self.patch = patch_size
+        self.grid = (input_height // patch_size, input_width // patch_size)
+        self.gradient_checkpointing = False
+        qk = nsln == "qk"
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Fixed, recomputed at construction, so not saved (persistent=False).
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if cond == "text":
+            self.text_proj = nn.Linear(text_dim, hidden_size)
+            # The text-token input norm: NsLN with nsln=qk (SPEC 8), an affine LayerNorm otherwise.
+            self.text_norm = NonScalingLayerNorm(hidden_size) if qk else nn.LayerNorm(hidden_size)
+            self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size) if pooled_dim > 0 else None
+            # Learned null condition (SPEC 9): token states, and a pooled vector; saved with the model.
+            self.null_text_states = nn.Parameter(torch.zeros(text_len, text_dim))
+            self.null_pooled = nn.Parameter(torch.zeros(pooled_dim)) if pooled_dim > 0 else None
+        elif cond == "class":
+            self.class_embedder = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=cond == "text", qk_norm=qk, dropout=dropout,
+                     backend=attention)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_ch)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier-uniform linears, adaLN-Zero, zero final layer (F = 0)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.weight.data  # patch embedding like nn.Linear
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.bias, 0)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.cond == "text":
+            if self.pooled_embedder is not None:
+                nn.init.normal_(self.pooled_embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(self.pooled_embedder.mlp[2].weight, std=0.02)
+                nn.init.normal_(self.null_pooled, std=0.02)
+            nn.init.normal_(self.null_text_states, std=0.02)
+        elif self.cond == "class":
+            nn.init.normal_(self.class_embedder.weight, std=0.02)
+        # adaLN-Zero: every gate (self-attention, cross-attention, MLP) starts at 0, so each block is
+        # the identity. Only the gates are zeroed on the cross-attention path: zeroing its output
+        # projection as well would leave both factors with zero gradient forever.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def compile_blocks(self, **kwargs: Any) -> None:
+        """`torch.compile` each block in place (parameter names unchanged); kwargs go to compile."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, p*p*C] -> [B, C, H, W]."""
+        p, c, (gh, gw) = self.patch, self.out_ch, self.grid
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+    def _text_condition(self, text_states, text_mask, pooled, cond_drop):
+        """Apply the learned null condition where cond_drop; returns (states, mask, pooled)."""
+        if text_states is None:
+            raise ValueError("TextDiT(cond='text') needs text_states [B, L, text_dim] (use cond_drop for the null condition)")
+        b, length, _ = text_states.shape
+        text_states = text_states.to(self.null_text_states.dtype)
+        if text_mask is None:
+            text_mask = torch.ones(b, length, dtype=torch.bool, device=text_states.device)
+        text_mask = text_mask.to(torch.bool)
+        if self.pooled_embedder is not None:
+            if pooled is None:
+                raise ValueError("TextDiT(cond='text', pooled_dim > 0) needs pooled [B, pooled_dim]")
+            pooled = pooled.to(self.null_pooled.dtype)
+        if cond_drop is not None:
+            drop = cond_drop.to(device=text_states.device, dtype=torch.bool)
+            null, null_len = self.null_text_states, self.null_text_states.shape[0]
+            if length < null_len:
+                raise ValueError(f"text_states have {length} tokens, fewer than the learned null condition's {null_len}")
+            # Longer (padded) captions: the null condition is padded with masked-out positions.
+            null = F.pad(null, (0, 0, 0, length - null_len))
+            null_mask = torch.arange(length, device=drop.device) < null_len
+            text_states = torch.where(drop[:, None, None], null[None], text_states)
+            text_mask = torch.where(drop[:, None], null_mask[None], text_mask)
+            if self.pooled_embedder is not None:
+                pooled = torch.where(drop[:, None], self.null_pooled[None], pooled)
+        # A caption with no real token would make the softmax 0/0 (NaN): let it attend everywhere.
+        text_mask = text_mask | ~text_mask.any(dim=1, keepdim=True)
+        return text_states, text_mask, pooled
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        cond_drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B,C,H,W] (already c_in-scaled), e [B] fp32 time-embedding input -> F [B,C,H,W] fp32."""
+        b, ch, hgt, wid = x.shape
+        expected = (self.in_channels, self.grid[0] * self.patch, self.grid[1] * self.patch)
+        if (ch, hgt, wid) != expected:
+            raise ValueError(f"TextDiT expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, hidden], fp32 sum
+        c = self.t_embedder(e.reshape(b) if e.numel() == b else e.expand(b))
+        text = mask = None
+        if self.cond == "text":
+            text_states, mask, pooled = self._text_condition(text_states, text_mask, pooled, cond_drop)
+            text = self.text_norm(self.text_proj(text_states))  # once per forward, shared by all blocks
+            if self.pooled_embedder is not None:
+                c = c + self.pooled_embedder(pooled)
+        elif self.cond == "class":
+            if class_labels is None:
+                raise ValueError("TextDiT(cond='class') needs class_labels [B]")
+            labels = class_labels.long()
+            if cond_drop is not None:
+                labels = torch.where(cond_drop.to(torch.bool), torch.full_like(labels, self.config.num_classes), labels)
+            c = c + self.class_embedder(labels).float()
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # use_reentrant=False re-runs the block with the saved RNG state: same dropout masks.
+                h = checkpoint(block, h, c, text, mask, use_reentrant=False)
+            else:
+                h = block(h, c, text, mask)
+        return self.unpatchify(self.final_layer(h, c)).float()
+
+
+def _validate(args: Mapping[str, Any]) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(msg, key=key)
+
+    if args["cond"] not in ("text", "class", "none"):
+        fail("model.cond", f"got {args['cond']!r}; expected 'text', 'class' or 'none'")
+    if args["nsln"] not in ("qk", "none"):
+        fail("model.nsln", f"got {args['nsln']!r}; expected 'qk' or 'none'")
+    if args["attention"] not in ("sdpa", "xformers"):
+        fail("model.attention", f"got {args['attention']!r}; expected 'sdpa' or 'xformers'")
+    if args["attention"] == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError:
+            fail("model.attention", XFORMERS_HINT)
+    hidden, heads, p = args["hidden_size"], args["num_heads"], args["patch_size"]
+    if hidden % heads:
+        fail("model.num_heads", f"hidden_size {hidden} is not divisible by num_heads {heads}")
+    if hidden % 4:
+        fail("model.hidden_size", f"{hidden} must be a multiple of 4 (2-D sin-cos positional embedding)")
+    if args["input_height"] % p or args["input_width"] % p:
+        fail("model.patch_size", f"latent {args['input_height']}x{args['input_width']} is not divisible by patch {p}")
+    if args["cond"] == "class" and args["num_classes"] < 1:
+        fail("model.num_classes", "class-label mode needs model.num_classes >= 1")
+    if args["cond"] == "text" and (args["text_dim"] < 1 or args["text_len"] < 1 or args["pooled_dim"] < 0):
+        fail("model.cond", "text mode needs text_dim >= 1, text_len >= 1 and pooled_dim >= 0")
+
+
+#################################################################################
+#                      Builder, parameter counts, checked loading               #
+#################################################################################
+
+
+def dit_kwargs(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77,
+               pooled_dim: int = 512) -> dict[str, Any]:
+    """TextDiT constructor arguments from a `ModelConfig` (preset + overrides) and the data shapes."""
+    if model_cfg.arch not in DIT_PRESETS:
+        close = difflib.get_close_matches(model_cfg.arch, list(DIT_PRESETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown arch {model_cfg.arch!r}{hint} (known: {', '.join(DIT_PRESETS)})", key="model.arch")
+    arch = dict(DIT_PRESETS[model_cfg.arch])
+    for key in ("hidden_size", "depth", "num_heads", "patch_size"):
+        if getattr(model_cfg, key) is not None:
+            arch[key] = getattr(model_cfg, key)
+    c, h, w = (int(v) for v in latent_shape)
+    return dict(in_channels=c, input_height=h, input_width=w, mlp_ratio=model_cfg.mlp_ratio, cond=model_cfg.cond,
+                num_classes=model_cfg.num_classes, text_dim=text_dim, text_len=text_len, pooled_dim=pooled_dim,
+                dropout=model_cfg.dropout, nsln=model_cfg.nsln, attention=model_cfg.attention, **arch)
+
+
+def build_dit(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77, pooled_dim: int = 512) -> TextDiT:
+    """TextDiT for `model_cfg` (lct.config.ModelConfig) and latents [C, H, W]; applies the preset,
+    the hidden_size/depth/num_heads/patch_size overrides, checkpointing and compile."""
+    model = TextDiT(**dit_kwargs(model_cfg, latent_shape, text_dim, text_len, pooled_dim))
+    if model_cfg.checkpointing:
+        model.enable_gradient_checkpointing()
+    if model_cfg.compile:
+        model.compile_blocks()
+    return model
+
+
+def split_parameter_count(model: TextDiT) -> dict[str, int]:
+    """{'trunk', 'extra', 'total'}: trunk = what the DiT paper counts for a DiT of this size,
+    extra = text conditioning (cross-attention, extra adaLN rows, text projection and norm,
+    pooled MLP, null condition) and the NsLN qk-norm betas."""
+    trunk = extra = 0
+    hidden = model.config.hidden_size
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith(("text_proj.", "text_norm.", "pooled_embedder.", "null_")) or ".cross_attn." in name \
+                or "_norm.bias" in name and ".attn." in name:
+            extra += n
+        elif name.startswith("blocks.") and "adaLN_modulation" in name and p.shape[0] == 9 * hidden:
+            per_row = n // p.shape[0]
+            trunk += 6 * hidden * per_row
+            extra += 3 * hidden * per_row
+        else:
+            trunk += n
+    return {"trunk": trunk, "extra": extra, "total": trunk + extra}
+
+
+def count_parameters(model_cfg=None, latent_shape=(4, 32, 32), text_dim: int = 512, text_len: int = 77,
+                     pooled_dim: int = 512, **overrides: Any) -> dict[str, int]:
+    """Parameter counts of the model `build_dit` would make, built on the meta device (no memory).
+    `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class', num_classes=1000)."""
+    from lct.config import ModelConfig
+
+    kwargs = dit_kwargs(model_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
+    kwargs.update(overrides)
+    with torch.device("meta"):
+        model = TextDiT(**kwargs)
+    return split_parameter_count(model)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load `state_dict` strictly; on any mismatch raise `UserError` naming the missing, unexpected
+    and shape-mismatched keys (e.g. ECT starting from an lct `edm` checkpoint of another arch)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+
+        def listing(title: str, items: list[str]) -> str:
+            more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
+            return f"{title} ({len(items)}): {', '.join(items[:8])}{more}" if items else ""
+
+        parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
+                 listing("shape mismatches", shapes)]
+        raise UserError(f"{source} does not fit the model ({type(model).__name__}): "
+                        + "; ".join(p for p in parts if p)
+                        + ". Check that model.arch, the overrides, model.cond and model.nsln match the checkpoint's")
+    model.load_state_dict(state_dict, strict=True)

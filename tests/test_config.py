@@ -1,0 +1,117 @@
+"""The configuration system: YAML + inheritance + overrides + presets, and readable errors (exit 2)."""
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cmd
+from lct.config import (METHOD_PRESETS, EncodeLatentsConfig, TrainConfig, cli_config, load_config,
+                        parse_override)
+from lct.errors import ConfigError
+
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_inheritance_overrides_and_preset(tmp_path):
+    write(tmp_path, "base.yaml", "method: {preset: ilct}\noptim: {lr: 3.0e-4}\nrun: {dir: a}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nrun: {dir: b}\n")
+    cfg = load_config(child, ["optim.batch_size=64", "method.ot=false", "optim.lr=2e-4"])
+    assert cfg.run.dir == "b" and cfg.optim.lr == 2e-4 and cfg.optim.batch_size == 64
+    assert cfg.method.ot is False
+    # Preset values fill what nobody wrote (SPEC 12, iLCT column).
+    assert cfg.method.distance == "cauchy" and cfg.method.c == "adaptive" and cfg.method.s1 == 640
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.name == "radam" and cfg.model.dropout == 0.0
+    assert cfg.optim.grad_clip == 0.0 and cfg.model.nsln == "qk" and cfg.method.diffusion_weight == 5.0
+
+
+def test_every_preset_validates():
+    for name in METHOD_PRESETS:
+        cfg = load_config(None, [f"method.preset={name}"])
+        assert cfg.method.preset == name
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    p = write(tmp_path, "bad.yaml", "optim:\n  lrr: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "optim.lrr" in msg and "did you mean 'optim.lr'" in msg
+
+
+def test_wrong_type_and_range(tmp_path):
+    p = write(tmp_path, "bad.yaml", "model:\n  dropout: lots\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.dropout: got 'lots'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"command line: optim.lr: got -1"):
+        load_config(None, ["optim.lr=-1"])
+
+
+def test_incompatible_options():
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_config(None, ["distributed.zero_stage=3"])
+    with pytest.raises(ConfigError, match="sigma_min=0"):
+        load_config(None, ["method.preset=ect", "method.sigma_min=0.002"])
+    with pytest.raises(ConfigError, match="ema.sample"):
+        load_config(None, ["ema.sample=nope"])
+
+
+def test_ect_adaptive_c_warns():
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        load_config(None, ["method.preset=ect", "method.distance=cauchy", "method.c=adaptive"])
+    assert any("extension" in str(x.message) for x in w)
+
+
+def test_override_parsing():
+    assert parse_override("optim.lr=2e-4") == ("optim.lr", 2e-4)
+    assert parse_override("method.tau=[1.0, 0.5]") == ("method.tau", [1.0, 0.5])
+    with pytest.raises(ConfigError):
+        parse_override("no_equals_sign")
+
+
+def test_cli_config_flags(tmp_path):
+    cfg, _ = cli_config(EncodeLatentsConfig, ["--input", "a.tar", "--output", "o", "--resolution", "64",
+                                              "--flip"], prog="x")
+    assert cfg.resolution == 64 and cfg.flip is True
+    with pytest.raises(ConfigError, match="--resolution"):
+        cli_config(EncodeLatentsConfig, ["--input", "a", "--output", "o", "--resolution", "big"], prog="x")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "{tmp}/unknown.yaml"], "optim.lrr: unknown key; did you mean 'optim.lr'"),
+    (["--config", "{tmp}/wrongtype.yaml"], "optim.batch_size: got 'many'"),
+    (["--config", "{tmp}/missing.yaml"], "config file not found"),
+])
+def test_train_cli_user_errors_exit_2_without_traceback(tmp_path, args, needle):
+    write(tmp_path, "unknown.yaml", "optim: {lrr: 1}\n")
+    write(tmp_path, "wrongtype.yaml", "optim: {batch_size: many}\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), *args, "--dry-run"])
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_start_with_missing_data_exits_2(tmp_path):
+    cfg = write(tmp_path, "c.yaml", f"run: {{dir: {tmp_path}/run}}\ndata: {{shards: {tmp_path}/nothing}}\n")
+    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", str(cfg)])
+    assert proc.returncode == 2 and "data.shards" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_dry_run_every_shipped_config(config):
+    """Data paths are missing here: --dry-run warns and still exits 0, printing the sizes."""
+    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", config, "--dry-run"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters: trunk" in proc.stdout and "FLOPs per optimizer step" in proc.stdout
+    if "demo" not in config:
+        assert "would fail at start" in proc.stderr

@@ -1,0 +1,55 @@
+"""Package layout rules: no module shadows a stdlib or dependency module when scripts run as
+files, `import lct` stays light, and the scripts run as plain files and entry points."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cmd
+
+DEPENDENCY_MODULES = {"torch", "torchvision", "diffusers", "open_clip", "webdataset", "deepspeed",
+                      "einops", "ot", "scipy", "numpy", "yaml", "pydantic", "safetensors", "tqdm",
+                      "tensorboard", "PIL", "braceexpand", "xformers", "torch_fidelity", "torchmetrics",
+                      "transformers", "huggingface_hub", "wandb", "pytest"}
+
+
+def module_names(folder: Path) -> set[str]:
+    return {p.stem for p in folder.rglob("*.py")} | {p.name for p in folder.rglob("*") if p.is_dir()}
+
+
+@pytest.mark.parametrize("folder", ["lct", "data_prep", "eval", "bench"])
+def test_no_module_shadows_stdlib_or_dependency(folder):
+    names = module_names(ROOT / folder) - {"__init__", "__pycache__"}
+    clash = sorted(n for n in names if n in sys.stdlib_module_names or n in DEPENDENCY_MODULES)
+    assert not clash, f"{folder}/ has modules named like stdlib/dependency modules: {clash}"
+
+
+def test_import_lct_is_light():
+    code = ("import sys, lct, lct.config, lct.errors; "
+            "heavy = [m for m in ('deepspeed', 'open_clip', 'diffusers') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in
+                                          list((ROOT / "data_prep").glob("*.py")) +
+                                          list((ROOT / "eval").glob("*.py")) +
+                                          [ROOT / "lct" / "train.py"])
+                         if not script.endswith("__init__.py"))
+def test_scripts_run_as_plain_files(script):
+    """`python data_prep/x.py --help` works from any directory, with the repo root on sys.path."""
+    proc = run_cmd([sys.executable, str(ROOT / script), "--help"], cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()
+
+
+def test_scripts_put_repo_root_first_on_sys_path():
+    for p in list((ROOT / "data_prep").glob("*.py")) + list((ROOT / "eval").glob("*.py")) + [ROOT / "lct/train.py"]:
+        if p.name == "__init__.py":
+            continue
+        head = p.read_text().split("\nimport", 1)[0] + p.read_text()[:3000]
+        assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in head, p
