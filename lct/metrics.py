@@ -265,9 +265,13 @@ def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRA
         import open_clip
     except ImportError:
         raise UserError("the CLIP score needs open_clip: `pip install open_clip_torch`") from None
-    if model_name not in open_clip.list_models():
+    if ":" not in model_name and model_name not in open_clip.list_models():
         raise UserError(f"--clip-model: unknown open_clip model {model_name!r} "
                         "(see open_clip.list_models())")
+    if pretrained and ("/" in pretrained or os.sep in pretrained or
+                       pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))) \
+            and not Path(pretrained).is_file():
+        raise UserError(f"--clip-pretrained: open_clip weight file not found: {pretrained}")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                      device=device)

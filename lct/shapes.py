@@ -331,11 +331,13 @@ def _is_batch(images: Any) -> bool:
     return shape is not None and len(shape) == 4
 
 
-def shapes_metric(images: Any, captions: Sequence[str]) -> dict[str, float]:
+def shapes_metric(images: Any, captions: Sequence[str],
+                  value_range: tuple[float, float] | None = None) -> dict[str, float]:
     """Whether images show the colour and position their captions state.
 
     `images`: a list of PIL images / arrays, a uint8 array `[N,H,W,3]` or `[N,3,H,W]`, or a float
-    tensor/array in [0,1] or [-1,1] (see `lct.metrics.images_to_uint8`). `captions`: one per image.
+    tensor/array in [0,1] or [-1,1] (see `lct.metrics.images_to_uint8`; `value_range` overrides its
+    guess of the float range). `captions`: one per image.
 
     Returns `colour_acc`, `position_acc`, `both_acc` (fractions of the scored images), `n` (images
     scored), `n_unparsed` (captions without a colour or a position; not scored), `no_shape` (scored
@@ -344,7 +346,7 @@ def shapes_metric(images: Any, captions: Sequence[str]) -> dict[str, float]:
     """
     from lct.metrics import images_to_uint8
 
-    arr = images_to_uint8(images)
+    arr = images_to_uint8(images, value_range)
     if arr.shape[0] != len(captions):
         raise ValueError(f"{arr.shape[0]} images but {len(captions)} captions")
     hit_c = hit_p = hit_b = n = unparsed = none = 0

@@ -125,6 +125,7 @@ def test_metric_robust_to_blur_noise_and_input_forms(size, radius):
     for form in (t, t * 2 - 1, (t * 255).round().to(torch.uint8), x.astype(np.float32)):
         r = S.shapes_metric(form, caps)
         assert r["both_acc"] >= 0.95, r
+    assert S.shapes_metric(t * 2 - 1, caps, value_range=(-1, 1)) == S.shapes_metric(t, caps)
     # uint8 [N,H,W,3] arrays and PIL lists give the same answers
     u8 = np.stack([np.asarray(im) for im in images])
     assert S.shapes_metric(u8, caps) == S.shapes_metric(images, caps)
@@ -243,6 +244,10 @@ def test_make_shapes_resume_skips_complete_shards(tmp_path, capsys):
     from lct.errors import UserError
     with pytest.raises(UserError, match="other settings"):
         _make(tmp_path, num=26)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "00000.tar").write_bytes(b"")
+    with pytest.raises(UserError, match="no shapes.json"):
+        _make(tmp_path / "foreign")
 
 
 def test_make_shapes_cli_as_file(tmp_path):

@@ -1,0 +1,175 @@
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+"""Write the embedded shapes data set (`lct.shapes`) as img2dataset-style webdataset shards.
+
+    python data_prep/make_shapes.py --output data/shapes --num 20000 --size 64 --heldout 1000
+
+Output directory of a split:
+
+    00000.tar, 00001.tar, ...   per sample `{key}.png` (lossless RGB), `{key}.txt` (main caption),
+                                `{key}.json` {key, caption, captions (3 phrasings; the first is
+                                the .txt), spec (lct.shapes.ShapeSpec fields), seed, split, width,
+                                height}; key = 5-digit shard + 4-digit (or wider) index in shard
+    captions.txt                the main caption of every sample, one per line, in key order
+    captions.jsonl              {key, caption, captions, spec} per line (eval samples from these)
+    shapes.json                 the settings; a rerun with other settings is refused
+
+Seeds: sample i of a split draws from `SeedSequence([seed, split_id, i])` with split_id 0 for train
+and 1 for heldout (`lct.shapes.sample_rng`), so held-out samples never reuse a train seed, and
+every run with the same settings writes the same bytes (fixed tar mtime/owner, PNG without
+time stamps). With `--heldout N` the held-out split (N samples, same seed) also goes to
+`OUTPUT/heldout/` (or `--heldout-output`).
+
+Resumable: a shard is written to a temporary name and renamed when complete; a rerun skips the
+complete shards (and the caption lists are rewritten from the seeds, not read from shards).
+"""
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from lct.config import Strict, cli_config
+from lct.errors import UserError, cli_main
+
+FORMAT_VERSION = 1
+
+
+class MakeShapesConfig(Strict):
+    output: str = Field(..., description="output directory of the shards")
+    num: int = Field(10_000, ge=1, description="number of samples of the split")
+    size: int = Field(64, ge=16, le=1024, description="image side in pixels")
+    samples_per_shard: int = Field(1000, ge=1, description="samples per tar shard")
+    seed: int = Field(0, ge=0, description="data set seed (sample i uses SeedSequence([seed, split, i]))")
+    split: Literal["train", "heldout"] = Field("train", description="which seed stream to write")
+    heldout: int = Field(0, ge=0, description="also write this many held-out samples (train split only)")
+    heldout_output: str | None = Field(None, description="directory of the --heldout split (default OUTPUT/heldout)")
+    num_captions: int = Field(3, ge=1, le=18, description="caption phrasings per sample")
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)  # no time or text chunks
+    return buf.getvalue()
+
+
+def _key(shard: int, index: int, width: int) -> str:
+    return f"{shard:05d}{index:0{width}d}"
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    path = out / "shapes.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old != settings:
+            diff = ", ".join(f"{k}: {(old or {}).get(k)!r} there, {v!r} now" for k, v in settings.items()
+                             if (old or {}).get(k) != v)
+            raise UserError(f"{out} holds a shapes data set made with other settings ({diff or 'unreadable'}"
+                            f"); use another --output or delete it")
+    else:
+        if out.is_dir() and any(out.glob("*.tar")):
+            raise UserError(f"{out} holds tar shards but no shapes.json (not written by make_shapes, or "
+                            "by an older version); use another --output or delete them")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".shapes.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples_per_shard: int,
+                seed: int, num_captions: int = 3, progress: bool = True) -> dict:
+    """Write one split; returns {shards, written, skipped, samples}."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from lct import shapes
+
+    out = Path(out)
+    settings = {"format": FORMAT_VERSION, "split": split, "num": num, "size": size,
+                "samples_per_shard": samples_per_shard, "seed": seed, "num_captions": num_captions,
+                "seeds": f"SeedSequence([{seed}, {shapes.SPLITS[split]}, i])"}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory")
+    _check_settings(out, settings)
+    n_shards = (num + samples_per_shard - 1) // samples_per_shard
+    width = max(4, len(str(samples_per_shard - 1)))
+    done = [s for s in range(n_shards) if (out / f"{s:05d}.tar").is_file()]
+    done_samples = sum(min(samples_per_shard, num - s * samples_per_shard) for s in done)
+    bar = tqdm(total=num, initial=done_samples, unit="img", desc=f"shapes {split}", disable=not progress,
+               dynamic_ncols=True)
+    lines, records = [], []
+    written = 0
+    for s in range(n_shards):
+        first, last = s * samples_per_shard, min(num, (s + 1) * samples_per_shard)
+        final = out / f"{s:05d}.tar"
+        complete = final.is_file()
+        tmp = out / f".{s:05d}.tar.tmp{os.getpid()}"
+        writer = None if complete else wds.TarWriter(open(tmp, "wb"), encoder=False, mtime=0.0,
+                                                      user="lct", group="lct", mode=0o644)
+        try:
+            for i in range(first, last):
+                key = _key(s, i - first, width)
+                spec, caps = shapes.make_spec(seed, split, i, num_captions)
+                meta = {"key": key, "caption": caps[0], "captions": caps, "spec": spec.to_dict(),
+                        "seed": [seed, shapes.SPLITS[split], i], "split": split,
+                        "width": size, "height": size}
+                lines.append(caps[0])
+                records.append({k: meta[k] for k in ("key", "caption", "captions", "spec")})
+                if writer is not None:
+                    img = shapes.render(spec, size)
+                    writer.write({"__key__": key, "png": _png_bytes(img), "txt": caps[0].encode(),
+                                  "json": json.dumps(meta, sort_keys=True).encode()})
+                    bar.update(1)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+                writer.stream.close()
+                tmp.unlink(missing_ok=True)
+            raise
+        if writer is not None:
+            writer.close()
+            writer.stream.flush()
+            os.fsync(writer.stream.fileno())
+            writer.stream.close()
+            os.replace(tmp, final)
+            written += 1
+    bar.close()
+    for name, text in (("captions.txt", "".join(c + "\n" for c in lines)),
+                       ("captions.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))):
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return {"shards": n_shards, "written": written, "skipped": n_shards - written, "samples": num}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = cli_config(MakeShapesConfig, argv, prog="make_shapes",
+                        description="Write the coloured-shapes data set as webdataset shards.")
+    if cfg.split == "heldout" and cfg.heldout:
+        raise UserError("--heldout N adds a held-out split to a train run; with --split heldout use --num")
+    jobs = [(Path(cfg.output), cfg.split, cfg.num)]
+    if cfg.heldout:
+        jobs.append((Path(cfg.heldout_output or Path(cfg.output) / "heldout"), "heldout", cfg.heldout))
+    for out, split, num in jobs:
+        t0 = time.time()
+        r = write_split(out, split, num, cfg.size, cfg.samples_per_shard, cfg.seed, cfg.num_captions)
+        print(f"make_shapes: {split}: {r['samples']} samples of {cfg.size}px in {r['shards']} shards at "
+              f"{out} ({r['written']} written, {r['skipped']} already complete) in "
+              f"{time.time() - t0:.1f}s", flush=True)
+    return 0
+
+
+def cli():
+    cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()
