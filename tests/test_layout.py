@@ -35,11 +35,12 @@ def test_import_lct_is_light():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in
-                                          list((ROOT / "data_prep").glob("*.py")) +
-                                          list((ROOT / "eval").glob("*.py")) +
-                                          [ROOT / "lct" / "train.py"])
-                         if not script.endswith("__init__.py"))
+SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in
+                 [*(ROOT / "data_prep").glob("*.py"), *(ROOT / "eval").glob("*.py"), ROOT / "lct" / "train.py"]
+                 if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_run_as_plain_files(script):
     """`python data_prep/x.py --help` works from any directory, with the repo root on sys.path."""
     proc = run_cmd([sys.executable, str(ROOT / script), "--help"], cwd="/")
@@ -48,8 +49,6 @@ def test_scripts_run_as_plain_files(script):
 
 
 def test_scripts_put_repo_root_first_on_sys_path():
-    for p in list((ROOT / "data_prep").glob("*.py")) + list((ROOT / "eval").glob("*.py")) + [ROOT / "lct/train.py"]:
-        if p.name == "__init__.py":
-            continue
-        head = p.read_text().split("\nimport", 1)[0] + p.read_text()[:3000]
-        assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in head, p
+    for script in SCRIPTS:
+        head = (ROOT / script).read_text()[:3000]
+        assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in head, script

@@ -1,0 +1,156 @@
+"""Sample from a trained model: `python -m lct.sample --checkpoint RUN_OR_EXPORT --prompt "..."`.
+
+    python -m lct.sample --checkpoint runs/lct_coco --prompt "a red bus on a street" --steps 2 --seed 0 --out out/
+    python -m lct.sample --checkpoint runs/lct_coco/export/ema --prompts prompts.txt --steps 1 --out out/
+
+Writes one PNG per sample, `captions.jsonl` (file, caption, seed, index, steps, tau, guidance, nfe)
+and `grid.png`. Loads the VAE and the text tower the run's data used (from the export's record);
+`--vae` / `--text-pretrained` point elsewhere (for example a local copy of the weights).
+The same seed gives the same images on any device count and batch size (noise keyed per sample).
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root first on sys.path
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lct.errors import UserError, cli_main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lct.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run directory or export directory")
+    p.add_argument("--ema", default=None, help="EMA name of a run directory (default: the run's sample EMA)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1, help="1, 2 or more sampling steps")
+    p.add_argument("--tau", type=float, nargs="+", default=None,
+                   help="intermediate sigmas (steps - 1 values, decreasing); default: the model's")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--vae", default=None, help="override the VAE (hub id or local dir)")
+    p.add_argument("--text-pretrained", default=None, help="override the text tower weights (tag or path)")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Generator:
+    """An exported model with its VAE and text tower, ready to turn captions into images."""
+
+    def __init__(self, checkpoint: str, device: torch.device, ema: str | None = None,
+                 vae: str | None = None, text_pretrained: str | None = None):
+        from lct.export import load_model
+        from lct.vae import load_vae
+
+        self.model = load_model(checkpoint, device, ema)
+        self.meta, self.device = self.model.meta, device
+        self.norm = self.model.latent_norm()
+        vae_id = vae or (self.meta.get("vae") or {}).get("id")
+        if not vae_id:
+            raise UserError("the export records no VAE; pass --vae ID_OR_PATH")
+        self.vae = load_vae(vae_id, device, torch.float32)
+        self.text = None
+        if self.meta["model"]["cond"] == "text":
+            from lct.text import TextEncoder
+
+            self.text = TextEncoder.from_manifest({"text": self.meta["text"]}, device=device,
+                                                  pretrained=text_pretrained)
+
+    def default_taus(self, steps: int) -> list[float]:
+        taus = list(self.meta["method"]["tau"])
+        if steps - 1 > len(taus):
+            raise UserError(f"{steps} steps need {steps - 1} taus; the model records {taus}: pass --tau")
+        return taus[: steps - 1]
+
+    @torch.no_grad()
+    def condition(self, captions: list[str]) -> dict:
+        if self.text is None:
+            return {}
+        states, mask, pooled = self.text(self.text.tokenize(captions).to(self.device))
+        return {"text_states": states, "text_mask": mask, "pooled": pooled}
+
+    @torch.no_grad()
+    def images(self, captions: list[str], indices: list[int], seed: int, steps: int,
+               taus: list[float] | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """uint8-ready images in [-1, 1], [B,3,H,W], for the global sample `indices`."""
+        from lct.samplers import consistency_sample
+        from lct.vae import decode
+
+        m = self.meta["method"]
+        taus = self.default_taus(steps) if taus is None else list(taus)
+        if len(taus) != steps - 1:
+            raise UserError(f"--steps {steps} needs {steps - 1} tau value(s), got {taus}")
+        lat = consistency_sample(self.model.precond, self.condition(captions), indices,
+                                 self.model.latent_shape, seed=seed, sigma_max=m["sigma_max"],
+                                 sigma_min=m["sample_sigma_min"], taus=taus, guidance=guidance,
+                                 device=self.device)
+        return decode(self.vae, self.norm.denormalize(lat))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from lct.grids import caption_grid, save_png, to_uint8
+    from lct.samplers import nfe
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"--prompts {path}: file not found")
+        prompts += [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    if not prompts:
+        prompts = [""]  # unconditional models; text models get the empty caption
+    prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
+    device = pick_device(args.device)
+    gen = Generator(args.checkpoint, device, args.ema, args.vae, args.text_pretrained)
+    taus = args.tau if args.tau is not None else gen.default_taus(args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, tiles = [], []
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", unit="batch"):
+        caps = prompts[start:start + args.batch_size]
+        idx = list(range(start, start + len(caps)))
+        imgs = to_uint8(gen.images(caps, idx, args.seed, args.steps, taus, args.guidance))
+        from PIL import Image
+
+        for i, c, img in zip(idx, caps, imgs):
+            name = f"{i:06d}.png"
+            Image.fromarray(img).save(out / name)
+            tiles.append(img)
+            records.append({"file": name, "caption": c, "seed": args.seed, "index": i, "steps": args.steps,
+                            "tau": taus, "guidance": args.guidance, "nfe": nfe(args.steps, args.guidance)})
+    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_png(caption_grid(tiles, [r["caption"] for r in records],
+                          title=f"{args.steps}-step, tau {taus}, guidance {args.guidance}, seed {args.seed}"),
+             out / "grid.png")
+    print(f"wrote {len(records)} images, captions.jsonl and grid.png to {out}")
+    return 0
+
+
+def cli() -> None:
+    cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()
