@@ -27,31 +27,35 @@ disabled on fp32 inputs; only the per-token trunk (patch embedding, attention, M
 projection) follows the caller's autocast. The residual stream stays fp32 (fp32 gates times the
 trunk's outputs), and the output is fp32.
 
-Presets (widths/depths/heads of the DiT paper, Table 1). Parameter counts below from
-`count_parameters` on the meta device, 4x32x32 latents (256x256 images, SD-VAE). "trunk" is what
-the DiT paper counts (patch embedding, time embedder, self-attention, MLP, DiT's 6 adaLN rows, final
-layer): it equals DiT's own count when built as DiT was (class mode, 1000 classes, 8 output channels
-for learn_sigma), see tests/test_models.py. "extra" is what text conditioning adds, for the default
-text tower of `data_prep/encode_latents.py` (open_clip ViT-B-32: token states 77x512, pooled 512)
-with `nsln: qk`: cross-attention (q, kv, proj), the 3 extra adaLN rows per block, text projection and
-its norm, pooled-text MLP, learned null condition (77x512 + 512) and the NsLN betas. The text-mode
-trunk has 4 output channels (no learned sigma) and no class table, hence slightly below the paper.
+Presets: widths/depths/heads of the DiT paper (Table 1). Parameter counts from
+`count_parameters` (meta device, 4x32x32 latents = 256x256 images through SD-VAE):
+- "DiT config": this file built as the paper counted DiT (class mode, 1000 classes + the null row,
+  learn_sigma's 8 output channels, `nsln: none`). It equals facebookresearch/DiT's trainable
+  parameter count exactly (tests/test_models.py derives it layer by layer); DiT's printed totals
+  are higher by the frozen positional embedding (a frozen nn.Parameter there, a buffer here:
+  256 x hidden for /2, e.g. 675,129,632 = 674,834,720 + 294,912 for XL/2).
+- "trunk" / "extra" of the text model (`split_parameter_count`): trunk = the DiT parts (patch
+  embedding, time embedder, self-attention, MLP, DiT's 6 adaLN rows per block, final layer; 4 output
+  channels, no class table, hence a little below the DiT config); extra = what text conditioning
+  adds, for the default text tower of `data_prep/encode_latents.py` (open_clip ViT-B-32: 77 x 512
+  token states, 512 pooled) with `nsln: qk`: cross-attention (q, kv, proj), the 3 extra adaLN rows
+  per block, text projection and its norm, pooled-text MLP, the learned null condition
+  (77 x 512 + 512) and the NsLN betas (`nsln: none` has 2688 / 2304 / 5120 / 6912 fewer for
+  S / B / L / XL). Per block the text path adds about 7 hidden^2 to DiT's 18 hidden^2.
 
-| preset   | hidden | depth | heads | patch | paper (class, 8 ch) | text trunk | text extra |
-|----------|--------|-------|-------|-------|---------------------|------------|------------|
-| DiT-S/2  | 384    | 12    | 6     | 2     | 33M  (32.97M)       | 32.58M     | 12.64M     |
-| DiT-S/4  | 384    | 12    | 6     | 4     | 33M  (32.99M)       | 32.60M     | 12.64M     |
-| DiT-B/2  | 768    | 12    | 12    | 2     | 130M (130.5M)       | 129.7M     | 50.05M     |
-| DiT-B/4  | 768    | 12    | 12    | 4     | 130M (130.5M)       | 129.7M     | 50.05M     |
-| DiT-L/2  | 1024   | 24    | 16    | 2     | 458M (458.1M)       | 457.0M     | 176.2M     |
-| DiT-L/4  | 1024   | 24    | 16    | 4     | 458M (458.1M)       | 457.1M     | 176.2M     |
-| DiT-XL/2 | 1152   | 28    | 16    | 2     | 675M (675.1M)       | 673.8M     | 259.6M     |
-| DiT-XL/4 | 1152   | 28    | 16    | 4     | 676M (675.2M)       | 673.9M     | 259.6M     |
+| preset   | hidden | depth | heads | patch | paper | DiT config  | text trunk  | text extra  | text total  |
+|----------|--------|-------|-------|-------|-------|-------------|-------------|-------------|-------------|
+| DiT-S/2  | 384    | 12    | 6     | 2     | 33M   |  32,865,056 |  32,474,512 |  13,003,776 |  45,478,288 |
+| DiT-S/4  | 384    | 12    | 6     | 4     | 33M   |  32,920,448 |  32,511,424 |  13,003,776 |  45,515,200 |
+| DiT-B/2  | 768    | 12    | 12    | 2     | 130M  | 130,315,808 | 129,534,736 |  51,032,064 | 180,566,800 |
+| DiT-B/4  | 768    | 12    | 12    | 4     | 130M  | 130,426,496 | 129,608,512 |  51,032,064 | 180,640,576 |
+| DiT-L/2  | 1024   | 24    | 16    | 2     | 458M  | 457,840,672 | 456,799,248 | 178,480,128 | 635,279,376 |
+| DiT-L/4  | 1024   | 24    | 16    | 4     | 458M  | 457,988,224 | 456,897,600 | 178,480,128 | 635,377,728 |
+| DiT-XL/2 | 1152   | 28    | 16    | 2     | 675M  | 674,834,720 | 673,663,120 | 262,897,536 | 936,560,656 |
+| DiT-XL/4 | 1152   | 28    | 16    | 4     | 675M  | 675,000,704 | 673,773,760 | 262,897,536 | 936,671,296 |
 
-(The "paper" column shows the published value and, in brackets, this file's trunk count of the
-paper's configuration. Per block, text adds 3*hidden*(hidden+1) adaLN rows and
-hidden*(hidden+1) + (hidden+1)*2*hidden + hidden*(hidden+1) cross-attention weights, about 7
-hidden^2, i.e. ~60 % more per block than DiT's 12 hidden^2 + 6 hidden^2.)
+("paper" is Table 1's Params column for the model size; the /4 variants differ only in the patch
+embedding and final projection.)
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from lct.errors import ConfigError, UserError
+from lct.models.precond import autocast_off
 
 DIT_PRESETS: dict[str, dict[str, int]] = {
     "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
@@ -80,7 +85,8 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
     "DiT-XL/4": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=4),
 }
 
-XFORMERS_HINT = "xformers is not installed: `pip install xformers` (or `pip install 'lct[xformers]'`), or use model.attention=sdpa"
+XFORMERS_HINT = ("xformers is not installed: `pip install xformers` (or `pip install 'lct[xformers]'`), "
+                 "or use model.attention=sdpa")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,7 @@ class FP32Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
 
@@ -122,7 +128,9 @@ class NonScalingLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(h, (self.dim,), None, self.bias.to(h.dtype), self.eps)
+        # Statistics and beta in fp32 (beta is not rounded to bf16); returns the input's dtype.
+        with autocast_off(h.device):
+            return F.layer_norm(h.float(), (self.dim,), None, self.bias.float(), self.eps).to(h.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, scale fixed at 1"
@@ -159,7 +167,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=e.device.type, enabled=False):
+        with autocast_off(e.device):
             return self.mlp(self.timestep_embedding(e.float(), self.frequency_embedding_size))
 
 
@@ -171,7 +179,7 @@ class PooledEmbedder(nn.Module):
         self.mlp = nn.Sequential(FP32Linear(pooled_dim, hidden_size), nn.SiLU(), FP32Linear(hidden_size, hidden_size))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=pooled.device.type, enabled=False):
+        with autocast_off(pooled.device):
             return self.mlp(pooled.float())
 
 
@@ -278,7 +286,8 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.cross_attn is not None:
             shift_ca, scale_ca, gate_ca = mod[6:]
-            x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+            ca = self.cross_attn(modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+            x = x + gate_ca.unsqueeze(1) * ca
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -434,7 +443,8 @@ class TextDiT(ModelMixin, ConfigMixin):
     def _text_condition(self, text_states, text_mask, pooled, cond_drop):
         """Apply the learned null condition where cond_drop; returns (states, mask, pooled)."""
         if text_states is None:
-            raise ValueError("TextDiT(cond='text') needs text_states [B, L, text_dim] (use cond_drop for the null condition)")
+            raise ValueError("TextDiT(cond='text') needs text_states [B, L, text_dim] "
+                             "(cond_drop selects the null condition)")
         b, length, _ = text_states.shape
         text_states = text_states.to(self.null_text_states.dtype)
         if text_mask is None:
@@ -448,7 +458,8 @@ class TextDiT(ModelMixin, ConfigMixin):
             drop = cond_drop.to(device=text_states.device, dtype=torch.bool)
             null, null_len = self.null_text_states, self.null_text_states.shape[0]
             if length < null_len:
-                raise ValueError(f"text_states have {length} tokens, fewer than the learned null condition's {null_len}")
+                raise ValueError(f"text_states have {length} tokens, fewer than the learned null "
+                                 f"condition's {null_len}")
             # Longer (padded) captions: the null condition is padded with masked-out positions.
             null = F.pad(null, (0, 0, 0, length - null_len))
             null_mask = torch.arange(length, device=drop.device) < null_len
@@ -474,13 +485,15 @@ class TextDiT(ModelMixin, ConfigMixin):
         b, ch, hgt, wid = x.shape
         expected = (self.in_channels, self.grid[0] * self.patch, self.grid[1] * self.patch)
         if (ch, hgt, wid) != expected:
-            raise ValueError(f"TextDiT expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
+            raise ValueError(f"TextDiT expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {list(x.shape)}")
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, hidden], fp32 sum
         c = self.t_embedder(e.reshape(b) if e.numel() == b else e.expand(b))
         text = mask = None
         if self.cond == "text":
             text_states, mask, pooled = self._text_condition(text_states, text_mask, pooled, cond_drop)
-            text = self.text_norm(self.text_proj(text_states))  # once per forward, shared by all blocks
+            # Once per forward, shared by all blocks; the norm runs in fp32 (CUDA autocast does too).
+            text = self.text_norm(self.text_proj(text_states).float())
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(pooled)
         elif self.cond == "class":
@@ -536,8 +549,9 @@ def dit_kwargs(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77,
                pooled_dim: int = 512) -> dict[str, Any]:
     """TextDiT constructor arguments from a `ModelConfig` (preset + overrides) and the data shapes."""
     if model_cfg.arch not in DIT_PRESETS:
-        close = difflib.get_close_matches(model_cfg.arch, list(DIT_PRESETS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        lower = {k.lower(): k for k in DIT_PRESETS}
+        close = difflib.get_close_matches(model_cfg.arch.lower(), list(lower), n=1)
+        hint = f"; did you mean '{lower[close[0]]}'?" if close else ""
         raise ConfigError(f"unknown arch {model_cfg.arch!r}{hint} (known: {', '.join(DIT_PRESETS)})", key="model.arch")
     arch = dict(DIT_PRESETS[model_cfg.arch])
     for key in ("hidden_size", "depth", "num_heads", "patch_size"):
@@ -560,16 +574,19 @@ def build_dit(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77, 
     return model
 
 
-def split_parameter_count(model: TextDiT) -> dict[str, int]:
+def split_parameter_count(model: nn.Module) -> dict[str, int]:
     """{'trunk', 'extra', 'total'}: trunk = what the DiT paper counts for a DiT of this size,
     extra = text conditioning (cross-attention, extra adaLN rows, text projection and norm,
-    pooled MLP, null condition) and the NsLN qk-norm betas."""
+    pooled MLP, null condition) and the NsLN qk-norm betas. Other networks count as all trunk."""
+    if not isinstance(model, TextDiT):
+        total = sum(p.numel() for p in model.parameters())
+        return {"trunk": total, "extra": 0, "total": total}
     trunk = extra = 0
     hidden = model.config.hidden_size
     for name, p in model.named_parameters():
         n = p.numel()
-        if name.startswith(("text_proj.", "text_norm.", "pooled_embedder.", "null_")) or ".cross_attn." in name \
-                or "_norm.bias" in name and ".attn." in name:
+        if (name.startswith(("text_proj.", "text_norm.", "pooled_embedder.", "null_")) or ".cross_attn." in name
+                or (".attn." in name and "_norm." in name)):
             extra += n
         elif name.startswith("blocks.") and "adaLN_modulation" in name and p.shape[0] == 9 * hidden:
             per_row = n // p.shape[0]
@@ -580,20 +597,26 @@ def split_parameter_count(model: TextDiT) -> dict[str, int]:
     return {"trunk": trunk, "extra": extra, "total": trunk + extra}
 
 
-def count_parameters(model_cfg=None, latent_shape=(4, 32, 32), text_dim: int = 512, text_len: int = 77,
+def count_parameters(model_or_cfg=None, latent_shape=(4, 32, 32), text_dim: int = 512, text_len: int = 77,
                      pooled_dim: int = 512, **overrides: Any) -> dict[str, int]:
-    """Parameter counts of the model `build_dit` would make, built on the meta device (no memory).
-    `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class', num_classes=1000)."""
+    """{'trunk', 'extra', 'total'} parameter counts (see `split_parameter_count`).
+
+    Given a TextDiT (e.g. one built under `with torch.device("meta")`), counts it. Given a
+    `ModelConfig` (or None for the defaults), builds what `build_dit` would on the meta device (no
+    memory); `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class')."""
+    if isinstance(model_or_cfg, nn.Module):
+        return split_parameter_count(model_or_cfg)
     from lct.config import ModelConfig
 
-    kwargs = dit_kwargs(model_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
+    kwargs = dit_kwargs(model_or_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
     kwargs.update(overrides)
     with torch.device("meta"):
         model = TextDiT(**kwargs)
     return split_parameter_count(model)
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                            source: str = "state dict") -> None:
     """Load `state_dict` strictly; on any mismatch raise `UserError` naming the missing, unexpected
     and shape-mismatched keys (e.g. ECT starting from an lct `edm` checkpoint of another arch)."""
     own = model.state_dict()
