@@ -94,6 +94,11 @@ def _mean_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().flatten(1).mean(1)
 
 
+def _dtype(x: torch.Tensor) -> torch.dtype:
+    """Noise levels and weights in fp32 (SPEC 1.1), or float64 for float64 inputs (test vectors)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class Objective:
     name = "base"
 
@@ -131,9 +136,9 @@ class EDMObjective(Objective):
         x, z = batch["x"], batch["z"]
         sd = self.m.sigma_data
         sigma64 = torch.exp(self.m.edm_p_mean + self.m.edm_p_std * batch["n"].double())
-        sigma = sigma64.to(x.device, torch.float32)
+        sigma = sigma64.to(x.device, _dtype(x))
         f = net(x + _bcast(sigma, x) * z, sigma, **self.cond_of(batch))
-        weight = ((sigma64 ** 2 + sd ** 2) / (sigma64 * sd) ** 2).to(x.device, torch.float32)
+        weight = ((sigma64 ** 2 + sd ** 2) / (sigma64 * sd) ** 2).to(x.device, _dtype(x))
         per_sample = weight * _mean_sq(f, x)
         return per_sample.mean(), Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
                                               curriculum=Curriculum(step))
@@ -197,9 +202,10 @@ class ICTObjective(_ConsistencyObjective):
         cur = self.curriculum(step)
         sigmas, _, weights = self.grid(cur.num_points)
         idx = self.pairs(batch, step)
-        s_student = sigmas[idx + 1].to(x.device, torch.float32)
-        s_teacher = sigmas[idx].to(x.device, torch.float32)
-        lam = weights[idx].to(x.device, torch.float32)
+        dt = _dtype(x)
+        s_student = sigmas[idx + 1].to(x.device, dt)
+        s_teacher = sigmas[idx].to(x.device, dt)
+        lam = weights[idx].to(x.device, dt)
         cond = self.cond_of(batch)
         target = teacher_pass(net, x + _bcast(s_teacher, x) * z, s_teacher, cond)
         student = net(x + _bcast(s_student, x) * z, s_student, **cond)
@@ -238,9 +244,10 @@ class ECTObjective(_ConsistencyObjective):
         cur = self.curriculum(step)
         t64 = self.t_of(batch)
         r64 = C.ect_r(t64, cur.stage, self.m.ect_q, self.m.ect_k, self.m.ect_b, self.m.ect_mapping)
-        weight = C.ect_weight(t64, r64, self.m.ect_weight, self.m.sigma_data).to(x.device, torch.float32)
-        t = t64.to(x.device, torch.float32)
-        r = r64.to(x.device, torch.float32)
+        dt = _dtype(x)
+        weight = C.ect_weight(t64, r64, self.m.ect_weight, self.m.sigma_data).to(x.device, dt)
+        t = t64.to(x.device, dt)
+        r = r64.to(x.device, dt)
         clean = r64.to(x.device) <= 0
         cond = self.cond_of(batch)
         # Where r = 0 the target is x itself; the network is never called at sigma = 0.
