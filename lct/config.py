@@ -308,6 +308,9 @@ class EncodeLatentsConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="VAE precision (fp32 + TF32 on GPU by default)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     seed: int = Field(0, ge=0, description="seed of the random text tower ('random')")
+    max_captions: int = Field(5, ge=1, description="captions kept per sample (the first K; fewer are not padded)")
+    skip_empty_shards: bool = Field(False, description="record input shards that yield no sample as empty (no output shard) instead of failing")
+    merge_only: bool = Field(False, description="only (re)write manifest.json from the per-shard records")
 
 
 class EvalConfig(Strict):

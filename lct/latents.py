@@ -1,0 +1,354 @@
+"""The latent-shard format (docs/ARCHITECTURE.md, "Latent shards"): sample members, per-shard
+records and float64 statistics, and the manifest.
+
+Sample members (webdataset: `{key}.{member}` in a tar, grouped by key):
+
+| member | content |
+|---|---|
+| `mean.npy`, `std.npy` | float16 [C,h,w] raw posterior mean and std (no scaling factor) |
+| `flip_mean.npy`, `flip_std.npy` | the same for the horizontally flipped image (`--flip`) |
+| `tokens.npy` | int32 [K,L] open_clip token ids of the sample's K captions |
+| `states.npy`, `pooled.npy` | float16 [K,L,D], [K,P] text-tower outputs (`--text-states`) |
+| `json` | {"key", "captions": [K captions], "meta": the input sample's json} |
+| `txt` | the first caption |
+
+`.npy` members are written with `np.save(allow_pickle=False)` and read with
+`np.load(allow_pickle=False)`; reading decodes only npy, json and txt (never pickles).
+
+Statistics (SPEC 7). Each shard's record holds float64 sums over its samples, per latent element,
+of the posterior mean, the mean squared and the variance (std^2), taken from the stored float16
+values of the **unflipped** latents (the flip copies are augmentation and are not counted):
+`count`, `sum_mean`, `sum_mean_sq`, `sum_var` [C,h,w]. Samples are added one at a time in shard
+order, so the sums do not depend on the batch size. The raw posterior *samples* `mean + std * eps`
+then have E = E[mean] and Var = E[mean^2] - E[mean]^2 + E[std^2]: per element (`element`) or
+pooled over each channel's h x w positions (`channel`). Merging adds the shard sums in sorted
+shard-name order starting from zero, so one-rank, multi-rank and resumed jobs produce identical
+float64 numbers; the manifest stores the merged sums (JSON floats round-trip exactly).
+
+Output directory of `data_prep/encode_latents.py`:
+
+    <name>.tar               latent shard of input shard <name>.tar (same keys, same order)
+    records/<name>.json      the shard's record (written last: it marks the shard complete)
+    records/<name>.stats.npz its float64 statistics sums
+    job.json                 the job's settings (a rerun with other settings is refused)
+    text_tower/              the random text tower, when --text-pretrained random
+    manifest.json            merged from job.json and all records
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lct.errors import UserError
+
+FORMAT = "lct-latents/1"
+MANIFEST = "manifest.json"
+JOB = "job.json"
+RECORDS = "records"
+STAT_KEYS = ("sum_mean", "sum_mean_sq", "sum_var")
+ARRAY_MEMBERS = ("mean", "std", "flip_mean", "flip_std", "tokens", "states", "pooled")
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples
+# ----------------------------------------------------------------------------------------------
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_latent_sample(key: str, *, mean: np.ndarray, std: np.ndarray, tokens: np.ndarray,
+                         captions: list[str], meta: dict | None = None, flip_mean: np.ndarray | None = None,
+                         flip_std: np.ndarray | None = None, states: np.ndarray | None = None,
+                         pooled: np.ndarray | None = None) -> dict[str, Any]:
+    """Tar members of one sample (a dict for `webdataset.TarWriter(encoder=False)`)."""
+    def half(name, a):
+        a = np.asarray(a)
+        if a.dtype != np.float16:
+            raise ValueError(f"{key}: {name} must be float16, got {a.dtype}")
+        return npy_bytes(a)
+
+    if mean.ndim != 3 or mean.shape != std.shape:
+        raise ValueError(f"{key}: mean/std must be [C,h,w], got {mean.shape} and {std.shape}")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != len(captions) or not captions:
+        raise ValueError(f"{key}: tokens {tokens.shape} must be [K,L] for K = {len(captions)} captions")
+    sample = {"__key__": key, "mean.npy": half("mean", mean), "std.npy": half("std", std),
+              "tokens.npy": npy_bytes(tokens.astype(np.int32))}
+    if flip_mean is not None:
+        sample["flip_mean.npy"] = half("flip_mean", flip_mean)
+        sample["flip_std.npy"] = half("flip_std", flip_std)
+    if states is not None:
+        sample["states.npy"] = half("states", states)
+        sample["pooled.npy"] = half("pooled", pooled)
+    sample["json"] = json.dumps({"key": key, "captions": list(captions), "meta": meta or {}},
+                                ensure_ascii=False, sort_keys=True).encode("utf-8")
+    sample["txt"] = captions[0].encode("utf-8")
+    return sample
+
+
+def decode_latent_sample(raw: dict) -> dict:
+    """A webdataset sample dict of bytes -> {"key", "mean", "std", ["flip_mean", "flip_std"],
+    ["tokens"], ["states", "pooled"], "captions", "meta"} with numpy arrays (no unpickling).
+    Raises ValueError for an incomplete sample."""
+    if "mean.npy" not in raw or "std.npy" not in raw:
+        raise ValueError(f"latent sample {raw.get('__key__')!r} has no mean.npy/std.npy")
+    out: dict[str, Any] = {"key": raw.get("__key__", "")}
+    if "__url__" in raw:
+        out["url"] = raw["__url__"]
+    for name in ARRAY_MEMBERS:
+        data = raw.get(f"{name}.npy")
+        if data is not None:
+            out[name] = npy_load(data)
+    captions, meta = None, {}
+    if raw.get("json") is not None:
+        j = json.loads(raw["json"])
+        captions, meta = j.get("captions"), j.get("meta") or {}
+    if not captions and raw.get("txt") is not None:
+        captions = [raw["txt"].decode("utf-8")]
+    out["captions"] = list(captions or [])
+    out["meta"] = meta
+    return out
+
+
+def read_latent_shard(url: str) -> list[dict]:
+    """Every decoded sample of one latent shard (errors propagate)."""
+    import webdataset as wds
+
+    return [decode_latent_sample(s) for s in wds.tarfile_samples([{"url": url}])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+class StatsAccumulator:
+    """float64 per-element sums of one shard (module docstring)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(int(s) for s in shape)
+        self.count = 0
+        self.sums = {k: np.zeros(self.shape, dtype=np.float64) for k in STAT_KEYS}
+
+    def add(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """One sample's stored (float16) posterior mean and std."""
+        m = np.asarray(mean, dtype=np.float64)
+        s = np.asarray(std, dtype=np.float64)
+        self.sums["sum_mean"] += m
+        self.sums["sum_mean_sq"] += m * m
+        self.sums["sum_var"] += s * s
+        self.count += 1
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic `.npz` (temporary name in the same folder, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, count=np.int64(self.count), **self.sums)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StatsAccumulator":
+        with np.load(path, allow_pickle=False) as z:
+            acc = cls(z["sum_mean"].shape)
+            acc.count = int(z["count"])
+            for k in STAT_KEYS:
+                acc.sums[k] = z[k].astype(np.float64)
+        return acc
+
+
+def merge_stats(parts: Iterable[tuple[str, StatsAccumulator]]) -> StatsAccumulator | None:
+    """Sum of shard accumulators in sorted shard-name order (exact and order-independent input)."""
+    total = None
+    for _, acc in sorted(parts, key=lambda p: p[0]):
+        if total is None:
+            total = StatsAccumulator(acc.shape)
+        if acc.shape != total.shape:
+            raise UserError(f"shard statistics of shape {acc.shape} and {total.shape} cannot be merged")
+        total.count += acc.count
+        for k in STAT_KEYS:
+            total.sums[k] += acc.sums[k]
+    return total
+
+
+def stats_from_sums(count: int, sum_mean, sum_mean_sq, sum_var, kind: str = "channel"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float64 of the posterior samples: [C,1,1] (channel) or [C,h,w] (element)."""
+    sm, sq, sv = (np.asarray(a, dtype=np.float64) for a in (sum_mean, sum_mean_sq, sum_var))
+    if count <= 0:
+        raise UserError("latent statistics cover no samples")
+    if kind == "element":
+        n = float(count)
+        mean = sm / n
+        var = sq / n - mean * mean + sv / n
+    elif kind == "channel":
+        n = float(count) * sm.shape[1] * sm.shape[2]
+        mean = sm.sum(axis=(1, 2), keepdims=True) / n
+        var = sq.sum(axis=(1, 2), keepdims=True) / n - mean * mean + sv.sum(axis=(1, 2), keepdims=True) / n
+    else:
+        raise UserError(f"latent_norm must be 'channel' or 'element', got {kind!r}")
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def stats_record(acc: StatsAccumulator) -> dict:
+    """The manifest's "stats" section: merged float64 sums and the derived channel statistics."""
+    mean, std = stats_from_sums(acc.count, *(acc.sums[k] for k in STAT_KEYS), kind="channel")
+    return {"count": acc.count, "shape": list(acc.shape),
+            "of": "raw posterior samples mean + std * eps of the unflipped images (SPEC 7)",
+            "merge_order": "sorted shard names",
+            **{k: acc.sums[k].tolist() for k in STAT_KEYS},
+            "channel_mean": mean.reshape(-1).tolist(), "channel_std": std.reshape(-1).tolist()}
+
+
+def latent_stats(manifest: dict, kind: str = "channel") -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float64 arrays shaped [C,1,1] (`channel`) or [C,h,w] (`element`)."""
+    st = (manifest or {}).get("stats")
+    if not st or any(k not in st for k in ("count", *STAT_KEYS)):
+        raise UserError("the latent manifest has no statistics; re-run data_prep/encode_latents.py "
+                        "(or with --merge-only once every shard is complete)")
+    return stats_from_sums(int(st["count"]), *(st[k] for k in STAT_KEYS), kind=kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and the manifest
+# ----------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    d = Path(out_dir) / RECORDS
+    return d / f"{name}.json", d / f"{name}.stats.npz"
+
+
+def write_shard_record(out_dir: str | os.PathLike, name: str, record: dict,
+                       stats: StatsAccumulator | None) -> None:
+    """Statistics first, the record json last (its presence marks the shard complete)."""
+    rec_path, npz_path = record_paths(out_dir, name)
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    if stats is not None:
+        stats.save(npz_path)
+    write_json_atomic(rec_path, record)
+
+
+def read_shard_record(out_dir: str | os.PathLike, name: str) -> dict | None:
+    rec_path, _ = record_paths(out_dir, name)
+    if not rec_path.is_file():
+        return None
+    try:
+        return json.loads(rec_path.read_text())
+    except ValueError:
+        return None  # torn by a crash on a file system without atomic rename: redo the shard
+
+
+def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
+                   write: bool = True) -> dict | None:
+    """The manifest from `header` (job settings) and the records of all `names` (input order);
+    None while a record is missing. Written atomically to `out_dir/manifest.json`."""
+    out_dir = Path(out_dir)
+    records = {}
+    for name in names:
+        rec = read_shard_record(out_dir, name)
+        if rec is None:
+            return None
+        records[name] = rec
+    parts = []
+    for name in names:
+        if records[name].get("samples", 0) > 0:
+            parts.append((name, StatsAccumulator.load(record_paths(out_dir, name)[1])))
+    total = merge_stats(parts)
+    if total is None:
+        raise UserError(f"{out_dir}: no shard holds any sample; nothing to write a manifest for")
+    skipped: dict[str, int] = {}
+    for rec in records.values():
+        for k, v in (rec.get("skipped") or {}).items():
+            skipped[k] = skipped.get(k, 0) + int(v)
+    shards = [{k: records[n].get(k) for k in ("name", "file", "input", "samples", "skipped", "bytes",
+                                               "text_state_bytes", "fp32_fallback_batches")} for n in names]
+    n_samples = sum(int(r["samples"]) for r in records.values())
+    text_bytes = sum(int(r.get("text_state_bytes") or 0) for r in records.values())
+    manifest = dict(header)
+    manifest.update({
+        "format": FORMAT,
+        "num_samples": n_samples,
+        "num_shards": sum(1 for s in shards if s["file"]),
+        "skipped": dict(sorted(skipped.items())),
+        "empty_shards": [s["name"] for s in shards if not s["file"]],
+        "output_bytes": sum(int(s["bytes"] or 0) for s in shards),
+        "fp32_fallback_batches": sum(int(s["fp32_fallback_batches"] or 0) for s in shards),
+        "shards": shards,
+        "stats": stats_record(total),
+    })
+    if manifest.get("text", {}).get("states"):
+        manifest["text"] = dict(manifest["text"])
+        manifest["text"]["states_bytes"] = {"total": text_bytes,
+                                            "per_sample": text_bytes / max(n_samples, 1)}
+    if write:
+        write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(path_or_dir: str | os.PathLike) -> dict:
+    """The manifest of a latent data set: a manifest.json path, its folder, or a URL (pipe:,
+    http(s), ...). Adds "_path"/"_dir" (where it was read) for local files."""
+    s = str(path_or_dir)
+    if "://" in s or s.startswith("pipe:"):
+        import webdataset as wds
+
+        try:
+            with wds.gopen(s if s.endswith(".json") else s.rstrip("/") + "/" + MANIFEST) as f:
+                text = f.read().decode("utf-8")
+        except Exception as err:
+            raise UserError(f"{s}: latent manifest could not be read ({err})") from None
+        where = None
+    else:
+        p = Path(s).expanduser()
+        if p.is_dir():
+            p = p / MANIFEST
+        if not p.is_file():
+            raise UserError(f"{p}: latent manifest not found; data_prep/encode_latents.py writes it beside the "
+                            "shards when every shard is complete (re-run it, or use --merge-only)")
+        text, where = p.read_text(encoding="utf-8"), p.resolve()
+    try:
+        m = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{s}: the latent manifest is not valid JSON ({err})") from None
+    fmt = m.get("format") if isinstance(m, dict) else None
+    if not (isinstance(fmt, str) and fmt.startswith("lct-latents/")):
+        raise UserError(f"{s}: not a latent manifest (format {fmt!r}); point at the output of "
+                        "data_prep/encode_latents.py")
+    if fmt != FORMAT:
+        raise UserError(f"{s}: latent format {fmt} is not supported by this lct (reads {FORMAT}); "
+                        "re-encode the data or update lct")
+    missing = [k for k in ("latent_shape", "stats", "vae", "text") if k not in m]
+    if missing:
+        raise UserError(f"{s}: the latent manifest lacks {', '.join(missing)}")
+    if where is not None:
+        m["_path"], m["_dir"] = str(where), str(where.parent)
+    return m

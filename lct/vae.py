@@ -1,0 +1,232 @@
+"""The diffusers `AutoencoderKL`: loading, posterior encoding, decoding, latent normalisation
+(SPEC 7) and the image preprocessing shared by data prep and eval.
+
+Image preprocessing (`preprocess_image`), the one definition used by `encode_latents` and eval:
+1. decode with PIL and `convert("RGB")` (no EXIF rotation is applied, as in the usual FID
+   pipelines; palette/alpha images lose their alpha channel);
+2. center-crop the long edge to a square (side = the short edge; offsets `(long - short) // 2`);
+3. resize to `resolution x resolution` with PIL `BICUBIC` (antialiased when downscaling: PIL
+   widens the filter support by the scale factor) unless the square already has that size;
+4. uint8 HWC -> `[3, R, R]` float32 `x / 127.5 - 1` in [-1, 1].
+`preprocess_image_uint8` stops before step 4 (data loaders ship uint8 and convert on the device
+with `to_unit_range`, which gives the same numbers).
+
+Latent normalisation (SPEC 7): `x = (raw - mean) / std * 0.5` and back `raw = x / 0.5 * std + mean`
+with the manifest's float64 statistics of the raw posterior samples (`channel`: per channel,
+`element`: per C x H x W element). `vae.config.scaling_factor` / `shift_factor` are not applied.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lct.errors import UserError
+
+_VAE_HINT = ("set --vae (vae.id in a config) to a local folder written by AutoencoderKL.save_pretrained "
+             "(e.g. a download of stabilityai/sd-vae-ft-ema) or to a full pipeline folder with a vae/ subfolder")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A frozen `AutoencoderKL` in eval mode from a hub id or a local `save_pretrained` folder
+    (or a pipeline folder with a `vae/` subfolder). Missing or unreachable weights raise a
+    `UserError` naming `--vae` / `vae.id`."""
+    kwargs: dict[str, Any] = check_vae_source(id_or_path)  # before the (slow) diffusers import
+    from diffusers import AutoencoderKL
+
+    s = str(id_or_path)
+    path = Path(s).expanduser()
+    if path.exists():
+        try:
+            vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
+        except Exception as err:  # incomplete folder, wrong class, unreadable weights
+            raise UserError(f"--vae {s}: could not load an AutoencoderKL ({_short(err)}); {_VAE_HINT}") from None
+    else:
+        vae = None
+        first: BaseException | None = None
+        for kwargs in ({}, {"subfolder": "vae"}):
+            try:
+                vae = AutoencoderKL.from_pretrained(s, torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
+                break
+            except Exception as err:  # offline, unknown repo, no vae in the repo
+                first = first or err
+        if vae is None:
+            raise UserError(f"--vae {s}: could not load the AutoencoderKL from the hub or its cache "
+                            f"({_short(first)}); without network access {_VAE_HINT}")
+    return vae.to(device=device).eval().requires_grad_(False)
+
+
+def check_vae_source(id_or_path: str) -> dict:
+    """Cheap checks of `--vae` (no diffusers import): a local folder with a config (returns the
+    `from_pretrained` kwargs) or something shaped like a hub id; else a `UserError`."""
+    if not id_or_path:
+        raise UserError(f"no VAE given: {_VAE_HINT}")
+    s = str(id_or_path)
+    path = Path(s).expanduser()
+    if path.exists():
+        if (path / "config.json").is_file():
+            return {}
+        if (path / "vae" / "config.json").is_file():
+            return {"subfolder": "vae"}
+        raise UserError(f"--vae {s}: no config.json in this folder (nor in vae/); {_VAE_HINT}")
+    if _HUB_ID.match(s) and not s.startswith((".", "~")):
+        return {}
+    raise UserError(f"--vae {s}: no such folder; {_VAE_HINT}")
+
+
+def vae_source(id_or_path: str) -> str:
+    """What the manifest records: an absolute path for local folders, else the hub id."""
+    p = Path(str(id_or_path)).expanduser()
+    return str(p.resolve()) if p.exists() else str(id_or_path)
+
+
+def downsample_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    f = downsample_factor(vae)
+    if resolution % f:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
+    return (int(vae.config.latent_channels), resolution // f, resolution // f)
+
+
+def vae_summary(vae, id_or_path: str) -> dict:
+    """The manifest's "vae" record: id, class and the config values that shape the latents."""
+    import hashlib
+    import json
+
+    cfg = dict(vae.config)
+    keep = ("latent_channels", "block_out_channels", "down_block_types", "layers_per_block", "sample_size",
+            "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv")
+    summary = {k: cfg.get(k) for k in keep if k in cfg}
+    full = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    return {"id": vae_source(id_or_path), "class": type(vae).__name__, "downsample": downsample_factor(vae),
+            "config": json.loads(json.dumps(summary, default=list)),
+            "config_sha256": hashlib.sha256(full.encode()).hexdigest()}
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) in fp32 of images [B,3,H,W] in [-1, 1] (`latent_dist.mean/std`),
+    computed in the VAE's own dtype on its device."""
+    p = next(vae.parameters())
+    dist = vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+@torch.no_grad()
+def decode(vae, raw_latents: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] fp32 in [-1, 1] from raw (unnormalised, unscaled) latents."""
+    p = next(vae.parameters())
+    out = vae.decode(raw_latents.to(device=p.device, dtype=p.dtype)).sample
+    return out.float().clamp(-1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 7 normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentNorm:
+    """`x = (raw - mean) / std * 0.5` with float64 statistics shaped [C,1,1] (channel) or [C,h,w]
+    (element); tensors keep their dtype (computed in fp32, or fp64 for fp64 input)."""
+
+    def __init__(self, mean, std, kind: str | None = None):
+        mean = np.asarray(mean, dtype=np.float64)
+        std = np.asarray(std, dtype=np.float64)
+        if mean.ndim == 1:
+            mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+        if mean.shape != std.shape or mean.ndim != 3:
+            raise ValueError(f"LatentNorm: mean {mean.shape} and std {std.shape} must be [C,1,1] or [C,h,w]")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise UserError("latent statistics are not finite and positive; re-run data_prep/encode_latents.py")
+        self.mean, self.std = mean, std
+        self.kind = kind or ("channel" if mean.shape[1:] == (1, 1) else "element")
+        self._cache: dict = {}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict | str | os.PathLike, kind: str = "channel") -> "LatentNorm":
+        from lct.latents import latent_stats, load_manifest
+
+        if not isinstance(manifest, dict):
+            manifest = load_manifest(manifest)
+        mean, std = latent_stats(manifest, kind)
+        return cls(mean, std, kind)
+
+    def _stats(self, ref):
+        if isinstance(ref, np.ndarray):
+            dt = np.float64 if ref.dtype == np.float64 else np.float32
+            return self.mean.astype(dt), self.std.astype(dt), dt
+        dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        key = (ref.device, dt)
+        if key not in self._cache:
+            self._cache[key] = (torch.as_tensor(self.mean, dtype=dt, device=ref.device),
+                                torch.as_tensor(self.std, dtype=dt, device=ref.device))
+        return (*self._cache[key], dt)
+
+    def normalize(self, raw):
+        mean, std, dt = self._stats(raw)
+        out = (raw.astype(dt) if isinstance(raw, np.ndarray) else raw.to(dt)) - mean
+        out = out / std * 0.5
+        return out.astype(raw.dtype) if isinstance(raw, np.ndarray) else out.to(raw.dtype)
+
+    def denormalize(self, x):
+        mean, std, dt = self._stats(x)
+        out = (x.astype(dt) if isinstance(x, np.ndarray) else x.to(dt)) / 0.5 * std + mean
+        return out.astype(x.dtype) if isinstance(x, np.ndarray) else out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image preprocessing (data prep and eval)
+# ----------------------------------------------------------------------------------------------
+
+
+def open_image(data: bytes):
+    """A fully decoded PIL image from encoded bytes (raises on corrupt or truncated data)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def center_crop_square(img):
+    """The centred square of side min(w, h) (the long edge is cropped)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)) if (w, h) != (s, s) else img
+
+
+def preprocess_image_uint8(img, resolution: int) -> torch.Tensor:
+    """Steps 1-3 of the module docstring: uint8 [3, R, R]."""
+    from PIL import Image
+
+    img = center_crop_square(img.convert("RGB"))
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    arr = np.array(img, dtype=np.uint8, copy=True)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def to_unit_range(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [-1, 1] (`x / 127.5 - 1`)."""
+    return u8.float() / 127.5 - 1.0
+
+
+def preprocess_image(img, resolution: int) -> torch.Tensor:
+    """PIL image -> float32 [3, R, R] in [-1, 1] (RGB, center crop, bicubic resize)."""
+    return to_unit_range(preprocess_image_uint8(img, resolution))

@@ -1,0 +1,146 @@
+"""Tiny stand-ins for the real data-prep inputs, for tests (no downloads, CPU, seconds).
+
+    vae_dir = make_tiny_vae(tmp / "vae")                      # AutoencoderKL.save_pretrained folder
+    pattern = make_image_shards(tmp / "img", n_shards=2, per_shard=4, size=(40, 28))
+    text_model, text_pretrained = tiny_text_model(), "random"  # lct-tiny-text, seeded random tower
+    argv = tiny_encode_args(pattern, tmp / "lat", vae_dir)    # argv for data_prep/encode_latents.py
+    samples = read_latent_dir(tmp / "lat")                    # {key: decoded sample}
+
+Keys of `make_image_shards`: `f"{shard:05d}{index:04d}"`; shard files `{shard:05d}.tar`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+TINY_TEXT_MODEL = "lct-tiny-text"  # lct/assets/lct-tiny-text.json (width 128, 2 layers, context 77)
+
+
+def make_tiny_vae(directory: str | os.PathLike, latent_channels: int = 4, downsample: int = 4,
+                  seed: int = 0) -> str:
+    """A small random `AutoencoderKL` (downsampling factor `downsample`, a power of 2) saved with
+    `save_pretrained`; returns the folder (reused when it already holds one)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return str(directory)
+    blocks = int(round(np.log2(downsample))) + 1
+    if 2 ** (blocks - 1) != downsample:
+        raise ValueError(f"downsample must be a power of 2, got {downsample}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                            up_block_types=("UpDecoderBlock2D",) * blocks,
+                            block_out_channels=tuple([8] + [16] * (blocks - 1)), layers_per_block=1,
+                            latent_channels=latent_channels, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(str(directory))
+    return str(directory)
+
+
+def tiny_text_model() -> str:
+    """The open_clip model name of lct's tiny text config (use with pretrained "random")."""
+    return TINY_TEXT_MODEL
+
+
+def make_tiny_text_tower(directory: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+    """Save a seeded random tiny tower as an open_clip checkpoint; returns (model, checkpoint path),
+    usable as `--text-model`, `--text-pretrained`."""
+    from lct.text import TextEncoder
+
+    enc = TextEncoder.load(TINY_TEXT_MODEL, "random", seed=seed, save_dir=directory)
+    return TINY_TEXT_MODEL, str(enc.tower_file)
+
+
+def _image_bytes(rng: np.random.Generator, size: tuple[int, int], fmt: str) -> bytes:
+    from PIL import Image
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), np.full_like(xx, rng.integers(256))], -1)
+    arr = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt],
+                              **({"quality": 95} if fmt == "jpg" else {}))
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_image_shards(directory: str | os.PathLike, n_shards: int = 2, per_shard: int = 4,
+                      size: int | tuple[int, int] = (40, 28), *, corrupt: Iterable[tuple[int, int]] = (),
+                      missing_caption: Iterable[tuple[int, int]] = (), empty: Iterable[int] = (),
+                      captions_per_sample: int = 3, fmt: str = "jpg", seed: int = 0) -> str:
+    """img2dataset-style shards `{shard:05d}.tar` with `{key}.{fmt}`, `{key}.txt` and `{key}.json`
+    (`captions`: a list, `caption`: the first). `size` is (width, height) (non-square exercises the
+    center crop). `corrupt` / `missing_caption`: (shard, index) pairs that get invalid image bytes /
+    no caption at all (no txt, json without captions). `empty`: shard indices written with no
+    sample. Returns the brace pattern of the shards."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    corrupt, missing_caption, empty = set(map(tuple, corrupt)), set(map(tuple, missing_caption)), set(empty)
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        with tarfile.open(directory / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            if s in empty:
+                continue
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                caps = [f"caption {j} of image {key}: a {['red', 'green', 'blue'][j % 3]} thing"
+                        for j in range(captions_per_sample)]
+                data = _image_bytes(rng, size, fmt)
+                if (s, i) in corrupt:
+                    data = b"\xff\xd8\xff\xe0 this is not a jpeg" + data[len(data) // 2:][:50]
+                meta = {"key": key, "status": "success", "width": size[0], "height": size[1]}
+                if (s, i) not in missing_caption:
+                    meta.update(caption=caps[0], captions=caps)
+                _add(tar, f"{key}.{fmt}", data)
+                if (s, i) not in missing_caption:
+                    _add(tar, f"{key}.txt", caps[0].encode())
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+    last = n_shards - 1
+    if n_shards == 1:
+        return str(directory / "00000.tar")
+    return str(directory / f"{{00000..{last:05d}}}.tar")
+
+
+def expected_keys(n_shards: int, per_shard: int, skip: Iterable[tuple[int, int]] = (),
+                  empty: Iterable[int] = ()) -> dict[str, list[str]]:
+    """{shard name: keys in order} that `make_image_shards` produces minus skipped samples."""
+    skip, empty = set(map(tuple, skip)), set(empty)
+    return {f"{s:05d}": [f"{s:05d}{i:04d}" for i in range(per_shard) if (s, i) not in skip]
+            for s in range(n_shards) if s not in empty}
+
+
+def tiny_encode_args(input_pattern: str, output: str | os.PathLike, vae: str, *, resolution: int = 16,
+                     batch_size: int = 3, num_workers: int = 0, extra: Iterable[str] = ()) -> list[str]:
+    """argv for `data_prep/encode_latents.py` with the tiny VAE and the tiny random text tower."""
+    return ["--input", str(input_pattern), "--output", str(output), "--vae", str(vae),
+            "--resolution", str(resolution), "--text-model", TINY_TEXT_MODEL, "--text-pretrained", "random",
+            "--batch-size", str(batch_size), "--num-workers", str(num_workers), "--device", "cpu", *extra]
+
+
+def read_latent_dir(directory: str | os.PathLike) -> dict[str, dict[str, dict]]:
+    """{shard name: {key: decoded sample}} of every `*.tar` in a latent output folder."""
+    from lct.latents import read_latent_shard
+
+    out = {}
+    for p in sorted(Path(directory).glob("*.tar")):
+        samples = read_latent_shard(str(p))
+        out[p.stem] = {s["key"]: s for s in samples}
+        if len(out[p.stem]) != len(samples):
+            raise AssertionError(f"{p}: duplicate keys")
+    return out
