@@ -333,6 +333,8 @@ class EvalConfig(Strict):
     fid_weights: str | None = Field(None, description="local FID Inception weights (pt_inception-2015-12-05)")
     clip_model: str = Field("ViT-g-14", description="open_clip model for the CLIP score")
     clip_pretrained: str | None = Field("laion2b_s34b_b88k", description="open_clip tag or local path")
+    vae: str | None = Field(None, description="override the export's VAE (hub id or local dir)")
+    text_pretrained: str | None = Field(None, description="override the export's text tower weights (tag or path)")
     device: str = "auto"
 
 

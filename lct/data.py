@@ -254,8 +254,10 @@ def make_loader(spec: DataSpec, start_data_step: int, num_data_steps: int, num_w
                 prefetch_factor: int, pin_memory: bool, memory: InMemoryLatents | None = None) -> DataLoader:
     ds = TrainBatches(spec, start_data_step, num_data_steps, memory)
     kw = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
+    # Its own generator: creating the iterator must not draw from the global RNG (dropout masks),
+    # or a resumed run would diverge from an uninterrupted one.
     return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init, **kw)
+                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(spec.seed), **kw)
 
 
 def _worker_init(_: int) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lct.config import TrainConfig
-from lct.errors import ConfigError
+from lct.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -56,17 +56,28 @@ def init_distributed(info: DistInfo, timeout_minutes: float) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if info.world_size > 1 or "MASTER_ADDR" in os.environ:
-        import deepspeed
+    import deepspeed
 
-        os.environ.setdefault("RANK", str(info.rank))
-        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    # DeepSpeed needs a process group even for one process (plain `python lct/train.py`).
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if info.world_size > 1:
+            raise UserError("MASTER_PORT is not set: start several ranks with deepspeed, torchrun or srun")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_precision(precision: str) -> None:

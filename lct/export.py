@@ -31,7 +31,8 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     from lct.latents import latent_stats
 
     net = precond.net
-    cpu_net = type(net).from_config(net.config)
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        cpu_net = type(net).from_config(net.config)
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in ema_state.items() if k.startswith(prefix)}
     missing, unexpected = cpu_net.load_state_dict(state, strict=False)
@@ -62,9 +63,24 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
         "manifest_path": manifest.get("manifest_path"),
         "config": cfg.model_dump(mode="json"),
     }
+    meta["text"] = _carry_text_tower(manifest.get("text"), tmp, out_dir)
     (tmp / META).write_text(json.dumps(meta, indent=1))
     export_dir_atomic(tmp, out_dir)
     return out_dir
+
+
+def _carry_text_tower(text: dict | None, tmp: Path, final: Path) -> dict | None:
+    """A text tower stored with the data (a random tower, or any local file the data prep
+    recorded relative to its manifest) is copied into the export, so the export is self-contained."""
+    if not text or not text.get("pretrained_relative"):
+        return text
+    src = Path(str(text["pretrained"]))
+    if not src.is_file():
+        return text
+    rel = Path(text["pretrained_relative"])
+    dst = tmp / rel
+    shutil.copytree(src.parent, dst.parent, dirs_exist_ok=True)
+    return {**text, "pretrained": str(final / rel), "pretrained_relative": str(rel)}
 
 
 def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
@@ -113,6 +129,11 @@ class LoadedModel:
     precond: torch.nn.Module
     meta: dict
     path: Path
+
+    def text_manifest(self) -> dict:
+        """The text record in the form `lct.text.TextEncoder.from_manifest` reads (paths relative
+        to the export directory)."""
+        return {"text": self.meta.get("text"), "_dir": str(self.path)}
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -72,7 +72,7 @@ class Generator:
         if self.meta["model"]["cond"] == "text":
             from lct.text import TextEncoder
 
-            self.text = TextEncoder.from_manifest({"text": self.meta["text"]}, device=device,
+            self.text = TextEncoder.from_manifest(self.model.text_manifest(), device=device,
                                                   pretrained=text_pretrained)
 
     def default_taus(self, steps: int) -> list[float]:

@@ -334,6 +334,9 @@ class Trainer:
         micro, accum = batch_layout(cfg, info.world_size)
         device = init_distributed(info, cfg.run.dist_timeout_minutes)
         set_precision(cfg.precision)
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks share the cores; oversubscribed threads make small matmuls many times slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
         torch.manual_seed(cfg.run.seed + info.rank)  # dropout masks; saved and restored on resume
         run_dir = Path(cfg.run.dir)
         ckpt_root = run_dir / "checkpoints"
@@ -359,6 +362,11 @@ class Trainer:
         barrier(info.world_size)
         if info.is_main:
             self.write_run_record(run_dir, ds_json)
+        if state.applied_steps >= cfg.run.total_steps:
+            if info.is_main:
+                print(f"run {run_dir} is complete at step {state.applied_steps} of {cfg.run.total_steps}; "
+                      "nothing to do (raise run.total_steps with run.allow_total_steps_change=true to go on)")
+            return 0
 
         # Objective and data.
         objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
@@ -381,6 +389,12 @@ class Trainer:
         logger = self.make_logger(run_dir) if info.is_main else None
 
         # The loop.
+        from lct.faults import Faults
+
+        if getattr(self, "rng_to_restore", None) is not None:
+            ckpt.set_rng_state(self.rng_to_restore)
+
+        faults = Faults()
         flags = StopFlags()
         buckets = cfg.val.buckets
         acc = torch.zeros(2 + 2 * buckets, dtype=torch.float64, device=device)  # loss sums, counts
@@ -396,6 +410,7 @@ class Trainer:
             for g in engine.optimizer.param_groups:
                 g["lr"] = lr
             step_batches = [next(batches) for _ in range(accum)]
+            data_step = state.data_steps
             state.data_steps += 1
 
             # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
@@ -407,6 +422,7 @@ class Trainer:
                 b = to_device(b, device)
                 b["cond"] = self.condition(b, text_encoder)
                 loss, diag = objective(engine, b, step, early_global, grad_scale=info.world_size * accum)
+                loss = faults.loss(loss, data_step, info.rank)
                 finite = torch.isfinite(loss.detach()).double()
                 finite = all_reduce_sum(finite.reshape(1), info.world_size).item() == info.world_size
                 if finite and not bad:
@@ -459,7 +475,7 @@ class Trainer:
                 all_reduce_sum(acc, info.world_size)
                 now = time.time()
                 ips = (state.images_seen - images_at_log) / max(now - last_log, 1e-9)
-                record = self.log_record(state, acc, buckets, lr, ips, extra, engine, objective)
+                record = self.log_record(state, step, acc, buckets, lr, ips, extra, engine, objective)
                 if logger:
                     logger(record)
                 if pbar:
@@ -476,6 +492,7 @@ class Trainer:
             sig, time_up = all_reduce_max([float(flags.signal), float(time_up)], device, info.world_size)
             if sig or time_up or (applied and k % cfg.run.save_every == 0):
                 self.save(engine, ema, ckpt_root, state)
+                faults.after_save(k)
             if sig:
                 exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
                 if info.is_main:
@@ -592,33 +609,40 @@ class Trainer:
             elif info.is_main:
                 print(f"warning: EMA {name!r} not in the checkpoint; starting it from the weights",
                       file=sys.stderr)
-        rng_file = ckpt_dir / f"rng_rank{info.rank}.pt"
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=True))
+        # Restored just before the loop: building the data loader, text tower and monitor after
+        # this point may draw from the global RNG, which would shift the dropout masks.
+        self.rng_to_restore = torch.load(ckpt_dir / f"rng_rank{info.rank}.pt", weights_only=True)
         st = TrainState(**{k: saved["state"][k] for k in asdict(TrainState())})
-        st.resume_count += 1
         if info.is_main:
-            print(f"resumed from {ckpt_dir} at applied step {st.applied_steps}", flush=True)
+            print(f"resumed from {ckpt_dir} at applied step {st.applied_steps}; restored state "
+                  f"{json.dumps(asdict(st))}", flush=True)
+        st.resume_count += 1
         return st
 
     def save(self, engine, ema, ckpt_root: Path, state: TrainState, export_all: bool = False) -> None:
-        """Atomic checkpoint on every rank + EMA export; raises the process-group timeout around it."""
+        """Atomic checkpoint on every rank + EMA export; raises the process-group timeout around it.
+        A complete checkpoint is never written twice (only its exports are refreshed)."""
         from lct import checkpoint as ckpt
 
-        info = self.info
-        with raised_timeout(info.world_size, self.cfg.run.dist_timeout_minutes * 4, self.cfg.run.dist_timeout_minutes):
+        info, cfg = self.info, self.cfg
+        with raised_timeout(info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
             tag = ckpt.tag_for(state.applied_steps)
             ckpt_dir = ckpt_root / tag
-            engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
-            torch.save(ckpt.rng_state(), ckpt_dir / f"rng_rank{info.rank}.pt")
+            exists = (ckpt_dir / ckpt.COMPLETE).is_file()
+            barrier(info.world_size)  # every rank has looked before rank 0 may write the marker
+            if not exists:
+                engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
+                torch.save(ckpt.rng_state(), ckpt_dir / f"rng_rank{info.rank}.pt")
             emas = {name: ema.state_dict_of(name) for name in ema.buffers}  # collective
             barrier(info.world_size)
             if info.is_main:
-                ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
-                record = {"state": asdict(state), "world_size": info.world_size,
-                          "config": self.cfg.model_dump(mode="json"), "time": time.time()}
-                ckpt.mark_complete(ckpt_dir, record, ckpt_root)
-                ckpt.rotate(ckpt_root, self.cfg.run.keep_last)
-                names = list(emas) if export_all else [self.cfg.ema.sample]
+                if not exists:
+                    ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
+                    record = {"state": asdict(state), "world_size": info.world_size,
+                              "config": cfg.model_dump(mode="json"), "time": time.time()}
+                    ckpt.mark_complete(ckpt_dir, record, ckpt_root)
+                    ckpt.rotate(ckpt_root, cfg.run.keep_last)
+                names = list(emas) if export_all else [cfg.ema.sample]
                 for name in names:
                     self.export(engine, emas[name], name, state)
             barrier(info.world_size)
@@ -662,11 +686,12 @@ class Trainer:
         return tqdm(total=self.cfg.run.total_steps, initial=state.applied_steps, unit="step",
                     dynamic_ncols=True, desc=f"{self.cfg.method.objective}", file=sys.stdout)
 
-    def log_record(self, state, acc, buckets, lr, ips, extra, engine, objective) -> dict:
+    def log_record(self, state, step, acc, buckets, lr, ips, extra, engine, objective) -> dict:
+        """One stats.jsonl line; curriculum values are those the last update trained with."""
         loss = (acc[0] / acc[1].clamp_min(1)).item()
         sums, counts = acc[2:2 + buckets], acc[2 + buckets:]
         per_bucket = (sums / counts.clamp_min(1)).tolist()
-        cur = objective.curriculum(state.applied_steps)
+        cur = objective.curriculum(step)
         record = {"step": state.applied_steps, "images": state.images_seen, "loss": loss, "lr": lr,
                   "images_per_s": ips, "images_per_s_per_gpu": ips / self.info.world_size,
                   "skipped_steps": state.skipped_steps, "data_steps": state.data_steps,

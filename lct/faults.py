@@ -1,0 +1,53 @@
+"""Fault injection for the trainer's fault-tolerance tests (off unless the variables are set).
+
+    LCT_FAULT_NAN_LOSS="3:1,5:0"   loss of data step 3 on rank 1 (and step 5 on rank 0) becomes NaN
+    LCT_FAULT_INF_GRAD="4:0"       data step 4 on rank 0: finite loss, infinite gradient
+    LCT_FAULT_EXIT_AFTER_SAVE="6"  hard exit (status 137, like SIGKILL) right after the checkpoint
+                                   of applied step 6 is complete: a crash between steps
+
+The trainer calls these at fixed points, so tests exercise the real code paths (DeepSpeed's
+overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _pairs(name: str) -> set[tuple[int, int]]:
+    out = set()
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        step, _, rank = item.partition(":")
+        out.add((int(step), int(rank or 0)))
+    return out
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class Faults:
+    def __init__(self):
+        self.nan_loss = _pairs("LCT_FAULT_NAN_LOSS")
+        self.inf_grad = _pairs("LCT_FAULT_INF_GRAD")
+        v = os.environ.get("LCT_FAULT_EXIT_AFTER_SAVE")
+        self.exit_after_save = int(v) if v else None
+
+    def loss(self, loss: torch.Tensor, data_step: int, rank: int) -> torch.Tensor:
+        if (data_step, rank) in self.nan_loss:
+            return loss * float("nan")
+        if (data_step, rank) in self.inf_grad:
+            return _InfGrad.apply(loss)
+        return loss
+
+    def after_save(self, applied_step: int) -> None:
+        if self.exit_after_save is not None and applied_step == self.exit_after_save:
+            os._exit(137)

@@ -1,0 +1,271 @@
+"""The trainer on one process: DeepSpeed config per preset, data path determinism and OT, EMA,
+checkpoints, bitwise resume, grids and validation, the run record."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cmd, tiny_train_config
+from lct.config import METHOD_PRESETS, load_config
+from lct.consistency import ot_couple
+from lct.ema import PartitionedEMA, ema_beta
+from lct.engine import build_optimizer, deepspeed_config, learning_rate
+
+TRAIN = str(ROOT / "lct" / "train.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(METHOD_PRESETS))
+@pytest.mark.parametrize("precision", ["tf32", "bf16_trunk", "fp32"])
+def test_resolved_deepspeed_config_of_every_preset(preset, precision):
+    cfg = load_config(None, [f"method.preset={preset}", f"precision={precision}"])
+    ds = deepspeed_config(cfg, world_size=2)
+    batch = cfg.optim.batch_size
+    assert ds["train_batch_size"] == batch
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == batch
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0; no method clips (SPEC 12)
+    assert ds["zero_allow_untested_optimizer"] is True  # RAdam is a client optimizer
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}  # never cast the module
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["communication_data_type"] == "fp32"
+    if precision == "bf16_trunk":
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    else:
+        assert "torch_autocast" not in ds
+    assert ds["zero_optimization"]["stage"] == 2
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    g = opt.param_groups[0]
+    expected = METHOD_PRESETS[preset]["optim"]
+    assert type(opt).__name__ == {"radam": "RAdam", "adam": "Adam"}[expected["name"]]
+    assert g["lr"] == expected["lr"] and g["weight_decay"] == expected["weight_decay"]
+    assert tuple(g["betas"]) == tuple(expected["betas"]) and g["foreach"] is True
+    if expected["name"] == "radam":
+        assert g["decoupled_weight_decay"] is False  # coupled weight decay, torch default (SPEC 12)
+
+
+def test_grad_clip_and_bf16_reduction_when_asked():
+    cfg = load_config(None, ["optim.grad_clip=1.0", "precision=bf16_trunk", "distributed.fp32_reduce=false",
+                             "optim.batch_size=64", "optim.micro_batch_size=8"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["gradient_clipping"] == 1.0 and "communication_data_type" not in ds
+    assert ds["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Linear", "torch.nn.Conv2d"]
+    assert ds["gradient_accumulation_steps"] == 2
+
+
+def test_inv_sqrt_schedule():
+    cfg = load_config(None, ["method.preset=ect_imagenet"])
+    assert learning_rate(cfg, 0) == 1e-3 and learning_rate(cfg, 2000) == 1e-3
+    assert math.isclose(learning_rate(cfg, 8000), 1e-3 / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------------------
+
+
+def test_partitioned_ema_slices_equal_full_ema_bitwise():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    full = PartitionedEMA(module, {"a": 100.0, "b": 7.0})
+    parts = [PartitionedEMA(module, {"a": 100.0, "b": 7.0}, rank=r, world_size=3) for r in range(3)]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        for e in [full, *parts]:
+            e.update(module, batch_images=8)
+    for name in ("a", "b"):
+        joined = torch.cat([p.buffers[name] for p in parts])
+        assert torch.equal(joined, full.buffers[name])
+    assert ema_beta(8, 8) == 0.5
+
+
+def test_ema_half_life_in_images_matches_decay():
+    """0.99993 at batch 128 is a half-life of ~1.27 M images (SPEC 12)."""
+    cfg = load_config(None, ["method.preset=ilct"])
+    hl = cfg.ema.models[0].resolved_halflife()
+    assert abs(hl - 1.267e6) < 1e3 and math.isclose(ema_beta(128, hl), 0.99993, rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data path
+# ---------------------------------------------------------------------------------------------
+
+
+def _spec(latent_data, rank=0, world=1, micro=4, accum=1, ot=False, mode="indexed"):
+    from lct.data import DataSpec, expand_urls
+    from lct.latents import latent_stats, load_manifest
+
+    m = load_manifest(latent_data["train"])
+    mean, std = latent_stats(m, "channel")
+    return DataSpec(urls=expand_urls(str(latent_data["train"])), mode=mode, seed=3, rank=rank,
+                    world_size=world, micro_batch=micro, accum=accum, latent_shape=tuple(m["latent_shape"]),
+                    norm_mean=mean.astype("float32"), norm_std=std.astype("float32"), caption_dropout=0.25,
+                    flip=True, text="on_the_fly", ot=ot)
+
+
+def _batches(spec, steps, start=0):
+    from lct.data import InMemoryLatents, TrainBatches
+
+    return list(TrainBatches(spec, start, steps, InMemoryLatents(spec.urls)))
+
+
+def test_indexed_data_independent_of_world_size_and_accumulation(latent_data):
+    """The same global slots get the same samples and the same random draws on 1 or 2 ranks."""
+    one = _batches(_spec(latent_data, micro=8, accum=1), 3)
+    two = [_batches(_spec(latent_data, rank=r, world=2, micro=2, accum=2), 3) for r in range(2)]
+    for step in range(3):
+        ref = one[step]
+        pieces = [two[r][step * 2 + m] for r in range(2) for m in range(2)]
+        for key in ("x", "z", "u", "n", "cond_drop", "tokens"):
+            assert torch.equal(torch.cat([p[key] for p in pieces]), ref[key]), key
+        assert sum((p["keys"] for p in pieces), []) == ref["keys"]
+    # Deterministic, and resuming at a data step reproduces it.
+    again = _batches(_spec(latent_data, micro=8), 3)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(one, again))
+    resumed = _batches(_spec(latent_data, micro=8), 1, start=2)
+    assert torch.equal(resumed[0]["z"], one[2]["z"])
+    # The draws are not degenerate.
+    x = torch.cat([b["x"] for b in one])
+    assert 0.2 < x.std() < 1.0 and one[0]["cond_drop"].dtype == torch.bool
+
+
+def test_ot_coupling_per_rank_equals_ot_couple_on_its_slice(latent_data):
+    for rank in range(2):
+        plain = _batches(_spec(latent_data, rank=rank, world=2, micro=6, ot=False), 2)
+        coupled = _batches(_spec(latent_data, rank=rank, world=2, micro=6, ot=True), 2)
+        for p, c in zip(plain, coupled):
+            assert torch.equal(c["x"], p["x"])
+            assert torch.equal(c["z"], ot_couple(p["x"], p["z"]))
+            assert not torch.equal(c["z"], p["z"]) or True  # a permutation (possibly the identity)
+            assert torch.equal(torch.sort(c["z"].flatten(1), 0)[0], torch.sort(p["z"].flatten(1), 0)[0])
+
+
+def test_stream_mode_reads_every_shard_and_is_seeded(latent_data):
+    spec = _spec(latent_data, micro=8, mode="stream")
+    from lct.data import TrainBatches
+
+    a = list(TrainBatches(spec, 0, 6))
+    b = list(TrainBatches(spec, 0, 6))
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    keys = {k for x in a for k in x["keys"]}
+    assert len(keys) > 24  # draws from both shards through the shuffle buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer, one process
+# ---------------------------------------------------------------------------------------------
+
+
+def read_stats(run_dir: Path, kind="train"):
+    return [r for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def checkpoint_tensors(ckpt_dir: Path):
+    from safetensors.torch import load_file
+
+    model = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    ema = load_file(str(ckpt_dir / "ema.safetensors"))
+    return model, ema
+
+
+@pytest.mark.slow
+def test_single_process_run_writes_everything(tmp_path, latent_data):
+    """~30 s: a full small run (3 processes' worth of work: train, grids, validation, export)."""
+    cfg = tiny_train_config(tmp_path, latent_data)
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for f in ("config.yaml", "deepspeed.json", "environment.json", "stats.jsonl", "checkpoints/latest",
+              "export/ema/lct_export.json", "export/slow/lct_export.json",
+              "samples/step00000003_1step.png", "samples/step00000006_2step.png"):
+        assert (run / f).exists(), f
+    env = json.loads((run / "environment.json").read_text())
+    assert {"git_sha", "git_dirty", "versions", "gpus", "world_size"} <= set(env)
+    stats = read_stats(run)
+    assert [r["step"] for r in stats] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in stats) and stats[0]["N"] == 11 and "c" in stats[0]
+    assert {"rms_sqrt_m", "frac_m_gt_2c2", "grad_norm", "loss_bucket", "images_per_s"} <= set(stats[-1])
+    val = read_stats(run, "val")
+    assert [r["step"] for r in val] == [3, 6, 6]  # every 3 steps, plus the final forced one
+    assert val[1]["consistency_m"] == val[2]["consistency_m"]  # a fixed checkpoint validates identically
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000006"
+    # Re-running the same command finds the run complete.
+    again = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "is complete" in again.stdout
+    # Changing total steps on resume is refused unless asked (it moves the curriculum).
+    moved = run_cmd([sys.executable, TRAIN, "--config", str(cfg), "run.total_steps=9"], env={"OMP_NUM_THREADS": "1"})
+    assert moved.returncode == 2 and "run.total_steps changed" in moved.stderr
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
+    """~60 s: indexed mode, fp32 CPU, dropout on: a run killed after step 3 and resumed ends at step
+    6 with the same weights, optimizer state and EMAs as an uninterrupted run, bit for bit."""
+    env = {"OMP_NUM_THREADS": "1"}
+    common = dict(model={"arch": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "dropout": 0.2},
+                  sample={"every": 1000}, val={"every": 1000})
+    a = tiny_train_config(tmp_path / "a", latent_data, run={"dir": str(tmp_path / "a" / "run"), "total_steps": 6,
+                                                            "save_every": 3, "log_every": 1, "seed": 0}, **common)
+    b = tiny_train_config(tmp_path / "b", latent_data, run={"dir": str(tmp_path / "b" / "run"), "total_steps": 6,
+                                                            "save_every": 3, "log_every": 1, "seed": 0}, **common)
+    assert run_cmd([sys.executable, TRAIN, "--config", str(a)], env=env).returncode == 0
+    killed = run_cmd([sys.executable, TRAIN, "--config", str(b)], env={**env, "LCT_FAULT_EXIT_AFTER_SAVE": "3"})
+    assert killed.returncode == 137
+    saved = json.loads((tmp_path / "b/run/checkpoints/step00000003/lct_state.json").read_text())["state"]
+    resumed = run_cmd([sys.executable, TRAIN, "--config", str(b)], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    restored = json.loads(resumed.stdout.split("restored state ", 1)[1].splitlines()[0])
+    assert restored == saved  # field by field
+    ma, ea = checkpoint_tensors(tmp_path / "a/run/checkpoints/step00000006")
+    mb, eb = checkpoint_tensors(tmp_path / "b/run/checkpoints/step00000006")
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    oa = torch.load(tmp_path / "a/run/checkpoints/step00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    weights_only=False)["optimizer_state_dict"]
+    ob = torch.load(tmp_path / "b/run/checkpoints/step00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    weights_only=False)["optimizer_state_dict"]
+    for t1, t2 in zip(oa["single_partition_of_fp32_groups"], ob["single_partition_of_fp32_groups"]):
+        assert torch.equal(t1, t2)
+    sa, sb = read_stats(tmp_path / "a/run"), read_stats(tmp_path / "b/run")
+    assert [r["loss"] for r in sa] == [r["loss"] for r in sb if r["step"] in (1, 2, 3, 4, 5, 6)][-6:]
+
+
+def test_sampling_cli_is_deterministic(tmp_path, latent_data):
+    """lct.sample with the same seed writes identical images; another seed differs."""
+    from lct.config import load_config
+    from lct.export import export_network
+    from lct.latents import load_manifest
+    from lct.models import Precond, build_dit
+
+    cfg = load_config(tiny_train_config(tmp_path, latent_data))
+    manifest = load_manifest(latent_data["train"])
+    torch.manual_seed(0)
+    net = build_dit(cfg.model, tuple(manifest["latent_shape"]), text_dim=128, text_len=77, pooled_dim=128)
+    model = Precond(net)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    export_network(model, dict(model.named_parameters()), tmp_path / "export", cfg=cfg, manifest=manifest,
+                   ema_name="ema", step=0)
+    outs = []
+    for seed, out in ((1, "s1"), (1, "s2"), (2, "s3")):
+        proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path / "export"), "--prompt",
+                        "a large red circle in the top left corner", "--prompt", "small blue square at the bottom",
+                        "--steps", "2", "--seed", str(seed), "--out", str(tmp_path / out), "--device", "cpu"],
+                       env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append([(tmp_path / out / f"00000{i}.png").read_bytes() for i in range(2)])
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    recs = [json.loads(l) for l in (tmp_path / "s1" / "captions.jsonl").read_text().splitlines()]
+    assert recs[0]["steps"] == 2 and recs[0]["nfe"] == 2 and recs[0]["tau"] == [0.36931547704]
+    assert (tmp_path / "s1" / "grid.png").is_file()
