@@ -1,0 +1,205 @@
+"""The trainer across ranks with the real launchers (deepspeed, torchrun) on CPU ranks (gloo):
+ZeRO-2 launch and resume, 2 ranks == 1 process, partitioned EMA, non-finite steps, preemption,
+two "nodes". Each test launches real processes: they are slow by nature (marked multiproc)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cmd, tiny_train_config
+
+pytestmark = pytest.mark.multiproc
+TRAIN = str(ROOT / "lct" / "train.py")
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(n=2):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
+            "--master_port", str(free_port()), TRAIN]
+
+
+def torchrun_cmd(n=2, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_port", str(free_port()), *extra, TRAIN]
+
+
+def state_of(run: Path, tag: str | None = None) -> dict:
+    root = run / "checkpoints"
+    tag = tag or (root / "latest").read_text().strip()
+    return json.loads((root / tag / "lct_state.json").read_text())["state"]
+
+
+def stats(run: Path, kind="train"):
+    return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def quiet(**sections):
+    return dict(sample={"every": 1000}, val={"every": 1000}, **sections)
+
+
+def test_deepspeed_launcher_zero2_trains_saves_and_resumes(tmp_path, latent_data):
+    """`deepspeed --num_gpus 2` (two CPU ranks), ZeRO-2: 4 steps with a checkpoint, then a second
+    invocation resumes and continues the step count."""
+    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 4,
+                                                        "save_every": 2, "log_every": 1})
+    first = run_cmd([*deepspeed_cmd(), "--config", str(cfg)], env=ENV)
+    assert first.returncode == 0, first.stderr[-4000:]
+    run = tmp_path / "run"
+    st = state_of(run)
+    assert st["applied_steps"] == 4 and st["images_seen"] == 32
+    ckpt = run / "checkpoints" / "step00000004"
+    for f in ("rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema.safetensors", "COMPLETE"):
+        assert (ckpt / f).is_file(), f
+    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    second = run_cmd([*deepspeed_cmd(), "--config", str(cfg), "run.total_steps=6",
+                      "run.allow_total_steps_change=true"], env=ENV)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout and '"applied_steps": 4' in second.stdout
+    assert state_of(run)["applied_steps"] == 6 and state_of(run)["resume_count"] == 1
+    assert [r["step"] for r in stats(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "samples" / "step00000006_1step.png").is_file()
+
+
+def test_two_ranks_equal_one_process(tmp_path, latent_data):
+    """Same global batch, indexed mode, OT off, fp32, no dropout: per-step loss and post-step
+    weights of 2 ranks (ZeRO-2) and of 1 process agree within rtol 1e-5 over 20 steps."""
+    common = dict(run={"total_steps": 20, "save_every": 5, "log_every": 1, "keep_last": 4},
+                  method={"preset": "ilct", "ot": False}, optim={"batch_size": 8})
+    runs = {}
+    for name, cmd in (("one", [sys.executable, TRAIN]), ("two", deepspeed_cmd())):
+        sec = {k: dict(v) for k, v in common.items()}
+        sec["run"]["dir"] = str(tmp_path / name)
+        cfg = tiny_train_config(tmp_path / name, latent_data, **quiet(**sec))
+        proc = run_cmd([*cmd, "--config", str(cfg)], env=ENV)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = tmp_path / name
+    l1 = [r["loss"] for r in stats(runs["one"])]
+    l2 = [r["loss"] for r in stats(runs["two"])]
+    assert len(l1) == len(l2) == 20
+    assert torch.allclose(torch.tensor(l1, dtype=torch.float64), torch.tensor(l2, dtype=torch.float64),
+                          rtol=1e-5, atol=0)
+    for step in (5, 10, 15, 20):
+        tag = f"step{step:08d}"
+        a = torch.load(runs["one"] / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        b = torch.load(runs["two"] / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (step, k)
+
+
+def test_partitioned_ema_gathers_to_the_full_ema_bitwise(tmp_path):
+    """Two gloo ranks keep EMA slices of the same fp32 weights; the gathered EMA equals the EMA a
+    single process keeps of the whole vector, bit for bit."""
+    script = tmp_path / "ema_check.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, torch, torch.distributed as dist
+        from lct.ema import PartitionedEMA
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+        part = PartitionedEMA(module, {"ema": 50.0, "slow": 900.0}, rank, world)
+        full = PartitionedEMA(module, {"ema": 50.0, "slow": 900.0})
+        g = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(torch.randn(p.shape, generator=g))
+            part.update(module, 16)
+            full.update(module, 16)
+        assert part.buffers["ema"].numel() < full.buffers["ema"].numel()
+        for name in ("ema", "slow"):
+            gathered, ref = part.state_dict_of(name), full.state_dict_of(name)
+            assert all(torch.equal(gathered[k], ref[k]) for k in ref), name
+        print("rank", rank, "ok")
+    """))
+    proc = run_cmd([*torchrun_cmd(2)[:-1], str(script)], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 2
+
+
+@pytest.mark.parametrize("zero_stage", [2, 0])
+def test_nonfinite_loss_and_gradient_are_skipped_on_both_ranks(tmp_path, latent_data, zero_stage):
+    """A NaN loss on rank 1 (data step 1) and an infinite gradient on rank 0 (data step 3) are each
+    skipped on both ranks and counted; the run continues to its total of applied steps. ZeRO-2
+    relies on DeepSpeed's overflow check; ZeRO-0 (no check in fp32) on lct's gradient check."""
+    cfg = tiny_train_config(tmp_path, latent_data, **quiet(run={"dir": str(tmp_path / "run"), "total_steps": 5,
+                                                                "save_every": 100, "log_every": 1},
+                                                           distributed={"zero_stage": zero_stage}))
+    proc = run_cmd([*deepspeed_cmd(), "--config", str(cfg)],
+                   env={**ENV, "LCT_FAULT_NAN_LOSS": "1:1", "LCT_FAULT_INF_GRAD": "3:0"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    st = state_of(tmp_path / "run")
+    assert st["applied_steps"] == 5 and st["skipped_steps"] == 2 and st["data_steps"] == 7
+    assert "step 1: non-finite loss or gradient, update skipped" in proc.stderr
+    assert "step 2: non-finite loss or gradient, update skipped" in proc.stderr  # applied index 2 = data step 3
+    model = torch.load(tmp_path / "run/checkpoints/step00000005/mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in model["module"].values())
+    assert stats(tmp_path / "run")[-1]["skipped_steps"] == 2
+
+
+def test_sigterm_to_one_rank_saves_and_both_exit_then_resume(tmp_path, latent_data):
+    """SIGTERM to one rank of a 2-rank run: at the next step boundary every rank saves a complete
+    checkpoint and exits; the next invocation resumes from it."""
+    cfg = tiny_train_config(tmp_path, latent_data, **quiet(run={"dir": str(tmp_path / "run"), "total_steps": 100000,
+                                                                "save_every": 100000, "log_every": 1}))
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([*torchrun_cmd(2), "--config", str(cfg)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stats_file = tmp_path / "run" / "stats.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not stats_file.exists() or len(stats_file.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    os.kill(int(children[1]), signal.SIGTERM)
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode != 0
+    assert "received signal 15" in err
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    saved = state_of(tmp_path / "run", tag)
+    assert saved["applied_steps"] >= 3 and (tmp_path / "run/checkpoints" / tag / "COMPLETE").is_file()
+    for c in children:  # both ranks are gone
+        assert subprocess.run(["kill", "-0", c], capture_output=True).returncode != 0
+    again = run_cmd([*torchrun_cmd(2), "--config", str(cfg), "run.time_budget_minutes=0.02"], env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / tag}" in again.stdout
+    assert state_of(tmp_path / "run")["applied_steps"] > saved["applied_steps"]
+
+
+def test_two_nodes_on_one_machine(tmp_path, latent_data):
+    """torchrun --nnodes 2 (one process per "node"): LOCAL_RANK 0 on both, RANK 0/1, each rank its
+    own data slots, every rank writes its checkpoint files."""
+    cfg = tiny_train_config(tmp_path, latent_data, **quiet(run={"dir": str(tmp_path / "run"), "total_steps": 3,
+                                                                "save_every": 3, "log_every": 1}))
+    port = free_port()
+    env = {**os.environ, **ENV}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), TRAIN, "--config", str(cfg)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step00000003"
+    for r in (0, 1):
+        assert (ckpt / f"rng_rank{r}.pt").is_file()
+        assert (ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()
+    env_rec = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env_rec["world_size"] == 2
+    assert state_of(tmp_path / "run")["applied_steps"] == 3
