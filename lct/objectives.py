@@ -101,6 +101,12 @@ def _dtype(x: torch.Tensor) -> torch.dtype:
 
 class Objective:
     name = "base"
+    timer = None  # optional lct.timing.PhaseTimer (benchmarks)
+
+    def phase(self, name: str):
+        from lct.timing import no_timer
+
+        return (self.timer or no_timer)(name)
 
     def __init__(self, method: MethodConfig, latent_shape: tuple[int, ...], total_steps: int):
         self.m = method
@@ -137,7 +143,8 @@ class EDMObjective(Objective):
         sd = self.m.sigma_data
         sigma64 = torch.exp(self.m.edm_p_mean + self.m.edm_p_std * batch["n"].double())
         sigma = sigma64.to(x.device, _dtype(x))
-        f = net(x + _bcast(sigma, x) * z, sigma, **self.cond_of(batch))
+        with self.phase("student_forward"):
+            f = net(x + _bcast(sigma, x) * z, sigma, **self.cond_of(batch))
         weight = ((sigma64 ** 2 + sd ** 2) / (sigma64 * sd) ** 2).to(x.device, _dtype(x))
         per_sample = weight * _mean_sq(f, x)
         return per_sample.mean(), Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
@@ -207,8 +214,10 @@ class ICTObjective(_ConsistencyObjective):
         s_teacher = sigmas[idx].to(x.device, dt)
         lam = weights[idx].to(x.device, dt)
         cond = self.cond_of(batch)
-        target = teacher_pass(net, x + _bcast(s_teacher, x) * z, s_teacher, cond)
-        student = net(x + _bcast(s_student, x) * z, s_student, **cond)
+        with self.phase("teacher_forward"):
+            target = teacher_pass(net, x + _bcast(s_teacher, x) * z, s_teacher, cond)
+        with self.phase("student_forward"):
+            student = net(x + _bcast(s_student, x) * z, s_student, **cond)
         per_sample = lam * self.distance(student, target, cur.c)
         early = C.early_set_ict(idx, cur.num_points).to(x.device)
         loss, diff = self.add_diffusion(per_sample, student, x, s_student, early,
@@ -252,9 +261,11 @@ class ECTObjective(_ConsistencyObjective):
         cond = self.cond_of(batch)
         # Where r = 0 the target is x itself; the network is never called at sigma = 0.
         r_safe = torch.where(clean, t, r)
-        target = teacher_pass(net, x + _bcast(r_safe, x) * z, r_safe, cond)
-        target = torch.where(_bcast(clean, x), x, target)
-        student = net(x + _bcast(t, x) * z, t, **cond)
+        with self.phase("teacher_forward"):
+            target = teacher_pass(net, x + _bcast(r_safe, x) * z, r_safe, cond)
+            target = torch.where(_bcast(clean, x), x, target)
+        with self.phase("student_forward"):
+            student = net(x + _bcast(t, x) * z, t, **cond)
         per_sample = weight * self.distance(student, target, cur.c)
         early = C.early_set_ect(t64, self.m.diff_sigma_max).to(x.device)
         loss, diff = self.add_diffusion(per_sample, student, x, t, early, early_count_global, grad_scale)

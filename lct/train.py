@@ -322,139 +322,170 @@ class Trainer:
 
     # The whole run, top to bottom.
     def run(self) -> int:
+        if not self.setup():
+            return 0
+        return self.loop()
+
+    def setup(self, network: torch.nn.Module | None = None, monitor: bool = True) -> bool:
+        """Ranks, data, network, engine, EMAs, resume, objective, loader. False if the run is
+        already complete. `network` replaces the configured DiT (benchmarks compare others)."""
         cfg, info = self.cfg, self.info
-        from lct import checkpoint as ckpt
-        from lct.data import DataSpec, InMemoryLatents, expand_urls, make_loader, to_device
+        from lct.data import DataSpec, InMemoryLatents, expand_urls, make_loader
         from lct.ema import PartitionedEMA
-        from lct.engine import batch_layout, init_distributed, initialize, learning_rate, set_precision
+        from lct.engine import batch_layout, init_distributed, initialize, set_precision
+        from lct.faults import Faults
         from lct.latents import latent_stats, load_manifest
-        from lct.objectives import make_objective, sigma_buckets
+        from lct.objectives import make_objective
 
         # Ranks, devices, precision.
-        micro, accum = batch_layout(cfg, info.world_size)
-        device = init_distributed(info, cfg.run.dist_timeout_minutes)
+        self.micro, self.accum = batch_layout(cfg, info.world_size)
+        self.device = device = init_distributed(info, cfg.run.dist_timeout_minutes)
         set_precision(cfg.precision)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks share the cores; oversubscribed threads make small matmuls many times slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
         torch.manual_seed(cfg.run.seed + info.rank)  # dropout masks; saved and restored on resume
-        run_dir = Path(cfg.run.dir)
-        ckpt_root = run_dir / "checkpoints"
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
         # Data description and the network.
-        manifest = load_manifest(manifest_path(cfg))
-        desc = describe_data(cfg, manifest)
+        self.manifest = manifest = load_manifest(manifest_path(cfg))
+        self.desc = desc = describe_data(cfg, manifest)
         self.check_text_compatibility(manifest)
-        model = build_network(cfg, desc).to(device)
+        model = (network if network is not None else build_network(cfg, desc)).to(device)
         if cfg.model.init_from:
             self.init_from(model, cfg.model.init_from, cfg.model.init_ema)
-        engine, ds_json = initialize(model, cfg, info.world_size)
+        self.engine, ds_json = initialize(model, cfg, info.world_size)
         halflives = {e.name: e.resolved_halflife() for e in cfg.ema.models}
-        ema = PartitionedEMA(engine.module, halflives, info.rank, info.world_size)
+        self.ema = PartitionedEMA(self.engine.module, halflives, info.rank, info.world_size)
 
         # Resume from the newest complete checkpoint, or start.
-        state = TrainState()
-        resume_tag = self.find_resume(ckpt_root)
+        self.state = TrainState()
+        resume_tag = self.find_resume(self.ckpt_root)
         if resume_tag:
-            state = self.resume(engine, ema, ckpt_root, resume_tag)
+            self.state = self.resume(self.engine, self.ema, self.ckpt_root, resume_tag)
         barrier(info.world_size)
         if info.is_main:
-            self.write_run_record(run_dir, ds_json)
-        if state.applied_steps >= cfg.run.total_steps:
+            self.write_run_record(self.run_dir, ds_json)
+        if self.state.applied_steps >= cfg.run.total_steps:
             if info.is_main:
-                print(f"run {run_dir} is complete at step {state.applied_steps} of {cfg.run.total_steps}; "
-                      "nothing to do (raise run.total_steps with run.allow_total_steps_change=true to go on)")
-            return 0
+                print(f"run {self.run_dir} is complete at step {self.state.applied_steps} of "
+                      f"{cfg.run.total_steps}; nothing to do (raise run.total_steps with "
+                      "run.allow_total_steps_change=true to go on)")
+            return False
 
         # Objective and data.
-        objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
+        self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         mean, std = latent_stats(manifest, cfg.data.latent_norm)
         text_mode = "none" if cfg.model.cond != "text" else cfg.data.text
         spec = DataSpec(urls=expand_urls(cfg.data.shards), mode=cfg.data.mode, seed=cfg.run.seed,
-                        rank=info.rank, world_size=info.world_size, micro_batch=micro, accum=accum,
+                        rank=info.rank, world_size=info.world_size, micro_batch=self.micro, accum=self.accum,
                         latent_shape=desc.latent_shape, norm_mean=mean.astype("float32"),
                         norm_std=std.astype("float32"), caption_dropout=cfg.data.caption_dropout,
                         flip=cfg.data.flip, text=text_mode,
                         ot=cfg.method.ot and cfg.method.objective != "edm",
-                        shuffle_buffer=cfg.data.shuffle_buffer, resume_count=state.resume_count)
+                        shuffle_buffer=cfg.data.shuffle_buffer, resume_count=self.state.resume_count)
         memory = InMemoryLatents(spec.urls) if cfg.data.mode == "indexed" else None
-        remaining = cfg.run.total_steps - state.applied_steps
+        remaining = cfg.run.total_steps - self.state.applied_steps
         # Skipped steps consume data too; leave room for the allowed number of them.
-        loader = make_loader(spec, state.data_steps, remaining + cfg.run.max_consecutive_skips * 4,
-                             cfg.data.num_workers, cfg.data.prefetch_factor, device.type == "cuda", memory)
-        text_encoder = self.text_encoder(manifest, device) if text_mode == "on_the_fly" else None
-        monitor = self.make_monitor(engine, ema, manifest, desc, device)
-        logger = self.make_logger(run_dir) if info.is_main else None
-
-        # The loop.
-        from lct.faults import Faults
-
+        self.loader = make_loader(spec, self.state.data_steps, remaining + cfg.run.max_consecutive_skips * 4,
+                                  cfg.data.num_workers, cfg.data.prefetch_factor, device.type == "cuda", memory)
+        self.text_encoder = self.make_text_encoder(manifest, device) if text_mode == "on_the_fly" else None
+        self.monitor = self.make_monitor(self.engine, self.ema, manifest, desc, device) if monitor else None
+        self.logger = self.make_logger(self.run_dir) if info.is_main else None
+        self.faults = Faults()
+        self.buckets = cfg.val.buckets
+        self.acc = torch.zeros(2 + 2 * self.buckets, dtype=torch.float64, device=device)  # loss sums, counts
+        self.extra: dict = {}
         if getattr(self, "rng_to_restore", None) is not None:
-            ckpt.set_rng_state(self.rng_to_restore)
+            from lct import checkpoint as ckpt
 
-        faults = Faults()
+            ckpt.set_rng_state(self.rng_to_restore)
+        return True
+
+    def train_step(self, step_batches: list[dict], timer=None) -> bool:
+        """One optimizer step over this rank's micro-batches; True if the update was applied.
+        `timer` (lct.timing.PhaseTimer) times its phases for benchmarks."""
+        from lct.data import to_device
+        from lct.engine import learning_rate
+        from lct.objectives import sigma_buckets
+        from lct.timing import no_timer
+
+        cfg, info, engine, objective, state = self.cfg, self.info, self.engine, self.objective, self.state
+        timer = timer or no_timer
+        step, data_step, world, accum = state.applied_steps, state.data_steps, info.world_size, self.accum
+        self.lr = learning_rate(cfg, step)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = self.lr
+        state.data_steps += 1
+        objective.timer = timer
+
+        # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
+        early = sum(int(objective.early_mask(b, step).sum()) for b in step_batches)
+        early_global = int(all_reduce_sum(torch.tensor([early], device=self.device), world).item())
+
+        bad = False
+        for b in step_batches:
+            with timer("to_device"):
+                b = to_device(b, self.device)
+                b["cond"] = self.condition(b, self.text_encoder)
+            loss, diag = objective(engine, b, step, early_global, grad_scale=world * accum)
+            loss = self.faults.loss(loss, data_step, info.rank)
+            finite = torch.isfinite(loss.detach()).double()
+            finite = all_reduce_sum(finite.reshape(1), world).item() == world
+            with timer("backward"):
+                if finite and not bad:
+                    engine.backward(loss)
+                else:  # every rank skips this step's update (never train on a non-finite loss)
+                    bad = True
+                    engine.backward(poison_loss(engine.module))
+            if engine.is_gradient_accumulation_boundary() and cfg.distributed.zero_stage == 0:
+                # ZeRO-0 in fp32 has no overflow check: inspect the reduced gradients ourselves.
+                ok = all_reduce_sum(torch.tensor([float(grads_finite(engine.module))], device=self.device),
+                                    world).item() == world
+                if bad or not ok:
+                    bad = True
+                    engine.optimizer.zero_grad(set_to_none=True)
+            with timer("optimizer"):
+                engine.step()
+            with torch.no_grad():
+                idx = sigma_buckets(diag.sigma, self.buckets, cfg.method.sigma_min or 0.002, cfg.method.sigma_max)
+                if torch.isfinite(diag.loss).all():
+                    nb, acc = self.buckets, self.acc
+                    acc[0] += diag.loss.sum().double()
+                    acc[1] += diag.loss.numel()
+                    acc[2:2 + nb].index_add_(0, idx, diag.loss.double())
+                    acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
+            if (step + 1) % cfg.run.log_every == 0:
+                self.extra = diag.scalars()
+
+        applied = not bad and engine.was_step_applied()
+        if applied:
+            with timer("ema"):
+                state.applied_steps += 1
+                state.images_seen += cfg.optim.batch_size
+                self.ema.update(engine.module, cfg.optim.batch_size)
+        else:
+            state.skipped_steps += 1
+        return applied
+
+    def loop(self) -> int:
+        cfg, info, state = self.cfg, self.info, self.state
+        engine, ema, logger, monitor = self.engine, self.ema, self.logger, self.monitor
         flags = StopFlags()
-        buckets = cfg.val.buckets
-        acc = torch.zeros(2 + 2 * buckets, dtype=torch.float64, device=device)  # loss sums, counts
         consecutive_skips, last_log, t_start = 0, time.time(), time.time() - state.train_seconds
         images_at_log = state.images_seen
-        extra: dict = {}
         pbar = self.progress(state)
-        batches = iter(loader)
+        batches = iter(self.loader)
         exit_code = 0
         while state.applied_steps < cfg.run.total_steps:
             step = state.applied_steps
-            lr = learning_rate(cfg, step)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr
-            step_batches = [next(batches) for _ in range(accum)]
-            data_step = state.data_steps
-            state.data_steps += 1
-
-            # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
-            early = sum(int(objective.early_mask(b, step).sum()) for b in step_batches)
-            early_global = int(all_reduce_sum(torch.tensor([early], device=device), info.world_size).item())
-
-            bad = False
-            for b in step_batches:
-                b = to_device(b, device)
-                b["cond"] = self.condition(b, text_encoder)
-                loss, diag = objective(engine, b, step, early_global, grad_scale=info.world_size * accum)
-                loss = faults.loss(loss, data_step, info.rank)
-                finite = torch.isfinite(loss.detach()).double()
-                finite = all_reduce_sum(finite.reshape(1), info.world_size).item() == info.world_size
-                if finite and not bad:
-                    engine.backward(loss)
-                else:  # every rank skips this step's update (SPEC: never train on non-finite loss)
-                    bad = True
-                    engine.backward(poison_loss(engine.module))
-                if engine.is_gradient_accumulation_boundary() and cfg.distributed.zero_stage == 0:
-                    # ZeRO-0 in fp32 has no overflow check: inspect the reduced gradients ourselves.
-                    ok = all_reduce_sum(torch.tensor([float(grads_finite(engine.module))], device=device),
-                                        info.world_size).item() == info.world_size
-                    if bad or not ok:
-                        bad = True
-                        engine.optimizer.zero_grad(set_to_none=True)
-                engine.step()
-                with torch.no_grad():
-                    idx = sigma_buckets(diag.sigma, buckets, cfg.method.sigma_min or 0.002, cfg.method.sigma_max)
-                    if torch.isfinite(diag.loss).all():
-                        acc[0] += diag.loss.sum().double()
-                        acc[1] += diag.loss.numel()
-                        acc[2:2 + buckets].index_add_(0, idx, diag.loss.double())
-                        acc[2 + buckets:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
-                extra = diag.scalars() if (step + 1) % cfg.run.log_every == 0 else extra
-
-            applied = not bad and engine.was_step_applied()
+            applied = self.train_step([next(batches) for _ in range(self.accum)])
             if applied:
-                state.applied_steps += 1
-                state.images_seen += cfg.optim.batch_size
-                ema.update(engine.module, cfg.optim.batch_size)
                 consecutive_skips = 0
             else:
-                state.skipped_steps += 1
                 consecutive_skips += 1
                 if info.is_main:
                     print(f"step {step}: non-finite loss or gradient, update skipped "
@@ -462,7 +493,7 @@ class Trainer:
                 if consecutive_skips >= cfg.run.max_consecutive_skips:
                     if info.is_main:
                         print(f"error: {consecutive_skips} consecutive non-finite steps; stopping. "
-                              f"The last good checkpoint in {ckpt_root} is kept.", file=sys.stderr)
+                              f"The last good checkpoint in {self.ckpt_root} is kept.", file=sys.stderr)
                     exit_code = EXIT_SKIPS
                     break
             state.train_seconds = time.time() - t_start
@@ -472,10 +503,11 @@ class Trainer:
             # Logs, grids, validation, checkpoints (at applied-step boundaries).
             k = state.applied_steps
             if applied and k % cfg.run.log_every == 0:
-                all_reduce_sum(acc, info.world_size)
+                all_reduce_sum(self.acc, info.world_size)
                 now = time.time()
                 ips = (state.images_seen - images_at_log) / max(now - last_log, 1e-9)
-                record = self.log_record(state, step, acc, buckets, lr, ips, extra, engine, objective)
+                record = self.log_record(state, step, self.acc, self.buckets, self.lr, ips, self.extra,
+                                         engine, self.objective)
                 if logger:
                     logger(record)
                 if pbar:
@@ -483,16 +515,16 @@ class Trainer:
                                      **({"N": record["N"]} if "N" in record else {}),
                                      **({"stage": record["stage"]} if "stage" in record else {}),
                                      **({"c": f"{record['c']:.3g}"} if "c" in record else {}))
-                acc.zero_()
+                self.acc.zero_()
                 last_log, images_at_log = now, state.images_seen
             if monitor and applied:
                 monitor.maybe_run(k, logger)
 
             time_up = bool(cfg.run.time_budget_minutes and state.train_seconds > 60 * cfg.run.time_budget_minutes)
-            sig, time_up = all_reduce_max([float(flags.signal), float(time_up)], device, info.world_size)
+            sig, time_up = all_reduce_max([float(flags.signal), float(time_up)], self.device, info.world_size)
             if sig or time_up or (applied and k % cfg.run.save_every == 0):
-                self.save(engine, ema, ckpt_root, state)
-                faults.after_save(k)
+                self.save(engine, ema, self.ckpt_root, state)
+                self.faults.after_save(k)
             if sig:
                 exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
                 if info.is_main:
@@ -508,7 +540,7 @@ class Trainer:
         if pbar:
             pbar.close()
         if exit_code == 0 and state.applied_steps >= cfg.run.total_steps:
-            self.save(engine, ema, ckpt_root, state, export_all=True)
+            self.save(engine, ema, self.ckpt_root, state, export_all=True)
             if monitor:
                 monitor.maybe_run(state.applied_steps, logger, force=True)
         if logger:
@@ -532,7 +564,7 @@ class Trainer:
                 raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} "
                                 f"(manifest); token ids and states must come from the same text tower")
 
-    def text_encoder(self, manifest: dict, device):
+    def make_text_encoder(self, manifest: dict, device):
         from lct.text import TextEncoder
 
         enc = TextEncoder.from_manifest(manifest, device=device,
