@@ -5,7 +5,6 @@ two ranks against one, the protocol caption file."""
 import dataclasses
 import hashlib
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -39,9 +38,13 @@ def one_thread(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
-        return make_tiny_export(tmp_path_factory.mktemp("tiny") / "work")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return make_tiny_export(tmp_path_factory.mktemp("tiny") / "work")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,15 @@ def fid_weights(tmp_path_factory):
             model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     finally:
         mp.undo()
+    # He-scaled convolutions: with PyTorch's default init the activations vanish through the
+    # network and every image gets the same features (FID ~ 1e-13, which tests nothing).
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
     path = tmp_path_factory.mktemp("fid") / "inception-random.pth"
-    torch.save(model.state_dict(), path)
+    torch.save(state, path)
     return path
 
 
@@ -155,10 +165,30 @@ def test_tau_and_guidance_sweeps(export_dir, shapes_captions, tmp_path):
 # ------------------------------------------------------------------------------------------ FID and CLIP
 
 
-@pytest.mark.slow
-def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weights, tmp_path, capsys):
-    from lct.metrics import FIDStats, frechet_distance
+class FrechetSpy:
+    """Records the calls of `lct.metrics.frechet_distance`; computes each distinct input once (the
+    2048 x 2048 eigenvalue problem takes 10-25 s on a loaded 2-core machine)."""
 
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, mu1, s1, mu2, s2):
+        for args, value in self.calls:
+            if all(np.array_equal(a, b) for a, b in zip(args, (mu1, s1, mu2, s2))):
+                self.calls.append((args, value))
+                return value
+        value = self.real(mu1, s1, mu2, s2)
+        self.calls.append(((mu1, s1, mu2, s2), value))
+        return value
+
+
+@pytest.mark.slow
+def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weights, tmp_path, capsys, monkeypatch):
+    import lct.metrics
+    from lct.metrics import FIDStats
+
+    spy = FrechetSpy(lct.metrics.frechet_distance)
+    monkeypatch.setattr(lct.metrics, "frechet_distance", spy)
     pattern = make_image_shards(tmp_path / "ref", n_shards=2, per_shard=2, size=(40, 28))
     n = 3
     # The default protocol with other captions and fewer samples: runs, labelled as a deviation.
@@ -180,9 +210,13 @@ def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weig
     assert m["model"]["weights_sha256"] == hashlib.sha256(fid_weights.read_bytes()).hexdigest()
     assert m["n"] == 3 and m["protocol"] == "coco2014val-30k" and m["protocol_conforms"] is False
     gen, refs = FIDStats.load(m["generated_stats"]), FIDStats.load(cache)
-    assert gen.n == 3 and refs.n == 4 and np.isfinite(m["value"])
-    assert m["value"] == frechet_distance(gen.mu, gen.sigma, refs.mu, refs.sigma)
+    assert gen.n == 3 and refs.n == 4 and np.isfinite(m["value"]) and m["value"] > 1e-4
     assert refs.meta["settings"]["resolution"] == 256
+    # The reported value is frechet_distance of exactly the saved generated and reference stats.
+    ((mu1, s1, mu2, s2), value), = spy.calls
+    assert value == m["value"]
+    for a, b in ((mu1, gen.mu), (s1, gen.sigma), (mu2, refs.mu), (s2, refs.sigma)):
+        assert np.array_equal(a, b)
 
     # Second run: the cache is reused (not rewritten), same number.
     mtime = cache.stat().st_mtime_ns
@@ -201,6 +235,7 @@ def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weig
     assert r3["reference"]["source"] == "ref_stats" and r3["reference"]["sha256"] == hashlib.sha256(
         cache.read_bytes()).hexdigest()
     assert r3["settings"][0]["metrics"]["fid3"]["value"] == m["value"]
+    assert len(spy.calls) == 3  # same inputs each time (the eigenvalue problem ran once)
 
 
 def test_clip_score_with_a_local_tiny_model(export_dir, shapes_captions, tmp_path):
@@ -209,7 +244,7 @@ def test_clip_score_with_a_local_tiny_model(export_dir, shapes_captions, tmp_pat
     name = "lct-test-eval-tiny-vit"
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                                               "patch_size": 8},
+                                                               "head_width": 16, "patch_size": 8},
                                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
                                             "layers": 1}}))
     open_clip.add_model_config(cfg)
