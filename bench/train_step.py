@@ -268,17 +268,20 @@ def _run_config(name, overrides, root, args, network_kind, flops, from_loader, p
     try:
         trainer = build_trainer(overrides, root / "runs" / name.replace("/", "_"), network_kind)
     except torch.cuda.OutOfMemoryError as err:
+        gc.collect()
+        torch.cuda.empty_cache()
         return {"name": name, "error": f"out of memory at setup: {err}"[:300]}
-    batches = fixed_batches(trainer, 2)
     res = {"name": name, "overrides": overrides, "micro_batch": trainer.micro, "accum": trainer.accum}
     try:
+        batches = fixed_batches(trainer, 2)
         if flops:
             res["flops_per_step"] = count_flops(trainer, batches[0])
         res.update(time_steps(trainer, batches, args.warmup, args.steps, from_loader))
     except torch.cuda.OutOfMemoryError as err:
         res["error"] = f"out of memory: {err}"[:300]
-    del batches
-    release(trainer)
+    finally:  # also on other errors: the next configuration needs the memory
+        batches = None
+        release(trainer)
     if "flops_per_step" in res and "step_ms" in res and peaks:
         achieved = res["flops_per_step"] / (res["step_ms"] / 1000)
         res["achieved_tflops"] = achieved / 1e12

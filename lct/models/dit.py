@@ -129,8 +129,10 @@ class NonScalingLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # Statistics and beta in fp32 (beta is not rounded to bf16); returns the input's dtype.
+        # beta is added outside layer_norm: CUDA's layer_norm backward returns no bias gradient when
+        # the weight is None (seen on an H100, torch 2.11: "invalid gradient at index 2 - got [0]").
         with autocast_off(h.device):
-            return F.layer_norm(h.float(), (self.dim,), None, self.bias.float(), self.eps).to(h.dtype)
+            return (F.layer_norm(h.float(), (self.dim,), None, None, self.eps) + self.bias.float()).to(h.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, scale fixed at 1"
