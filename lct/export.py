@@ -64,6 +64,7 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
         "config": cfg.model_dump(mode="json"),
     }
     meta["text"] = _carry_text_tower(manifest.get("text"), tmp, out_dir)
+    meta["vae"] = _carry_vae(manifest.get("vae"), tmp, out_dir)
     (tmp / META).write_text(json.dumps(meta, indent=1))
     export_dir_atomic(tmp, out_dir)
     return out_dir
@@ -81,6 +82,22 @@ def _carry_text_tower(text: dict | None, tmp: Path, final: Path) -> dict | None:
     dst = tmp / rel
     shutil.copytree(src.parent, dst.parent, dirs_exist_ok=True)
     return {**text, "pretrained": str(final / rel), "pretrained_relative": str(rel)}
+
+
+CARRY_VAE_MAX_BYTES = 200 * 2**20
+
+
+def _carry_vae(vae: dict | None, tmp: Path, final: Path) -> dict | None:
+    """A small local VAE folder (e.g. data_prep/train_vae.py's) travels with the export; a hub id
+    or a large local copy (SD-VAE is 335 MB) is referenced, not copied at every checkpoint."""
+    src = Path(str((vae or {}).get("id") or ""))
+    if not vae or not src.is_dir():
+        return vae
+    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    if size > CARRY_VAE_MAX_BYTES:
+        return vae
+    shutil.copytree(src, tmp / "vae", dirs_exist_ok=True)
+    return {**vae, "id": str(final / "vae"), "id_relative": "vae", "source_id": str(src)}
 
 
 def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
@@ -129,6 +146,13 @@ class LoadedModel:
     precond: torch.nn.Module
     meta: dict
     path: Path
+
+    def vae_id(self) -> str | None:
+        """The VAE to decode with: the copy inside the export when there is one (moved exports)."""
+        rec = self.meta.get("vae") or {}
+        if rec.get("id_relative") and (self.path / rec["id_relative"]).is_dir():
+            return str(self.path / rec["id_relative"])
+        return rec.get("id")
 
     def text_manifest(self) -> dict:
         """The text record in the form `lct.text.TextEncoder.from_manifest` reads (paths relative

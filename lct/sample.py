@@ -64,7 +64,7 @@ class Generator:
         self.model = load_model(checkpoint, device, ema)
         self.meta, self.device = self.model.meta, device
         self.norm = self.model.latent_norm()
-        vae_id = vae or (self.meta.get("vae") or {}).get("id")
+        vae_id = vae or self.model.vae_id()
         if not vae_id:
             raise UserError("the export records no VAE; pass --vae ID_OR_PATH")
         self.vae = load_vae(vae_id, device, torch.float32)

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at tiny sizes on CPU, so they cannot rot (the numbers
+are not performance claims; bench/RESULTS.md holds the GPU measurements)."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cmd
+
+
+@pytest.mark.slow
+def test_train_step_bench_tiny(tmp_path):
+    """~60 s: every configuration of the H100 benchmark (ratios, compile, precision m) at tiny width."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "train_step.py"), "--tiny", "--arch", "DiT-S/2",
+                    "--batch", "8", "--compile", "DiT-S/2", "--ratios", "--warmup", "1", "--steps", "2",
+                    "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                   env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "out" / "train_step.json").read_text())
+    names = [c["name"] for c in res["configs"]]
+    assert names == ["DiT-S/2 eager", "DiT-S/2 compiled", "pixart_block", "edm_objective", "ot_off",
+                     "diffusion_term_off", "text_on_the_fly", "real_data_loader"]
+    assert not [c for c in res["configs"] if "error" in c], [c.get("error") for c in res["configs"]]
+    eager = res["configs"][0]
+    assert eager["flops_per_step"] > 0 and eager["step_ms"] > 0
+    assert {"student_forward", "teacher_forward", "backward", "optimizer", "ema"} <= set(eager["split_ms"])
+    assert "consistency / edm step" in res["ratios"] and res["precision_m"]["bf16_equal_adjacent_time_inputs_641"] == 98
+    assert "| ratio | value |" in (tmp_path / "out" / "train_step.md").read_text()
+
+
+def test_sample_bench_tiny(tmp_path):
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "sample.py"), "--tiny", "--out", str(tmp_path)],
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "sample.json").read_text())["samples_per_s_1step_decode_features"] > 0
