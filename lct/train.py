@@ -86,13 +86,17 @@ def problems_with_paths(cfg: TrainConfig) -> list[str]:
 
 
 def manifest_path(cfg: TrainConfig) -> str | None:
+    """data.manifest, or manifest.json in the shards' folder (data prep writes it there)."""
     if cfg.data.manifest:
         return cfg.data.manifest
-    if not cfg.data.shards:
+    shards = cfg.data.shards.split(",")[0].strip()
+    if not shards:
         return None
+    if os.path.isdir(shards) or not any(ch in shards for ch in "{*?[") and not shards.endswith((".tar", ".tgz", ".tar.gz")):
+        return os.path.join(shards, "manifest.json")
     from lct.data import expand_urls
 
-    urls = expand_urls(cfg.data.shards)
+    urls = expand_urls(shards)
     return os.path.join(os.path.dirname(urls[0]), "manifest.json") if urls else None
 
 
