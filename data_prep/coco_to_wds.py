@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from lct.coco import read_caption_annotations
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
 
@@ -59,21 +60,7 @@ def load_split(root: Path, split: str) -> list[dict]:
         raise UserError(f"--input {root}: {ann.relative_to(root)} not found (expected the COCO 2014 caption annotations)")
     if not (root / split).is_dir():
         raise UserError(f"--input {root}: image folder {split}/ not found")
-    try:
-        data = json.loads(ann.read_text(encoding="utf-8"))
-        images = {int(im["id"]): {"image_id": int(im["id"]), "file_name": im["file_name"],
-                                  "width": int(im.get("width", 0)), "height": int(im.get("height", 0)),
-                                  "captions": []} for im in data["images"]}
-        anns = sorted(data["annotations"], key=lambda a: int(a["id"]))
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{ann}: not a COCO captions file ({err})") from None
-    for a in anns:
-        im = images.get(int(a["image_id"]))
-        if im is not None:
-            cap = " ".join(str(a.get("caption", "")).split())
-            if cap:
-                im["captions"].append(cap)
-    return [images[i] for i in sorted(images)]
+    return read_caption_annotations(ann, "--input")
 
 
 def _check_settings(out: Path, settings: dict) -> None:

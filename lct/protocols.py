@@ -173,20 +173,9 @@ def draw_coco_captions(annotations: str | os.PathLike, num: int = 30_000, seed: 
     path = Path(annotations)
     if not path.is_file():
         raise UserError(f"--coco-annotations {path}: file not found (captions_val2014.json of MS-COCO 2014)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        images = {int(im["id"]): {"image_id": int(im["id"]), "file_name": str(im["file_name"]), "captions": []}
-                  for im in data["images"]}
-        anns = sorted(data["annotations"], key=lambda a: int(a["id"]))
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"--coco-annotations {path}: not a COCO captions file ({err})") from None
-    for a in anns:
-        im = images.get(int(a["image_id"]))
-        if im is not None:
-            cap = " ".join(str(a.get("caption", "")).split())
-            if cap:
-                im["captions"].append(cap)
-    pool = [images[i] for i in sorted(images) if images[i]["captions"]]
+    from lct.coco import read_caption_annotations
+
+    pool = [im for im in read_caption_annotations(path, "--coco-annotations") if im["captions"]]
     if num > len(pool):
         raise UserError(f"--coco-annotations {path}: {len(pool)} captioned images, fewer than the {num} to draw")
     chosen = np.random.default_rng(seed).choice(len(pool), size=num, replace=False)
