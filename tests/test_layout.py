@@ -52,3 +52,15 @@ def test_scripts_put_repo_root_first_on_sys_path():
     for script in SCRIPTS:
         head = (ROOT / script).read_text()[:3000]
         assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in head, script
+
+
+@pytest.mark.parametrize("script", ["lct-train", "lct-sample", "lct-make-shapes", "lct-coco-to-wds",
+                                    "lct-encode-latents", "lct-train-vae", "lct-eval"])
+def test_console_entry_points(script):
+    """The installed console scripts (pip install -e .) reach the same mains as the plain files."""
+    exe = Path(sys.executable).parent / script
+    if not exe.exists():
+        pytest.skip(f"{script} is not installed next to {sys.executable} (run pip install -e .)")
+    proc = run_cmd([str(exe), "--help"], cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()

@@ -269,3 +269,47 @@ def test_sampling_cli_is_deterministic(tmp_path, latent_data):
     recs = [json.loads(l) for l in (tmp_path / "s1" / "captions.jsonl").read_text().splitlines()]
     assert recs[0]["steps"] == 2 and recs[0]["nfe"] == 2 and recs[0]["tau"] == [0.36931547704]
     assert (tmp_path / "s1" / "grid.png").is_file()
+
+
+def test_init_from_copies_the_ema_into_weights_and_emas(tmp_path, latent_data):
+    """ECT starts from an EDM run: its EMA becomes both the weights and every EMA (SPEC 2.4)."""
+    from safetensors.torch import load_file
+
+    from lct.engine import DistInfo
+    from lct.export import export_network
+    from lct.latents import load_manifest
+    from lct.train import Trainer, build_network, describe_data
+
+    cfg = load_config(tiny_train_config(tmp_path, latent_data))
+    manifest = load_manifest(latent_data["train"])
+    desc = describe_data(cfg, manifest)
+    torch.manual_seed(1)
+    edm = build_network(cfg, desc)
+    ema_state = {k: v + 0.01 * torch.randn_like(v) for k, v in edm.named_parameters()}
+    export_network(edm, ema_state, tmp_path / "edm" / "export" / "ema", cfg=cfg, manifest=manifest,
+                   ema_name="ema", step=10)
+    torch.manual_seed(2)
+    student = build_network(cfg, desc)
+    Trainer(cfg, DistInfo()).init_from(student, str(tmp_path / "edm"), "ema")
+    saved = load_file(str(tmp_path / "edm/export/ema/diffusion_pytorch_model.safetensors"))
+    got = dict(student.net.state_dict())
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+    ema = PartitionedEMA(student, {"ema": 100.0})
+    full = ema.state_dict_of("ema")
+    assert all(torch.equal(full["net." + k], saved[k]) for k in saved if "net." + k in full)
+
+
+def test_trainer_refuses_a_different_tokenizer(tmp_path, latent_data):
+    from lct.engine import DistInfo
+    from lct.errors import UserError
+    from lct.latents import load_manifest
+    from lct.train import Trainer
+
+    cfg = load_config(tiny_train_config(tmp_path, latent_data))
+    manifest = load_manifest(latent_data["train"])
+    manifest["text"]["tokenizer"] = dict(manifest["text"]["tokenizer"], probe_sha256="0" * 64)
+    with pytest.raises(UserError, match="tokenizer differs"):
+        Trainer(cfg, DistInfo()).make_text_encoder(manifest, torch.device("cpu"))
+    cfg2 = load_config(tiny_train_config(tmp_path, latent_data), ["text.model=ViT-B-32"])
+    with pytest.raises(UserError, match="text.model='ViT-B-32' differs"):
+        Trainer(cfg2, DistInfo()).check_text_compatibility(load_manifest(latent_data["train"]))
