@@ -313,6 +313,40 @@ class EncodeLatentsConfig(Strict):
     merge_only: bool = Field(False, description="only (re)write manifest.json from the per-shard records")
 
 
+class TrainVAEConfig(Strict):
+    """`data_prep/train_vae.py`: fit a small diffusers AutoencoderKL on image shards (defaults tuned
+    there for 32 px shapes, 4x8x8 latents, 2 CPU cores)."""
+
+    input: str = Field(..., description="training shards: path, brace pattern, comma list, folder or glob (images only)")
+    output: str = Field(..., description="output folder (AutoencoderKL.save_pretrained + train_vae.json)")
+    heldout: str | None = Field(None, description="held-out shards for the final PSNR; default: hold out --heldout-fraction of --input")
+    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of --input held out when --heldout is not given")
+    resolution: int = Field(32, ge=8, description="center-crop on the long edge, then resize to this")
+    max_images: int | None = Field(None, ge=1, description="use at most this many training images")
+    latent_channels: int = Field(4, ge=1)
+    downsample: int = Field(4, ge=1, le=64, description="spatial downsampling factor, a power of 2 = 2**(len(channels)-1)")
+    channels: list[int] | None = Field(None, description="block_out_channels, comma-separated; default: 16 then 32 per level")
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(2, ge=1, description="GroupNorm groups (must divide every channel count); few groups let flat colours through")
+    mid_attention: bool = Field(False, description="self-attention in the encoder/decoder mid blocks")
+    steps: int = Field(1200, ge=1, description="optimizer steps (training stops at --steps or the time budget)")
+    time_budget_minutes: float | None = Field(None, gt=0, description="stop after this much training time")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1.5e-3, gt=0, description="peak learning rate (AdamW)")
+    warmup_steps: int = Field(50, ge=0, description="linear learning-rate warm-up")
+    min_lr_ratio: float = Field(0.02, ge=0, le=1, description="cosine decay ends at lr * this")
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["l1", "mse"] = Field("mse", description="reconstruction loss on [-1, 1] pixels")
+    kl_weight: float = Field(1e-4, ge=0, description="KL weight, LDM convention: loss = (sum of pixel errors + kl_weight * KL summed over the latent) / (3*R*R)")
+    flip: bool = Field(False, description="random horizontal flips")
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA with bf16 support, else fp32")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores this process may use")
+    overwrite: bool = Field(False, description="retrain when --output holds a VAE trained with another config")
+    progress: bool = Field(True, description="tqdm progress bar")
+
+
 class EvalConfig(Strict):
     """`eval/clip_fid.py`: samples and metrics with a fixed protocol."""
 

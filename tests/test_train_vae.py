@@ -48,12 +48,12 @@ def test_tiny_run_saves_loadable_vae_and_reruns(shapes16, tmp_path, capsys):
     assert tuple(lat.mean.shape) == (2, 4, 4, 4)
     rec = json.loads((out / "train_vae.json").read_text())
     for key in ("config", "steps", "train_seconds", "final_loss", "final_rec_loss", "final_kl",
-                "posterior_std_mean", "latent_shape", "heldout", "stopped_by", "loss_curve"):
+                "posterior_std_mean", "latent_shape", "heldout", "heldout_psnr", "stopped_by", "loss_curve"):
         assert key in rec, key
     assert rec["steps"] == 20 and rec["stopped_by"] == "steps" and rec["latent_shape"] == [4, 4, 4]
     assert rec["config"]["channels"] == [8, 16, 16] and rec["heldout_images"] == 8
     assert rec["train_images"] == 24 and rec["heldout"]["latent_shape"] == [4, 4, 4]
-    assert 0 < rec["posterior_std_mean"] and 0 < rec["heldout"]["psnr"] < 100
+    assert 0 < rec["posterior_std_mean"] and 0 < rec["heldout_psnr"] < 100
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     capsys.readouterr()
 
@@ -63,12 +63,18 @@ def test_tiny_run_saves_loadable_vae_and_reruns(shapes16, tmp_path, capsys):
     assert "skipping training" in capsys.readouterr().out
     assert (out / "train_vae.json").stat().st_mtime_ns == mtime
 
-    # Another config: refused (names the differing option), unless --overwrite, which retrains.
+    # Another config: refused (names the differing option), unless --overwrite, which retrains
+    # (here also reading the input as a comma list of shards).
     with pytest.raises(UserError, match="differs in: steps.*--overwrite"):
         _train(shapes16, out, "--steps", "5")
-    assert _train(shapes16, out, "--steps", "5", "--overwrite") == 0
-    assert json.loads((out / "train_vae.json").read_text())["steps"] == 5
+    shards = ",".join(str(shapes16["root"] / "s" / f"0000{i}.tar") for i in (0, 1))
+    from lct.data_prep import train_vae
+    assert train_vae.main(["--input", shards, "--heldout-fraction", "0.25", "--output", str(out), *TINY,
+                           "--steps", "5", "--overwrite"]) == 0
+    rec = json.loads((out / "train_vae.json").read_text())
+    assert rec["steps"] == 5 and rec["train_images"] == 18 and rec["heldout_images"] == 6
     AutoencoderKL.from_pretrained(str(out))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_loss_decreases_and_is_deterministic(shapes16):
