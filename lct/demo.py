@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Full demo and the CI-sized one. Steps are sized for ~10 minutes of training on 2 CPU cores.
 SIZES = {
-    "full": {"train": 8000, "heldout": 500, "vae_steps": None, "edm_steps": None, "ct_steps": None,
+    "full": {"train": 8000, "heldout": 500, "vae_steps": 2000, "edm_steps": None, "ct_steps": None,
              "eval_samples": 500},
-    "quick": {"train": 1600, "heldout": 200, "vae_steps": 400, "edm_steps": 300, "ct_steps": 250,
+    "quick": {"train": 2000, "heldout": 200, "vae_steps": 800, "edm_steps": 400, "ct_steps": 150,
               "eval_samples": 200},
 }
 
