@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     # 3. Latents.
     t = stage("3/5 encode_latents: VAE posteriors + random open_clip text tower")
     lat = out / "latents"
-    common = ["--vae", str(vae), "--resolution", "32", "--text-model", "lct-tiny-text", "--device", device,
+    common = ["--vae", str(vae), "--resolution", "32", "--text-model", "lct-tiny-text-c32", "--device", device,
               "--num-workers", "1", "--batch-size", "256"]
     run([py, "data_prep/encode_latents.py", "--input", train_shards, "--output", str(lat / "train"),
          "--text-pretrained", "random", *common], env)

@@ -19,7 +19,8 @@ tower is dropped after creation. The tower is frozen: no gradients, always in ev
 Model names: an open_clip model name (`ViT-B-32`), `hf-hub:`/`local-dir:` names, a path to an
 open_clip model-config JSON (registered with `open_clip.add_model_config` under the file's stem),
 or a config shipped with lct in `lct/assets/` (`lct-tiny-text`: width 128, 2 layers, context 77;
-for demos and tests).
+`lct-tiny-text-c32`: the same with a context of 32 tokens, which the demo uses because its
+captions are short: the tower and the DiT's cross-attention then run over 32 tokens, not 77).
 
 Weights (`pretrained`): an open_clip tag (downloaded by open_clip into its cache), a local
 checkpoint file (or a directory holding `open_clip_model.safetensors`/`open_clip_pytorch_model.bin`),

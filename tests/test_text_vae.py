@@ -291,3 +291,18 @@ def test_load_manifest_errors(tmp_path):
         load_manifest(tmp_path / "manifest.json")
     with pytest.raises(UserError, match="statistics"):
         latent_stats({}, "channel")
+
+
+def test_short_context_tower_truncates_and_keeps_eot():
+    """`lct-tiny-text-c32` (the demo's tower): 32 token ids and states; a caption longer than the
+    context is cut with the end-of-text token kept last, so the pooled feature stays defined."""
+    from lct.text import TextEncoder
+
+    enc = TextEncoder.load("lct-tiny-text-c32", "random")
+    assert enc.context_length == 32
+    tokens = enc.tokenize(["a small red circle at the top left", " ".join(["red circle"] * 40)])
+    assert tokens.shape == (2, 32)
+    states, mask, pooled = enc(tokens)
+    assert states.shape == (2, 32, enc.state_dim) and pooled.shape == (2, enc.pooled_dim)
+    assert mask[1].all() and tokens[1, -1].item() == enc.eot_id
+    assert 5 < int(mask[0].sum()) < 32
