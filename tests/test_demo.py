@@ -49,10 +49,11 @@ def test_quick_demo_end_to_end(tmp_path):
         captions = (out / "eval" / r["grid"].split("/eval/")[1]).parent / "captions.jsonl"
         assert len(captions.read_text().splitlines()) == r["n"]
     # Far above chance (1/9) after five minutes of CPU training: the model reads its captions.
-    # Position is what a run this short learns (measured: 0.38 at 1 step, 0.56 at 2 steps);
-    # colour comes later (the full demo's numbers are in the README), so it is not asserted here.
-    assert rows[1]["position_acc"] > 2.5 * rows[1]["chance_position"], rows[1]
-    assert rows[2]["position_acc"] > 2.5 * rows[2]["chance_position"], rows[2]
+    # Position is what a run this short learns (measured: 0.67 at 1 step, 0.73 at 2 steps);
+    # colour comes later (0.14 / 0.17 here; the full demo's numbers are in the README), so it is
+    # not asserted here.
+    assert rows[1]["position_acc"] > 4 * rows[1]["chance_position"], rows[1]
+    assert rows[2]["position_acc"] > 4 * rows[2]["chance_position"], rows[2]
 
     # A second run reuses every stage (resume semantics of data prep and trainer).
     again = subprocess.run([sys.executable, "-m", "lct.demo", "--quick", "--out", str(out)], cwd=ROOT,
