@@ -102,18 +102,6 @@ def dist_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def input_urls(pattern: str) -> list[str]:
-    from lct.data import expand_urls
-
-    urls = expand_urls(pattern)
-    if not urls:
-        raise UserError(f"--input {pattern}: matches no shard")
-    for u in urls:
-        if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u):
-            raise UserError(f"--input: shard {u} not found")
-    return urls
-
-
 def open_url(url: str) -> str:
     """The URL webdataset opens (s3:// through the aws CLI)."""
     return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
@@ -562,7 +550,9 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     from lct.vae import check_vae_source, latent_shape, load_vae, vae_summary
 
     rank, world, local_rank = dist_env()
-    urls = input_urls(cfg.input)
+    from lct.data import existing_shards
+
+    urls = existing_shards(cfg.input, "--input")
     names = [shard_name(u) for u in urls]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -132,22 +132,6 @@ def vae_kwargs(cfg: TrainVAEConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def expand_shards(pattern: str, flag: str) -> list[str]:
-    """Shard list of a pattern (`lct.data.expand_urls`: brace pattern, comma list, folder or glob);
-    local files must exist (URLs and pipe: commands are passed on)."""
-    from lct.data import expand_urls
-
-    urls = expand_urls(str(pattern or ""))
-    if not urls:
-        raise UserError(f"{flag}: no shards match {pattern!r}")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{flag}: no such shard file {missing[0]}{more}")
-    return urls
-
-
 def load_images(pattern: str, resolution: int, flag: str, limit: int | None = None,
                 progress: bool = False):
     """All images of the shards (first image member of each sample, PIL-decoded, center-cropped
@@ -159,7 +143,9 @@ def load_images(pattern: str, resolution: int, flag: str, limit: int | None = No
 
     from lct.vae import open_image, preprocess_image_uint8
 
-    urls = expand_shards(pattern, flag)
+    from lct.data import existing_shards
+
+    urls = existing_shards(pattern, flag)
     ds = wds.tarfile_to_samples()(wds.SimpleShardList(urls))  # raw bytes: nothing is unpickled
     out, skipped = [], 0
     bar = tqdm(desc=f"read {flag.lstrip('-')}", unit="img", disable=not progress, dynamic_ncols=True,
@@ -315,15 +301,15 @@ def train(cfg: TrainVAEConfig, train_u8, device, use_bf16: bool) -> tuple[object
         loss = rec + cfg.kl_weight * kl / n_pix
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise UserError(f"non-finite loss at step {step}; lower --lr (now {cfg.lr:g})")
         opt.step()
-        with torch.no_grad():
-            mse = (err.detach() ** 2).mean().item()
-        losses.append(loss.item())
+        losses.append(loss_value)
         recs.append(rec.item())
         kls.append(kl.item())
         if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
+            mse = (err.detach() ** 2).mean().item()  # the bar's PSNR, whatever --loss is
             el = time.perf_counter() - t0
             left = (cfg.steps - step - 1) * el / (step + 1)
             if budget is not None:
@@ -416,23 +402,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli_config(TrainVAEConfig, argv, prog="train_vae",
                         description="Fit a small diffusers AutoencoderKL on image shards and save_pretrained it.")
     arch = vae_kwargs(cfg)  # validate the options and the shard names before importing torch
-    expand_shards(cfg.input, "--input")
+    from lct.data import existing_shards
+
+    existing_shards(cfg.input, "--input")
     if cfg.heldout:
-        expand_shards(cfg.heldout, "--heldout")
+        existing_shards(cfg.heldout, "--heldout")
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder")
     remove_stale_temporaries(out)
     prev = complete_output(out) if out.is_dir() else None
+    wanted = result_config(cfg)
     if prev is not None:
-        if prev.get("config") == result_config(cfg):
+        if prev.get("config") == wanted:
             psnr = prev.get("heldout_psnr")
             print(f"train_vae: {out} already holds a VAE trained with this config (held-out PSNR "
                   f"{'n/a' if psnr is None else f'{psnr:.2f} dB'}); skipping training", flush=True)
             return 0
         if not cfg.overwrite:
-            diff = sorted(k for k in set(prev.get("config", {})) | set(result_config(cfg))
-                          if prev.get("config", {}).get(k) != result_config(cfg).get(k))
+            had = prev.get("config", {})
+            diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
             raise UserError(f"--output {out} holds a VAE trained with another config (differs in: "
                             f"{', '.join(diff)}); use another --output, or --overwrite to retrain and replace it")
         print(f"train_vae: --overwrite: retraining and replacing {out}", flush=True)
@@ -468,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     vae, rec = train(cfg, train_u8, device, use_bf16)
     heldout = evaluate(vae, held, device, use_bf16) if len(held) else None
     vae = vae.float().cpu().eval()
-    record = {"format": FORMAT_VERSION, "config": result_config(cfg),
+    record = {"format": FORMAT_VERSION, "config": wanted,
               "vae_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()},
               "num_parameters": sum(p.numel() for p in vae.parameters()),
               "train_images": len(train_u8), "heldout_images": len(held),

@@ -81,6 +81,22 @@ def expand_urls(pattern: str) -> list[str]:
     return urls
 
 
+def existing_shards(pattern: str, flag: str) -> list[str]:
+    """`expand_urls` for a data-prep input: at least one shard, and every local one must exist
+    (URLs and pipe: commands are passed on). Errors name the command-line `flag`."""
+    import os
+
+    urls = expand_urls(str(pattern or ""))
+    if not urls:
+        raise UserError(f"{flag}: no shards match {pattern!r}")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{flag}: no such shard file {missing[0]}{more}")
+    return urls
+
+
 # ----------------------------------------------------------------------------------------------
 # Samples
 # ----------------------------------------------------------------------------------------------
