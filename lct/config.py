@@ -143,8 +143,9 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="coupled (L2) weight decay, torch default")
-    schedule: Literal["constant", "inv_sqrt"] = "constant"
+    schedule: Literal["constant", "inv_sqrt", "cosine"] = "constant"
     ref_steps: int = Field(2000, ge=1, description="inv_sqrt: lr / sqrt(max(step / ref_steps, 1))")
+    final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the lr at run.total_steps, as a fraction of lr")
     batch_size: int = Field(128, ge=1, description="global batch per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / world")
     grad_clip: float = Field(0.0, ge=0, description="0 = off (DeepSpeed clips at 1.0 unless told not to)")

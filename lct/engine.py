@@ -15,6 +15,7 @@ Library defaults are not neutral, so everything the method depends on is written
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -138,10 +139,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 def learning_rate(cfg: TrainConfig, applied_steps: int) -> float:
-    """Constant (iCT, ECT CIFAR, iLCT) or lr / sqrt(max(k / ref, 1)) (ECT ImageNet, SPEC 12)."""
+    """Constant (iCT, ECT CIFAR, iLCT) or lr / sqrt(max(k / ref, 1)) (ECT ImageNet, SPEC 12); or a
+    cosine decay from lr to lr * final_lr_ratio at run.total_steps, for short runs whose last steps
+    should settle (the demo's EDM start) rather than the papers' long constant-lr runs."""
     o = cfg.optim
     if o.schedule == "inv_sqrt":
         return o.lr / max(applied_steps / o.ref_steps, 1.0) ** 0.5
+    if o.schedule == "cosine":
+        frac = min(applied_steps / cfg.run.total_steps, 1.0)
+        return o.lr * (o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
     return o.lr
 
 

@@ -49,12 +49,13 @@ def test_quick_demo_end_to_end(tmp_path):
         assert grid.size[0] > 200 and grid.size[1] > 200
         captions = Path(r["grid"]).parent / "captions.jsonl"
         assert len(captions.read_text().splitlines()) == r["n"]
-    # Far above chance (1/9) after five minutes of CPU training: the model reads its captions.
-    # Position is what a run this short learns (measured: 0.67 at 1 step, 0.73 at 2 steps);
-    # colour comes later (0.14 / 0.17 here; the full demo's numbers are in the README), so it is
-    # not asserted here.
-    assert rows[1]["position_acc"] > 4 * rows[1]["chance_position"], rows[1]
-    assert rows[2]["position_acc"] > 4 * rows[2]["chance_position"], rows[2]
+    # Far above chance (1/8 colour, 1/9 position) after about eight minutes of CPU work: the model
+    # reads its captions. Measured on the 2-core VM: colour 0.505 / 0.57, position 0.975 / 0.965
+    # at 1 / 2 steps (the full demo's numbers are in the README).
+    for steps in (1, 2):
+        r = rows[steps]
+        assert r["colour_acc"] > 2.5 * r["chance_colour"], r
+        assert r["position_acc"] > 5 * r["chance_position"], r
 
     # A second run reuses every stage (resume semantics of data prep and trainer).
     again = subprocess.run([sys.executable, "-m", "lct.demo", "--quick", "--out", str(out)], cwd=ROOT,

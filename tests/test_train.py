@@ -67,6 +67,15 @@ def test_inv_sqrt_schedule():
     assert math.isclose(learning_rate(cfg, 8000), 1e-3 / 2)
 
 
+def test_cosine_schedule_ends_at_final_ratio():
+    cfg = load_config(None, ["optim.schedule=cosine", "optim.lr=2e-3", "optim.final_lr_ratio=0.05",
+                             "run.total_steps=1000"])
+    assert learning_rate(cfg, 0) == 2e-3
+    assert math.isclose(learning_rate(cfg, 500), 2e-3 * (0.05 + 0.95 * 0.5))
+    assert math.isclose(learning_rate(cfg, 1000), 2e-3 * 0.05)
+    assert math.isclose(learning_rate(cfg, 5000), 2e-3 * 0.05)  # past the end (a raised total_steps) it stays
+
+
 # ---------------------------------------------------------------------------------------------
 # EMA
 # ---------------------------------------------------------------------------------------------
