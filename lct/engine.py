@@ -73,6 +73,16 @@ def init_distributed(info: DistInfo, timeout_minutes: float) -> torch.device:
     return device
 
 
+def close_distributed() -> None:
+    """Orderly end of a finished run: all ranks meet, then the process group is destroyed (a rank
+    that exits while gloo or NCCL still holds its connections can abort at interpreter exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 

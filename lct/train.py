@@ -317,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     problems = problems_with_paths(cfg)
     if problems:
         raise UserError("; ".join(problems))
-    return Trainer(cfg, info).run()
+    rc = Trainer(cfg, info).run()
+    from lct.engine import close_distributed
+
+    close_distributed()  # only after a run every rank finished (errors and signals exit on their own path)
+    return rc
 
 
 class Trainer:
