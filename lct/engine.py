@@ -156,9 +156,15 @@ def learning_rate(cfg: TrainConfig, applied_steps: int) -> float:
     if o.schedule == "inv_sqrt":
         return o.lr / max(applied_steps / o.ref_steps, 1.0) ** 0.5
     if o.schedule == "cosine":
-        frac = min(applied_steps / cfg.run.total_steps, 1.0)
-        return o.lr * (o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return o.lr * cosine_decay(applied_steps / cfg.run.total_steps, o.final_lr_ratio)
     return o.lr
+
+
+def cosine_decay(progress: float, final_ratio: float) -> float:
+    """Cosine from 1 at progress 0 to `final_ratio` at progress 1 (clamped to [0, 1]); the trainer's
+    `optim.schedule: cosine` and `data_prep/train_vae.py`'s decay."""
+    p = min(max(progress, 0.0), 1.0)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
