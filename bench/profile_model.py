@@ -1,0 +1,252 @@
+"""Where the DiT's step time goes, and A/B timings of eager fusions, on synthetic inputs.
+
+    python bench/profile_model.py --arch DiT-B/2 --batch 256 --out OUT      # on a GPU
+    python bench/profile_model.py --tiny                                     # CPU smoke (CI)
+
+One "step" here is the model part of the iLCT step that `bench/train_step.py` times: a student
+forward + backward and a teacher forward (no_grad), through `Precond(TextDiT)` under the
+`bf16_trunk` autocast (SPEC 1.1), on 4x32x32 latents and 77 x 512 text states. No data, optimizer
+or DeepSpeed: those are a few percent of the real step (bench/RESULTS.md). Reported:
+- the top CUDA kernels of the eager step (torch.profiler), to say what the time is spent on;
+- ms per step for each variant of the elementwise code around the matmuls (`VARIANTS`), eager
+  and, with `--compile`, with the blocks compiled;
+- each variant's output and gradients against the current code on identical inputs and weights,
+  in fp32 (must agree to fp32 rounding) and under the bf16 autocast.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root first on sys.path
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lct.models import dit as D
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate eager fusions (same function, fewer passes over the fp32 residual stream)
+# ----------------------------------------------------------------------------------------------
+
+
+def modulate_addcmul(x, shift, scale):
+    """shift + x * (1 + scale) as one kernel instead of three."""
+    return torch.addcmul(shift.unsqueeze(1), x, (1 + scale).unsqueeze(1))
+
+
+def block_forward_addcmul(self, x, c, text=None, text_mask=None):
+    """DiTBlock.forward with each gated residual x + gate * out as one addcmul."""
+    mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+    x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(D.modulate(self.norm1(x), shift_msa, scale_msa)))
+    if self.cross_attn is not None:
+        shift_ca, scale_ca, gate_ca = mod[6:]
+        ca = self.cross_attn(D.modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+        x = torch.addcmul(x, gate_ca.unsqueeze(1), ca)
+    return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(D.modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+def nsln_forward_fused(self, h):
+    """NonScalingLayerNorm as one layer_norm with a constant unit weight and beta as its bias:
+    statistics and beta in fp32 (mixed-dtype layer_norm), output in the input's dtype."""
+    ones = torch.ones(self.dim, device=h.device, dtype=torch.float32)
+    with D.autocast_off(h.device):
+        return F.layer_norm(h, (self.dim,), ones, self.bias.float(), self.eps)
+
+
+VARIANTS = {
+    "current": {},
+    "addcmul": {"modulate": modulate_addcmul, "block": block_forward_addcmul},
+}
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    patch = VARIANTS[name]
+    saved = (D.modulate, D.DiTBlock.forward, D.NonScalingLayerNorm.forward)
+    try:
+        D.modulate = patch.get("modulate", saved[0])
+        D.DiTBlock.forward = patch.get("block", saved[1])
+        D.NonScalingLayerNorm.forward = patch.get("nsln", saved[2])
+        yield
+    finally:
+        D.modulate, D.DiTBlock.forward, D.NonScalingLayerNorm.forward = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, inputs, step
+# ----------------------------------------------------------------------------------------------
+
+
+def build(arch: str, tiny: bool, device):
+    from lct.config import load_config
+    from lct.models import Precond, build_dit
+
+    over = [f"model.arch={arch}", "method.preset=ilct"]
+    if tiny:
+        over += ["model.hidden_size=32", "model.depth=2", "model.num_heads=2"]
+    cfg = load_config(None, over)
+    net = Precond(build_dit(cfg.model, (4, 32, 32), 512, 77, 512), cfg.method.sigma_data, cfg.method.sigma_min,
+                  cfg.method.time_embed_scale).to(device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # off adaLN-Zero, so every path carries signal (and no zeros are timed)
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(p))
+    return net.train()
+
+
+def inputs(batch: int, device, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 78, (batch,), generator=g)
+    return {"x": torch.randn(batch, 4, 32, 32, generator=g).to(device),
+            "sigma": torch.exp(torch.randn(batch, generator=g) * 1.6 - 0.8).to(device),
+            "text_states": torch.randn(batch, 77, 512, generator=g).to(device),
+            "text_mask": (torch.arange(77)[None] < lengths[:, None]).to(device),
+            "pooled": torch.randn(batch, 512, generator=g).to(device),
+            "cond_drop": torch.zeros(batch, dtype=torch.bool, device=device)}
+
+
+def autocast(device, on: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def step(net, b: dict, bf16: bool) -> torch.Tensor:
+    """Student forward + backward, teacher forward (no_grad); returns the student output."""
+    device = b["x"].device
+    cond = {k: b[k] for k in ("text_states", "text_mask", "pooled", "cond_drop")}
+    with autocast(device, bf16):
+        with torch.no_grad():
+            f_t = net(b["x"] * 0.99, b["sigma"] * 0.99, **cond)
+        f_s = net(b["x"], b["sigma"], **cond)
+    (f_s - f_t).square().mean().backward()
+    return f_s.detach()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(net, b, bf16: bool, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step(net, b, bf16)
+        net.zero_grad(set_to_none=True)
+    sync(b["x"].device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(net, b, bf16)
+        net.zero_grad(set_to_none=True)
+    sync(b["x"].device)
+    return 1000 * (time.perf_counter() - t) / steps
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def agreement(net, device, bf16: bool, batch: int) -> dict:
+    """Each variant's output and gradients vs the current code, same weights and inputs."""
+    b = inputs(batch, device, seed=2)
+    ref = None
+    out = {}
+    for name in VARIANTS:
+        with variant(name):
+            net.zero_grad(set_to_none=True)
+            f = step(net, b, bf16)
+            grads = torch.cat([p.grad.flatten().double() for p in net.parameters() if p.grad is not None])
+        if ref is None:
+            ref = (f, grads)
+            continue
+        out[name] = {"output_rel": rel(f, ref[0]), "grad_rel": rel(grads, ref[1])}
+    net.zero_grad(set_to_none=True)
+    return out
+
+
+def profile_table(net, b, bf16: bool, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b["x"].device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step(net, b, bf16)
+            net.zero_grad(set_to_none=True)
+        sync(b["x"].device)
+    key = "cuda_time_total" if b["x"].device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/profile_model.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="DiT-B/2")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", nargs="*", default=None, choices=list(VARIANTS),
+                   help="also time these variants with compiled blocks (no names: current and the last)")
+    p.add_argument("--rows", type=int, default=30, help="rows of the kernel table")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny sizes (CI)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    bf16 = device.type == "cuda"
+    batch = 4 if args.tiny else args.batch
+    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "arch": args.arch, "batch": batch, "argv": sys.argv}
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        if out:
+            (out / "profile_model.json").write_text(json.dumps(res, indent=1))
+
+    net = build(args.arch, args.tiny, device)
+    res["agreement_fp32"] = agreement(net, device, False, min(batch, 16))
+    if bf16:
+        res["agreement_bf16"] = agreement(net, device, True, min(batch, 16))
+    print(json.dumps({k: v for k, v in res.items() if k.startswith("agreement")}, indent=1), flush=True)
+    b = inputs(batch, device)
+    res["eager_ms"] = {}
+    for name in VARIANTS:
+        with variant(name):
+            res["eager_ms"][name] = time_step(net, b, bf16, args.warmup, args.steps)
+        print(f"eager {name}: {res['eager_ms'][name]:.1f} ms/step", flush=True)
+        save()
+    table = profile_table(net, b, bf16, args.rows)
+    print(table, flush=True)
+    if out:
+        (out / "profile_eager.txt").write_text(table)
+    if args.compile is not None:
+        res["compiled_ms"] = {}
+        for name in args.compile or ["current", list(VARIANTS)[-1]]:
+            torch._dynamo.reset()
+            with variant(name):
+                net.net.compile_blocks()
+                t = time.perf_counter()
+                step(net, b, bf16)
+                net.zero_grad(set_to_none=True)
+                res.setdefault("compile_s", {})[name] = time.perf_counter() - t
+                res["compiled_ms"][name] = time_step(net, b, bf16, args.warmup, args.steps)
+                for blk in net.net.blocks:  # back to eager modules for the next variant
+                    blk._compiled_call_impl = None
+            print(f"compiled {name}: {res['compiled_ms'][name]:.1f} ms/step "
+                  f"(compile {res['compile_s'][name]:.0f} s)", flush=True)
+            save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
