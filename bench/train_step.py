@@ -17,10 +17,10 @@ forward, optimizer, EMA, host-to-device, data wait), peak memory, model FLOPs pe
 encoder when on the fly), MFU against the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s, PCIe 756)
 and against a bf16 matmul peak measured in the same run.
 Ratios (`--ratios`, same process): our step vs the same step on a diffusers
-PixArtTransformer2DModel of matching width and depth; consistency vs EDM step; OT on vs off;
-early-step diffusion term on vs off; text encoder on the fly vs precomputed; data loading from the
-shards (GPU idle fraction); `bf16_trunk` vs `tf32` on the consistency distance m of identical
-batches at the final stage (m / 2c^2, SPEC 1.1).
+PixArtTransformer2DModel of matching width and depth; consistency vs EDM step (the same DiT: NsLN
+and dropout as the consistency run); OT on vs off; early-step diffusion term on vs off; text
+encoder on the fly vs precomputed; data loading from the shards (GPU idle fraction); `bf16_trunk`
+vs `tf32` on the consistency distance m of identical batches at the final stage (m / 2c^2, SPEC 1.1).
 """
 
 from __future__ import annotations
@@ -410,9 +410,15 @@ def main(argv=None) -> int:
         arch, batch, micro = args.arch[0], args.batch[0], micros[0]
         b0 = base(arch, batch, micro)
         ref = results["configs"][0]
+        # The same DiT for the EDM step: its preset would drop NsLN (and set dropout), which on the
+        # H200 cost more than the objective itself (2026-11-30: 2.09x with NsLN only in the iLCT run).
+        from lct.config import load_config
+
+        m = load_config(None, [f"run.dir={root / 'runs' / 'resolve'}", *b0]).model
         variants = {
             "pixart_block": (b0, "pixart", {}),
-            "edm_objective": (b0 + ["method.preset=edm"], "dit", {}),
+            "edm_objective": (b0 + ["method.preset=edm", f"model.nsln={m.nsln}", f"model.dropout={m.dropout}"],
+                              "dit", {}),
             "ot_off": (b0 + ["method.ot=false"], "dit", {}),
             "diffusion_term_off": (b0 + ["method.diffusion_weight=0"], "dit", {}),
             "text_on_the_fly": (b0 + ["data.text=on_the_fly"], "dit", {}),

@@ -36,3 +36,16 @@ def test_sample_bench_tiny(tmp_path):
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "sample.json").read_text())["samples_per_s_1step_decode_features"] > 0
+
+
+def test_profile_model_tiny(tmp_path):
+    """The model-level profile and its A/B variants run, and every variant computes the same
+    function as the current code (fp32: agreement to rounding)."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "profile_model.py"), "--tiny", "--steps", "2",
+                    "--rows", "5", "--out", str(tmp_path)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "profile_model.json").read_text())
+    assert set(res["eager_ms"]) == {"current", "addcmul", "nsln_var_mean", "nsln_compiled"}
+    for name, agree in res["agreement_fp32"].items():
+        assert agree["output_rel"] < 1e-5 and agree["grad_rel"] < 1e-4, (name, agree)
+    assert "aten::" in (tmp_path / "profile_eager.txt").read_text()

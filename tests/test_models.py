@@ -251,6 +251,23 @@ def test_compiled_blocks_with_checkpointing_match_eager():
     torch._dynamo.reset()
 
 
+def test_inductor_compiled_blocks_match_eager():
+    """What `model.compile: true` runs (configs/lct_coco.yaml): inductor-generated kernels, NsLN on
+    q and k, no dropout (the ilct preset). Same function as eager to fp32 rounding, output and
+    every gradient (fused kernels reorder fp32 sums, hence not bitwise)."""
+    torch._dynamo.reset()
+    model = perturb(make(dropout=0.0, nsln="qk")).train()
+    out_a, ga = _grads(model, seed=3)
+    model.compile_blocks()
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
+    out_b, gb = _grads(model, seed=3)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # Text conditioning: padding, null condition (SPEC 9)
 # ----------------------------------------------------------------------------------------------
