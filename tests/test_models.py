@@ -440,7 +440,8 @@ def test_xformers_missing_is_a_config_error():
         make(attention="xformers")
 
 
-@pytest.mark.skipif(not (_has_xformers() and torch.cuda.is_available()), reason="needs xformers and a CUDA GPU (set CUDA_VISIBLE_DEVICES: conftest.py hides GPUs)")
+@pytest.mark.skipif(not (_has_xformers() and torch.cuda.is_available()),
+                    reason="needs xformers and a CUDA GPU (set CUDA_VISIBLE_DEVICES: conftest.py hides GPUs)")
 def test_xformers_matches_sdpa():
     sdpa = perturb(make()).eval().cuda()
     xf = make(attention="xformers").eval().cuda()

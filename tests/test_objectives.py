@@ -65,7 +65,8 @@ def test_teacher_equals_no_grad_student_bit_for_bit(checkpointing):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the suite hides GPUs unless CUDA_VISIBLE_DEVICES is set (conftest.py)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; the suite hides GPUs unless CUDA_VISIBLE_DEVICES is set (conftest.py)")
 def test_teacher_equals_student_on_cuda():
     model = tiny_dit(0.3).cuda()
     x = torch.randn(3, 4, 8, 8, device="cuda")
