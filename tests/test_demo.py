@@ -49,8 +49,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert grid.size[0] > 200 and grid.size[1] > 200
         captions = Path(r["grid"]).parent / "captions.jsonl"
         assert len(captions.read_text().splitlines()) == r["n"]
-    # Far above chance (1/8 colour, 1/9 position) after about eight minutes of CPU work: the model
-    # reads its captions. Measured on the 2-core VM: colour 0.505 / 0.57, position 0.975 / 0.965
+    # Far above chance (1/8 colour, 1/9 position) after about seven minutes of CPU work: the model
+    # reads its captions. Measured on the 2-core VM: colour 0.625 / 0.71, position 1.0 / 1.0
     # at 1 / 2 steps (the full demo's numbers are in the README).
     for steps in (1, 2):
         r = rows[steps]
