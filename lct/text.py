@@ -19,12 +19,15 @@ tower is dropped after creation. The tower is frozen: no gradients, always in ev
 Model names: an open_clip model name (`ViT-B-32`), `hf-hub:`/`local-dir:` names, a path to an
 open_clip model-config JSON (registered with `open_clip.add_model_config` under the file's stem),
 or a config shipped with lct in `lct/assets/` (`lct-tiny-text`: width 128, 2 layers, context 77;
-`lct-tiny-text-c32`: 1 layer and a context of 32 tokens, the demo's tower: its captions are short,
-so the tower and the DiT's cross-attention run over 32 tokens, not 77; and a random tower's
-layers mix the neighbouring words into each token state: at the colour word of the demo's captions,
-colour explains 33 % of the state's variance with 1 layer against 26 % with 2 (nearest-centroid
-colour from that state 0.97 vs 0.90), and the demo's EDM start reads colour better (16-step ODE
-samples on 500 held-out captions: colour 0.88 vs 0.81, same 9 minutes of training)).
+`lct-tiny-text-c32`: the demo's tower, a context of 32 tokens (its captions are short, so the tower
+and the DiT's cross-attention run over 32 tokens, not 77), 1 layer and open_clip's LayerScale at
+0.01 (`ls_init_value`). A random tower's layers mix the neighbouring words into each token state,
+which hides the word the DiT has to read: at the colour word of the demo's captions, colour explains
+26 % of the state's variance with 2 plain layers, 33 % with 1, and 80 % with 1 layer at LayerScale
+0.01 (nearest-centroid colour from that state 0.90, 0.97, 1.0). The demo's EDM start reads colour
+sooner in the same 9 minutes (16-step ODE samples on 500 held-out captions: colour 0.81, 0.88,
+0.92). The price: the pooled (EOT) feature of such a tower says almost nothing about the caption;
+the DiT reads the token states through cross-attention).
 
 Weights (`pretrained`): an open_clip tag (downloaded by open_clip into its cache), a local
 checkpoint file (or a directory holding `open_clip_model.safetensors`/`open_clip_pytorch_model.bin`),
