@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Full demo and the CI-sized one. Training steps come from configs/demo_edm.yaml (3600) and
-# configs/demo.yaml (600) unless set here: the full demo takes 14 min on 2 CPU cores (README), the
+# configs/demo.yaml (600) unless set here: the full demo takes 13 min on 2 CPU cores (README), the
 # quick one about 8 min (long enough for colour to be learned well above chance: CI asserts it).
 SIZES = {
     "full": {"train": 8000, "heldout": 500, "vae_steps": 2000, "edm_steps": None, "ct_steps": None,
