@@ -50,7 +50,7 @@ def test_quick_demo_end_to_end(tmp_path):
         captions = Path(r["grid"]).parent / "captions.jsonl"
         assert len(captions.read_text().splitlines()) == r["n"]
     # Far above chance (1/8 colour, 1/9 position) after about seven minutes of CPU work: the model
-    # reads its captions. Measured on the 2-core VM: colour 0.625 / 0.71, position 1.0 / 1.0
+    # reads its captions. Measured on the 2-core VM: colour 0.745 / 0.86, position 1.0 / 1.0
     # at 1 / 2 steps (the full demo's numbers are in the README).
     for steps in (1, 2):
         r = rows[steps]
