@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.train_step import sync
 from lct.models import dit as D
 
 
@@ -151,21 +152,18 @@ def step(net, b: dict, bf16: bool) -> torch.Tensor:
     return f_s.detach()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def run_steps(net, b, bf16: bool, n: int) -> None:
+    """`n` steps, gradients dropped after each, then wait for the device."""
+    for _ in range(n):
+        step(net, b, bf16)
+        net.zero_grad(set_to_none=True)
+    sync(b["x"].device)
 
 
 def time_step(net, b, bf16: bool, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step(net, b, bf16)
-        net.zero_grad(set_to_none=True)
-    sync(b["x"].device)
+    run_steps(net, b, bf16, warmup)
     t = time.perf_counter()
-    for _ in range(steps):
-        step(net, b, bf16)
-        net.zero_grad(set_to_none=True)
-    sync(b["x"].device)
+    run_steps(net, b, bf16, steps)
     return 1000 * (time.perf_counter() - t) / steps
 
 
@@ -196,10 +194,7 @@ def profile_table(net, b, bf16: bool, rows: int) -> str:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b["x"].device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for _ in range(3):
-            step(net, b, bf16)
-            net.zero_grad(set_to_none=True)
-        sync(b["x"].device)
+        run_steps(net, b, bf16, 3)
     key = "cuda_time_total" if b["x"].device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
@@ -247,15 +242,14 @@ def main(argv=None) -> int:
     if out:
         (out / "profile_eager.txt").write_text(table)
     if args.compile is not None:
-        res["compiled_ms"] = {}
+        res["compiled_ms"], res["compile_s"] = {}, {}
         for name in args.compile or ["current"]:
             torch._dynamo.reset()
             with variant(name):
                 net.net.compile_blocks()
                 t = time.perf_counter()
-                step(net, b, bf16)
-                net.zero_grad(set_to_none=True)
-                res.setdefault("compile_s", {})[name] = time.perf_counter() - t
+                run_steps(net, b, bf16, 1)
+                res["compile_s"][name] = time.perf_counter() - t
                 res["compiled_ms"][name] = time_step(net, b, bf16, args.warmup, args.steps)
                 for blk in net.net.blocks:  # back to eager modules for the next variant
                     blk._compiled_call_impl = None

@@ -324,9 +324,10 @@ def test_demo_tower_keeps_the_colour_word_readable():
     y = np.array([COLOURS.index(spec.colour) for spec, cs in specs for _ in cs])
     tokens = enc.tokenize(caps)
     states = enc(tokens)[0].numpy()
+    tokens = tokens.numpy()
     ids = np.array([int(enc.tokenize([c])[0, 1]) for c in COLOURS])
-    pos = (tokens.numpy() == ids[y][:, None]).argmax(1)
-    assert (tokens.numpy()[np.arange(len(caps)), pos] == ids[y]).all()  # every caption names its colour
+    pos = (tokens == ids[y][:, None]).argmax(1)
+    assert (tokens[np.arange(len(caps)), pos] == ids[y]).all()  # every caption names its colour
     x = states[np.arange(len(caps)), pos]
     x = x - x.mean(0)
     cent = np.stack([x[y == k].mean(0) for k in range(len(COLOURS))])
