@@ -338,11 +338,11 @@ class Trainer:
         """Ranks, data, network, engine, EMAs, resume, objective, loader. False if the run is
         already complete. `network` replaces the configured DiT (benchmarks compare others)."""
         cfg, info = self.cfg, self.info
-        from lct.data import DataSpec, InMemoryLatents, expand_urls, make_loader
+        from lct.data import DataSpec, InMemoryLatents, make_loader, train_shard_urls
         from lct.ema import PartitionedEMA
         from lct.engine import batch_layout, init_distributed, initialize, set_precision
         from lct.faults import Faults
-        from lct.latents import latent_stats, load_manifest
+        from lct.latents import SampleLayout, latent_stats, load_manifest
         from lct.objectives import make_objective
 
         # Ranks, devices, precision.
@@ -362,6 +362,9 @@ class Trainer:
         self.manifest = manifest = load_manifest(manifest_path(cfg))
         self.desc = desc = describe_data(cfg, manifest)
         self.check_text_compatibility(manifest)
+        urls, note = train_shard_urls(cfg.data.shards, manifest)  # data.shards vs the manifest's shard list
+        if note and info.is_main:
+            print(note, file=sys.stderr, flush=True)
         model = (network if network is not None else build_network(cfg, desc)).to(device)
         if cfg.model.init_from:
             self.init_from(model, cfg.model.init_from, cfg.model.init_ema)
@@ -388,14 +391,15 @@ class Trainer:
         self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         mean, std = latent_stats(manifest, cfg.data.latent_norm)
         text_mode = "none" if cfg.model.cond != "text" else cfg.data.text
-        spec = DataSpec(urls=expand_urls(cfg.data.shards), mode=cfg.data.mode, seed=cfg.run.seed,
+        spec = DataSpec(urls=urls, mode=cfg.data.mode, seed=cfg.run.seed,
                         rank=info.rank, world_size=info.world_size, micro_batch=self.micro, accum=self.accum,
                         latent_shape=desc.latent_shape, norm_mean=mean.astype("float32"),
                         norm_std=std.astype("float32"), caption_dropout=cfg.data.caption_dropout,
                         flip=cfg.data.flip, text=text_mode,
                         ot=cfg.method.ot and cfg.method.objective != "edm",
-                        shuffle_buffer=cfg.data.shuffle_buffer, resume_count=self.state.resume_count)
-        memory = InMemoryLatents(spec.urls) if cfg.data.mode == "indexed" else None
+                        shuffle_buffer=cfg.data.shuffle_buffer, resume_count=self.state.resume_count,
+                        layout=SampleLayout.from_manifest(manifest))
+        memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
         remaining = cfg.run.total_steps - self.state.applied_steps
         # Skipped steps consume data too; leave room for the allowed number of them.
         self.loader = make_loader(spec, self.state.data_steps, remaining + cfg.run.max_consecutive_skips * 4,
@@ -480,6 +484,8 @@ class Trainer:
         return applied
 
     def loop(self) -> int:
+        from lct.data import SkipTally, skip_record
+
         cfg, info, state = self.cfg, self.info, self.state
         engine, ema, logger, monitor = self.engine, self.ema, self.logger, self.monitor
         flags = StopFlags()
@@ -487,10 +493,13 @@ class Trainer:
         images_at_log = state.images_seen
         pbar = self.progress(state)
         batches = iter(self.loader)
+        skips = SkipTally()  # samples the data path skipped, per reason (lct.data.SKIP_REASONS)
         exit_code = 0
         while state.applied_steps < cfg.run.total_steps:
             step = state.applied_steps
-            applied = self.train_step([next(batches) for _ in range(self.accum)])
+            step_batches = [next(batches) for _ in range(self.accum)]
+            skips.update(step_batches)
+            applied = self.train_step(step_batches)
             if applied:
                 consecutive_skips = 0
             else:
@@ -516,13 +525,15 @@ class Trainer:
                 ips = (state.images_seen - images_at_log) / max(now - last_log, 1e-9)
                 record = self.log_record(state, step, self.acc, self.buckets, self.lr, ips, self.extra,
                                          engine, self.objective)
+                record.update(skip_record(all_reduce_sum(skips.vector(self.device), info.world_size)))
                 if logger:
                     logger(record)
                 if pbar:
                     pbar.set_postfix(loss=f"{record['loss']:.4g}", img_s_gpu=f"{ips / info.world_size:.1f}",
                                      **({"N": record["N"]} if "N" in record else {}),
                                      **({"stage": record["stage"]} if "stage" in record else {}),
-                                     **({"c": f"{record['c']:.3g}"} if "c" in record else {}))
+                                     **({"c": f"{record['c']:.3g}"} if "c" in record else {}),
+                                     **({"skipped": record["data_skipped"]} if record["data_skipped"] else {}))
                 self.acc.zero_()
                 last_log, images_at_log = now, state.images_seen
             if monitor and applied:
