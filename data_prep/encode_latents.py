@@ -546,7 +546,8 @@ def check_output(out: Path, urls: list[str], names: list[str]) -> None:
             job = json.loads((out / JOB).read_text())
         except ValueError:
             job = None
-    theirs = [p.name for p in (out / MANIFEST, out / RECORDS) if p.exists()] + sorted(p.name for p in out.glob("*.tar"))
+    theirs = ([MANIFEST] if (out / MANIFEST).exists() else []) + sorted(p.name for p in out.glob("*.tar"))
+    theirs += [f"{RECORDS}/{p.name}" for p in sorted((out / RECORDS).glob("*.json"))][:1]
     if job is None and theirs:
         raise UserError(f"--output {out} holds {', '.join(theirs[:3])} but no {JOB} of data_prep/encode_latents.py: "
                         "not this tool's output, which would be replaced; choose another (or an empty) --output")

@@ -117,6 +117,34 @@ def make_image_shards(directory: str | os.PathLike, n_shards: int = 2, per_shard
     return str(directory / f"{{00000..{last:05d}}}.tar")
 
 
+def write_tar(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> Path:
+    """A USTAR tar of (name, bytes) members in order (what img2dataset and TarWriter write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return path
+
+
+def tar_members(path: str | os.PathLike) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+
+
+def cut_points(path: str | os.PathLike) -> dict[str, int]:
+    """Byte offsets at which to truncate a tar: at the member boundary in the middle (a header
+    starts there), inside that header block, inside that member's data, and where the
+    end-of-archive marker starts (after the last member)."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    mid = members[len(members) // 2]
+    last = members[-1]
+    end = last.offset_data + ((last.size + 511) // 512) * 512
+    return {"member_boundary": mid.offset, "inside_header": mid.offset + 100,
+            "inside_data": mid.offset_data + max(1, mid.size // 2), "before_end_marker": end}
+
+
 def expected_keys(n_shards: int, per_shard: int, skip: Iterable[tuple[int, int]] = (),
                   empty: Iterable[int] = ()) -> dict[str, list[str]]:
     """{shard name: keys in order} that `make_image_shards` produces minus skipped samples."""
