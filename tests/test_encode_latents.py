@@ -335,18 +335,23 @@ def test_a_truncated_input_shard_is_never_recorded(tiny, tmp_path):
 
 
 @pytest.mark.multiproc
-def test_two_jobs_on_one_output_share_its_shards(clean_run, tmp_path):
+def test_two_jobs_on_one_output_share_its_shards(tiny, tmp_path):
     """A relaunch while the first job runs (or a SLURM array without RANK): two world-1 jobs on
-    one --output. Per-shard locks split the work; every shard is written once and checked."""
-    out = tmp_path / "lat"
-    argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
+    one --output at once. Per-shard locks split the work; every shard is written once and checked
+    (before: both wrote the same temporary file; one renamed the other's half-written file or
+    crashed on its missing temporary file)."""
+    base, vae = tiny
+    pattern = make_image_shards(tmp_path / "img", n_shards=3, per_shard=24, size=16, seed=2)
+    ref, out = tmp_path / "ref", tmp_path / "lat"
+    encode(tiny_encode_args(pattern, ref, vae, batch_size=2))
+    argv = tiny_encode_args(pattern, out, vae, batch_size=2)
     assert run_forked(argv, [{}, {}]) == [0, 0]
-    assert shard_files(out) == shard_files(clean_run["out"])
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["stats"] == clean_run["manifest"]["stats"] and m["shards"] == clean_run["manifest"]["shards"]
+    assert shard_files(out) == shard_files(ref)
+    m, r = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert m["stats"] == r["stats"] and m["shards"] == r["shards"]
     assert not list(out.rglob("*.tmp")) and not list((out / "records").glob("*.lock"))
-    recs = [json.loads((out / "records" / f"{i:05d}.json").read_text()) for i in range(4)]
-    assert all(r["sha256"] and r["samples"] == 3 for r in recs)
+    recs = [json.loads((out / "records" / f"{i:05d}.json").read_text()) for i in range(3)]
+    assert all(len(rec["sha256"]) == 64 and rec["samples"] == 24 for rec in recs)
 
 
 def _hold_lock(path, ready, done):
