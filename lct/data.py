@@ -171,6 +171,10 @@ def read_samples(url: str, counts: dict[str, int], layout: SampleLayout | None =
 
     try:
         for raw in tar_samples(url, on_duplicate=lambda k: skip("duplicate_key", f"sample {k!r}: a repeated key")):
+            absent = [m for m in ("mean.npy", "std.npy") if m not in raw]
+            if absent:  # e.g. image shards where latent shards belong
+                skip("missing_member", f"sample {raw['__key__']!r}: no {', '.join(absent)}")
+                continue
             try:
                 sample = decode_latent_sample(raw)
             except Exception as err:  # a corrupt or incomplete sample loses nothing else

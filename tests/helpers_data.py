@@ -16,7 +16,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -172,3 +172,42 @@ def read_latent_dir(directory: str | os.PathLike) -> dict[str, dict[str, dict]]:
         if len(out[p.stem]) != len(samples):
             raise AssertionError(f"{p}: duplicate keys")
     return out
+
+
+def tampered_latent_dir(src: str | os.PathLike, dst: str | os.PathLike, shard: str,
+                        edits: dict[int, "Callable[[dict], list | dict | None]"]) -> Path:
+    """A copy of the latent data set `src` in which sample i of `shard` (e.g. "00000") is replaced
+    by `edits[i](members)`: a members dict, a list of them (repeats), or None (dropped). The
+    manifest's record of the shard's size is updated, as if the shard had been encoded that way."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    path = dst / f"{shard}.tar"
+    samples: list[dict] = []
+    for name, data in tar_members(path):
+        key, suffix = name.split(".", 1)
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][suffix] = data
+    out = []
+    for i, s in enumerate(samples):
+        new = edits[i](dict(s)) if i in edits else s
+        out += new if isinstance(new, list) else ([new] if new is not None else [])
+    write_tar(path, [(f"{s['__key__']}.{k}", v) for s in out for k, v in s.items() if k != "__key__"])
+    m = json.loads((dst / "manifest.json").read_text())
+    for rec in m["shards"]:
+        if rec["name"] == shard:
+            rec["bytes"] = path.stat().st_size
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
