@@ -18,8 +18,8 @@ txt; empty ones are dropped and the first `--max-captions` (default 5) kept, in 
 stores K = min(#captions, max) captions and `tokens.npy` [K, L] (no padding of K; L = the
 tokenizer's context length, open_clip pads with 0 after EOT and truncates keeping EOT last).
 
-Per sample: `lct.vae.preprocess_image` (RGB, center crop of the long edge, bicubic resize to
---resolution, [-1, 1]), the VAE posterior mean and std stored as float16 (values outside the
+Per sample: `lct.vae.preprocess_image` (8-bit RGB, high-bit grayscale scaled; center crop of the
+long edge, bicubic resize to --resolution, [-1, 1]), the VAE posterior mean and std stored as float16 (values outside the
 float16 range are an error naming the sample), optionally the same for the horizontally flipped
 image (`--flip`), and with `--text-states` the fp16 token states [K,L,D] and pooled features
 [K,P] (large: the bytes per sample and in total are logged and recorded in the manifest).
@@ -29,10 +29,12 @@ the VAE in half precision and re-encodes a batch in fp32 when it produces a non-
 
 Output (`--output DIR`): `<name>.tar` for input shard `<name>.tar|.tar.gz|.tgz` with the input's
 keys in the input's order; `records/<name>.json` + `records/<name>.stats.npz` per shard (float64
-statistics sums of the unflipped posterior, SPEC 7); `job.json` (settings; a rerun with other
-settings is refused); `text_tower/` for a random text tower (`--text-pretrained random`: seeded
-by --seed, saved so the trainer loads the same weights); `manifest.json`, merged from all records
-in sorted shard order (identical numbers for any number of ranks and resumes).
+statistics sums of the unflipped posterior, SPEC 7; the record also holds the shard's size and
+sha256); `job.json` (settings; a rerun with other settings is refused); `text_tower/` for a random
+text tower (`--text-pretrained random`: seeded by --seed, its text half saved so the trainer loads
+the same weights); `manifest.json`, merged from all records in sorted shard order (identical
+numbers for any number of ranks and resumes); `job.lock` and, while a shard is written,
+`records/<name>.lock`.
 
 Scale: one process per GPU. Rank/world come from RANK/WORLD_SIZE (torchrun, deepspeed) or
 SLURM_PROCID/SLURM_NTASKS; the device from LOCAL_RANK or SLURM_LOCALID. Rank r encodes input
@@ -41,17 +43,30 @@ meet at a barrier and rank 0 merges the manifest; otherwise whichever rank finds
 complete merges it (or run `--merge-only`). DataLoader workers (--num-workers) read, decode,
 preprocess and tokenize whole shards while the main process encodes and writes.
 
-Resume: a shard is written as `<name>.tar.tmp` and renamed when complete, then its record is
-written (the record marks it complete). A rerun skips shards with a record, redoes the others from
-scratch and never rewrites a completed shard.
+Resume and concurrency: a shard is written under its lock `records/<name>.lock`
+(`lct.shards.FileLock`: released by the kernel when its process dies) to a temporary file of this
+process (`<name>.tar.<host>-<pid>.tmp`), read back (every key once, in order, the end-of-archive
+marker), renamed to `<name>.tar` and recorded with its sha256 (the record marks it complete). A
+rerun skips shards with a record, redoes the others from scratch and never rewrites a completed
+shard. Two jobs on one --output (a relaunch while the first runs, a SLURM array without RANK)
+share the shards: a shard another live process holds is left to it (logged), and whichever
+process completes the last shard writes the manifest. `job.json` (and a random text tower) is
+made under `job.lock`; a job.json with other settings is refused once a shard is recorded
+under it, and replaced (with a log line) when its job recorded none (it failed). An --output
+holding the input shards, or a manifest.json, tars or records without job.json (or a
+manifest.json of another job), is refused before any work. DataLoader workers get SIGKILL when
+this process dies (`lct.data.die_with_parent`): a kill -9 leaves no orphan.
 
-Bad input: a corrupt image (`corrupt_image`), a sample without image (`missing_image`) or without
-caption (`missing_caption`) is skipped and counted per reason in the record, the manifest and the
-log. An input shard that yields no sample gets no output shard; the other shards are completed
-first, then the job fails naming it (exit 2) and writes no manifest, unless `--skip-empty-shards`
-records it as empty (listed under `empty_shards` in the manifest). An input shard that cannot be
-read to its end (missing file, truncated tar, failed download) is treated the same way but is
-never recorded: fix or remove it and re-run.
+Bad input: a corrupt image (`corrupt_image`), a sample without image (`missing_image`), without
+caption (`missing_caption`) or whose only caption is a txt that is not UTF-8 (`caption_not_utf8`),
+and a key already seen in the shard, adjacent or not (`duplicate_key`: the first sample is kept),
+are skipped and counted per reason in the record, the manifest and the log. An input shard that
+yields no sample gets no output shard; the other shards are completed first, then the job fails
+naming it (exit 2) and writes no manifest, unless `--skip-empty-shards` records it as empty
+(listed under `empty_shards` in the manifest). An input shard that cannot be read to its end
+(missing file, a tar cut anywhere: inside a member, at a member boundary or inside a header, which
+tarfile alone reads as a shorter valid tar; a failed download or pipe: command) is treated the
+same way but is never recorded: fix or remove it and re-run.
 """
 
 import hashlib

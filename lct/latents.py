@@ -30,9 +30,15 @@ Output directory of `data_prep/encode_latents.py`:
     <name>.tar               latent shard of input shard <name>.tar (same keys, same order)
     records/<name>.json      the shard's record (written last: it marks the shard complete)
     records/<name>.stats.npz its float64 statistics sums
+    records/<name>.lock      while the shard is being written (lct.shards.FileLock)
     job.json                 the job's settings (a rerun with other settings is refused)
-    text_tower/              the random text tower, when --text-pretrained random
+    job.lock                 held while job.json and a random text tower are checked or made
+    text_tower/              the random text tower's text half, when --text-pretrained random
     manifest.json            merged from job.json and all records
+
+Reading checks (`SampleLayout`, `check_latent_sample`): what the manifest says every sample holds
+(latent shape and float16 dtype of mean/std and the flip copies, tokens [K>=1, context length],
+text states [K, L, D] and [K, P]) and finite values; the trainer skips and counts the others.
 """
 
 from __future__ import annotations
@@ -151,6 +157,11 @@ class SampleLayout:
         states = (int(t["state_dim"]), int(t["pooled_dim"])) if t.get("states") else None
         return cls(tuple(int(x) for x in manifest["latent_shape"]), bool(manifest.get("flip")),
                    int(t["context_length"]) if t.get("context_length") else None, states)
+
+    def core(self) -> "SampleLayout":
+        """What every sample of any split holds (latents and tokens): for held-out shards, which
+        may be encoded without --flip or --text-states."""
+        return SampleLayout(self.latent_shape, False, self.context_length, None)
 
 
 def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str, str] | None:

@@ -126,10 +126,10 @@ class Monitor:
         if not cfg.data.val_shards:
             return None
         from lct.data import InMemoryLatents, expand_urls
-        from lct.latents import latent_stats
+        from lct.latents import SampleLayout, latent_stats
         from lct.text import padding_mask
 
-        mem = InMemoryLatents(expand_urls(cfg.data.val_shards))
+        mem = InMemoryLatents(expand_urls(cfg.data.val_shards), SampleLayout.from_manifest(self.manifest).core())
         samples = mem.samples[: cfg.val.batch_size]
         mean, std = latent_stats(self.manifest, cfg.data.latent_norm)
         xs, zs, caps, toks = [], [], [], []
