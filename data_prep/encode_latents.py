@@ -430,6 +430,9 @@ class ShardWriter:
         self.stream.close()
         try:
             digest = self.verify()
+            if current_job(self.out) != self.job_id:
+                raise UserError(f"shard {self.name}: {self.out}/job.json was replaced by a job with other settings "
+                                "while this one ran; not recorded (run one job per --output at a time)")
             if not self.lock.still_held():
                 raise UserError(f"shard {self.name}: lost its lock {self.lock.path} to "
                                 f"{self.lock.describe(self.lock._read())} while writing; not recorded here")
@@ -575,6 +578,21 @@ def check_output(out: Path, urls: list[str], names: list[str]) -> None:
                 "created_by"):
             raise UserError(f"--output {out}: its {MANIFEST} was not written by the job recorded in {JOB}; move it "
                             "away (or choose another --output)")
+
+
+def job_digest(header: dict) -> str:
+    """The id of a job's settings (its job.json without the input list), kept in each record."""
+    return hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "input"},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_job(out: Path) -> str | None:
+    from lct.latents import JOB
+
+    try:
+        return job_digest(json.loads((out / JOB).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def running_writers(out: Path) -> list[str]:
@@ -741,8 +759,7 @@ def run(cfg: EncodeLatentsConfig) -> dict:
                   "text": trec, "options": options}
         if check_job(out, header, options, rank) is None:
             write_json_atomic(out / JOB, header)
-    job_id = hashlib.sha256(json.dumps(
-        {k: v for k, v in header.items() if k != "input"}, sort_keys=True).encode()).hexdigest()[:16]
+    job_id = job_digest(header)
 
     mine = [i for i in range(len(urls)) if i % world == rank]
     todo = [i for i in mine if read_shard_record(out, names[i]) is None]

@@ -349,6 +349,10 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
         if rec is None:
             return None
         records[name] = rec
+    jobs = sorted({str(r.get("job")) for r in records.values() if r.get("job")})
+    if len(jobs) > 1:
+        raise UserError(f"{out_dir}: its shard records come from {len(jobs)} jobs with different settings "
+                        f"({', '.join(jobs[:3])}); delete the output and encode it again")
     parts = []
     for name in names:
         if records[name].get("samples", 0) > 0:

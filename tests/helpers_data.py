@@ -211,3 +211,19 @@ def npy(arr: np.ndarray) -> bytes:
 
 def from_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def hold_lock(path: str | os.PathLike):
+    """A subprocess holding `lct.shards.FileLock(path)` until its stdin closes (`p.stdin.close()`);
+    returned once the lock is held."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lct.shards import FileLock; lock = FileLock(sys.argv[1]); "
+            "ok = lock.acquire(); print('held' if ok else 'busy', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    if p.stdout.readline().strip() != "held":
+        p.kill()
+        raise AssertionError(f"could not take {path}")
+    return p

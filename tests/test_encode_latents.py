@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT
 from helpers_data import (TINY_TEXT_MODEL, cut_points, expected_keys, make_image_shards, make_tiny_vae,
-                          read_latent_dir, tar_members, tiny_encode_args, write_tar)
+                          hold_lock, read_latent_dir, tar_members, tiny_encode_args, write_tar)
 from lct.errors import UserError
 
 SCRIPT = str(ROOT / "data_prep" / "encode_latents.py")
@@ -354,36 +354,20 @@ def test_two_jobs_on_one_output_share_its_shards(tiny, tmp_path):
     assert all(len(rec["sha256"]) == 64 and rec["samples"] == 24 for rec in recs)
 
 
-def _hold_lock(path, ready, done):
-    from lct.shards import FileLock
-
-    lock = FileLock(path)
-    assert lock.acquire()
-    ready.set()
-    done.wait(120)
-    lock.release()
-
-
 @pytest.mark.multiproc
 def test_a_shard_another_process_holds_is_left_to_it(clean_run, tmp_path, capfd):
-    import multiprocessing as mp
-
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(out / "records" / "00001.lock", ready, done))
-    holder.start()
+    holder = hold_lock(out / "records" / "00001.lock")
     try:
-        assert ready.wait(30)
         encode(argv)
         err = capfd.readouterr().err
         assert f"shard 00001 is being encoded by pid {holder.pid}" in err
         assert sorted(p.stem for p in (out / "records").glob("*.json")) == ["00000", "00002", "00003"]
         assert not (out / "00001.tar").exists() and not (out / "manifest.json").exists()
     finally:
-        done.set()
-        holder.join(30)
+        holder.stdin.close()
+        holder.wait(30)
     encode(argv)
     assert shard_files(out) == shard_files(clean_run["out"])
 

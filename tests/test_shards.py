@@ -4,16 +4,14 @@ and FileLock excludes other processes, dies with its holder and breaks stale fal
 import errno
 import gzip
 import json
-import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers_data import cut_points, tar_members, write_tar
+from helpers_data import cut_points, hold_lock, write_tar
 from lct.shards import FileLock, ShardError, tar_samples
 
 
@@ -77,36 +75,24 @@ def test_duplicate_keys_adjacent_or_not_keep_the_first(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _hold(path, ready, done):
-    lock = FileLock(path)
-    assert lock.acquire()
-    ready.set()
-    done.wait(60)
-    lock.release()
-
-
 def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     path = tmp_path / "records" / "00000.lock"
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold, args=(path, ready, done))
-    child.start()
+    holder = hold_lock(path)
     try:
-        assert ready.wait(30)
         lock = FileLock(path)
         assert not lock.acquire()
-        assert f"pid {child.pid}" in lock.describe()
-        assert FileLock(path).probe()["pid"] == child.pid
-        os.kill(child.pid, signal.SIGKILL)  # no cleanup: the kernel releases the lock
-        child.join(30)
+        assert f"pid {holder.pid}" in lock.describe()
+        assert FileLock(path).probe()["pid"] == holder.pid
+        holder.kill()  # SIGKILL, no cleanup: the kernel releases the lock
+        holder.wait(30)
         assert lock.acquire() and lock.still_held()
         assert json.loads(path.read_text())["pid"] == os.getpid()
         assert not FileLock(path).acquire()  # the same process does not take it twice
         lock.release(remove=True)
         assert not path.exists() and FileLock(path).probe() is None
     finally:
-        done.set()
-        child.join(5)
+        holder.kill()
+        holder.wait()
 
 
 def test_fallback_lock_without_posix_locks_breaks_only_stale_holders(tmp_path, monkeypatch):
