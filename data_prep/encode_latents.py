@@ -614,7 +614,7 @@ def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, repl
     """Compare with the job.json of an earlier run; returns it (None when there is none). Call
     under the output's job lock. A job.json with other settings is refused once a shard has been
     recorded under it or while another process writes shards; an earlier job that recorded no
-    shard (it failed) is replaced, with its random text tower and temporary files."""
+    shard (it failed) is replaced, with its temporary files and a random text tower of other settings."""
     import shutil
 
     from lct.latents import JOB, RECORDS
@@ -643,8 +643,10 @@ def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, repl
             log(rank, f"{out}: replacing the settings of an earlier job that recorded no shard "
                       f"(differing: {', '.join(diff)})")
             path.unlink()
-            if (old.get("options") or {}).get("text_pretrained") == "random":
-                shutil.rmtree(out / TOWER_DIR, ignore_errors=True)
+            was = old.get("options") or {}
+            if was.get("text_pretrained") == "random" and any(
+                    was.get(k) != options.get(k) for k in ("text_model", "text_pretrained", "seed")):
+                shutil.rmtree(out / TOWER_DIR, ignore_errors=True)  # its tower is not this job's
             for tmp in out.glob("*.tar.*tmp"):
                 tmp.unlink(missing_ok=True)
             return None

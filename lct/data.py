@@ -16,6 +16,14 @@ n, posterior eps, noise z) comes from `lct.rng.philox(seed, TRAIN_SAMPLE, data s
 fixed order, so it depends on neither world size, workers nor accumulation. The posterior sample
 `mean + std * eps` is normalised with the manifest's statistics (SPEC 7), and the OT coupling
 (SPEC 6) reorders the noise of each micro-batch, here in the worker, off the GPU's critical path.
+
+Checks: `train_shard_urls` holds `data.shards` against the manifest's shard list (missing or
+resized shards are refused, unlisted tars left out with a warning). Every sample is read with
+`lct.shards` (a shard cut short is `unreadable_shard`) and checked against the manifest's
+`SampleLayout` before any draw, so a wrong shape is never broadcast and a NaN never reaches the
+OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
+`skipped`, summed by `SkipTally` for stats.jsonl) and named once. Shards without any usable
+sample raise the same `UserError` in both modes (stream mode would otherwise resample forever).
 """
 
 from __future__ import annotations

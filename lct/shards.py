@@ -75,6 +75,7 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
         stream = wds.gopen(url, "rb")
     except Exception as err:
         raise ShardError(f"cannot open: {type(err).__name__}: {str(err)[:300]}") from None
+    complete = False
     try:
         tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Info)
         for info in tf:
@@ -87,6 +88,7 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
             why = getattr(tf, "lct_end", None) or "the data ends without one"
             raise ShardError(f"truncated: no end-of-archive marker after {n} members ({why}); the file was cut "
                              "or its writer died before closing it")
+        complete = True
     except ShardError:
         raise
     except Exception as err:  # tarfile.ReadError, EOFError, zlib/gzip errors, pipe exit status
@@ -94,8 +96,9 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     finally:
         try:
             stream.close()
-        except Exception as err:  # a pipe: command that failed; the data read is not trusted
-            raise ShardError(f"{type(err).__name__}: {str(err)[:300]}") from None
+        except Exception as err:  # a pipe: command that failed: the data read is not trusted
+            if complete:
+                raise ShardError(f"{type(err).__name__}: {str(err)[:300]}") from None
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
