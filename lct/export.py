@@ -1,34 +1,74 @@
-"""Exported models: an EMA of the network as a diffusers `save_pretrained` directory (config.json +
-safetensors) plus `lct_export.json`, which records everything sampling needs: the SPEC 1
-parameterisation (sigma_min for sampling, sigma_data, sigma_max, time-embedding scale, 2-step
-tau), the latent normalisation statistics (SPEC 7), the VAE and the text tower the data used.
+"""Exported models: an EMA of the network as a diffusers pipeline folder (`lct.pipeline.LCTPipeline`).
 
-`load_model(path)` accepts an export directory or a run directory (then `export/<ema>/`).
+    export/<ema>/
+      model_index.json    components + the latent statistics (SPEC 7) + the training record
+      pipeline.py         one line importing lct.pipeline (diffusers' custom-pipeline route)
+      transformer/        TextDiT (config.json + safetensors, the EMA weights)
+      scheduler/          LCTScheduler: sigma_min (training), sample_sigma_min, sigma_max,
+                          sigma_data, time_embed_scale, taus (SPEC 1, 9)
+      vae/                AutoencoderKL, when the data's VAE is a local folder <= CARRY_MAX_BYTES
+      text_encoder/ tokenizer/   CLIPTextModelWithProjection + CLIPTokenizer where the open_clip
+                          tower maps onto them, else lct's OpenCLIPTextModel (no tokenizer/); when
+                          its weights file is local and <= CARRY_MAX_BYTES
+      README.md           the model card (hub YAML header)
+      lct_export.json     lct's record (format lct-export/2): ema, step, method, data, config
+
+A hub VAE, an open_clip pretrained tag or a large local file is referenced (`vae_source`,
+`text_source` in model_index.json) instead of copied into every EMA export at every checkpoint;
+the pipeline loads the reference when it is built. `python -m lct.export SRC --out DIR
+--copy-all` writes a self-contained folder (for an upload), refreshes the model card with the
+run's latest eval, and converts exports written before pipelines (format lct-export/1: TextDiT
+weights beside lct_export.json), which `lct.pipeline.load_pipeline` also reads directly.
+
+    python -m lct.export runs/lct_coco --out hub/lct_coco --copy-all
+    huggingface-cli upload USER/lct-coco hub/lct_coco .      # a plain folder upload
+
+The model card lists the run's latest eval: the newest `results.json` under `RUN_DIR/eval/`
+(write eval there: `eval/clip_fid.py --checkpoint RUN_DIR --out RUN_DIR/eval/NAME`), or the file
+given with `--results`.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root first on sys.path
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import argparse
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lct.errors import UserError
+from lct.errors import UserError, cli_main
 
-EXPORT_FORMAT = "lct-export/1"
+EXPORT_FORMAT = "lct-export/2"
+LEGACY_FORMAT = "lct-export/1"
 META = "lct_export.json"
+INDEX = "model_index.json"
+CARRY_MAX_BYTES = 200 * 2**20  # a VAE or text tower at most this large is copied into each export
+REMAKE_HINT = ("the trainer writes exports at every checkpoint (lct/train.py); `python -m lct.export RUN_DIR "
+               "--out DIR` rewrites one from a run directory or an older export")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
 
 
 def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
-                   cfg, manifest: dict, ema_name: str, step: int) -> Path:
-    """Write EMA weights of `precond.net` with its config and the sampling metadata, atomically."""
+                   cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None = None) -> Path:
+    """Write EMA weights of `precond.net` as a pipeline folder (module docstring), atomically."""
     from lct.checkpoint import export_dir_atomic
     from lct.latents import latent_stats
+    from lct.pipeline import LCTPipeline, references_unresolved
+    from lct.scheduler import LCTScheduler
 
     net = precond.net
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
@@ -39,72 +79,283 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     frozen = {n for n, p in cpu_net.named_parameters() if not p.requires_grad} | set(dict(cpu_net.named_buffers()))
     if unexpected or [m for m in missing if m not in frozen]:
         raise RuntimeError(f"EMA does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    cpu_net.eval()
+    m = cfg.method
+    sample_sigma_min = m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min
+    scheduler = LCTScheduler(sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
+                             time_embed_scale=m.time_embed_scale, sample_sigma_min=sample_sigma_min,
+                             taus=list(m.tau))
+    mean, std = latent_stats(manifest, cfg.data.latent_norm)
+    vae, vae_source = _vae_component(manifest.get("vae"))
+    text_encoder = tokenizer = text_source = None
+    if cfg.model.cond == "text":
+        text_encoder, tokenizer, text_source = _text_component(manifest)
+    record = training_record(cfg, manifest, ema_name, step, images_seen)
+    with references_unresolved():
+        pipe = LCTPipeline(cpu_net, scheduler, vae, text_encoder, tokenizer,
+                           latent_mean=np.asarray(mean, dtype=np.float64).tolist(),
+                           latent_std=np.asarray(std, dtype=np.float64).tolist(),
+                           vae_source=vae_source, text_source=text_source, training=record)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    cpu_net.save_pretrained(tmp, safe_serialization=True)
-    mean, std = latent_stats(manifest, cfg.data.latent_norm)
-    m = cfg.method
-    meta = {
-        "format": EXPORT_FORMAT,
-        "ema": ema_name,
-        "step": step,
-        "method": {"objective": m.objective, "sigma_min": m.sigma_min,
-                   "sample_sigma_min": m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min,
-                   "sigma_max": m.sigma_max, "sigma_data": m.sigma_data,
-                   "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
-        "model": {"cond": cfg.model.cond, "arch": cfg.model.arch},
-        "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"]),
-                   "mean": np.asarray(mean, dtype=np.float64).tolist(),
-                   "std": np.asarray(std, dtype=np.float64).tolist()},
-        "vae": manifest.get("vae"),
-        "text": manifest.get("text"),
-        "resolution": manifest.get("resolution"),
-        "manifest_path": manifest.get("manifest_path"),
-        "config": cfg.model_dump(mode="json"),
-    }
-    meta["text"] = _carry_text_tower(manifest.get("text"), tmp, out_dir)
-    meta["vae"] = _carry_vae(manifest.get("vae"), tmp, out_dir)
-    (tmp / META).write_text(json.dumps(meta, indent=1))
+    try:
+        pipe.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     export_dir_atomic(tmp, out_dir)
     return out_dir
 
 
-def _carry_text_tower(text: dict | None, tmp: Path, final: Path) -> dict | None:
-    """A text tower stored with the data (a random tower, or any local file the data prep
-    recorded relative to its manifest) is copied into the export, so the export is self-contained."""
-    if not text or not text.get("pretrained_relative"):
-        return text
-    src = Path(str(text["pretrained"]))
-    if not src.is_file():
-        return text
-    rel = Path(text["pretrained_relative"])
-    dst = tmp / rel
-    shutil.copytree(src.parent, dst.parent, dirs_exist_ok=True)
-    return {**text, "pretrained": str(final / rel), "pretrained_relative": str(rel)}
+def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None) -> dict:
+    """What the model card and lct's tools read (model_index.json `training`, lct_export.json)."""
+    m = cfg.method
+    ema = next((e for e in cfg.ema.models if e.name == ema_name), None)
+    return {
+        "format": EXPORT_FORMAT,
+        "ema": ema_name,
+        "ema_halflife_images": ema.resolved_halflife() if ema is not None else None,
+        "step": int(step),
+        "images_seen": int(images_seen) if images_seen is not None else int(step) * int(cfg.optim.batch_size),
+        "method": {"preset": m.preset, "objective": m.objective, "sigma_min": m.sigma_min,
+                   "sample_sigma_min": m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min,
+                   "sigma_max": m.sigma_max, "sigma_data": m.sigma_data,
+                   "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
+        "model": {"cond": cfg.model.cond, "arch": cfg.model.arch},
+        "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"])},
+        "vae": _jsonable(manifest.get("vae")),
+        "text": _jsonable(manifest.get("text")),
+        "resolution": manifest.get("resolution"),
+        "manifest_path": manifest.get("manifest_path"),
+        "eval": latest_eval(Path(cfg.run.dir) / "eval"),
+        "config": cfg.model_dump(mode="json"),
+    }
 
 
-CARRY_VAE_MAX_BYTES = 200 * 2**20
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str)) if x is not None else None
 
 
-def _carry_vae(vae: dict | None, tmp: Path, final: Path) -> dict | None:
-    """A small local VAE folder (e.g. data_prep/train_vae.py's) travels with the export; a hub id
-    or a large local copy (SD-VAE is 335 MB) is referenced, not copied at every checkpoint."""
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+_COMPONENT_CACHE: dict = {}  # per process: the trainer exports the same VAE / tower at every checkpoint
+
+
+def _cached(key, build):
+    if key not in _COMPONENT_CACHE:
+        _COMPONENT_CACHE.clear()  # one data set per process: keep only the latest
+        _COMPONENT_CACHE[key] = build()
+    return _COMPONENT_CACHE[key]
+
+
+def _vae_component(vae: dict | None):
+    """(AutoencoderKL, None) for a small local VAE folder, else (None, its id or path)."""
     src = Path(str((vae or {}).get("id") or ""))
-    if not vae or not src.is_dir():
-        return vae
-    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
-    if size > CARRY_VAE_MAX_BYTES:
-        return vae
-    shutil.copytree(src, tmp / "vae", dirs_exist_ok=True)
-    return {**vae, "id": str(final / "vae"), "id_relative": "vae", "source_id": str(src)}
+    if not vae or not vae.get("id"):
+        return None, None
+    if not src.is_dir() or _size(src) > CARRY_MAX_BYTES:
+        return None, str(vae["id"])
+    from lct.vae import load_vae
+
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
+    return _cached(("vae", str(src), stamp), lambda: load_vae(str(src), "cpu", torch.float32)), None
+
+
+def _text_component(manifest: dict):
+    """(text_encoder, tokenizer, None) for a local text tower <= CARRY_MAX_BYTES (the form of
+    `text_component`), else (None, None, the manifest's text record: loaded when the pipeline is)."""
+    from lct.text import TextEncoder, is_random
+
+    rec = manifest.get("text") or {}
+    if not rec:
+        raise UserError("the data's manifest records no text model; re-run data_prep/encode_latents.py")
+    pre = rec.get("pretrained")
+    local = None
+    if pre and not is_random(pre):
+        for cand in (Path(str(pre)), Path(str(manifest.get("manifest_path") or ".")).parent / str(rec.get("pretrained_relative") or "")):
+            if cand.is_file():
+                local = cand
+                break
+    if local is None or _size(local) > CARRY_MAX_BYTES:
+        return None, None, _jsonable(rec)
+    stamp = (str(local), local.stat().st_size, local.stat().st_mtime_ns)
+
+    def build():
+        base = {"text": rec, "_dir": str(Path(str(manifest.get("manifest_path") or local)).parent)}
+        return text_component(TextEncoder.from_manifest(base))
+
+    enc, tok = _cached(("text", stamp), build)
+    return enc, tok, None
+
+
+def text_component(encoder):
+    """(CLIPTextModelWithProjection, CLIPTokenizer) where the open_clip tower maps onto them
+    exactly (`lct.pipeline_text.to_clip_text_model`), else (OpenCLIPTextModel, None)."""
+    from lct.pipeline_text import OpenCLIPTextModel, to_clip_text_model
+
+    form = to_clip_text_model(encoder)
+    if isinstance(form, str):
+        return OpenCLIPTextModel.from_encoder(encoder), None
+    return form
+
+
+def latest_eval(folder: Path) -> dict | None:
+    """The newest eval `results.json` under `folder` (recursively), summarised for the card."""
+    files = sorted(Path(folder).rglob("results.json"), key=lambda f: f.stat().st_mtime) if Path(folder).is_dir() else []
+    return eval_summary(files[-1]) if files else None
+
+
+def eval_summary(path: Path) -> dict:
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--results {path}: not a readable eval results.json ({err})") from None
+    ck = r.get("checkpoint") or {}
+    return {"path": str(Path(path).resolve()), "time": r.get("time"), "protocol": (r.get("protocol") or {}).get("name"),
+            "conforms": (r.get("protocol") or {}).get("conforms"), "num_samples": r.get("num_samples"),
+            "checkpoint_step": ck.get("step"), "checkpoint_ema": ck.get("ema"),
+            "settings": [{"name": s.get("name"), "steps": s.get("steps"), "tau": s.get("tau"),
+                          "guidance": s.get("guidance"), "nfe": s.get("nfe"),
+                          "metrics": {k: v.get("value") for k, v in (s.get("metrics") or {}).items()
+                                      if isinstance(v, dict) and not v.get("skipped")}}
+                         for s in r.get("settings") or []]}
+
+
+def export_meta(pipe) -> dict:
+    """lct_export.json of a pipeline (the training record; sampling reads model_index.json)."""
+    return {**(pipe.config.training or {}), "format": EXPORT_FORMAT, "layout": "diffusers pipeline (model_index.json)"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card
+# ----------------------------------------------------------------------------------------------
+
+
+def model_card(pipe) -> str:
+    """README.md of an export: the hub's YAML header, what was trained on what, the latest eval
+    and the three lines that generate an image."""
+    t = pipe.config.training or {}
+    cfg = t.get("config") or {}
+    method, model, data = t.get("method") or {}, cfg.get("model") or {}, cfg.get("data") or {}
+    sched = pipe.scheduler.config
+    preset = method.get("preset") or method.get("objective") or "lct"
+    tags = ["lct", "consistency-model", "text-to-image" if pipe.transformer.config.cond == "text" else "unconditional-image-generation",
+            str(preset), "dit"]
+    text = t.get("text") or {}
+    vae = t.get("vae") or {}
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    lines = [
+        "---",
+        "library_name: diffusers",
+        f"pipeline_tag: {'text-to-image' if pipe.transformer.config.cond == 'text' else 'unconditional-image-generation'}",
+        "license: other  # set the license of your data and weights before uploading",
+        "tags:", *[f"- {x}" for x in dict.fromkeys(tags)],
+        "---",
+        "",
+        f"# {Path(str((cfg.get('run') or {}).get('dir') or 'lct model')).name}: a latent consistency model trained with lct",
+        "",
+        f"A {model.get('arch') or 'DiT'} `TextDiT` ({n_params:,} parameters) in the latent space of "
+        f"`{vae.get('id') or pipe.config.vae_source or 'its VAE'}`, conditioned on "
+        f"{'the text tower `' + str(text.get('model')) + '` (' + str(text.get('pretrained')) + ')' if text else 'nothing (unconditional)'}, "
+        f"trained with lct's `{preset}` method (objective `{method.get('objective')}`).",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline  # pip install lct (the pipeline class is lct's)",
+        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\", trust_remote_code=True)",
+        f"image = pipe(\"{_example_prompt(pipe)}\", num_inference_steps={min(2, 1 + len(sched.taus))}, seed=0).images[0]",
+        "```",
+        "",
+        "`num_inference_steps` 1, 2 or k (`tau=[...]`: the k - 1 intermediate sigmas), `guidance_scale` "
+        "(1 = off; the null condition is learned), `negative_prompt`, `num_images_per_prompt`, `seed` (lct's "
+        "per-sample noise: `python -m lct.sample --seed` gives the same images) or `generator`, "
+        "`output_type` pil / np / pt / latent.",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | `{preset}`: objective `{method.get('objective')}`, sigma_min {method.get('sigma_min')} "
+        f"(sampling {method.get('sample_sigma_min')}), sigma_max {method.get('sigma_max')}, sigma_data "
+        f"{method.get('sigma_data')}, time input {method.get('time_embed_scale')} * ln(sigma) / 4 |",
+        f"| method config | `{json.dumps(cfg.get('method') or {}, sort_keys=True)}` |",
+        f"| network | {model.get('arch')}: hidden {pipe.transformer.config.hidden_size}, depth "
+        f"{pipe.transformer.config.depth}, heads {pipe.transformer.config.num_heads}, patch "
+        f"{pipe.transformer.config.patch_size}, nsln `{pipe.transformer.config.nsln}` |",
+        f"| data | `{data.get('shards')}` ({t.get('resolution')} px, latents {t.get('latent', {}).get('shape')}, "
+        f"normalisation `{t.get('latent', {}).get('norm')}`) |",
+        f"| steps | {t.get('step')} optimizer steps, batch {(cfg.get('optim') or {}).get('batch_size')} |",
+        f"| images seen | {t.get('images_seen'):,} |" if t.get("images_seen") is not None else "| images seen | unknown |",
+        f"| EMA | `{t.get('ema')}`, half-life {_fmt(t.get('ema_halflife_images'))} images |",
+        f"| precision | `{cfg.get('precision')}` |",
+        f"| sampling defaults | 1 step; taus {list(sched.taus)} for 2+ steps; guidance 1 (off) |",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_lines(t.get("eval")),
+        "",
+        "## Files",
+        "",
+        "`transformer/` (lct's `TextDiT`), `scheduler/` (`LCTScheduler`, SPEC 9 consistency sampling), "
+        + ("`vae/`" if pipe.vae is not None and "vae" not in pipe._referenced else f"the VAE `{pipe.config.vae_source}` (referenced, not copied)")
+        + ", " + _text_line(pipe) + "; `model_index.json` holds the latent statistics; `lct_export.json` the "
+        "training record and its full config. Upload this folder as it is (e.g. `huggingface-cli upload "
+        "USER/NAME .`); `python -m lct.export RUN_DIR --out DIR --copy-all` first copies referenced components in.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return f"{x:,.0f}" if isinstance(x, (int, float)) else "unknown"
+
+
+def _example_prompt(pipe) -> str:
+    return "a red bus on a city street" if pipe.transformer.config.cond == "text" else ""
+
+
+def _text_line(pipe) -> str:
+    if pipe.transformer.config.cond != "text":
+        return "no text encoder (unconditional)"
+    if "text_encoder" in pipe._referenced:
+        return f"the text tower `{(pipe.config.text_source or {}).get('model')}` (referenced, not copied)"
+    if pipe.tokenizer is not None:
+        return "`text_encoder/` + `tokenizer/` (transformers `CLIPTextModelWithProjection` + `CLIPTokenizer`)"
+    return "`text_encoder/` (lct's `OpenCLIPTextModel`, tokenizes itself)"
+
+
+def _eval_lines(ev: dict | None) -> list[str]:
+    if not ev:
+        return ["No eval yet. `python eval/clip_fid.py --checkpoint RUN_DIR --out RUN_DIR/eval/NAME`, then "
+                "`python -m lct.export RUN_DIR --out DIR` puts its numbers here."]
+    out = [f"From `{ev.get('path')}` ({ev.get('time')}): protocol `{ev.get('protocol')}`"
+           f"{'' if ev.get('conforms') else ' (with deviations, see the file)'}, {ev.get('num_samples')} samples, "
+           f"checkpoint step {ev.get('checkpoint_step')}, EMA `{ev.get('checkpoint_ema')}`.", "",
+           "| setting | steps | tau | guidance | NFE | metrics |", "|---|---|---|---|---|---|"]
+    for s in ev.get("settings") or []:
+        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in s["metrics"].items())
+        out.append(f"| {s['name']} | {s['steps']} | {s['tau']} | {s['guidance']} | {s['nfe']} | {metrics or 'skipped'} |")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_export(p: Path) -> bool:
+    return (p / INDEX).is_file() or (p / META).is_file()
 
 
 def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
     """An export directory from an export or run directory (`export/<ema>/`, default the run's
     sample EMA)."""
     p = Path(path)
-    if (p / META).is_file():
+    if _is_export(p):
         return p
     exports = p / "export"
     if exports.is_dir():
@@ -117,72 +368,143 @@ def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
                 name = (yaml.safe_load(cfg_file.read_text()).get("ema") or {}).get("sample")
         candidates = [exports / name] if name else sorted(exports.iterdir())
         for c in candidates:
-            if (c / META).is_file():
+            if _is_export(c):
                 return c
         raise UserError(f"{p}: no export for EMA {name!r} (have: {[c.name for c in exports.iterdir()]}); "
                         "exports are written at each checkpoint")
-    raise UserError(f"{p} is neither an lct export (no {META}) nor a run directory with export/; "
-                    "pass --checkpoint RUN_DIR or RUN_DIR/export/<ema>")
+    if p.is_dir() and any(p.iterdir()):
+        raise UserError(f"{p / INDEX} is missing: {p} is neither an lct export nor a run directory with export/; "
+                        f"{REMAKE_HINT}")
+    raise UserError(f"{p}: no such export or run directory (pass --checkpoint RUN_DIR or RUN_DIR/export/<ema>)")
 
 
 def load_network_weights(path: str | os.PathLike, ema: str | None = None) -> dict[str, torch.Tensor]:
-    """State dict of an exported network (for `model.init_from`)."""
+    """State dict of an exported network (for `model.init_from`), from either export format."""
     from safetensors.torch import load_file
 
     d = resolve_export(path, ema)
-    files = sorted(d.glob("*.safetensors"))
+    folder = d / "transformer" if (d / INDEX).is_file() else d
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UserError(f"{d}: no safetensors weights")
+        raise UserError(f"{folder}: no safetensors weights; {REMAKE_HINT}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
     return state
 
 
-@dataclass
-class LoadedModel:
-    """An exported model ready to sample: the parameterised network and what surrounds it."""
-
-    precond: torch.nn.Module
-    meta: dict
-    path: Path
-
-    def vae_id(self) -> str | None:
-        """The VAE to decode with: the copy inside the export when there is one (moved exports)."""
-        rec = self.meta.get("vae") or {}
-        if rec.get("id_relative") and (self.path / rec["id_relative"]).is_dir():
-            return str(self.path / rec["id_relative"])
-        return rec.get("id")
-
-    def text_manifest(self) -> dict:
-        """The text record in the form `lct.text.TextEncoder.from_manifest` reads (paths relative
-        to the export directory)."""
-        return {"text": self.meta.get("text"), "_dir": str(self.path)}
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["latent"]["shape"])
-
-    def latent_norm(self):
-        from lct.vae import LatentNorm
-
-        lat = self.meta["latent"]
-        return LatentNorm(np.asarray(lat["mean"]), np.asarray(lat["std"]))
+def weight_files(d: Path) -> list[Path]:
+    """The network's weight files of an export (either format)."""
+    folder = d / "transformer" if (d / INDEX).is_file() else d
+    return sorted(folder.glob("*.safetensors"))
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema: str | None = None) -> LoadedModel:
-    from lct.models import Precond, TextDiT
+def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str | None = None):
+    """An `LCTPipeline` from an export written before pipelines (lct-export/1); what it
+    referenced from outside the folder stays referenced when it is saved."""
+    from lct.models import TextDiT
+    from lct.pipeline import LCTPipeline
+    from lct.scheduler import LCTScheduler
+    from lct.vae import load_vae
 
-    d = resolve_export(path, ema)
     meta = json.loads((d / META).read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{d}: unknown export format {meta.get('format')!r}")
-    net = TextDiT.from_pretrained(str(d)).to(device).eval()
+    if meta.get("format") != LEGACY_FORMAT:
+        raise UserError(f"{d / META}: unknown export format {meta.get('format')!r} and no {INDEX}; {REMAKE_HINT}")
+    if not any(d.glob("*.safetensors")) or not (d / "config.json").is_file():
+        raise UserError(f"{d}: config.json or the network's safetensors file is missing; {REMAKE_HINT}")
+    net = TextDiT.from_pretrained(str(d)).eval()
     m = meta["method"]
-    precond = Precond(net, sigma_data=m["sigma_data"], sigma_min=m["sigma_min"],
-                      time_embed_scale=m["time_embed_scale"]).to(device).eval()
-    return LoadedModel(precond, meta, d)
+    scheduler = LCTScheduler(sigma_min=m["sigma_min"], sigma_max=m["sigma_max"], sigma_data=m["sigma_data"],
+                             time_embed_scale=m["time_embed_scale"], sample_sigma_min=m["sample_sigma_min"],
+                             taus=list(m["tau"]))
+    rec = meta.get("vae") or {}
+    copied = rec.get("id_relative") and (d / rec["id_relative"]).is_dir()
+    vae_id = vae or (str(d / rec["id_relative"]) if copied else rec.get("id"))
+    if not vae_id:
+        raise UserError("the export records no VAE; pass --vae ID_OR_PATH")
+    vae_model = load_vae(vae_id, "cpu", torch.float32)
+    text_encoder = tokenizer = None
+    text_rec = meta.get("text") or {}
+    text_copied = bool(text_rec.get("pretrained_relative")) and (d / text_rec["pretrained_relative"]).is_file()
+    if meta["model"]["cond"] == "text":
+        from lct.text import TextEncoder
+
+        enc = TextEncoder.from_manifest({"text": text_rec, "_dir": str(d)}, pretrained=text_pretrained)
+        text_encoder, tokenizer = text_component(enc)
+    lat = meta["latent"]
+    training = {k: v for k, v in meta.items() if k != "format"} | {"format": EXPORT_FORMAT, "converted_from": LEGACY_FORMAT}
+    training.setdefault("images_seen", None)
+    training.setdefault("eval", None)
+    pipe = LCTPipeline(net, scheduler, vae_model, text_encoder, tokenizer, latent_mean=lat["mean"],
+                       latent_std=lat["std"], training=training)
+    if not copied and not vae:
+        pipe._referenced.add("vae")
+        pipe.register_to_config(vae_source=vae_id)
+    if meta["model"]["cond"] == "text" and not text_copied and not text_pretrained:
+        pipe._referenced.add("text_encoder")
+        pipe.register_to_config(text_source=text_rec)
+    return pipe
 
 
-def copy_export(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+# ----------------------------------------------------------------------------------------------
+# python -m lct.export: rewrite / convert an export
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lct.export", description=(
+        "Write an export as a diffusers pipeline folder: converts exports written before pipelines, "
+        "refreshes the model card (latest eval), and with --copy-all copies referenced components in."))
+    p.add_argument("checkpoint", help="run directory or export directory (either format)")
+    p.add_argument("--out", required=True, help="output folder (a pipeline folder; must not be the source)")
+    p.add_argument("--ema", default=None, help="EMA name of a run directory (default: the run's sample EMA)")
+    p.add_argument("--copy-all", action="store_true",
+                   help="copy the referenced VAE / text tower into the folder (self-contained, for an upload)")
+    p.add_argument("--results", default=None, help="eval results.json for the model card (default: the newest "
+                                                    "under RUN_DIR/eval/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from lct.pipeline import load_pipeline
+
+    args = parse_args(argv)
+    src = resolve_export(args.checkpoint, args.ema)
+    out = Path(args.out)
+    if out.resolve() == src.resolve():
+        raise UserError(f"--out {out}: is the source export; write to another folder")
+    if args.results and not Path(args.results).is_file():
+        raise UserError(f"--results {args.results}: file not found")
+    pipe = load_pipeline(src)
+    training = dict(pipe.config.training or {})
+    if args.results:
+        training["eval"] = eval_summary(Path(args.results))
+    else:
+        run_dir = Path(str((training.get("config") or {}).get("run", {}).get("dir") or ""))
+        found = latest_eval(run_dir / "eval") if str(run_dir) not in ("", ".") else None
+        training["eval"] = found or training.get("eval")
+    pipe.register_to_config(training=training)
+    if args.copy_all:
+        pipe.copy_referenced()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from lct.checkpoint import export_dir_atomic
+
+    export_dir_atomic(tmp, out)
+    refs = sorted(pipe._referenced)
+    print(f"wrote the pipeline folder {out}" + (f" (referenced, not copied: {', '.join(refs)}; --copy-all copies them)"
+                                                 if refs else ""))
+    return 0
+
+
+def cli() -> None:
+    cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()
