@@ -404,6 +404,7 @@ def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str |
     referenced from outside the folder stays referenced when it is saved."""
     from lct.models import TextDiT
     from lct.pipeline import LCTPipeline
+    from lct.pipeline_text import OpenCLIPTextModel
     from lct.scheduler import LCTScheduler
     from lct.vae import load_vae
 
@@ -429,8 +430,9 @@ def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str |
     if meta["model"]["cond"] == "text":
         from lct.text import TextEncoder
 
+        # open_clip's own tower, as lct.sample ran it: an old export samples the same images.
         enc = TextEncoder.from_manifest({"text": text_rec, "_dir": str(d)}, pretrained=text_pretrained)
-        text_encoder, tokenizer = text_component(enc)
+        text_encoder = OpenCLIPTextModel.from_encoder(enc)
     lat = meta["latent"]
     training = {k: v for k, v in meta.items() if k != "format"} | {"format": EXPORT_FORMAT, "converted_from": LEGACY_FORMAT}
     training.setdefault("images_seen", None)

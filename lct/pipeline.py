@@ -55,6 +55,8 @@ SHIM = ('"""Loads this folder with diffusers (`trust_remote_code=True`): the pip
         "from lct.pipeline import LCTPipeline  # noqa: F401\n")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _RESOLVE = [True]
+_TOKENIZER_STATE = ("is_local", "local_files_only", "max_length", "stride", "truncation_side",
+                    "truncation_strategy", "padding_side", "padding_strategy", "pad_to_multiple_of")
 
 
 @contextlib.contextmanager
@@ -133,10 +135,20 @@ class LCTPipeline(DiffusionPipeline):
         d = Path(save_directory)
         index = json.loads((d / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", type(self).__name__]
+        index.pop("_name_or_path", None)  # where it was loaded from: not part of the model
         (d / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for cfg_file in d.glob("*/config.json"):  # diffusers records where a component was loaded from
+            cfg = json.loads(cfg_file.read_text())
+            if cfg.pop("_name_or_path", None) is not None:
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        tok_cfg = d / "tokenizer" / "tokenizer_config.json"
+        if tok_cfg.is_file():  # transformers also writes how it was loaded and last called: not the model
+            cfg = json.loads(tok_cfg.read_text())
+            tok_cfg.write_text(json.dumps({k: v for k, v in cfg.items() if k not in _TOKENIZER_STATE},
+                                          indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         (d / SHIM_FILE).write_text(SHIM)
         (d / "README.md").write_text(model_card(self))
-        (d / META).write_text(json.dumps(export_meta(self), indent=1) + "\n")
+        (d / META).write_text(json.dumps(export_meta(self), indent=1, sort_keys=True) + "\n")
 
     def copy_referenced(self) -> None:
         """Copy referenced components into the next `save_pretrained` (a self-contained folder)."""

@@ -27,8 +27,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
 
 CLIP_ATOL = 1e-4  # fp32 token states of two implementations of the same tower (measured: ~1e-6)
-PROBES = ["a photo of a cat", "", "A red bus on a street, at night; résumé & café 😀",
-          "two small blue squares at the top left of a large green circle " * 3]
+PROBES = ["a photo of a cat", "", "A red bus on a street, at night; résumé & café 😀", "Tom &amp; Jerry ＡＢＣ",
+          "<|endoftext|> x<|startoftext|>y <end_of_text> it's", "two small blue squares at the top left " * 9]
 
 
 def clean_prompt(text: str) -> str:
@@ -144,19 +144,15 @@ def _clip_state(text: torch.nn.Module, layers: int) -> dict[str, torch.Tensor]:
 
 
 def _clip_tokenizer(tok, context_length: int):
-    """open_clip's SimpleTokenizer as a CLIPTokenizer (same vocab, merges, special tokens and split
-    pattern; `clip_token_ids` pads with open_clip's id 0)."""
-    from tokenizers import Regex, pre_tokenizers
+    """open_clip's SimpleTokenizer as a CLIPTokenizer (same vocab, merges and special tokens;
+    `clip_token_ids` pads with open_clip's id 0). `check_clip_form` compares the ids on probes,
+    including literal special-token strings."""
     from transformers import CLIPTokenizer
 
     merges = [m for m, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
     sot, eot = tok.decoder[tok.sot_token_id], tok.decoder[tok.eot_token_id]
     hf = CLIPTokenizer(vocab=dict(tok.encoder), merges=merges, bos_token=sot, eos_token=eot, unk_token=eot,
                        pad_token=eot, model_max_length=context_length)
-    # open_clip's split pattern (its special tokens, not "<|endoftext|>").
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tok.pat.pattern), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     return hf
 
 
