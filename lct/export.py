@@ -146,11 +146,12 @@ def _size(path: Path) -> int:
 _COMPONENT_CACHE: dict = {}  # per process: the trainer exports the same VAE / tower at every checkpoint
 
 
-def _cached(key, build):
-    if key not in _COMPONENT_CACHE:
-        _COMPONENT_CACHE.clear()  # one data set per process: keep only the latest
-        _COMPONENT_CACHE[key] = build()
-    return _COMPONENT_CACHE[key]
+def _cached(kind: str, key, build):
+    """The latest component of each kind ("vae", "text"), rebuilt when its source files change."""
+    hit = _COMPONENT_CACHE.get(kind)
+    if hit is None or hit[0] != key:
+        _COMPONENT_CACHE[kind] = hit = (key, build())
+    return hit[1]
 
 
 def _vae_component(vae: dict | None):
@@ -163,7 +164,7 @@ def _vae_component(vae: dict | None):
     from lct.vae import load_vae
 
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
-    return _cached(("vae", str(src), stamp), lambda: load_vae(str(src), "cpu", torch.float32)), None
+    return _cached("vae", (str(src), stamp), lambda: load_vae(str(src), "cpu", torch.float32)), None
 
 
 def _text_component(manifest: dict):
@@ -189,7 +190,7 @@ def _text_component(manifest: dict):
         base = {"text": rec, "_dir": str(Path(str(manifest.get("manifest_path") or local)).parent)}
         return text_component(TextEncoder.from_manifest(base))
 
-    enc, tok = _cached(("text", stamp), build)
+    enc, tok = _cached("text", stamp, build)
     return enc, tok, None
 
 
