@@ -309,6 +309,34 @@ class LCTPipeline(DiffusionPipeline):
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-component progress bars or 'install accelerate' notes while lct's tools load a pipeline."""
+    import diffusers.utils.logging as dlog
+
+    level, bars = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        import transformers.utils.logging as tlog
+    except ImportError:
+        tlog = None
+    if tlog is not None:
+        t_level, t_bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars:
+            dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.set_verbosity(t_level)
+            if t_bars:
+                tlog.enable_progress_bar()
+
+
 def check_pipeline_folder(d: Path) -> None:
     """One line naming the first missing file of a pipeline folder and the command that makes it."""
     from lct.export import REMAKE_HINT
@@ -362,7 +390,8 @@ def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str |
                 TextEncoder.from_manifest({"text": rec}, pretrained=text_pretrained))
             overrides["tokenizer"] = None
         try:
-            pipe = LCTPipeline.from_pretrained(str(d), **overrides)
+            with quiet_loading():
+                pipe = LCTPipeline.from_pretrained(str(d), **overrides)
         except UserError:
             raise
         except Exception as err:  # a truncated weight file, a config from another version
@@ -374,6 +403,7 @@ def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str |
     else:
         from lct.export import pipeline_from_legacy
 
-        pipe = pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
+        with quiet_loading():
+            pipe = pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe

@@ -278,3 +278,39 @@ def test_trained_run_exports_a_pipeline_that_samples_like_lct_sample(tmp_path, l
         got = pil_array(pipe(caps, num_inference_steps=steps, guidance_scale=w, seed=4).images)
         ref, _ = reference_images(parts, caps, [0, 1], seed=4, steps=steps, guidance=w)
         assert np.array_equal(got, cli) and np.array_equal(got, ref), (steps, w)
+
+
+@pytest.mark.slow
+def test_hub_or_large_components_are_referenced_not_copied(tmp_path, monkeypatch):
+    """A VAE or text tower over the copy cap (or a hub id) is recorded as a source and loaded when
+    the pipeline is built; save keeps the reference; `python -m lct.export --copy-all` copies it in;
+    an unreachable hub VAE is one line naming --vae."""
+    from helpers_export import tiny_parts
+    from lct import export as ex
+    from lct.errors import UserError
+    from lct.pipeline import load_pipeline
+
+    precond, cfg, manifest = tiny_parts(tmp_path / "w")
+    state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
+    monkeypatch.setattr(ex, "CARRY_MAX_BYTES", 0)
+    out = ex.export_network(precond, state, tmp_path / "ref", cfg=cfg, manifest=manifest, ema_name="ema", step=1)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
+    assert index["vae_source"] == manifest["vae"]["id"] and index["text_source"]["model"] == "lct-tiny-text"
+    assert not (out / "vae").exists() and not (out / "text_encoder").exists()
+    pipe = load_pipeline(out)
+    assert pipe.vae is not None and type(pipe.text_encoder).__name__ == "OpenCLIPTextModel"
+    images = pil_array(pipe(PROMPTS[:2], num_inference_steps=2, seed=1).images)
+    pipe.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text()) == index
+    assert ex.main([str(out), "--out", str(tmp_path / "full"), "--copy-all"]) == 0
+    full = json.loads((tmp_path / "full" / "model_index.json").read_text())
+    assert full["vae"] == ["diffusers", "AutoencoderKL"] and full["vae_source"] is None and full["text_source"] is None
+    copied = load_pipeline(tmp_path / "full")
+    assert np.array_equal(pil_array(copied(PROMPTS[:2], num_inference_steps=2, seed=1).images), images)
+    hub = dict(manifest, vae={**manifest["vae"], "id": "stabilityai/sd-vae-ft-ema"})
+    out2 = ex.export_network(precond, state, tmp_path / "hub", cfg=cfg, manifest=hub, ema_name="ema", step=1)
+    assert json.loads((out2 / "model_index.json").read_text())["vae_source"] == "stabilityai/sd-vae-ft-ema"
+    with pytest.raises(UserError, match="--vae"):
+        load_pipeline(out2)
+    assert load_pipeline(out2, vae=manifest["vae"]["id"]).vae is not None
