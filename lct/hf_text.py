@@ -34,6 +34,7 @@ states in the shards is the data prep's choice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,6 +68,20 @@ def kind_of(config) -> str:
         if model_type in spec["model_types"]:
             return kind
     raise UserError(f"{_KEY}: a {model_type!r} model is not a supported text tower (T5 encoder or CLIP text model)")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' "Loading weights" bars are noise in data-prep and trainer logs."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 class HFTokenizer:
@@ -131,7 +146,8 @@ class HFTextEncoder(nn.Module):
         names = KINDS[kind]["classes"]
         arch = next((a for a in (getattr(config, "architectures", None) or []) if a in names), names[0])
         try:
-            net = getattr(transformers, arch).from_pretrained(src.name, torch_dtype=DTYPES[dtype], **src.kwargs)
+            with _no_progress_bars():
+                net = getattr(transformers, arch).from_pretrained(src.name, dtype=DTYPES[dtype], **src.kwargs)
         except Exception as err:  # missing or partial weights
             raise UserError(f"{key} {model}: could not load the {arch} weights ({_short(err)}); set {key} to a "
                             "folder written by save_pretrained") from None
