@@ -11,7 +11,8 @@ import torch
 
 from helpers_hf import CAPTIONS, TEXT_DIM, make_tiny_pixart_pipeline, make_tiny_t5, tiny_pixart, tiny_pixart_config
 from lct.errors import ConfigError, UserError
-from lct.models.pixart import PIXART_SCHEDULER, PixArtNet, check_compatible, load_pixart, wrap_pixart
+from lct.models.pixart import (PIXART_SCHEDULER, PixArtNet, build_pixart, check_compatible, load_pixart,
+                               pixart_config, wrap_pixart)
 from lct.models.vp import (VPDenoiser, alphas_cumprod_from_config, sigma_to_timestep, vp_log_sigmas,
                            vp_scalings)
 from lct.vae import LatentNorm
@@ -331,6 +332,11 @@ def test_load_pipeline_folder_and_transformer_folder(tmp_path):
                                    ref(x, torch.tensor([0.2, 9.0]), text_states=states, text_mask=mask), rtol=0, atol=0)
     ckpt = load_pixart(folder, null, gradient_checkpointing=True)
     assert ckpt.net.transformer.gradient_checkpointing
+    cfg = pixart_config(folder)  # config only: the pre-flight check and a meta-device build
+    check_compatible(cfg, (4, 8, 8), TEXT_DIM)
+    with torch.device("meta"):
+        meta = build_pixart(cfg)
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in net.parameters())
 
 
 def test_missing_weights_one_line_naming_the_key_fast(tmp_path):

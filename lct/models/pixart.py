@@ -210,6 +210,20 @@ def build_pixart(config: Mapping[str, Any] | str, null_states: torch.Tensor | No
     return wrap_pixart(transformer, null_states, **kwargs)
 
 
+def pixart_config(pretrained: str, key: str = "model.pretrained") -> dict:
+    """The transformer config of `pretrained` alone (no weights read): for `check_compatible` and
+    for building the network on the meta device (`build_pixart(config)`) before any real work."""
+    from lct.hub import resolve_pretrained
+
+    src = resolve_pretrained(pretrained, key=key, subfolders=("", "transformer"), what="PixArt transformer")
+    from diffusers import PixArtTransformer2DModel
+
+    cfg = dict(PixArtTransformer2DModel.load_config(src.name, **src.kwargs))
+    if cfg.get("_class_name") not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):
+        raise UserError(f"{key} {pretrained}: holds a {cfg['_class_name']}, not a PixArtTransformer2DModel")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
 def load_pixart(pretrained: str, null_states: torch.Tensor, *, key: str = "model.pretrained",
                 scheduler: Mapping[str, Any] | None = None, sigma_min: float = 0.0, vae_downsample: int = 8,
                 gradient_checkpointing: bool = False) -> VPDenoiser:
@@ -226,7 +240,8 @@ def load_pixart(pretrained: str, null_states: torch.Tensor, *, key: str = "model
     from diffusers import PixArtTransformer2DModel
 
     try:
-        transformer = PixArtTransformer2DModel.from_pretrained(src.name, torch_dtype=torch.float32, **src.kwargs)
+        transformer = PixArtTransformer2DModel.from_pretrained(src.name, torch_dtype=torch.float32,
+                                                               low_cpu_mem_usage=False, **src.kwargs)
     except Exception as err:  # incomplete download, another model class, unreadable weights
         text = str(err).strip().splitlines()
         raise UserError(f"{key} {pretrained}: could not load a PixArtTransformer2DModel "

@@ -63,7 +63,7 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
 
 def vp_log_sigmas(alphas_cumprod) -> torch.Tensor:
     """ln sigma_t = 0.5 ln((1 - abar_t) / abar_t), float64, ascending in t (SPEC 14.1)."""
-    a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+    a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64), device="cpu")  # also under a meta-device build
     if a.ndim != 1 or a.numel() < 2 or not bool(((a > 0) & (a < 1)).all()) or not bool((a[1:] < a[:-1]).all()):
         raise ValueError("alphas_cumprod must be a strictly decreasing 1-D table in (0, 1)")
     return 0.5 * torch.log((1.0 - a) / a)
