@@ -47,6 +47,10 @@ def test_schedule_vectors():
     from diffusers import DDPMScheduler  # the same table as diffusers builds it (in float32)
 
     np.testing.assert_allclose(abar, DDPMScheduler(**PIXART_SCHEDULER).alphas_cumprod.double().numpy(), rtol=2e-6)
+    cos = alphas_cumprod_from_config(dict(PIXART_SCHEDULER, beta_schedule="squaredcos_cap_v2"))  # diffusers' table
+    np.testing.assert_allclose(cos, DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double().numpy())
+    with pytest.raises(ConfigError, match="model.scheduler"):
+        alphas_cumprod_from_config(dict(PIXART_SCHEDULER, rescale_betas_zero_snr=True))
 
 
 def test_sigma_to_timestep_vectors():

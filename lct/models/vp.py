@@ -43,6 +43,9 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
     n = int(cfg.get("num_train_timesteps", 1000))
     b0, b1 = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
     schedule = cfg.get("beta_schedule", "linear")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ConfigError("rescale_betas_zero_snr makes abar_(T-1) = 0 (sigma_max infinite); not supported",
+                          key="model.scheduler")
     if cfg.get("trained_betas") is not None:
         betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
     elif schedule == "linear":
@@ -52,12 +55,8 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
     else:
         from diffusers import DDPMScheduler
 
-        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                    "rescale_betas_zero_snr") if k in cfg}
+        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
         return DDPMScheduler(**keep).alphas_cumprod.double().numpy()
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ConfigError("rescale_betas_zero_snr makes abar_(T-1) = 0 (sigma_max infinite); not supported",
-                          key="model.scheduler")
     return np.cumprod(1.0 - betas)
 
 
