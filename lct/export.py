@@ -85,17 +85,22 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     scheduler = LCTScheduler(sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
                              time_embed_scale=m.time_embed_scale, sample_sigma_min=sample_sigma_min,
                              taus=list(m.tau))
-    mean, std = latent_stats(manifest, cfg.data.latent_norm)
+    norm = cfg.data.latent_norm
+    mean, std = (None, None) if norm == "vae" else latent_stats(manifest, norm)
     vae, vae_source = _vae_component(manifest.get("vae"))
     text_encoder = tokenizer = text_source = None
+    text_rec = manifest.get("text") or {}
     if cfg.model.cond == "text":
         text_encoder, tokenizer, text_source = _text_component(manifest)
     record = training_record(cfg, manifest, ema_name, step, images_seen)
     with references_unresolved():
         pipe = LCTPipeline(cpu_net, scheduler, vae, text_encoder, tokenizer,
-                           latent_mean=np.asarray(mean, dtype=np.float64).tolist(),
-                           latent_std=np.asarray(std, dtype=np.float64).tolist(),
-                           vae_source=vae_source, text_source=text_source, training=record)
+                           latent_mean=None if mean is None else np.asarray(mean, dtype=np.float64).tolist(),
+                           latent_std=None if std is None else np.asarray(std, dtype=np.float64).tolist(),
+                           latent_norm_kind=norm,
+                           vae_source=vae_source, text_source=text_source, training=record,
+                           text_kind=text_rec.get("kind", "open_clip"),
+                           text_max_length=text_rec.get("context_length") if text_rec.get("kind") else None)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -168,29 +173,39 @@ def _vae_component(vae: dict | None):
 
 
 def _text_component(manifest: dict):
-    """(text_encoder, tokenizer, None) for a local text tower <= CARRY_MAX_BYTES (the form of
-    `text_component`), else (None, None, the manifest's text record: loaded when the pipeline is)."""
+    """(text_encoder, tokenizer, None) for a local text tower <= CARRY_MAX_BYTES, else (None, None,
+    the manifest's text record: loaded when the pipeline is). open_clip towers take the form of
+    `text_component`; transformers towers (T5, CLIP: `lct.hf_text`) are copied as they are."""
+    from lct.hf_text import is_hf_record
     from lct.text import TextEncoder, is_random
 
     rec = manifest.get("text") or {}
     if not rec:
         raise UserError("the data's manifest records no text model; re-run data_prep/encode_latents.py")
+    base = {"text": rec, "_dir": str(Path(str(manifest.get("manifest_path") or ".")).parent)}
+    if is_hf_record(rec):
+        src = Path(str((rec.get("source") or {}).get("id") or ""))
+        if not src.is_dir() or _size(src) > CARRY_MAX_BYTES:
+            return None, None, _jsonable(rec)
+        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
+
+        def build_hf():
+            enc = TextEncoder.from_manifest(base)
+            return enc.model, enc.hf_tokenizer
+
+        enc, tok = _cached("text", stamp, build_hf)
+        return enc, tok, None
     pre = rec.get("pretrained")
     local = None
     if pre and not is_random(pre):
-        for cand in (Path(str(pre)), Path(str(manifest.get("manifest_path") or ".")).parent / str(rec.get("pretrained_relative") or "")):
+        for cand in (Path(str(pre)), Path(base["_dir"]) / str(rec.get("pretrained_relative") or "")):
             if cand.is_file():
                 local = cand
                 break
     if local is None or _size(local) > CARRY_MAX_BYTES:
         return None, None, _jsonable(rec)
     stamp = (str(local), local.stat().st_size, local.stat().st_mtime_ns)
-
-    def build():
-        base = {"text": rec, "_dir": str(Path(str(manifest.get("manifest_path") or local)).parent)}
-        return text_component(TextEncoder.from_manifest(base))
-
-    enc, tok = _cached("text", stamp, build)
+    enc, tok = _cached("text", stamp, lambda: text_component(TextEncoder.from_manifest(base)))
     return enc, tok, None
 
 
@@ -439,7 +454,7 @@ def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str |
     training.setdefault("images_seen", None)
     training.setdefault("eval", None)
     pipe = LCTPipeline(net, scheduler, vae_model, text_encoder, tokenizer, latent_mean=lat["mean"],
-                       latent_std=lat["std"], training=training)
+                       latent_std=lat["std"], training=training, latent_norm_kind=lat.get("norm", "channel"))
     if not copied and not vae:
         pipe._referenced.add("vae")
         pipe.register_to_config(vae_source=vae_id)

@@ -55,8 +55,12 @@ SHIM = ('"""Loads this folder with diffusers (`trust_remote_code=True`): the pip
         "from lct.pipeline import LCTPipeline  # noqa: F401\n")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _RESOLVE = [True]
-_TOKENIZER_STATE = ("is_local", "local_files_only", "max_length", "stride", "truncation_side",
-                    "truncation_strategy", "padding_side", "padding_strategy", "pad_to_multiple_of")
+# tokenizer_config.json keys transformers adds when it saves a tokenizer it loaded or called (how it
+# was loaded, the last call's truncation), dropped so that save -> load -> save is a fixed point;
+# sides only at their defaults.
+_TOKENIZER_STATE = ("is_local", "local_files_only", "max_length", "stride", "truncation_strategy",
+                    "padding_strategy", "pad_to_multiple_of", "pad_token_type_id")
+_TOKENIZER_DEFAULTS = {"padding_side": "right", "truncation_side": "right"}
 
 
 @contextlib.contextmanager
@@ -79,7 +83,8 @@ class LCTPipeline(DiffusionPipeline):
 
     def __init__(self, transformer: TextDiT, scheduler: LCTScheduler, vae, text_encoder, tokenizer,
                  latent_mean: list | None = None, latent_std: list | None = None,
-                 vae_source: str | None = None, text_source: dict | None = None, training: dict | None = None):
+                 vae_source: str | None = None, text_source: dict | None = None, training: dict | None = None,
+                 text_kind: str = "open_clip", text_max_length: int | None = None, latent_norm_kind: str = "channel"):
         super().__init__()
         self._referenced: set[str] = set()
         if vae is None and vae_source:
@@ -92,9 +97,7 @@ class LCTPipeline(DiffusionPipeline):
             self._referenced.add("text_encoder")
             tokenizer = None
             if _RESOLVE[0]:
-                from lct.text import TextEncoder
-
-                text_encoder = OpenCLIPTextModel.from_encoder(TextEncoder.from_manifest({"text": text_source}))
+                text_encoder, tokenizer = resolve_text(text_source)
         self._trunk_dtype = torch.float32
         if transformer.dtype != torch.float32:  # e.g. torch_dtype=torch.float16 at loading (SPEC 1.1)
             logger.warning(f"the transformer keeps fp32 weights (SPEC 1.1); its trunk runs under {transformer.dtype} "
@@ -105,7 +108,8 @@ class LCTPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.register_to_config(latent_mean=latent_mean, latent_std=latent_std, vae_source=vae_source,
-                                text_source=text_source, training=training)
+                                text_source=text_source, training=training, text_kind=text_kind,
+                                text_max_length=text_max_length, latent_norm_kind=latent_norm_kind)
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -142,9 +146,10 @@ class LCTPipeline(DiffusionPipeline):
             if cfg.pop("_name_or_path", None) is not None:
                 cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         tok_cfg = d / "tokenizer" / "tokenizer_config.json"
-        if tok_cfg.is_file():  # transformers also writes how it was loaded and last called: not the model
+        if tok_cfg.is_file():
             cfg = json.loads(tok_cfg.read_text())
-            tok_cfg.write_text(json.dumps({k: v for k, v in cfg.items() if k not in _TOKENIZER_STATE},
+            tok_cfg.write_text(json.dumps({k: v for k, v in cfg.items() if k not in _TOKENIZER_STATE
+                                           and _TOKENIZER_DEFAULTS.get(k, object()) != v},
                                           indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         (d / SHIM_FILE).write_text(SHIM)
         (d / "README.md").write_text(model_card(self))
@@ -182,8 +187,14 @@ class LCTPipeline(DiffusionPipeline):
         return (int(c.in_channels), int(c.input_height), int(c.input_width))
 
     def latent_norm(self):
+        """SPEC 7's normalisation: the data's statistics, or (`latent_norm_kind` "vae", SPEC 14.4)
+        the VAE config's scaling and shift factors."""
         from lct.vae import LatentNorm
 
+        if self.config.latent_norm_kind == "vae":
+            if self.vae is None:
+                raise UserError("latent_norm vae needs the VAE's scaling_factor: pass vae= to from_pretrained")
+            return LatentNorm.from_vae(self.vae.config.scaling_factor, getattr(self.vae.config, "shift_factor", None))
         if self.config.latent_mean is None:
             raise UserError("this pipeline records no latent statistics (latent_mean/latent_std in model_index.json)")
         return LatentNorm(np.asarray(self.config.latent_mean, dtype=np.float64),
@@ -196,7 +207,19 @@ class LCTPipeline(DiffusionPipeline):
             return {}
         if self.text_encoder is None:
             raise UserError("this pipeline has no text encoder: pass text_encoder= to from_pretrained")
-        return encode_text(self.text_encoder, self.tokenizer, list(prompts), device or self._execution_device)
+        device = device or self._execution_device
+        if (self.config.text_kind or "open_clip") == "open_clip":
+            return encode_text(self.text_encoder, self.tokenizer, list(prompts), device)
+        # A transformers tower (T5, CLIP) of the data: its tokenisation and outputs are lct.hf_text's.
+        from lct.hf_text import HFTextEncoder
+
+        w = getattr(self, "_hf_text", None)
+        if w is None or w.model is not self.text_encoder or w.hf_tokenizer is not self.tokenizer:
+            length = self.config.text_max_length or self.tokenizer.model_max_length
+            w = self._hf_text = HFTextEncoder(self.text_encoder, self.tokenizer, int(length), source={},
+                                              tokenizer_source={})
+        states, mask, pooled = w(w.tokenize(list(prompts)))
+        return {"text_states": states, "text_mask": mask, "pooled": pooled}
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -304,6 +327,17 @@ class LCTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+def resolve_text(record: dict, pretrained: str | None = None):
+    """(text_encoder, tokenizer) of a manifest's text record: open_clip -> `OpenCLIPTextModel`
+    (tokenizes itself), transformers T5 / CLIP -> the model and its tokenizer."""
+    from lct.text import TextEncoder
+
+    enc = TextEncoder.from_manifest({"text": record}, pretrained=pretrained)
+    if hasattr(enc, "hf_tokenizer"):
+        return enc.model, enc.hf_tokenizer
+    return OpenCLIPTextModel.from_encoder(enc), None
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading exports (both formats), with one-line errors
 # ----------------------------------------------------------------------------------------------
@@ -381,14 +415,10 @@ def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str |
         if text_pretrained and index.get("text_source") is None and (index.get("text_encoder") or [None])[0] is None:
             raise UserError("--text-pretrained: this export records no text tower")
         if text_pretrained:
-            from lct.text import TextEncoder
-
             rec = index.get("text_source") or (index.get("training") or {}).get("text")
             if not rec:
                 raise UserError("--text-pretrained: the export does not record which open_clip model its text tower is")
-            overrides["text_encoder"] = OpenCLIPTextModel.from_encoder(
-                TextEncoder.from_manifest({"text": rec}, pretrained=text_pretrained))
-            overrides["tokenizer"] = None
+            overrides["text_encoder"], overrides["tokenizer"] = resolve_text(rec, text_pretrained)
         try:
             with quiet_loading():
                 pipe = LCTPipeline.from_pretrained(str(d), **overrides)

@@ -12,7 +12,9 @@
   its BPE, which a `tokenizers` normaliser cannot do, so the pipeline applies open_clip's cleaning
   (`clean_prompt`) first; the CLIPTokenizer alone differs on HTML entities and full-width
   characters.
-- `OpenCLIPTextModel` (lct's own diffusers component) for every other tower (LayerScale towers
+- a transformers tower of the data (T5, CLIP: `lct.hf_text`) is the pipeline's text encoder and
+  tokenizer as it is (pipeline config `text_kind`, `text_max_length`).
+- `OpenCLIPTextModel` (lct's own diffusers component) for every other open_clip tower (LayerScale towers
   such as the demo's `lct-tiny-text-c32`, HF-hub towers): the open_clip text tower and its
   tokenizer, rebuilt from the recorded open_clip config; it tokenizes itself (`tokenizer` is
   null in model_index.json).
@@ -94,7 +96,8 @@ def clip_token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def encode_text(text_encoder, tokenizer, prompts: list[str], device) -> dict:
-    """The network's text condition {text_states, text_mask, pooled} for `prompts`."""
+    """The network's text condition {text_states, text_mask, pooled} of an open_clip tower
+    (`OpenCLIPTextModel` or its CLIP form) for `prompts`."""
     from lct.text import padding_mask
 
     if isinstance(text_encoder, OpenCLIPTextModel):
@@ -203,7 +206,10 @@ def to_clip_text_model(encoder) -> tuple[object, object] | str:
     if missing or unexpected:
         return f"CLIPTextModel weights not filled: {missing[:3]} {unexpected[:3]}"
     model = model.eval().requires_grad_(False)
-    tokenizer = _clip_tokenizer(encoder.tokenizer, encoder.context_length)
+    try:
+        tokenizer = _clip_tokenizer(encoder.tokenizer, encoder.context_length)
+    except TypeError as err:  # transformers 4's CLIPTokenizer takes vocab/merges files
+        return f"CLIPTokenizer could not be built from open_clip's vocab ({err}); needs transformers >= 5"
     reason = check_clip_form(encoder, model, tokenizer)
     return reason if reason else (model, tokenizer)
 

@@ -45,7 +45,7 @@ def tiny_manifest(data_dir: Path, seed: int = 0) -> dict:
             "stats": stats, "manifest_path": str(data_dir / "manifest.json")}
 
 
-def tiny_network(text_dim: int = 128, pooled_dim: int = 128, seed: int = 0):
+def tiny_network(text_dim: int = 128, pooled_dim: int = 128, seed: int = 0, text_len: int = 77):
     """The tiny `TextDiT` in `Precond`, with random (seeded) weights everywhere, including the
     adaLN-Zero output layers (a zero-initialised DiT would output nothing but the skip path)."""
     import torch
@@ -55,7 +55,7 @@ def tiny_network(text_dim: int = 128, pooled_dim: int = 128, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TextDiT(in_channels=LATENT_SHAPE[0], input_height=LATENT_SHAPE[1], input_width=LATENT_SHAPE[2],
-                      patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=text_dim, text_len=77,
+                      patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=text_dim, text_len=text_len,
                       pooled_dim=pooled_dim)
         with torch.no_grad():
             for p in net.parameters():

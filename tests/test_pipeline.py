@@ -314,3 +314,37 @@ def test_hub_or_large_components_are_referenced_not_copied(tmp_path, monkeypatch
     with pytest.raises(UserError, match="--vae"):
         load_pipeline(out2)
     assert load_pipeline(out2, vae=manifest["vae"]["id"]).vae is not None
+
+
+@pytest.mark.slow
+def test_transformers_text_tower_is_the_pipelines_text_encoder(tmp_path):
+    """Data encoded with a T5 tower (lct.hf_text): the export's text_encoder/tokenizer are the
+    T5EncoderModel and its tokenizer, the condition is HFTextEncoder's, and the images equal the
+    pre-pipeline sampler's with that condition."""
+    from helpers_export import tiny_manifest, tiny_network, tiny_parts
+    from helpers_hf import make_tiny_t5, make_tiny_tokenizer
+    from lct.export import export_network
+    from lct.hf_text import HFTextEncoder
+    from lct.pipeline import LCTPipeline, load_pipeline
+
+    t5 = make_tiny_t5(tmp_path / "t5", make_tiny_tokenizer(tmp_path / "tok"))
+    enc = HFTextEncoder.load(t5, max_length=16)
+    _, cfg, manifest = tiny_parts(tmp_path / "w")
+    manifest["text"] = enc.record()
+    precond = tiny_network(enc.state_dim, 0, seed=0, text_len=16)
+    state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
+    out = export_network(precond, state, tmp_path / "export", cfg=cfg, manifest=manifest, ema_name="ema", step=1)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and index["text_kind"] == "t5"
+    pipe = load_pipeline(out)
+    states, mask, pooled = enc(enc.tokenize(PROMPTS))
+    cond = pipe.encode_prompt(PROMPTS, "cpu")
+    assert torch.equal(cond["text_states"], states) and torch.equal(cond["text_mask"], mask) and pooled.shape[1] == 0
+    parts = {"precond": precond, "condition": lambda caps: pipe.encode_prompt(caps, "cpu"), "vae": pipe.vae,
+             "norm": pipe.latent_norm(), "shape": list(pipe.latent_shape), "sigma_max": 80.0,
+             "sample_sigma_min": 0.002, "tau": [0.36931547704]}
+    ref, _ = reference_images(parts, PROMPTS, [0, 1, 2], seed=2, steps=2, guidance=1.5)
+    assert np.array_equal(pil_array(pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.5, seed=2).images), ref)
+    LCTPipeline.from_pretrained(str(out)).save_pretrained(tmp_path / "again")
+    for f in sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()):
+        assert (out / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
