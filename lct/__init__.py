@@ -6,7 +6,7 @@ Importing `lct` is cheap: deepspeed, open_clip and diffusers load only where the
 __version__ = "0.1.0"
 
 
-_LAZY = {"LCTPipeline": "lct.pipeline", "LCTScheduler": "lct.scheduler", "load_pipeline": "lct.pipeline"}
+_LAZY = {"LCTPipeline": "lct.pipeline", "LCTScheduler": "lct.scheduler", "load_pipeline": "lct.export"}
 
 
 def __getattr__(name: str):

@@ -37,20 +37,21 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lct.errors import UserError, cli_main
+from lct.model_card import EXPORT_FORMAT, META
 
-EXPORT_FORMAT = "lct-export/2"
 LEGACY_FORMAT = "lct-export/1"
-META = "lct_export.json"
 INDEX = "model_index.json"
 CARRY_MAX_BYTES = 200 * 2**20  # a VAE or text tower at most this large is copied into each export
 REMAKE_HINT = ("the trainer writes exports at every checkpoint (lct/train.py); `python -m lct.export RUN_DIR "
@@ -242,125 +243,99 @@ def eval_summary(path: Path) -> dict:
                          for s in r.get("settings") or []]}
 
 
-def export_meta(pipe) -> dict:
-    """lct_export.json of a pipeline (the training record; sampling reads model_index.json)."""
-    return {**(pipe.config.training or {}), "format": EXPORT_FORMAT, "layout": "diffusers pipeline (model_index.json)"}
-
-
-# ----------------------------------------------------------------------------------------------
-# The model card
-# ----------------------------------------------------------------------------------------------
-
-
-def model_card(pipe) -> str:
-    """README.md of an export: the hub's YAML header, what was trained on what, the latest eval
-    and the three lines that generate an image."""
-    t = pipe.config.training or {}
-    cfg = t.get("config") or {}
-    method, model, data = t.get("method") or {}, cfg.get("model") or {}, cfg.get("data") or {}
-    sched = pipe.scheduler.config
-    preset = method.get("preset") or method.get("objective") or "lct"
-    tags = ["lct", "consistency-model", "text-to-image" if pipe.transformer.config.cond == "text" else "unconditional-image-generation",
-            str(preset), "dit"]
-    text = t.get("text") or {}
-    vae = t.get("vae") or {}
-    n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    lines = [
-        "---",
-        "library_name: diffusers",
-        f"pipeline_tag: {'text-to-image' if pipe.transformer.config.cond == 'text' else 'unconditional-image-generation'}",
-        "license: other  # set the license of your data and weights before uploading",
-        "tags:", *[f"- {x}" for x in dict.fromkeys(tags)],
-        "---",
-        "",
-        f"# {Path(str((cfg.get('run') or {}).get('dir') or 'lct model')).name}: a latent consistency model trained with lct",
-        "",
-        f"A {model.get('arch') or 'DiT'} `TextDiT` ({n_params:,} parameters) in the latent space of "
-        f"`{vae.get('id') or pipe.config.vae_source or 'its VAE'}`, conditioned on "
-        f"{'the text tower `' + str(text.get('model')) + '` (' + str(text.get('pretrained')) + ')' if text else 'nothing (unconditional)'}, "
-        f"trained with lct's `{preset}` method (objective `{method.get('objective')}`).",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline  # pip install lct (the pipeline class is lct's)",
-        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\", trust_remote_code=True)",
-        f"image = pipe(\"{_example_prompt(pipe)}\", num_inference_steps={min(2, 1 + len(sched.taus))}, seed=0).images[0]",
-        "```",
-        "",
-        "`num_inference_steps` 1, 2 or k (`tau=[...]`: the k - 1 intermediate sigmas), `guidance_scale` "
-        "(1 = off; the null condition is learned), `negative_prompt`, `num_images_per_prompt`, `seed` (lct's "
-        "per-sample noise: `python -m lct.sample --seed` gives the same images) or `generator`, "
-        "`output_type` pil / np / pt / latent.",
-        "",
-        "## Training",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| method | `{preset}`: objective `{method.get('objective')}`, sigma_min {method.get('sigma_min')} "
-        f"(sampling {method.get('sample_sigma_min')}), sigma_max {method.get('sigma_max')}, sigma_data "
-        f"{method.get('sigma_data')}, time input {method.get('time_embed_scale')} * ln(sigma) / 4 |",
-        f"| method config | `{json.dumps(cfg.get('method') or {}, sort_keys=True)}` |",
-        f"| network | {model.get('arch')}: hidden {pipe.transformer.config.hidden_size}, depth "
-        f"{pipe.transformer.config.depth}, heads {pipe.transformer.config.num_heads}, patch "
-        f"{pipe.transformer.config.patch_size}, nsln `{pipe.transformer.config.nsln}` |",
-        f"| data | `{data.get('shards')}` ({t.get('resolution')} px, latents {t.get('latent', {}).get('shape')}, "
-        f"normalisation `{t.get('latent', {}).get('norm')}`) |",
-        f"| steps | {t.get('step')} optimizer steps, batch {(cfg.get('optim') or {}).get('batch_size')} |",
-        f"| images seen | {t.get('images_seen'):,} |" if t.get("images_seen") is not None else "| images seen | unknown |",
-        f"| EMA | `{t.get('ema')}`, half-life {_fmt(t.get('ema_halflife_images'))} images |",
-        f"| precision | `{cfg.get('precision')}` |",
-        f"| sampling defaults | 1 step; taus {list(sched.taus)} for 2+ steps; guidance 1 (off) |",
-        "",
-        "## Evaluation",
-        "",
-        *_eval_lines(t.get("eval")),
-        "",
-        "## Files",
-        "",
-        "`transformer/` (lct's `TextDiT`), `scheduler/` (`LCTScheduler`, SPEC 9 consistency sampling), "
-        + ("`vae/`" if pipe.vae is not None and "vae" not in pipe._referenced else f"the VAE `{pipe.config.vae_source}` (referenced, not copied)")
-        + ", " + _text_line(pipe) + "; `model_index.json` holds the latent statistics; `lct_export.json` the "
-        "training record and its full config. Upload this folder as it is (e.g. `huggingface-cli upload "
-        "USER/NAME .`); `python -m lct.export RUN_DIR --out DIR --copy-all` first copies referenced components in.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    return f"{x:,.0f}" if isinstance(x, (int, float)) else "unknown"
-
-
-def _example_prompt(pipe) -> str:
-    return "a red bus on a city street" if pipe.transformer.config.cond == "text" else ""
-
-
-def _text_line(pipe) -> str:
-    if pipe.transformer.config.cond != "text":
-        return "no text encoder (unconditional)"
-    if "text_encoder" in pipe._referenced:
-        return f"the text tower `{(pipe.config.text_source or {}).get('model')}` (referenced, not copied)"
-    if pipe.tokenizer is not None:
-        return "`text_encoder/` + `tokenizer/` (transformers `CLIPTextModelWithProjection` + `CLIPTokenizer`)"
-    return "`text_encoder/` (lct's `OpenCLIPTextModel`, tokenizes itself)"
-
-
-def _eval_lines(ev: dict | None) -> list[str]:
-    if not ev:
-        return ["No eval yet. `python eval/clip_fid.py --checkpoint RUN_DIR --out RUN_DIR/eval/NAME`, then "
-                "`python -m lct.export RUN_DIR --out DIR` puts its numbers here."]
-    out = [f"From `{ev.get('path')}` ({ev.get('time')}): protocol `{ev.get('protocol')}`"
-           f"{'' if ev.get('conforms') else ' (with deviations, see the file)'}, {ev.get('num_samples')} samples, "
-           f"checkpoint step {ev.get('checkpoint_step')}, EMA `{ev.get('checkpoint_ema')}`.", "",
-           "| setting | steps | tau | guidance | NFE | metrics |", "|---|---|---|---|---|---|"]
-    for s in ev.get("settings") or []:
-        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in s["metrics"].items())
-        out.append(f"| {s['name']} | {s['steps']} | {s['tau']} | {s['guidance']} | {s['nfe']} | {metrics or 'skipped'} |")
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-component progress bars or 'install accelerate' notes while lct's tools load a pipeline."""
+    import diffusers.utils.logging as dlog
+
+    level, bars = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        import transformers.utils.logging as tlog
+    except ImportError:
+        tlog = None
+    if tlog is not None:
+        t_level, t_bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars:
+            dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.set_verbosity(t_level)
+            if t_bars:
+                tlog.enable_progress_bar()
+
+
+def check_pipeline_folder(d: Path) -> None:
+    """One line naming the first missing file of a pipeline folder and the command that makes it."""
+    index_file = d / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{index_file}: unreadable ({err}); {REMAKE_HINT}") from None
+    weights = {"transformer": ("diffusion_pytorch_model.safetensors",), "vae": ("diffusion_pytorch_model.safetensors",),
+               "text_encoder": ("model.safetensors", "diffusion_pytorch_model.safetensors"),
+               "tokenizer": ("tokenizer.json",), "scheduler": ()}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        cfg = "scheduler_config.json" if name == "scheduler" else (
+            "tokenizer_config.json" if name == "tokenizer" else "config.json")
+        for f in (cfg, *weights.get(name, ())[:1]):
+            alts = [f] if f == cfg else list(weights[name])
+            if not any((d / name / a).is_file() for a in alts):
+                raise UserError(f"{d / name / alts[0]} is missing (component {name!r} of model_index.json); "
+                                f"{REMAKE_HINT}")
+
+
+def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str | None = None,
+                  text_pretrained: str | None = None, device: str | torch.device | None = None):
+    """The pipeline of an export or run directory (`export/<ema>/`), in either format: a
+    pipeline folder (model_index.json) or an export written before pipelines
+    (`lct_export.json` format lct-export/1 beside the TextDiT weights). `vae` / `text_pretrained`
+    replace the recorded VAE / text-tower weights (e.g. a local copy). Returns an `LCTPipeline`."""
+    from lct.pipeline import LCTPipeline, resolve_text
+
+    d = resolve_export(path, ema)
+    overrides: dict[str, Any] = {}
+    if (d / "model_index.json").is_file():
+        check_pipeline_folder(d)
+        index = json.loads((d / "model_index.json").read_text())
+        if vae:
+            from lct.vae import load_vae
+
+            overrides["vae"] = load_vae(vae, "cpu", torch.float32)
+        if text_pretrained and index.get("text_source") is None and (index.get("text_encoder") or [None])[0] is None:
+            raise UserError("--text-pretrained: this export records no text tower")
+        if text_pretrained:
+            rec = index.get("text_source") or (index.get("training") or {}).get("text")
+            if not rec:
+                raise UserError("--text-pretrained: the export does not record which open_clip model its text tower is")
+            overrides["text_encoder"], overrides["tokenizer"] = resolve_text(rec, text_pretrained)
+        try:
+            with quiet_loading():
+                pipe = LCTPipeline.from_pretrained(str(d), **overrides)
+        except UserError:
+            raise
+        except Exception as err:  # a truncated weight file, a config from another version
+            msg = str(err).strip().splitlines()
+            raise UserError(f"{d}: could not be loaded as a pipeline ({(msg[0] if msg else type(err).__name__)[:300]}); "
+                            f"{REMAKE_HINT}") from None
+    else:
+        with quiet_loading():
+            pipe = pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
 
 
 def _is_export(p: Path) -> bool:
@@ -484,8 +459,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from lct.pipeline import load_pipeline
-
     args = parse_args(argv)
     src = resolve_export(args.checkpoint, args.ema)
     out = Path(args.out)

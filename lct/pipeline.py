@@ -10,12 +10,14 @@ LCTPipeline.from_pretrained(path)` needs no flag for folders lct wrote. Componen
 (`model_index.json`): `transformer` (`lct.models.dit.TextDiT`), `scheduler`
 (`lct.scheduler.LCTScheduler`), `vae` (diffusers `AutoencoderKL`), `text_encoder` + `tokenizer`
 (transformers `CLIPTextModelWithProjection` + `CLIPTokenizer` where the open_clip tower maps onto
-them, else `lct.pipeline_text.OpenCLIPTextModel` and no tokenizer; `lct/pipeline_text.py`). The
+them, else `lct.pipeline_text.OpenCLIPTextModel` and no tokenizer; a T5 / CLIP tower of
+`lct.hf_text` as it is, `text_kind`). The
 pipeline's own config holds the latent statistics (SPEC 7), the training record (the model card's
 source) and, for components too large to copy into every export, their source: `vae_source` (a
-hub id or local folder, loaded with `lct.vae.load_vae`) and `text_source` (the open_clip model
-and weights, `lct.text.TextEncoder.from_manifest`); a referenced component is loaded when the
-pipeline is built and is referenced again, not copied, by `save_pretrained`.
+hub id or local folder, loaded with `lct.vae.load_vae`) and `text_source` (the data's text
+record, `lct.text.TextEncoder.from_manifest`); a referenced component is loaded when the
+pipeline is built and is referenced again, not copied, by `save_pretrained`. Exports of either
+format load with `lct.export.load_pipeline` (lct.sample, eval).
 
 Noise: `seed=S` keys every sample's noise by (S, sample index, step) (`lct.rng.sampling_noise`,
 what `python -m lct.sample --seed S` and eval use: the same image for a sample index in any batch,
@@ -33,7 +35,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from lct.errors import UserError
+from lct.model_card import META, export_meta, model_card
 from lct.models.dit import TextDiT
 from lct.pipeline_text import OpenCLIPTextModel, encode_text
 from lct.rng import sampling_noise
@@ -126,8 +129,6 @@ class LCTPipeline(DiffusionPipeline):
         """diffusers' folder plus `pipeline.py` (the shim), the model card `README.md` and
         `lct_export.json`; referenced components stay referenced (`copy_referenced()` first to
         copy them in)."""
-        from lct.export import META, export_meta, model_card
-
         refs = {n: getattr(self, n) for n in sorted(self._referenced)}
         self.register_modules(**{n: None for n in refs})
         if "text_encoder" in refs:
@@ -338,102 +339,3 @@ def resolve_text(record: dict, pretrained: str | None = None):
     return OpenCLIPTextModel.from_encoder(enc), None
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading exports (both formats), with one-line errors
-# ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """No per-component progress bars or 'install accelerate' notes while lct's tools load a pipeline."""
-    import diffusers.utils.logging as dlog
-
-    level, bars = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    try:
-        import transformers.utils.logging as tlog
-    except ImportError:
-        tlog = None
-    if tlog is not None:
-        t_level, t_bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-        if bars:
-            dlog.enable_progress_bar()
-        if tlog is not None:
-            tlog.set_verbosity(t_level)
-            if t_bars:
-                tlog.enable_progress_bar()
-
-
-def check_pipeline_folder(d: Path) -> None:
-    """One line naming the first missing file of a pipeline folder and the command that makes it."""
-    from lct.export import REMAKE_HINT
-
-    index_file = d / "model_index.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{index_file}: unreadable ({err}); {REMAKE_HINT}") from None
-    weights = {"transformer": ("diffusion_pytorch_model.safetensors",), "vae": ("diffusion_pytorch_model.safetensors",),
-               "text_encoder": ("model.safetensors", "diffusion_pytorch_model.safetensors"),
-               "tokenizer": ("tokenizer.json",), "scheduler": ()}
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
-        cfg = "scheduler_config.json" if name == "scheduler" else (
-            "tokenizer_config.json" if name == "tokenizer" else "config.json")
-        for f in (cfg, *weights.get(name, ())[:1]):
-            alts = [f] if f == cfg else list(weights[name])
-            if not any((d / name / a).is_file() for a in alts):
-                raise UserError(f"{d / name / alts[0]} is missing (component {name!r} of model_index.json); "
-                                f"{REMAKE_HINT}")
-
-
-def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str | None = None,
-                  text_pretrained: str | None = None, device: str | torch.device | None = None) -> LCTPipeline:
-    """The pipeline of an export or run directory (`export/<ema>/`), in either format: a
-    pipeline folder (model_index.json) or an export written before pipelines
-    (`lct_export.json` format lct-export/1 beside the TextDiT weights). `vae` / `text_pretrained`
-    replace the recorded VAE / text-tower weights (e.g. a local copy)."""
-    from lct.export import resolve_export
-
-    d = resolve_export(path, ema)
-    overrides: dict[str, Any] = {}
-    if (d / "model_index.json").is_file():
-        check_pipeline_folder(d)
-        index = json.loads((d / "model_index.json").read_text())
-        if vae:
-            from lct.vae import load_vae
-
-            overrides["vae"] = load_vae(vae, "cpu", torch.float32)
-        if text_pretrained and index.get("text_source") is None and (index.get("text_encoder") or [None])[0] is None:
-            raise UserError("--text-pretrained: this export records no text tower")
-        if text_pretrained:
-            rec = index.get("text_source") or (index.get("training") or {}).get("text")
-            if not rec:
-                raise UserError("--text-pretrained: the export does not record which open_clip model its text tower is")
-            overrides["text_encoder"], overrides["tokenizer"] = resolve_text(rec, text_pretrained)
-        try:
-            with quiet_loading():
-                pipe = LCTPipeline.from_pretrained(str(d), **overrides)
-        except UserError:
-            raise
-        except Exception as err:  # a truncated weight file, a config from another version
-            from lct.export import REMAKE_HINT
-
-            msg = str(err).strip().splitlines()
-            raise UserError(f"{d}: could not be loaded as a pipeline ({(msg[0] if msg else type(err).__name__)[:300]}); "
-                            f"{REMAKE_HINT}") from None
-    else:
-        from lct.export import pipeline_from_legacy
-
-        with quiet_loading():
-            pipe = pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device is not None else pipe

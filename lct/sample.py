@@ -61,8 +61,8 @@ class Generator:
 
     def __init__(self, checkpoint: str, device: torch.device, ema: str | None = None,
                  vae: str | None = None, text_pretrained: str | None = None):
-        from lct.export import export_meta, resolve_export
-        from lct.pipeline import load_pipeline
+        from lct.export import load_pipeline, resolve_export
+        from lct.model_card import export_meta
 
         self.path = resolve_export(checkpoint, ema)
         self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)

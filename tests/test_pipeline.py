@@ -43,6 +43,7 @@ def pil_array(images) -> np.ndarray:
 def test_scheduler_sigmas_scalings_and_noise_are_spec():
     from diffusers import CMStochasticIterativeScheduler
 
+    from lct.consistency import scalings
     from lct.scheduler import LCTScheduler
 
     s = LCTScheduler()  # SPEC 1 defaults: sigma_min 0.002, sigma_data 0.5, 250 ln sigma; iLCT's tau
@@ -72,8 +73,8 @@ def test_scheduler_sigmas_scalings_and_noise_are_spec():
     assert torch.allclose(first.prev_sample, torch.full((1, 4), math.sqrt(0.821 ** 2 - 0.003 ** 2)), rtol=1e-7)
     last = e.step(torch.ones(1, 4), e.timesteps[1], x, noise=z)
     assert torch.equal(last.prev_sample, last.denoised)
-    c_skip0, c_out0, _ = __import__("lct.consistency", fromlist=["scalings"]).scalings(torch.tensor([0.821]), 0.5, 0.0)
-    assert torch.allclose(last.denoised, c_out0.expand(1, 4))  # x = 0, F = 1: f = c_out (EDM scalings)
+    _, c_out, _ = scalings(torch.tensor([0.821]), 0.5, 0.0)
+    assert torch.allclose(last.denoised, c_out.expand(1, 4))  # x = 0, F = 1: f = c_out (EDM scalings)
     with pytest.raises(ValueError, match="decreasing"):
         s.set_timesteps(taus=[0.5, 0.8])
     with pytest.raises(ValueError, match="need 2 intermediate"):
@@ -202,7 +203,7 @@ def test_old_format_export_loads_and_converts(work, parts, tmp_path):
     """An export written before pipelines samples as it did (bit for bit: it keeps open_clip's
     tower), directly and after conversion to a pipeline folder."""
     from lct.export import main as export_main
-    from lct.pipeline import load_pipeline
+    from lct.export import load_pipeline
 
     old = load_pipeline(work / "legacy")
     ref, _ = reference_images(parts, PROMPTS, [0, 1, 2], seed=3, steps=2, guidance=2.0)
@@ -217,7 +218,7 @@ def test_bad_export_folders_give_one_line(work, tmp_path):
     import shutil
 
     from lct.errors import UserError
-    from lct.pipeline import load_pipeline
+    from lct.export import load_pipeline
 
     broken = tmp_path / "broken"
     shutil.copytree(work / "export", broken)
@@ -288,7 +289,7 @@ def test_hub_or_large_components_are_referenced_not_copied(tmp_path, monkeypatch
     from helpers_export import tiny_parts
     from lct import export as ex
     from lct.errors import UserError
-    from lct.pipeline import load_pipeline
+    from lct.export import load_pipeline
 
     precond, cfg, manifest = tiny_parts(tmp_path / "w")
     state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
@@ -321,11 +322,12 @@ def test_transformers_text_tower_is_the_pipelines_text_encoder(tmp_path):
     """Data encoded with a T5 tower (lct.hf_text): the export's text_encoder/tokenizer are the
     T5EncoderModel and its tokenizer, the condition is HFTextEncoder's, and the images equal the
     pre-pipeline sampler's with that condition."""
-    from helpers_export import tiny_manifest, tiny_network, tiny_parts
+    from helpers_export import tiny_network, tiny_parts
     from helpers_hf import make_tiny_t5, make_tiny_tokenizer
     from lct.export import export_network
     from lct.hf_text import HFTextEncoder
-    from lct.pipeline import LCTPipeline, load_pipeline
+    from lct.export import load_pipeline
+    from lct.pipeline import LCTPipeline
 
     t5 = make_tiny_t5(tmp_path / "t5", make_tiny_tokenizer(tmp_path / "tok"))
     enc = HFTextEncoder.load(t5, max_length=16)
