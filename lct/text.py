@@ -428,12 +428,17 @@ class TextEncoder(nn.Module):
     def from_manifest(cls, manifest: dict | str | os.PathLike, device: str | torch.device = "cpu",
                       model: str | None = None, pretrained: str | None = None) -> "TextEncoder":
         """The tower a latent data set was made with (manifest "text" record). `model` and
-        `pretrained` override the recorded ones (e.g. a local copy of the weights)."""
+        `pretrained` override the recorded ones (e.g. a local copy of the weights). A record of
+        another `kind` (t5, clip) gives that tower (`lct.hf_text.HFTextEncoder`, same interface)."""
         if not isinstance(manifest, dict):
             from lct.latents import load_manifest
 
             manifest = load_manifest(manifest)
         t = manifest.get("text") or {}
+        if t.get("kind", "open_clip") != "open_clip":  # a transformers tower (T5, CLIP): lct/hf_text.py
+            from lct.hf_text import HFTextEncoder
+
+            return HFTextEncoder.from_manifest(manifest, device, model=model, pretrained=pretrained)
         if not t.get("model") and not model:
             raise UserError("the data's manifest records no text model; set text.model and text.pretrained")
         name = model or t["model"]
