@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from lct.errors import UserError
+from lct.files import atomic_dir, write_json
+from lct.latents import latent_stats
+from lct.models import Precond, TextDiT
+from lct.vae import LatentNorm
 
 EXPORT_FORMAT = "lct-export/1"
 META = "lct_export.json"
@@ -27,9 +32,6 @@ META = "lct_export.json"
 def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
                    cfg, manifest: dict, ema_name: str, step: int) -> Path:
     """Write EMA weights of `precond.net` with its config and the sampling metadata, atomically."""
-    from lct.checkpoint import export_dir_atomic
-    from lct.latents import latent_stats
-
     net = precond.net
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
         cpu_net = type(net).from_config(net.config)
@@ -40,9 +42,14 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     if unexpected or [m for m in missing if m not in frozen]:
         raise RuntimeError(f"EMA does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    cpu_net.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out_dir) as tmp:
+        cpu_net.save_pretrained(tmp, safe_serialization=True)
+        _write_meta(tmp, out_dir, cfg, manifest, ema_name, step)
+    return out_dir
+
+
+def _write_meta(tmp: Path, out_dir: Path, cfg, manifest: dict, ema_name: str, step: int) -> None:
+    """`lct_export.json` (format lct-export/1) and the text tower and VAE it carries."""
     mean, std = latent_stats(manifest, cfg.data.latent_norm)
     m = cfg.method
     meta = {
@@ -65,9 +72,7 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     }
     meta["text"] = _carry_text_tower(manifest.get("text"), tmp, out_dir)
     meta["vae"] = _carry_vae(manifest.get("vae"), tmp, out_dir)
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    export_dir_atomic(tmp, out_dir)
-    return out_dir
+    write_json(tmp / META, meta)
 
 
 def _carry_text_tower(text: dict | None, tmp: Path, final: Path) -> dict | None:
@@ -112,8 +117,6 @@ def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
         if name is None:
             cfg_file = p / "config.yaml"
             if cfg_file.is_file():
-                import yaml
-
                 name = (yaml.safe_load(cfg_file.read_text()).get("ema") or {}).get("sample")
         candidates = [exports / name] if name else sorted(exports.iterdir())
         for c in candidates:
@@ -127,8 +130,6 @@ def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
 
 def load_network_weights(path: str | os.PathLike, ema: str | None = None) -> dict[str, torch.Tensor]:
     """State dict of an exported network (for `model.init_from`)."""
-    from safetensors.torch import load_file
-
     d = resolve_export(path, ema)
     files = sorted(d.glob("*.safetensors"))
     if not files:
@@ -163,16 +164,12 @@ class LoadedModel:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.meta["latent"]["shape"])
 
-    def latent_norm(self):
-        from lct.vae import LatentNorm
-
+    def latent_norm(self) -> LatentNorm:
         lat = self.meta["latent"]
         return LatentNorm(np.asarray(lat["mean"]), np.asarray(lat["std"]))
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema: str | None = None) -> LoadedModel:
-    from lct.models import Precond, TextDiT
-
     d = resolve_export(path, ema)
     meta = json.loads((d / META).read_text())
     if meta.get("format") != EXPORT_FORMAT:
@@ -182,7 +179,3 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema:
     precond = Precond(net, sigma_data=m["sigma_data"], sigma_min=m["sigma_min"],
                       time_embed_scale=m["time_embed_scale"]).to(device).eval()
     return LoadedModel(precond, meta, d)
-
-
-def copy_export(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

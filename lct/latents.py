@@ -46,6 +46,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lct.errors import UserError
+from lct.files import atomic_file, write_json
 
 FORMAT = "lct-latents/1"
 MANIFEST = "manifest.json"
@@ -155,14 +156,9 @@ class StatsAccumulator:
         self.count += 1
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomic `.npz` (temporary name in the same folder, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        """Atomic `.npz`."""
+        with atomic_file(path) as f:
             np.savez(f, count=np.int64(self.count), **self.sums)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StatsAccumulator":
@@ -232,14 +228,8 @@ def latent_stats(manifest: dict, kind: str = "channel") -> tuple[np.ndarray, np.
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Records, job and manifest: sorted keys (stable files to diff)."""
+    write_json(path, obj, sort_keys=True)
 
 
 def record_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:

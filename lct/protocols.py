@@ -29,7 +29,6 @@ it (`Protocol.deviations`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -121,14 +120,6 @@ def count_label(n: int) -> str:
 def metric_name(metric: str, n: int) -> str:
     """`fid30k`, `clip10k`, `shapes500`."""
     return f"{metric}{count_label(n)}"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from lct.dist import pick_device
 from lct.errors import UserError, cli_main
+from lct.text import text_condition
+from lct.vae import latents_to_images
 
 
 def parse_args(argv):
@@ -45,12 +48,6 @@ def parse_args(argv):
     p.add_argument("--vae", default=None, help="override the VAE (hub id or local dir)")
     p.add_argument("--text-pretrained", default=None, help="override the text tower weights (tag or path)")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Generator:
@@ -85,15 +82,13 @@ class Generator:
     def condition(self, captions: list[str]) -> dict:
         if self.text is None:
             return {}
-        states, mask, pooled = self.text(self.text.tokenize(captions).to(self.device))
-        return {"text_states": states, "text_mask": mask, "pooled": pooled}
+        return text_condition(self.text, self.text.tokenize(captions))
 
     @torch.no_grad()
     def images(self, captions: list[str], indices: list[int], seed: int, steps: int,
                taus: list[float] | None = None, guidance: float = 1.0) -> torch.Tensor:
         """uint8-ready images in [-1, 1], [B,3,H,W], for the global sample `indices`."""
         from lct.samplers import consistency_sample
-        from lct.vae import decode
 
         m = self.meta["method"]
         taus = self.default_taus(steps) if taus is None else list(taus)
@@ -103,7 +98,7 @@ class Generator:
                                  self.model.latent_shape, seed=seed, sigma_max=m["sigma_max"],
                                  sigma_min=m["sample_sigma_min"], taus=taus, guidance=guidance,
                                  device=self.device)
-        return decode(self.vae, self.norm.denormalize(lat))
+        return latents_to_images(self.vae, self.norm, lat)
 
 
 def main(argv=None) -> int:

@@ -19,15 +19,10 @@ tower is dropped after creation. The tower is frozen: no gradients, always in ev
 Model names: an open_clip model name (`ViT-B-32`), `hf-hub:`/`local-dir:` names, a path to an
 open_clip model-config JSON (registered with `open_clip.add_model_config` under the file's stem),
 or a config shipped with lct in `lct/assets/` (`lct-tiny-text`: width 128, 2 layers, context 77;
-`lct-tiny-text-c32`: the demo's tower, a context of 32 tokens (its captions are short, so the tower
-and the DiT's cross-attention run over 32 tokens, not 77), 1 layer and open_clip's LayerScale at
-0.01 (`ls_init_value`). A random tower's layers mix the neighbouring words into each token state,
-which hides the word the DiT has to read: at the colour word of the demo's captions, colour explains
-26 % of the state's variance with 2 plain layers, 33 % with 1, and 80 % with 1 layer at LayerScale
-0.01 (nearest-centroid colour from that state 0.90, 0.97, 1.0). The demo's EDM start reads colour
-sooner in the same 9 minutes (16-step ODE samples on 500 held-out captions: colour 0.81, 0.88,
-0.92). The price: the pooled (EOT) feature of such a tower says almost nothing about the caption;
-the DiT reads the token states through cross-attention).
+`lct-tiny-text-c32`: the demo's tower, a context of 32 tokens (its captions are short), 1 layer and
+open_clip's LayerScale at 0.01 (`ls_init_value`), so that a random tower's token states keep the
+word the DiT has to read instead of mixing in the neighbouring words (what that measured: README.md,
+"What the demo gives").
 
 Weights (`pretrained`): an open_clip tag (downloaded by open_clip into its cache), a local
 checkpoint file (or a directory holding `open_clip_model.safetensors`/`open_clip_pytorch_model.bin`),
@@ -58,6 +53,7 @@ import torch
 from torch import nn
 
 from lct.errors import UserError
+from lct.files import file_sha256, temp_path, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RANDOM = "random"
@@ -94,6 +90,14 @@ def padding_mask(tokens, eot_id: int | None = None):
         pos = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1),
                           torch.full(hit.shape[:-1], length - 1, dtype=torch.long, device=tokens.device))
     return torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)
+
+
+def text_condition(encoder: "TextEncoder", tokens) -> dict[str, torch.Tensor]:
+    """The network's text condition of token ids [B, L] (no gradients): `text_states` [B,L,D],
+    `text_mask` [B,L] and `pooled` [B,P] on the encoder's device (trainer, monitor, sampling)."""
+    with torch.no_grad():
+        states, mask, pooled = encoder(tokens)
+    return {"text_states": states, "text_mask": mask, "pooled": pooled}
 
 
 def check_text_source(model: str, pretrained: str | None) -> None:
@@ -250,14 +254,6 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
                         f"{_PRETRAINED_HINT}") from None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_tower(clip: nn.Module, cfg: dict, folder: str | os.PathLike) -> Path:
     """Write the full open_clip model (`open_clip_model.safetensors` + `open_clip_config.json`)
     atomically; returns the checkpoint path."""
@@ -267,11 +263,9 @@ def save_tower(clip: nn.Module, cfg: dict, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
     target = folder / TOWER_FILE
-    tmp = folder / f".{TOWER_FILE}.{os.getpid()}.tmp"
+    tmp = temp_path(target)
     save_file(state, str(tmp), metadata={"format": "pt", "writer": "lct.text"})
-    ctmp = folder / f".{TOWER_CONFIG}.{os.getpid()}.tmp"
-    ctmp.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}, indent=1, sort_keys=True) + "\n")
-    os.replace(ctmp, folder / TOWER_CONFIG)
+    write_json(folder / TOWER_CONFIG, {"model_cfg": cfg, "preprocess_cfg": {}}, sort_keys=True)
     os.replace(tmp, target)
     return target
 
@@ -469,7 +463,7 @@ class TextEncoder(nn.Module):
                "tokenizer": self.identity(), "context_length": self.context_length,
                "state_dim": self.state_dim, "pooled_dim": self.pooled_dim}
         if self.tower_file is not None:
-            rec["weights_sha256"] = _file_sha256(self.tower_file)
+            rec["weights_sha256"] = file_sha256(self.tower_file)
             if manifest_dir is not None:
                 rec["pretrained_relative"] = os.path.relpath(self.tower_file, Path(manifest_dir).resolve())
         return rec

@@ -135,6 +135,12 @@ def decode(vae, raw_latents: torch.Tensor) -> torch.Tensor:
     return out.float().clamp(-1.0, 1.0)
 
 
+def latents_to_images(vae, norm: "LatentNorm", latents: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] fp32 in [-1, 1] from normalised latents (what the network samples): the
+    SPEC 7 normalisation undone, then decoded (the trainer's grids, `lct.sample`, eval)."""
+    return decode(vae, norm.denormalize(latents))
+
+
 # ----------------------------------------------------------------------------------------------
 # SPEC 7 normalisation
 # ----------------------------------------------------------------------------------------------
