@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -516,7 +517,6 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("distributed.zero_stage", "ZeRO-3 is not supported: the partitioned EMA and the teacher "
              "pass need full parameters on every rank; use zero_stage 0, 1 or 2")
     if cfg.model.attention == "xformers":
-        import importlib.util
         if importlib.util.find_spec("xformers") is None:
             fail("model.attention", "xformers is not installed: `pip install xformers` "
                  "(or `pip install 'lct[xformers]'`), or use model.attention=sdpa")

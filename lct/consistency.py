@@ -485,7 +485,7 @@ def diffusion_term(student: Tensor, x: Tensor, sigma: Tensor, early: Tensor,
     micro-batches of equal size b, global batch W * A * b):
     1. Before the forward passes of an optimizer step, each rank computes the early masks of all
        its A micro-batches (they depend only on the data path's u or n and the curriculum, not on
-       the network: `objective.early_mask`), sums them, and one all-reduce (SUM) over ranks gives
+       the network: `objective.plan(...).early`), sums them, and one all-reduce (SUM) over ranks gives
        global_count = |S|, identical on every rank.
     2. On rank r, micro-batch j, the loss handed to DeepSpeed's `engine.backward` is
            loss_rj = mean_{i in B_rj} L_CT_i + w * diffusion_term(..., global_count=|S|,

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import webdataset as wds
 
 from lct.errors import UserError
 from lct.files import atomic_file, write_json
@@ -128,8 +129,6 @@ def decode_latent_sample(raw: dict) -> dict:
 
 def read_latent_shard(url: str) -> list[dict]:
     """Every decoded sample of one latent shard (errors propagate)."""
-    import webdataset as wds
-
     return [decode_latent_sample(s) for s in wds.tarfile_samples([{"url": url}])]
 
 
@@ -309,8 +308,6 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     http(s), ...). Adds "_path"/"_dir" (where it was read) for local files."""
     s = str(path_or_dir)
     if "://" in s or s.startswith("pipe:"):
-        import webdataset as wds
-
         try:
             with wds.gopen(s if s.endswith(".json") else s.rstrip("/") + "/" + MANIFEST) as f:
                 text = f.read().decode("utf-8")

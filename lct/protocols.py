@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from lct.coco import read_caption_annotations
 from lct.errors import UserError
 from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED
 
@@ -164,8 +165,6 @@ def draw_coco_captions(annotations: str | os.PathLike, num: int = 30_000, seed: 
     path = Path(annotations)
     if not path.is_file():
         raise UserError(f"--coco-annotations {path}: file not found (captions_val2014.json of MS-COCO 2014)")
-    from lct.coco import read_caption_annotations
-
     pool = [im for im in read_caption_annotations(path, "--coco-annotations") if im["captions"]]
     if num > len(pool):
         raise UserError(f"--coco-annotations {path}: {len(pool)} captioned images, fewer than the {num} to draw")

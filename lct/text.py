@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -50,9 +51,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from lct.errors import UserError
+from lct.latents import load_manifest
 from lct.files import file_sha256, temp_path, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -214,8 +217,6 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
     import open_clip
 
     if is_random(pretrained):
-        import logging
-
         quiet = logging.root.manager.disable
         logging.disable(logging.WARNING)  # "No pretrained weights loaded": expected here
         try:
@@ -257,8 +258,6 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
 def save_tower(clip: nn.Module, cfg: dict, folder: str | os.PathLike) -> Path:
     """Write the full open_clip model (`open_clip_model.safetensors` + `open_clip_config.json`)
     atomically; returns the checkpoint path."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
@@ -389,8 +388,6 @@ class TextEncoder(nn.Module):
         """The tower a latent data set was made with (manifest "text" record). `model` and
         `pretrained` override the recorded ones (e.g. a local copy of the weights)."""
         if not isinstance(manifest, dict):
-            from lct.latents import load_manifest
-
             manifest = load_manifest(manifest)
         t = manifest.get("text") or {}
         if not t.get("model") and not model:

@@ -45,6 +45,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
+from lct.config import ModelConfig
 from lct.errors import ConfigError, UserError
 from lct.consistency import autocast_off
 
@@ -577,8 +578,6 @@ def count_parameters(model_or_cfg=None, latent_shape=(4, 32, 32), text_dim: int 
     memory); `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class')."""
     if isinstance(model_or_cfg, nn.Module):
         return split_parameter_count(model_or_cfg)
-    from lct.config import ModelConfig
-
     kwargs = dit_kwargs(model_or_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
     kwargs.update(overrides)
     with torch.device("meta"):
