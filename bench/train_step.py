@@ -45,6 +45,7 @@ import torch
 from lct.config import load_config
 from lct.dist import DistInfo
 from lct.models import Precond, build_dit
+from lct.monitor import LossMeter
 from lct.timing import PhaseTimer, no_timer
 from lct.train import build, preflight, train_step
 
@@ -178,14 +179,17 @@ def fixed_batches(run, n_steps: int) -> list[list[dict]]:
 
 
 class Stepper:
-    """Steps of one run from its start state, as the trainer's loop advances it."""
+    """Steps of one run from its start state, as `lct.train.loop` makes them: `train_step`, the
+    next state, and the loss meter's per-step accumulation (logging itself is not timed)."""
 
     def __init__(self, run):
         self.run, self.state = run, run.state
+        self.meter = LossMeter(run.cfg, run.device, run.info.world_size, run.state.images_seen)
 
     def __call__(self, batches: list[dict], timer=no_timer) -> None:
         result = train_step(self.run, batches, self.state, timer)
         self.state = self.state.after_step(result.applied, self.run.cfg.optim.batch_size, 0.0)
+        self.meter.add(result.diagnostics)
 
 
 def count_flops(step: Stepper, batches) -> float:

@@ -165,6 +165,7 @@ class EDMObjective(Objective):
                     torch.zeros(sigma.shape[0], dtype=torch.bool), Curriculum(step))
 
     def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """weight(sigma) * mean((f(x + sigma z, sigma) - x)^2)."""
         x, z = batch["x"], batch["z"]
         sigma, weight = _on(plan.sigma, x), _on(plan.weight, x)
         with timer("student_forward"):
@@ -204,6 +205,8 @@ class ICTObjective(Objective):
         return Plan(sigmas[pair + 1], sigmas[pair], weights[pair], C.early_set_ict(pair, cur.num_points), cur)
 
     def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """lambda_i d(f(x + sigma_{i+1} z, sigma_{i+1}), stopgrad f(x + sigma_i z, sigma_i)), plus
+        w * L_diff over the early set (iLCT)."""
         x, z, cond = batch["x"], batch["z"], cond_of(batch)
         sigma, sigma_teacher, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
         # Shared noise direction z; shared dropout masks through teacher_pass.
@@ -238,6 +241,8 @@ class ECTObjective(Objective):
                     C.early_set_ect(t, self.m.diff_sigma_max), cur)
 
     def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """weight(t, r) d(f(x + t z, t), stopgrad f(x + r z, r)), the target x where r = 0, plus
+        w * L_diff over the early set (with iLCT's switches)."""
         x, z, cond = batch["x"], batch["z"], cond_of(batch)
         t, r, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
         # Where r = 0 the target is x itself; the network is never called at sigma = 0.
