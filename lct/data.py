@@ -36,7 +36,7 @@ from lct import rng
 from lct.consistency import ot_couple
 from lct.errors import UserError
 from lct.latents import decode_latent_sample
-from lct.text import padding_mask
+from lct.tokens import padding_mask
 from lct.vae import LatentNorm
 
 

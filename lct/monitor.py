@@ -30,7 +30,8 @@ from lct.data import InMemoryLatents, expand_urls
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.objectives import make_objective
 from lct.samplers import consistency_sample
-from lct.text import TextEncoder, padding_mask, text_condition
+from lct.text import TextEncoder, text_condition
+from lct.tokens import padding_mask
 from lct.vae import LatentNorm, latents_to_images, load_vae
 
 

@@ -49,13 +49,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from lct.errors import UserError
+from lct.hf_text import HFTextEncoder
 from lct.latents import load_manifest
+from lct.tokens import PROBE, padding_mask  # also lct.text's: the data path and eval import them from here
 from lct.files import file_sha256, temp_path, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -63,7 +64,6 @@ RANDOM = "random"
 TOWER_DIR = "text_tower"
 TOWER_FILE = "open_clip_model.safetensors"
 TOWER_CONFIG = "open_clip_config.json"
-PROBE = "A photo of 2 cats & a dog: résumé, naïve café 😀 — lct tokenizer probe!"
 _SCHEMAS = ("hf-hub:", "local-dir:")
 _PRETRAINED_HINT = ("set --text-pretrained (text.pretrained in a config) to a local open_clip checkpoint "
                     "file (e.g. open_clip_pytorch_model.bin) or to 'random'")
@@ -72,27 +72,6 @@ _PRETRAINED_HINT = ("set --text-pretrained (text.pretrained in a config) to a lo
 def is_random(pretrained: str | None) -> bool:
     """`None`, "random" (and "none") mean a seeded random tower."""
     return pretrained is None or str(pretrained).strip().lower() in (RANDOM, "none", "")
-
-
-def padding_mask(tokens, eot_id: int | None = None):
-    """True for real tokens up to and including the EOT token, False for the padding after it.
-
-    open_clip's tokenizer writes `[SOT, tokens..., EOT, 0, 0, ...]` (it keeps EOT as the last token
-    when it truncates). Id 0 is a real token of the CLIP vocabulary ("!"), so the mask is decided by
-    the EOT position, not by `tokens != 0`: the first position holding `eot_id`, or, with
-    `eot_id=None`, the position of the largest id (EOT is the largest id of the default
-    tokenizer; open_clip's `text_global_pool` relies on the same rule). A row without EOT is all
-    True. Works on torch tensors and numpy arrays of shape [..., L]."""
-    if isinstance(tokens, np.ndarray):
-        return padding_mask(torch.from_numpy(np.ascontiguousarray(tokens)), eot_id).numpy()
-    length = tokens.shape[-1]
-    if eot_id is None:
-        pos = tokens.argmax(dim=-1)  # the first maximum
-    else:
-        hit = tokens == eot_id
-        pos = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1),
-                          torch.full(hit.shape[:-1], length - 1, dtype=torch.long, device=tokens.device))
-    return torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)
 
 
 def text_condition(encoder: "TextEncoder", tokens) -> dict[str, torch.Tensor]:
@@ -386,10 +365,13 @@ class TextEncoder(nn.Module):
     def from_manifest(cls, manifest: dict | str | os.PathLike, device: str | torch.device = "cpu",
                       model: str | None = None, pretrained: str | None = None) -> "TextEncoder":
         """The tower a latent data set was made with (manifest "text" record). `model` and
-        `pretrained` override the recorded ones (e.g. a local copy of the weights)."""
+        `pretrained` override the recorded ones (e.g. a local copy of the weights). A record of
+        another `kind` (t5, clip) gives that tower (`lct.hf_text.HFTextEncoder`, same interface)."""
         if not isinstance(manifest, dict):
             manifest = load_manifest(manifest)
         t = manifest.get("text") or {}
+        if t.get("kind", "open_clip") != "open_clip":  # a transformers tower (T5, CLIP): lct/hf_text.py
+            return HFTextEncoder.from_manifest(manifest, device, model=model, pretrained=pretrained)
         if not t.get("model") and not model:
             raise UserError("the data's manifest records no text model; set text.model and text.pretrained")
         name = model or t["model"]

@@ -13,7 +13,9 @@ with `to_unit_range`, which gives the same numbers).
 
 Latent normalisation (SPEC 7): `x = (raw - mean) / std * 0.5` and back `raw = x / 0.5 * std + mean`
 with the manifest's float64 statistics of the raw posterior samples (`channel`: per channel,
-`element`: per C x H x W element). `vae.config.scaling_factor` / `shift_factor` are not applied.
+`element`: per C x H x W element; sigma_data 0.5). `vae`: the model's own space of a pretrained
+diffusion model (SPEC 14.4), `x = (raw - shift_factor) * scaling_factor` with the VAE config's
+values, back `raw = x / scaling_factor + shift_factor`, sigma_data 1.
 """
 
 from __future__ import annotations
@@ -149,7 +151,10 @@ def latents_to_images(vae, norm: "LatentNorm", latents: torch.Tensor) -> torch.T
 
 class LatentNorm:
     """`x = (raw - mean) / std * 0.5` with float64 statistics shaped [C,1,1] (channel) or [C,h,w]
-    (element); tensors keep their dtype (computed in fp32, or fp64 for fp64 input)."""
+    (element), or `x = (raw - shift) * scale` (`vae`, built by `from_vae`); tensors keep their dtype
+    (computed in fp32, or fp64 for fp64 input). `sigma_data` is the data scale the kind gives."""
+
+    SIGMA_DATA = {"channel": 0.5, "element": 0.5, "vae": 1.0}
 
     def __init__(self, mean, std, kind: str | None = None):
         mean = np.asarray(mean, dtype=np.float64)
@@ -164,10 +169,33 @@ class LatentNorm:
         self.kind = kind or ("channel" if mean.shape[1:] == (1, 1) else "element")
         self._cache: dict = {}
 
+    @property
+    def sigma_data(self) -> float:
+        return self.SIGMA_DATA[self.kind]
+
+    @classmethod
+    def from_vae(cls, scaling_factor: float, shift_factor: float | None = None) -> "LatentNorm":
+        """`vae` kind (SPEC 14.4): the diffusers convention `x = (raw - shift_factor) * scaling_factor`
+        (`shift_factor` None = 0), the space a pretrained diffusion model was trained in."""
+        scale, shift = float(scaling_factor), float(shift_factor or 0.0)
+        if not (np.isfinite(scale) and scale > 0 and np.isfinite(shift)):
+            raise UserError(f"the VAE's scaling_factor {scaling_factor} / shift_factor {shift_factor} must be "
+                            "finite, with scaling_factor > 0")
+        # mean/std say the same map in the channel form (std = 0.5 / scale); normalize uses scale itself.
+        norm = cls([shift], [0.5 / scale], kind="vae")
+        norm.scale, norm.shift = scale, shift
+        return norm
+
     @classmethod
     def from_manifest(cls, manifest: dict | str | os.PathLike, kind: str = "channel") -> "LatentNorm":
         if not isinstance(manifest, dict):
             manifest = load_manifest(manifest)
+        if kind == "vae":
+            cfg = (manifest.get("vae") or {}).get("config") or {}
+            if cfg.get("scaling_factor") is None:
+                raise UserError("latent_norm vae: the data's manifest records no VAE scaling_factor; re-run "
+                                "data_prep/encode_latents.py with the model's VAE or use latent_norm channel")
+            return cls.from_vae(cfg["scaling_factor"], cfg.get("shift_factor"))
         mean, std = latent_stats(manifest, kind)
         return cls(mean, std, kind)
 
@@ -185,12 +213,13 @@ class LatentNorm:
     def normalize(self, raw):
         mean, std, dt = self._stats(raw)
         out = (raw.astype(dt) if isinstance(raw, np.ndarray) else raw.to(dt)) - mean
-        out = out / std * 0.5
+        out = out * self.scale if self.kind == "vae" else out / std * 0.5
         return out.astype(raw.dtype) if isinstance(raw, np.ndarray) else out.to(raw.dtype)
 
     def denormalize(self, x):
         mean, std, dt = self._stats(x)
-        out = (x.astype(dt) if isinstance(x, np.ndarray) else x.to(dt)) / 0.5 * std + mean
+        out = x.astype(dt) if isinstance(x, np.ndarray) else x.to(dt)
+        out = out / self.scale + mean if self.kind == "vae" else out / 0.5 * std + mean
         return out.astype(x.dtype) if isinstance(x, np.ndarray) else out.to(x.dtype)
 
 
