@@ -3,8 +3,8 @@
     python bench/sample.py --arch DiT-B/2 --batch 64 --out OUT     # GPU, 256 px, SD-VAE architecture
     python bench/sample.py --tiny                                   # CPU smoke run (CI)
 
-The path is the one `eval/clip_fid.py` runs per batch: `lct.samplers.consistency_sample` on the
-parameterised DiT (text states of 77 tokens), `lct.vae.decode` in fp32, uint8 conversion and
+The path is the one `eval/clip_fid.py` runs per batch (through `lct.pipeline.LCTPipeline`, which
+reproduces it bit for bit): `lct.samplers.consistency_sample` on the parameterised DiT (text states of 77 tokens), `lct.vae.decode` in fp32, uint8 conversion and
 `lct.metrics.fid_features` (torch-fidelity's FID Inception, here with random weights, which
 costs the same). Weights are random: none can be downloaded, and timing does not depend on them.
 """

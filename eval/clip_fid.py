@@ -582,9 +582,9 @@ def load_captions(cfg: EvalConfig, proto) -> tuple[list[dict], dict, list[str]]:
 
 
 def checkpoint_record(gen, cfg: EvalConfig) -> dict:
-    d = Path(gen.model.path)
+    d = Path(gen.path)
     meta = gen.meta
-    weights = {f.name: file_sha256(f) for f in sorted(d.glob("*.safetensors"))}
+    weights = {f.name: file_sha256(f) for f in gen.weight_files()}
     return {"path": str(Path(cfg.checkpoint).resolve()), "export_dir": str(d.resolve()), "step": meta.get("step"),
             "ema": meta.get("ema"), "arch": (meta.get("model") or {}).get("arch"),
             "cond": (meta.get("model") or {}).get("cond"), "weights_sha256": weights,
@@ -767,7 +767,7 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
 
         gen = Generator(cfg.checkpoint, ranks.device, cfg.ema, cfg.vae, cfg.text_pretrained)
         settings = build_settings(cfg, gen.default_taus)
-        gen_res = int(gen.model.latent_shape[-1]) * downsample_factor(gen.vae)
+        gen_res = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
         res = proto.resolution or gen_res
         if proto.resolution and gen_res != proto.resolution:
             log(ranks.rank, f"generated images are {gen_res}px: resized to the protocol's {res}px for the metrics "

@@ -195,7 +195,7 @@ def save(run: Run, state: TrainState, export_all: bool = False) -> None:
             for name in (list(emas) if export_all else [cfg.ema.sample]):
                 export_network(run.engine.module, emas[name], run.run_dir / "export" / name, cfg=cfg,
                                manifest=manifest_record(cfg, run.manifest), ema_name=name,
-                               step=state.applied_steps)
+                               step=state.applied_steps, images_seen=state.images_seen)
         dist.barrier(world)
 
 

@@ -4,9 +4,11 @@
     python -m lct.sample --checkpoint runs/lct_coco/export/ema --prompts prompts.txt --steps 1 --out out/
 
 Writes one PNG per sample, `captions.jsonl` (file, caption, seed, index, steps, tau, guidance, nfe)
-and `grid.png`. Loads the VAE and the text tower the run's data used (from the export's record);
-`--vae` / `--text-pretrained` point elsewhere (for example a local copy of the weights).
-The same seed gives the same images on any device count and batch size (noise keyed per sample).
+and `grid.png`. Samples through the export's diffusers pipeline (`lct.pipeline.LCTPipeline`, either
+export format): `pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=w, seed=seed,
+sample_indices=...)` gives the same images; `--vae` / `--text-pretrained` replace the recorded VAE /
+text-tower weights (for example a local copy). The same seed gives the same images on any device
+count and batch size (noise keyed per sample).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import torch
 
 from lct.dist import pick_device
 from lct.errors import UserError, cli_main
-from lct.text import text_condition
-from lct.vae import latents_to_images
 
 
 def parse_args(argv):
@@ -51,54 +51,49 @@ def parse_args(argv):
 
 
 class Generator:
-    """An exported model with its VAE and text tower, ready to turn captions into images."""
+    """An export loaded as an `LCTPipeline` (the one sampling path of lct.sample and eval), with
+    the batch interface they use: `images(captions, indices, seed, steps, taus, guidance)`."""
 
     def __init__(self, checkpoint: str, device: torch.device, ema: str | None = None,
                  vae: str | None = None, text_pretrained: str | None = None):
-        from lct.export import load_model
-        from lct.vae import load_vae
+        from lct.export import load_pipeline, resolve_export
+        from lct.model_card import export_meta
 
-        self.model = load_model(checkpoint, device, ema)
-        self.meta, self.device = self.model.meta, device
-        self.norm = self.model.latent_norm()
-        vae_id = vae or self.model.vae_id()
-        if not vae_id:
-            raise UserError("the export records no VAE; pass --vae ID_OR_PATH")
-        self.vae = load_vae(vae_id, device, torch.float32)
-        self.text = None
-        if self.meta["model"]["cond"] == "text":
-            from lct.text import TextEncoder
+        self.path = resolve_export(checkpoint, ema)
+        self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)
+        self.meta, self.device = export_meta(self.pipe), device
+        self.vae = self.pipe.vae
+        if self.vae is None:
+            raise UserError("the export has no VAE; pass --vae ID_OR_PATH")
 
-            self.text = TextEncoder.from_manifest(self.model.text_manifest(), device=device,
-                                                  pretrained=text_pretrained)
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.pipe.latent_shape
+
+    def weight_files(self) -> list[Path]:
+        from lct.export import weight_files
+
+        return weight_files(self.path)
 
     def default_taus(self, steps: int) -> list[float]:
-        taus = list(self.meta["method"]["tau"])
-        if steps - 1 > len(taus):
-            raise UserError(f"{steps} steps need {steps - 1} taus; the model records {taus}: pass --tau")
-        return taus[: steps - 1]
-
-    @torch.no_grad()
-    def condition(self, captions: list[str]) -> dict:
-        if self.text is None:
-            return {}
-        return text_condition(self.text, self.text.tokenize(captions))
+        try:
+            return self.pipe.scheduler.default_taus(steps)
+        except ValueError as err:
+            raise UserError(f"{err} (--tau)") from None
 
     @torch.no_grad()
     def images(self, captions: list[str], indices: list[int], seed: int, steps: int,
                taus: list[float] | None = None, guidance: float = 1.0) -> torch.Tensor:
-        """uint8-ready images in [-1, 1], [B,3,H,W], for the global sample `indices`."""
-        from lct.samplers import consistency_sample
-
-        m = self.meta["method"]
+        """Images in [-1, 1], [B,3,H,W], for the global sample `indices`."""
         taus = self.default_taus(steps) if taus is None else list(taus)
         if len(taus) != steps - 1:
             raise UserError(f"--steps {steps} needs {steps - 1} tau value(s), got {taus}")
-        lat = consistency_sample(self.model.precond, self.condition(captions), indices,
-                                 self.model.latent_shape, seed=seed, sigma_max=m["sigma_max"],
-                                 sigma_min=m["sample_sigma_min"], taus=taus, guidance=guidance,
-                                 device=self.device)
-        return latents_to_images(self.vae, self.norm, lat)
+        try:
+            lat = self.pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=guidance, seed=seed,
+                            sample_indices=indices, output_type="latent").images
+        except ValueError as err:  # taus not decreasing, above sigma_max
+            raise UserError(f"--tau: {err}") from None
+        return self.pipe.decode_latents(lat)
 
 
 def main(argv=None) -> int:

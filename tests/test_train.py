@@ -310,7 +310,7 @@ def test_init_from_copies_the_ema_into_weights_and_emas(tmp_path, latent_data):
     torch.manual_seed(2)
     student = build_network(cfg, desc)
     init_from(student, str(tmp_path / "edm"), "ema", DistInfo())
-    saved = load_file(str(tmp_path / "edm/export/ema/diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(tmp_path / "edm/export/ema/transformer/diffusion_pytorch_model.safetensors"))
     got = dict(student.net.state_dict())
     assert all(torch.equal(got[k], saved[k]) for k in saved)
     ema = PartitionedEMA(student, {"ema": 100.0})

@@ -1,0 +1,236 @@
+"""The text encoder of an exported pipeline, in one of two forms.
+
+- transformers' `CLIPTextModelWithProjection` + `CLIPTokenizer` (`to_clip_text_model`), where the
+  open_clip tower maps onto it exactly: an OpenAI-style text transformer (pre-LN blocks, causal
+  mask, no LayerScale, exact or quick GELU, EOT pooling, projection without bias), open_clip's
+  `SimpleTokenizer` (its bundled BPE vocab becomes the CLIPTokenizer's, built offline). The
+  mapping is checked structurally (every weight mapped) and numerically (token states and pooled
+  feature of probe captions within `CLIP_ATOL`) before it is used. Code without lct loads these
+  two folders with transformers alone. `last_hidden_state` is open_clip's state after
+  `ln_final`, `text_embeds` is `encode_text`'s pooled feature; the padding mask is open_clip's
+  (`lct.text.padding_mask`). Tokens: open_clip cleans captions with ftfy + html.unescape before
+  its BPE, which a `tokenizers` normaliser cannot do, so the pipeline applies open_clip's cleaning
+  (`clean_prompt`) first; the CLIPTokenizer alone differs on HTML entities and full-width
+  characters.
+- a transformers tower of the data (T5, CLIP: `lct.hf_text`) is the pipeline's text encoder and
+  tokenizer as it is (pipeline config `text_kind`, `text_max_length`).
+- `OpenCLIPTextModel` (lct's own diffusers component) for every other open_clip tower (LayerScale towers
+  such as the demo's `lct-tiny-text-c32`, HF-hub towers): the open_clip text tower and its
+  tokenizer, rebuilt from the recorded open_clip config; it tokenizes itself (`tokenizer` is
+  null in model_index.json).
+
+Both give `(states [B,L,D], mask [B,L], pooled [B,P])` through `encode_text`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
+
+from lct.text import text_condition
+from lct.tokens import padding_mask
+
+CLIP_ATOL = 1e-4  # fp32 token states of two implementations of the same tower (measured: ~1e-6)
+PROBES = ["a photo of a cat", "", "A red bus on a street, at night; résumé & café 😀", "Tom &amp; Jerry ＡＢＣ",
+          "<|endoftext|> x<|startoftext|>y <end_of_text> it's", "two small blue squares at the top left " * 9]
+
+
+def clean_prompt(text: str) -> str:
+    """open_clip's caption cleaning (ftfy, html.unescape, whitespace, lower case)."""
+    from open_clip.tokenizer import _clean_lower
+
+    return _clean_lower(text)
+
+
+class OpenCLIPTextModel(ModelMixin, ConfigMixin):
+    """An open_clip text tower as a diffusers component (`save_pretrained` / `from_pretrained`):
+    `model_name` and `model_config` are the open_clip model and config the data prep recorded."""
+
+    @register_to_config
+    def __init__(self, model_name: str, model_config: dict | None = None):
+        super().__init__()
+        import logging
+
+        from lct.text import TextEncoder
+
+        quiet = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip's "no pretrained weights": the weights come next
+        try:
+            self.encoder = TextEncoder.load(model_name, None, "cpu", model_config=model_config)
+        finally:
+            logging.disable(quiet)
+
+    @classmethod
+    def from_encoder(cls, encoder) -> "OpenCLIPTextModel":
+        """The component holding the weights of a loaded `lct.text.TextEncoder`."""
+        model = cls(encoder.model, encoder.model_config)
+        model.encoder.text.load_state_dict(encoder.text.state_dict())
+        return model.to(encoder.device)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # The tower is built (a forward on a probe) in __init__: no meta-device initialisation.
+        kwargs["low_cpu_mem_usage"] = False
+        kwargs.pop("device_map", None)
+        return super().from_pretrained(*args, **kwargs)
+
+    @property
+    def context_length(self) -> int:
+        return self.encoder.context_length
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder.tokenize(prompts)
+
+    def forward(self, tokens: torch.Tensor):
+        return self.encoder(tokens)
+
+
+def clip_token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """open_clip's token ids [B, context_length] through a CLIPTokenizer: cleaned as open_clip
+    cleans, truncated to keep EOT last, padded with id 0 as open_clip pads (the tokenizer's own
+    pad token is EOT, as OpenAI's CLIP tokenizer on the hub: id 0 is "!", a real token)."""
+    length = tokenizer.model_max_length
+    rows = tokenizer([clean_prompt(p) for p in prompts], truncation=True, max_length=length)["input_ids"]
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def encode_text(text_encoder, tokenizer, prompts: list[str], device) -> dict:
+    """The network's text condition {text_states, text_mask, pooled} of an open_clip tower
+    (`OpenCLIPTextModel` or its CLIP form) for `prompts`."""
+    if isinstance(text_encoder, OpenCLIPTextModel):
+        return text_condition(text_encoder, text_encoder.tokenize(prompts).to(device))
+    ids = clip_token_ids(tokenizer, prompts).to(device)
+    out = text_encoder(input_ids=ids)
+    states, pooled = out.last_hidden_state.float(), out.text_embeds.float()
+    return {"text_states": states, "text_mask": padding_mask(ids, tokenizer.eos_token_id), "pooled": pooled}
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip -> transformers
+# ----------------------------------------------------------------------------------------------
+
+
+def _clip_state(text: torch.nn.Module, layers: int) -> dict[str, torch.Tensor]:
+    """open_clip text-tower state dict -> CLIPTextModelWithProjection's (raises KeyError on any
+    weight it cannot place, e.g. LayerScale gammas)."""
+    src = dict(text.state_dict())
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        return src.pop(key)
+
+    out["text_model.embeddings.token_embedding.weight"] = take("token_embedding.weight")
+    out["text_model.embeddings.position_embedding.weight"] = take("positional_embedding")
+    for i in range(layers):
+        a, b = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for n in ("weight", "bias"):
+            q, k, v = take(f"{a}attn.in_proj_{n}").chunk(3)
+            out[f"{b}self_attn.q_proj.{n}"], out[f"{b}self_attn.k_proj.{n}"], out[f"{b}self_attn.v_proj.{n}"] = q, k, v
+            out[f"{b}self_attn.out_proj.{n}"] = take(f"{a}attn.out_proj.{n}")
+            out[f"{b}layer_norm1.{n}"] = take(f"{a}ln_1.{n}")
+            out[f"{b}layer_norm2.{n}"] = take(f"{a}ln_2.{n}")
+            out[f"{b}mlp.fc1.{n}"] = take(f"{a}mlp.c_fc.{n}")
+            out[f"{b}mlp.fc2.{n}"] = take(f"{a}mlp.c_proj.{n}")
+    for n in ("weight", "bias"):
+        out[f"text_model.final_layer_norm.{n}"] = take(f"ln_final.{n}")
+    proj = take("text_projection") if "text_projection" in src else take("text_projection.weight").t()
+    out["text_projection.weight"] = proj.t()
+    src.pop("attn_mask", None)
+    if src:
+        raise KeyError(f"open_clip weights without a CLIPTextModel counterpart: {sorted(src)[:4]}")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _clip_tokenizer(tok, context_length: int):
+    """open_clip's SimpleTokenizer as a CLIPTokenizer (same vocab, merges and special tokens;
+    `clip_token_ids` pads with open_clip's id 0). `check_clip_form` compares the ids on probes,
+    including literal special-token strings."""
+    from transformers import CLIPTokenizer
+
+    merges = [m for m, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
+    sot, eot = tok.decoder[tok.sot_token_id], tok.decoder[tok.eot_token_id]
+    hf = CLIPTokenizer(vocab=dict(tok.encoder), merges=merges, bos_token=sot, eos_token=eot, unk_token=eot,
+                       pad_token=eot, model_max_length=context_length)
+    return hf
+
+
+def to_clip_text_model(encoder) -> tuple[object, object] | str:
+    """(CLIPTextModelWithProjection, CLIPTokenizer) equal to the open_clip `encoder`
+    (`lct.text.TextEncoder`), or the reason the tower does not map."""
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+        from open_clip.transformer import QuickGELU
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    except ImportError as err:
+        return f"transformers is not installed ({err})"
+    text = encoder.text
+    if encoder.layout != "CLIP":
+        return f"open_clip layout {encoder.layout} (only the inlined CLIP text tower maps)"
+    if not isinstance(encoder.tokenizer, SimpleTokenizer) or encoder.tokenizer.reduction_fn is not None \
+            or encoder.tokenizer.clean_fn.__name__ != "_clean_lower":
+        return f"tokenizer {type(encoder.tokenizer).__name__} is not open_clip's default SimpleTokenizer"
+    if text.pool_type != "argmax" or text.attn_mask is None:
+        return f"pooling {text.pool_type!r} / attention mask: not CLIP's EOT pooling with a causal mask"
+    blocks = list(text.transformer.resblocks)
+    act = blocks[0].mlp.gelu
+    if isinstance(act, QuickGELU):
+        hidden_act = "quick_gelu"
+    elif isinstance(act, torch.nn.GELU) and act.approximate == "none":
+        hidden_act = "gelu"
+    else:
+        return f"activation {type(act).__name__}"
+    width = text.token_embedding.weight.shape[1]
+    proj = text.text_projection
+    proj_dim = proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[1]
+    if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
+        return "text projection with a bias"
+    cfg = CLIPTextConfig(vocab_size=text.token_embedding.weight.shape[0], hidden_size=width,
+                         intermediate_size=blocks[0].mlp.c_fc.out_features, projection_dim=proj_dim,
+                         num_hidden_layers=len(blocks), num_attention_heads=blocks[0].attn.num_heads,
+                         max_position_embeddings=text.positional_embedding.shape[0], hidden_act=hidden_act,
+                         layer_norm_eps=float(blocks[0].ln_1.eps), attention_dropout=0.0,
+                         bos_token_id=encoder.tokenizer.sot_token_id, eos_token_id=encoder.eot_id, pad_token_id=0)
+    try:
+        state = _clip_state(text, len(blocks))
+    except KeyError as err:
+        return str(err).strip("'\"")
+    with torch.random.fork_rng(devices=[]):
+        model = CLIPTextModelWithProjection(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("position_ids")]
+    if missing or unexpected:
+        return f"CLIPTextModel weights not filled: {missing[:3]} {unexpected[:3]}"
+    model = model.eval().requires_grad_(False)
+    try:
+        tokenizer = _clip_tokenizer(encoder.tokenizer, encoder.context_length)
+    except TypeError as err:  # transformers 4's CLIPTokenizer takes vocab/merges files
+        return f"CLIPTokenizer could not be built from open_clip's vocab ({err}); needs transformers >= 5"
+    reason = check_clip_form(encoder, model, tokenizer)
+    return reason if reason else (model, tokenizer)
+
+
+def check_clip_form(encoder, model, tokenizer, prompts: list[str] = PROBES) -> str | None:
+    """None when the transformers form gives open_clip's token ids, states, mask and pooled
+    feature on `prompts` (states and pooled within CLIP_ATOL); else what differs."""
+    from lct.tokens import PROBE
+
+    prompts = list(prompts) + [PROBE]
+    dev = encoder.device
+    model = model.to(dev)
+    ids = encoder.tokenize(prompts)
+    hf_ids = clip_token_ids(tokenizer, prompts)
+    if not torch.equal(ids, hf_ids):
+        return "CLIPTokenizer's token ids differ from open_clip's"
+    states, mask, pooled = encoder(ids)
+    got = encode_text(model, tokenizer, prompts, dev)
+    if not torch.equal(mask, got["text_mask"]):
+        return "padding masks differ"
+    for name, a, b in (("token states", states, got["text_states"]), ("pooled", pooled, got["pooled"])):
+        err = (a - b).abs().max().item()
+        if not err <= CLIP_ATOL:
+            return f"{name} differ by {err:.3g} (> {CLIP_ATOL})"
+    return None

@@ -1,0 +1,352 @@
+"""Exports as diffusers pipelines: `LCTScheduler` against SPEC 1/9, the pipeline's images against
+the pre-pipeline sampler bit for bit (1-step, 2-step, guided), the CLIPTextModel form of the
+open_clip tower, save -> load -> save, old-format exports, bad folders, and a trained run."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cmd, tiny_train_config
+from helpers_export import legacy_parts, make_tiny_export, reference_images
+
+PROMPTS = ["a large red circle in the top left corner", "small blue square at the bottom", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    torch.set_num_threads(1)
+    w = tmp_path_factory.mktemp("pipe") / "work"
+    make_tiny_export(w)
+    make_tiny_export(w, legacy=True)
+    return w
+
+
+@pytest.fixture(scope="module")
+def parts(work):
+    return legacy_parts(work / "legacy")
+
+
+def pil_array(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler (SPEC 1, 9)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scheduler_sigmas_scalings_and_noise_are_spec():
+    from diffusers import CMStochasticIterativeScheduler
+
+    from lct.consistency import scalings
+    from lct.scheduler import LCTScheduler
+
+    s = LCTScheduler()  # SPEC 1 defaults: sigma_min 0.002, sigma_data 0.5, 250 ln sigma; iLCT's tau
+    assert s.init_noise_sigma == 80.0 and list(s.config.taus) == [0.36931547704]
+    s.set_timesteps(2)
+    assert s.levels == [80.0, 0.36931547704] and s.sigmas.tolist()[-1] == 0.0
+    assert torch.allclose(s.timesteps.double(), 250 * torch.log(torch.tensor([80.0, 0.36931547704], dtype=torch.float64)),
+                          rtol=1e-6)
+    s.set_timesteps(taus=[2.5, 0.5, 0.1])  # k steps: any decreasing taus, not grid indices
+    assert s.levels == [80.0, 2.5, 0.5, 0.1] and s.num_inference_steps == 4
+    # SPEC 1's check values at sigma = 0.318283288839, in float64.
+    sig = torch.tensor([0.318283288839], dtype=torch.float64)
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    assert math.isclose(s.precondition_inputs(one, sig).item(), 1.687167872587, rel_tol=1e-12)
+    assert math.isclose(s.precondition_outputs(one, zero, sig).item(), 0.7142140504581, rel_tol=1e-12)
+    assert math.isclose(s.precondition_outputs(zero, one, sig).item(), 0.266811501783, rel_tol=1e-11)
+    # The boundary scalings are diffusers' CM scheduler's (SPEC 1), where both can express the level.
+    cm = CMStochasticIterativeScheduler(sigma_min=0.002, sigma_data=0.5)
+    c_skip, c_out = cm.get_scalings_for_boundary_condition(sig)
+    assert math.isclose(c_skip.item(), 0.7142140504581, rel_tol=1e-12) and math.isclose(c_out.item(), 0.266811501783, rel_tol=1e-11)
+    # Between steps: f + sqrt(tau^2 - sample_sigma_min^2) z' (SPEC 9), sample_sigma_min separate from
+    # the boundary's (ECT trains with sigma_min 0 and records another for sampling); none after the last.
+    e = LCTScheduler(sigma_min=0.0, sample_sigma_min=0.003, taus=[0.821])
+    e.set_timesteps(2)
+    x, z = torch.zeros(1, 4), torch.ones(1, 4)
+    first = e.step(torch.zeros(1, 4), e.timesteps[0], x, noise=z)
+    assert torch.allclose(first.prev_sample, torch.full((1, 4), math.sqrt(0.821 ** 2 - 0.003 ** 2)), rtol=1e-7)
+    last = e.step(torch.ones(1, 4), e.timesteps[1], x, noise=z)
+    assert torch.equal(last.prev_sample, last.denoised)
+    _, c_out, _ = scalings(torch.tensor([0.821]), 0.5, 0.0)
+    assert torch.allclose(last.denoised, c_out.expand(1, 4))  # x = 0, F = 1: f = c_out (EDM scalings)
+    with pytest.raises(ValueError, match="decreasing"):
+        s.set_timesteps(taus=[0.5, 0.8])
+    with pytest.raises(ValueError, match="need 2 intermediate"):
+        s.set_timesteps(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The text tower in transformers' form
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_clip_text_model_form_equals_the_open_clip_tower(tmp_path):
+    """lct's tiny tower (2 layers, exact GELU) maps onto CLIPTextModelWithProjection + CLIPTokenizer;
+    reloaded with transformers alone they give open_clip's token ids, token states and pooled
+    feature. The demo's LayerScale tower does not map, and says why."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lct.pipeline_text import clip_token_ids, to_clip_text_model
+    from lct.text import PROBE, TextEncoder
+
+    enc = TextEncoder.load("lct-tiny-text", "random", seed=3)
+    model, tok = to_clip_text_model(enc)
+    model.save_pretrained(tmp_path / "text_encoder")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    model = CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    prompts = PROMPTS + [PROBE, "", "Tom &amp; Jerry <|endoftext|> ＡＢＣ", "word " * 100]
+    ids = enc.tokenize(prompts)
+    assert torch.equal(clip_token_ids(tok, prompts), ids)
+    states, mask, pooled = enc(ids)
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    assert (out.last_hidden_state - states).abs().max() <= 1e-5
+    assert (out.text_embeds - pooled).abs().max() <= 1e-5
+    c32 = TextEncoder.load("lct-tiny-text-c32", "random", seed=0)
+    assert "ls_1.gamma" in to_clip_text_model(c32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline against the sampler it replaced
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pipeline_images_equal_the_pre_pipeline_sampler(work, parts):
+    """DiffusionPipeline.from_pretrained(export) gives, bit for bit, the images (and latents) of
+    the sampler lct.sample used before pipelines on the same text condition, for 1, 2 and 3 steps
+    and guided, for any batch. Its CLIPTextModel form of the tower gives open_clip's condition to
+    fp32 rounding (another attention kernel), hence images within one uint8 level."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(work / "export"), trust_remote_code=True)
+    assert type(pipe).__name__ == "LCTPipeline" and type(pipe.text_encoder).__name__ == "CLIPTextModelWithProjection"
+    pipe.set_progress_bar_config(disable=True)
+    same_text = {**parts, "condition": lambda caps: pipe.encode_prompt(caps, "cpu")}
+    for steps, taus, w in ((1, None, 1.0), (2, None, 1.0), (3, [1.2, 0.3], 1.0), (2, None, 2.5), (1, None, 1.7)):
+        ref, ref_lat = reference_images(same_text, PROMPTS, [0, 1, 2], seed=7, steps=steps, taus=taus, guidance=w)
+        got = pipe(PROMPTS, num_inference_steps=steps, tau=taus, guidance_scale=w, seed=7)
+        assert np.array_equal(pil_array(got.images), ref), (steps, taus, w)
+        lat = pipe(PROMPTS, num_inference_steps=steps, tau=taus, guidance_scale=w, seed=7, output_type="latent").images
+        assert torch.equal(lat, ref_lat)
+        open_clip_ref, _ = reference_images(parts, PROMPTS, [0, 1, 2], seed=7, steps=steps, taus=taus, guidance=w)
+        assert np.abs(open_clip_ref.astype(int) - ref.astype(int)).max() <= 1
+    enc = parts["text"]
+    states, mask, pooled = enc(enc.tokenize(PROMPTS))
+    cond = pipe.encode_prompt(PROMPTS, "cpu")
+    assert torch.equal(cond["text_mask"], mask) and (cond["text_states"] - states).abs().max() <= 1e-5
+    assert (cond["pooled"] - pooled).abs().max() <= 1e-5
+    # Noise keyed per sample index: sample 2 alone, given its index, is the same image.
+    alone = pipe(PROMPTS[2], num_inference_steps=2, seed=7, sample_indices=[2]).images
+    full = pipe(PROMPTS, num_inference_steps=2, seed=7).images
+    assert np.array_equal(np.asarray(alone[0]), np.asarray(full[2]))
+
+
+@pytest.mark.slow
+def test_pipeline_options(work):
+    from lct.pipeline import LCTPipeline
+
+    pipe = LCTPipeline.from_pretrained(str(work / "export"))  # lct's own class: no trust_remote_code needed
+    pipe.set_progress_bar_config(disable=True)
+    two = pipe(PROMPTS[:2], num_images_per_prompt=2, seed=0, output_type="np").images
+    rep = pipe([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, seed=0, output_type="np").images
+    assert two.shape == (4, 32, 32, 3) and two.dtype == np.float32 and 0 <= two.min() and two.max() <= 1
+    assert np.array_equal(two, rep)  # each prompt repeated consecutively, as diffusers pipelines do
+    pt = pipe(PROMPTS[:2], seed=0, output_type="pt").images
+    assert pt.shape == (2, 3, 32, 32)
+    null = pipe(PROMPTS[:1], guidance_scale=3.0, seed=0, output_type="latent").images
+    neg = pipe(PROMPTS[:1], guidance_scale=3.0, negative_prompt="a yellow star", seed=0, output_type="latent").images
+    plain = pipe(PROMPTS[:1], seed=0, output_type="latent").images
+    assert not torch.equal(null, neg) and not torch.equal(null, plain)
+    g1 = pipe(PROMPTS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    g2 = pipe(PROMPTS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert torch.equal(g1, g2) and not torch.equal(g1, pipe(PROMPTS[:2], num_inference_steps=2, seed=5,
+                                                             output_type="latent").images)
+    z = torch.randn(1, *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
+    assert pipe(PROMPTS[:1], latents=z, output_type="latent").images.shape == (1, *pipe.latent_shape)
+    # bf16: the transformer keeps fp32 weights (SPEC 1.1) and runs its trunk under autocast.
+    pipe.to("cpu", torch.bfloat16)
+    assert pipe.transformer.dtype == torch.float32 and pipe.vae.dtype == torch.bfloat16
+    low = pipe(PROMPTS[:1], seed=0, output_type="latent").images
+    assert low.dtype == torch.float32 and torch.isfinite(low).all() and (low - plain).abs().max() < 0.1
+
+
+@pytest.mark.slow
+def test_save_load_save_gives_identical_files(work, tmp_path):
+    from lct.pipeline import LCTPipeline
+
+    src = work / "export"
+    LCTPipeline.from_pretrained(str(src)).save_pretrained(tmp_path / "again")
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file()) == files
+    for f in files:
+        assert (src / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+    index = json.loads((src / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "LCTPipeline"]
+    assert index["transformer"] == ["lct.models.dit", "TextDiT"] and index["scheduler"] == ["lct.scheduler", "LCTScheduler"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
+    card = (src / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\nlicense:")
+    assert "trust_remote_code=True" in card and "123 optimizer steps" in card and "`ema`" in card
+
+
+@pytest.mark.slow
+def test_old_format_export_loads_and_converts(work, parts, tmp_path):
+    """An export written before pipelines samples as it did (bit for bit: it keeps open_clip's
+    tower), directly and after conversion to a pipeline folder."""
+    from lct.export import main as export_main
+    from lct.export import load_pipeline
+
+    old = load_pipeline(work / "legacy")
+    ref, _ = reference_images(parts, PROMPTS, [0, 1, 2], seed=3, steps=2, guidance=2.0)
+    assert np.array_equal(pil_array(old(PROMPTS, num_inference_steps=2, guidance_scale=2.0, seed=3).images), ref)
+    assert export_main([str(work / "legacy"), "--out", str(tmp_path / "converted")]) == 0
+    new = load_pipeline(tmp_path / "converted")
+    assert np.array_equal(pil_array(new(PROMPTS, num_inference_steps=2, guidance_scale=2.0, seed=3).images), ref)
+    assert json.loads((tmp_path / "converted" / "lct_export.json").read_text())["converted_from"] == "lct-export/1"
+
+
+def test_bad_export_folders_give_one_line(work, tmp_path):
+    import shutil
+
+    from lct.errors import UserError
+    from lct.export import load_pipeline
+
+    broken = tmp_path / "broken"
+    shutil.copytree(work / "export", broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"transformer/diffusion_pytorch_model.safetensors is missing.*python -m lct.export"):
+        load_pipeline(broken)
+    (broken / "model_index.json").unlink()
+    (broken / "lct_export.json").unlink()
+    with pytest.raises(UserError, match=r"model_index.json is missing"):
+        load_pipeline(broken)
+    proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+                    "--out", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trained_run_exports_a_pipeline_that_samples_like_lct_sample(tmp_path, latent_data):
+    """Train 3 steps on the tiny data, then: the export loads with DiffusionPipeline.from_pretrained,
+    and its images equal `python -m lct.sample`'s PNGs and the pre-pipeline sampler's (1-step,
+    2-step, guided)."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from lct.latents import latent_stats, load_manifest
+    from lct.models import Precond, TextDiT
+    from lct.sample import main as sample_main
+    from lct.vae import LatentNorm, load_vae
+
+    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 3,
+                                                          "save_every": 3, "log_every": 1, "seed": 0},
+                            sample={"every": 100, "num": 4}, val={"every": 100, "batch_size": 16, "buckets": 4})
+    proc = run_cmd([sys.executable, str(Path(__file__).resolve().parents[1] / "lct" / "train.py"), "--config", str(cfg)],
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = tmp_path / "run" / "export" / "ema"
+    assert (export / "model_index.json").is_file() and (export / "README.md").is_file()
+    pipe = DiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    manifest = load_manifest(latent_data["train"])
+    m = pipe.scheduler.config
+    parts = {"precond": Precond(TextDiT.from_pretrained(str(export / "transformer")).eval(), sigma_data=m.sigma_data,
+                                sigma_min=m.sigma_min, time_embed_scale=m.time_embed_scale).eval(),
+             "condition": lambda caps: pipe.encode_prompt(caps, "cpu"), "vae": load_vae(str(latent_data["vae"])),
+             "norm": LatentNorm(*latent_stats(manifest, "channel")), "shape": manifest["latent_shape"],
+             "sigma_max": m.sigma_max, "sample_sigma_min": m.sample_sigma_min, "tau": list(m.taus)}
+    caps = PROMPTS[:2]
+    for steps, w in ((1, 1.0), (2, 1.0), (2, 2.0)):
+        out = tmp_path / f"s{steps}_{w}"
+        assert sample_main(["--checkpoint", str(tmp_path / "run"), *sum([["--prompt", c] for c in caps], []),
+                            "--steps", str(steps), "--guidance", str(w), "--seed", "4", "--out", str(out),
+                            "--device", "cpu"]) == 0
+        cli = np.stack([np.asarray(Image.open(out / f"{i:06d}.png").convert("RGB")) for i in range(2)])
+        got = pil_array(pipe(caps, num_inference_steps=steps, guidance_scale=w, seed=4).images)
+        ref, _ = reference_images(parts, caps, [0, 1], seed=4, steps=steps, guidance=w)
+        assert np.array_equal(got, cli) and np.array_equal(got, ref), (steps, w)
+
+
+@pytest.mark.slow
+def test_hub_or_large_components_are_referenced_not_copied(tmp_path, monkeypatch):
+    """A VAE or text tower over the copy cap (or a hub id) is recorded as a source and loaded when
+    the pipeline is built; save keeps the reference; `python -m lct.export --copy-all` copies it in;
+    an unreachable hub VAE is one line naming --vae."""
+    from helpers_export import tiny_parts
+    from lct import export as ex
+    from lct.errors import UserError
+    from lct.export import load_pipeline
+
+    precond, cfg, manifest = tiny_parts(tmp_path / "w")
+    state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
+    monkeypatch.setattr(ex, "CARRY_MAX_BYTES", 0)
+    out = ex.export_network(precond, state, tmp_path / "ref", cfg=cfg, manifest=manifest, ema_name="ema", step=1)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
+    assert index["vae_source"] == manifest["vae"]["id"] and index["text_source"]["model"] == "lct-tiny-text"
+    assert not (out / "vae").exists() and not (out / "text_encoder").exists()
+    pipe = load_pipeline(out)
+    assert pipe.vae is not None and type(pipe.text_encoder).__name__ == "OpenCLIPTextModel"
+    images = pil_array(pipe(PROMPTS[:2], num_inference_steps=2, seed=1).images)
+    pipe.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text()) == index
+    assert ex.main([str(out), "--out", str(tmp_path / "full"), "--copy-all"]) == 0
+    full = json.loads((tmp_path / "full" / "model_index.json").read_text())
+    assert full["vae"] == ["diffusers", "AutoencoderKL"] and full["vae_source"] is None and full["text_source"] is None
+    copied = load_pipeline(tmp_path / "full")
+    assert np.array_equal(pil_array(copied(PROMPTS[:2], num_inference_steps=2, seed=1).images), images)
+    hub = dict(manifest, vae={**manifest["vae"], "id": "stabilityai/sd-vae-ft-ema"})
+    out2 = ex.export_network(precond, state, tmp_path / "hub", cfg=cfg, manifest=hub, ema_name="ema", step=1)
+    assert json.loads((out2 / "model_index.json").read_text())["vae_source"] == "stabilityai/sd-vae-ft-ema"
+    with pytest.raises(UserError, match="--vae"):
+        load_pipeline(out2)
+    assert load_pipeline(out2, vae=manifest["vae"]["id"]).vae is not None
+
+
+@pytest.mark.slow
+def test_transformers_text_tower_is_the_pipelines_text_encoder(tmp_path):
+    """Data encoded with a T5 tower (lct.hf_text): the export's text_encoder/tokenizer are the
+    T5EncoderModel and its tokenizer, the condition is HFTextEncoder's, and the images equal the
+    pre-pipeline sampler's with that condition."""
+    from helpers_export import tiny_network, tiny_parts
+    from helpers_hf import make_tiny_t5, make_tiny_tokenizer
+    from lct.export import export_network
+    from lct.hf_text import HFTextEncoder
+    from lct.export import load_pipeline
+    from lct.pipeline import LCTPipeline
+
+    t5 = make_tiny_t5(tmp_path / "t5", make_tiny_tokenizer(tmp_path / "tok"))
+    enc = HFTextEncoder.load(t5, max_length=16)
+    _, cfg, manifest = tiny_parts(tmp_path / "w")
+    manifest["text"] = enc.record()
+    precond = tiny_network(enc.state_dim, 0, seed=0, text_len=16)
+    state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
+    out = export_network(precond, state, tmp_path / "export", cfg=cfg, manifest=manifest, ema_name="ema", step=1)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and index["text_kind"] == "t5"
+    pipe = load_pipeline(out)
+    states, mask, pooled = enc(enc.tokenize(PROMPTS))
+    cond = pipe.encode_prompt(PROMPTS, "cpu")
+    assert torch.equal(cond["text_states"], states) and torch.equal(cond["text_mask"], mask) and pooled.shape[1] == 0
+    parts = {"precond": precond, "condition": lambda caps: pipe.encode_prompt(caps, "cpu"), "vae": pipe.vae,
+             "norm": pipe.latent_norm(), "shape": list(pipe.latent_shape), "sigma_max": 80.0,
+             "sample_sigma_min": 0.002, "tau": [0.36931547704]}
+    ref, _ = reference_images(parts, PROMPTS, [0, 1, 2], seed=2, steps=2, guidance=1.5)
+    assert np.array_equal(pil_array(pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.5, seed=2).images), ref)
+    LCTPipeline.from_pretrained(str(out)).save_pretrained(tmp_path / "again")
+    for f in sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()):
+        assert (out / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
