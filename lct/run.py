@@ -192,10 +192,14 @@ def save(run: Run, state: TrainState, export_all: bool = False) -> None:
                           "config": cfg.model_dump(mode="json"), "time": time.time()}
                 ckpt.mark_complete(ckpt_dir, record, run.ckpt_root)
                 ckpt.rotate(run.ckpt_root, cfg.run.keep_last)
-            for name in (list(emas) if export_all else [cfg.ema.sample]):
-                export_network(run.engine.module, emas[name], run.run_dir / "export" / name, cfg=cfg,
-                               manifest=manifest_record(cfg, run.manifest), ema_name=name,
-                               step=state.applied_steps, images_seen=state.images_seen)
+            # An export builds pipeline components (VAE, text tower: random init, then their
+            # weights), which must not move the training RNG: it was saved above, and a resumed run
+            # must draw the dropout masks an uninterrupted one draws.
+            with torch.random.fork_rng(devices=[]):
+                for name in (list(emas) if export_all else [cfg.ema.sample]):
+                    export_network(run.engine.module, emas[name], run.run_dir / "export" / name, cfg=cfg,
+                                   manifest=manifest_record(cfg, run.manifest), ema_name=name,
+                                   step=state.applied_steps, images_seen=state.images_seen)
         dist.barrier(world)
 
 
