@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import webdataset as wds
 
 from lct.errors import UserError
+from lct.files import atomic_file, write_json
 
 FORMAT = "lct-latents/1"
 MANIFEST = "manifest.json"
@@ -127,8 +129,6 @@ def decode_latent_sample(raw: dict) -> dict:
 
 def read_latent_shard(url: str) -> list[dict]:
     """Every decoded sample of one latent shard (errors propagate)."""
-    import webdataset as wds
-
     return [decode_latent_sample(s) for s in wds.tarfile_samples([{"url": url}])]
 
 
@@ -155,14 +155,9 @@ class StatsAccumulator:
         self.count += 1
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomic `.npz` (temporary name in the same folder, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        """Atomic `.npz`."""
+        with atomic_file(path) as f:
             np.savez(f, count=np.int64(self.count), **self.sums)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StatsAccumulator":
@@ -232,14 +227,8 @@ def latent_stats(manifest: dict, kind: str = "channel") -> tuple[np.ndarray, np.
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Records, job and manifest: sorted keys (stable files to diff)."""
+    write_json(path, obj, sort_keys=True)
 
 
 def record_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -319,8 +308,6 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     http(s), ...). Adds "_path"/"_dir" (where it was read) for local files."""
     s = str(path_or_dir)
     if "://" in s or s.startswith("pipe:"):
-        import webdataset as wds
-
         try:
             with wds.gopen(s if s.endswith(".json") else s.rstrip("/") + "/" + MANIFEST) as f:
                 text = f.read().decode("utf-8")
