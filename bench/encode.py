@@ -1,6 +1,3 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
 """Latent-encoding throughput: the real `encode_latents` path against a bare `vae.encode` loop.
 
     python bench/encode.py --tiny                                   # CPU, tiny models, seconds (CI)
@@ -19,6 +16,9 @@ The ratio pipeline / bare says how much of the VAE's speed the data path keeps. 
 stdout and the numbers to --out (JSON). The text tower defaults to a random tower (its weights do
 not change the timing).
 """
+
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import argparse
 import io
@@ -125,12 +125,13 @@ def main(argv=None) -> int:
     import torch
 
     try:
-        from lct.data_prep.encode_latents import pick_device, run
+        from lct.data_prep.encode_latents import run
     except ImportError:  # not installed: the repository root is on sys.path
-        from data_prep.encode_latents import pick_device, run
+        from data_prep.encode_latents import run
     from lct.config import EncodeLatentsConfig
+    from lct.dist import pick_device
 
-    device = pick_device(a.device, 0)
+    device = pick_device(a.device)
     with tempfile.TemporaryDirectory(prefix="lct-bench-encode-") as tmp:
         tmp = Path(tmp)
         vae_path = tiny_vae(tmp / "vae") if a.tiny else a.vae

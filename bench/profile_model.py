@@ -24,20 +24,24 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.train_step import sync
+from lct.config import load_config
+from lct.data import DataDescription
 from lct.models import dit as D
+from lct.train import build_network
 
 
 # ----------------------------------------------------------------------------------------------
-# Candidate eager fusions (same function, fewer passes over the fp32 residual stream)
+# Candidate eager fusions (same function, fewer passes over the fp32 residual stream), as
+# subclasses of the model's modules; `variant` gives a copy of the network that uses them
 # ----------------------------------------------------------------------------------------------
 
 
@@ -46,27 +50,37 @@ def modulate_addcmul(x, shift, scale):
     return torch.addcmul(shift.unsqueeze(1), x, (1 + scale).unsqueeze(1))
 
 
-def block_forward_addcmul(self, x, c, text=None, text_mask=None):
-    """DiTBlock.forward with each gated residual x + gate * out as one addcmul."""
-    mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-    x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(D.modulate(self.norm1(x), shift_msa, scale_msa)))
-    if self.cross_attn is not None:
-        shift_ca, scale_ca, gate_ca = mod[6:]
-        ca = self.cross_attn(D.modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
-        x = torch.addcmul(x, gate_ca.unsqueeze(1), ca)
-    return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(D.modulate(self.norm2(x), shift_mlp, scale_mlp)))
+class BlockAddcmul(D.DiTBlock):
+    """DiTBlock.forward with each gated residual x + gate * out as one addcmul (and modulate too)."""
+
+    def forward(self, x, c, text=None, text_mask=None):
+        mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate_addcmul(self.norm1(x), shift_msa, scale_msa)))
+        if self.cross_attn is not None:
+            shift_ca, scale_ca, gate_ca = mod[6:]
+            ca = self.cross_attn(modulate_addcmul(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+            x = torch.addcmul(x, gate_ca.unsqueeze(1), ca)
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate_addcmul(self.norm2(x), shift_mlp, scale_mlp)))
 
 
-def nsln_forward_var_mean(self, h):
+class FinalAddcmul(D.FinalLayer):
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate_addcmul(self.norm_final(x.float()), shift, scale))
+
+
+class NSLNVarMean(D.NonScalingLayerNorm):
     """NonScalingLayerNorm from var_mean and elementwise ops (fp32), instead of layer_norm, whose
     CUDA kernel is slow on 64-wide rows (one row per block: 625 us per call on the H200 profile).
     (A single mixed-dtype layer_norm with a unit weight was tried first: CUDA refused a bf16 input
     with fp32 weight and bias, "expected scalar type BFloat16 but found Float", torch 2.11.)"""
-    with D.autocast_off(h.device):
-        hf = h.float()
-        var, mean = torch.var_mean(hf, dim=-1, keepdim=True, correction=0)
-        return ((hf - mean) * torch.rsqrt(var + self.eps) + self.bias.float()).to(h.dtype)
+
+    def forward(self, h):
+        with D.autocast_off(h.device):
+            hf = h.float()
+            var, mean = torch.var_mean(hf, dim=-1, keepdim=True, correction=0)
+            return ((hf - mean) * torch.rsqrt(var + self.eps) + self.bias.float()).to(h.dtype)
 
 
 @torch.compile(dynamic=True)
@@ -76,31 +90,33 @@ def _nsln_compiled(h, bias, eps: float):
     return ((hf - mean) * torch.rsqrt(var + eps) + bias.float()).to(h.dtype)
 
 
-def nsln_forward_compiled(self, h):
+class NSLNCompiled(D.NonScalingLayerNorm):
     """The same, as one compiled (fused) kernel while the rest of the model stays eager."""
-    with D.autocast_off(h.device):
-        return _nsln_compiled(h, self.bias, self.eps)
+
+    def forward(self, h):
+        with D.autocast_off(h.device):
+            return _nsln_compiled(h, self.bias, self.eps)
 
 
 VARIANTS = {
     "current": {},
-    "addcmul": {"modulate": modulate_addcmul, "block": block_forward_addcmul},
-    "nsln_var_mean": {"nsln": nsln_forward_var_mean},
-    "nsln_compiled": {"nsln": nsln_forward_compiled},
+    "addcmul": {D.DiTBlock: BlockAddcmul, D.FinalLayer: FinalAddcmul},
+    "nsln_var_mean": {D.NonScalingLayerNorm: NSLNVarMean},
+    "nsln_compiled": {D.NonScalingLayerNorm: NSLNCompiled},
 }
 
 
-@contextlib.contextmanager
-def variant(name: str):
-    patch = VARIANTS[name]
-    saved = (D.modulate, D.DiTBlock.forward, D.NonScalingLayerNorm.forward)
-    try:
-        D.modulate = patch.get("modulate", saved[0])
-        D.DiTBlock.forward = patch.get("block", saved[1])
-        D.NonScalingLayerNorm.forward = patch.get("nsln", saved[2])
-        yield
-    finally:
-        D.modulate, D.DiTBlock.forward, D.NonScalingLayerNorm.forward = saved
+def variant(net: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`net` itself ("current"), or a copy with the same weights whose modules of the replaced
+    classes are instances of the variant's subclasses (the model's classes stay untouched)."""
+    swap = VARIANTS[name]
+    if not swap:
+        return net
+    out = copy.deepcopy(net)
+    for m in out.modules():
+        if type(m) in swap:
+            m.__class__ = swap[type(m)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,15 +125,11 @@ def variant(name: str):
 
 
 def build(arch: str, tiny: bool, device):
-    from lct.config import load_config
-    from lct.models import Precond, build_dit
-
+    """The trainer's network (`lct.train.build_network`: Precond(TextDiT)) at 4x32x32 latents, 77 x 512 text."""
     over = [f"model.arch={arch}", "method.preset=ilct"]
     if tiny:
         over += ["model.hidden_size=32", "model.depth=2", "model.num_heads=2"]
-    cfg = load_config(None, over)
-    net = Precond(build_dit(cfg.model, (4, 32, 32), 512, 77, 512), cfg.method.sigma_data, cfg.method.sigma_min,
-                  cfg.method.time_embed_scale).to(device)
+    net = build_network(load_config(None, over), DataDescription()).to(device)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # off adaLN-Zero, so every path carries signal (and no zeros are timed)
         for p in net.parameters():
@@ -177,10 +189,10 @@ def agreement(net, device, bf16: bool, batch: int) -> dict:
     ref = None
     out = {}
     for name in VARIANTS:
-        with variant(name):
-            net.zero_grad(set_to_none=True)
-            f = step(net, b, bf16)
-            grads = torch.cat([p.grad.flatten().double() for p in net.parameters() if p.grad is not None])
+        v = variant(net, name)
+        v.zero_grad(set_to_none=True)
+        f = step(v, b, bf16)
+        grads = torch.cat([p.grad.flatten().double() for p in v.parameters() if p.grad is not None])
         if ref is None:
             ref = (f, grads)
             continue
@@ -233,8 +245,7 @@ def main(argv=None) -> int:
     b = inputs(batch, device)
     res["eager_ms"] = {}
     for name in VARIANTS:
-        with variant(name):
-            res["eager_ms"][name] = time_step(net, b, bf16, args.warmup, args.steps)
+        res["eager_ms"][name] = time_step(variant(net, name), b, bf16, args.warmup, args.steps)
         print(f"eager {name}: {res['eager_ms'][name]:.1f} ms/step", flush=True)
         save()
     table = profile_table(net, b, bf16, args.rows)
@@ -245,14 +256,12 @@ def main(argv=None) -> int:
         res["compiled_ms"], res["compile_s"] = {}, {}
         for name in args.compile or ["current"]:
             torch._dynamo.reset()
-            with variant(name):
-                net.net.compile_blocks()
-                t = time.perf_counter()
-                run_steps(net, b, bf16, 1)
-                res["compile_s"][name] = time.perf_counter() - t
-                res["compiled_ms"][name] = time_step(net, b, bf16, args.warmup, args.steps)
-                for blk in net.net.blocks:  # back to eager modules for the next variant
-                    blk._compiled_call_impl = None
+            v = copy.deepcopy(variant(net, name))  # compiled blocks stay with the copy
+            v.net.compile_blocks()
+            t = time.perf_counter()
+            run_steps(v, b, bf16, 1)
+            res["compile_s"][name] = time.perf_counter() - t
+            res["compiled_ms"][name] = time_step(v, b, bf16, args.warmup, args.steps)
             print(f"compiled {name}: {res['compiled_ms'][name]:.1f} ms/step "
                   f"(compile {res['compile_s'][name]:.0f} s)", flush=True)
             save()

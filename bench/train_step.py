@@ -4,7 +4,7 @@ of each technique, all in one process.
     python bench/train_step.py --arch DiT-XL/2 --batch 128 --compile --out OUT      # on a GPU
     python bench/train_step.py --tiny --out /tmp/bench                               # CPU, seconds (CI)
 
-The step is `lct.train.Trainer.train_step` on the DeepSpeed engine built from a config, exactly
+The step is `lct.train.train_step` on the `Run` that `lct.train.build` makes from a config, exactly
 what `lct/train.py` runs (precision preset, SDPA, optional torch.compile and activation
 checkpointing, iLCT objective by default). The data are real latent shards made by the real data
 prep (`make_shapes` images at the resolution -> a random VAE of SD-VAE's architecture ->
@@ -34,8 +34,6 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 import argparse
 import gc
 import json
-import math
-import os
 import platform
 import sys
 import tempfile
@@ -43,6 +41,13 @@ import time
 from pathlib import Path
 
 import torch
+
+from lct.config import load_config
+from lct.dist import DistInfo
+from lct.models import Precond, build_dit
+from lct.monitor import LossMeter
+from lct.timing import PhaseTimer, no_timer
+from lct.train import build, preflight, train_step
 
 PEAKS_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12, "A100": 312.0e12}
 
@@ -146,19 +151,14 @@ def bf16_peak(device) -> tuple[str, float | None, float | None]:
     return name, sheet, measured
 
 
-def build_trainer(overrides: list[str], run_dir: Path, network_kind: str = "dit"):
-    from lct.config import load_config
-    from lct.engine import dist_info_from_env
-    from lct.train import Trainer, build_network, describe_data, manifest_path
-    from lct.latents import load_manifest
-
+def build_run(overrides: list[str], run_dir: Path, network_kind: str = "dit"):
+    """The trainer's `Run` for a config (no monitor); `network_kind` "pixart" swaps in PixArt."""
     cfg = load_config(None, [f"run.dir={run_dir}", "run.resume=never", "run.tensorboard=false", *overrides])
-    trainer = Trainer(cfg, dist_info_from_env())
+    info = DistInfo.from_env()
+    start = preflight(cfg, info)
     network = None
     if network_kind == "pixart":
-        from lct.models import Precond, build_dit
-
-        desc = describe_data(cfg, load_manifest(manifest_path(cfg)))
+        desc = start.desc
         ref = build_dit(cfg.model, desc.latent_shape, desc.text_dim, desc.text_len, desc.pooled_dim)
         c = ref.config
         network = Precond(PixArtNet(c.hidden_size, c.depth, c.num_heads, desc.text_dim, desc.latent_shape,
@@ -168,38 +168,52 @@ def build_trainer(overrides: list[str], run_dir: Path, network_kind: str = "dit"
             for blk in network.net.net.transformer_blocks:
                 blk.compile()
         del ref
-    assert trainer.setup(network=network, monitor=False)
-    return trainer
+    run = build(cfg, info, start, network=network, monitor=False)
+    assert run is not None
+    return run
 
 
-def fixed_batches(trainer, n_steps: int) -> list[list[dict]]:
-    it = iter(trainer.loader)
-    return [[next(it) for _ in range(trainer.accum)] for _ in range(n_steps)]
+def fixed_batches(run, n_steps: int) -> list[list[dict]]:
+    it = iter(run.loader)
+    return [[next(it) for _ in range(run.accum)] for _ in range(n_steps)]
 
 
-def count_flops(trainer, batches) -> float:
+class Stepper:
+    """Steps of one run from its start state, as `lct.train.loop` makes them: `train_step`, the
+    next state, and the loss meter's per-step accumulation (logging itself is not timed)."""
+
+    def __init__(self, run):
+        self.run, self.state = run, run.state
+        self.meter = LossMeter(run.cfg, run.device, run.info.world_size, run.state.images_seen)
+
+    def __call__(self, batches: list[dict], timer=no_timer) -> None:
+        result = train_step(self.run, batches, self.state, timer)
+        self.state = self.state.after_step(result.applied, self.run.cfg.optim.batch_size, 0.0)
+        self.meter.add(result.diagnostics)
+
+
+def count_flops(step: Stepper, batches) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.train_step(batches)
+        step(batches)
     return float(counter.get_total_flops())
 
 
-def time_steps(trainer, batches, warmup: int, steps: int, from_loader: bool = False) -> dict:
+def time_steps(step: Stepper, batches, warmup: int, steps: int, from_loader: bool = False) -> dict:
     """Uninstrumented throughput, then an instrumented pass for the split of the step."""
-    from lct.timing import PhaseTimer
-
-    device = trainer.device
-    it = iter(trainer.loader) if from_loader else None
+    run = step.run
+    device = run.device
+    it = iter(run.loader) if from_loader else None
 
     def get(i):
         if it is None:
             return batches[i % len(batches)]
-        return [next(it) for _ in range(trainer.accum)]
+        return [next(it) for _ in range(run.accum)]
 
     for i in range(warmup):
-        trainer.train_step(get(i))
+        step(get(i))
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,15 +223,15 @@ def time_steps(trainer, batches, warmup: int, steps: int, from_loader: bool = Fa
         td = time.perf_counter()
         b = get(i)
         data_wait += time.perf_counter() - td
-        trainer.train_step(b)
+        step(b)
     sync(device)
     total = time.perf_counter() - t0
     timer = PhaseTimer(device)
     n_inst = min(steps, 5)
     for i in range(n_inst):
-        trainer.train_step(get(i), timer=timer)
+        step(get(i), timer=timer)
     split = {k: v / n_inst for k, v in timer.summary().items()}
-    batch = trainer.cfg.optim.batch_size
+    batch = run.cfg.optim.batch_size
     out = {"step_ms": 1000 * total / steps, "images_per_s": batch * steps / total, "split_ms": split,
            "data_wait_ms": 1000 * data_wait / steps,
            "gpu_idle_fraction": data_wait / total if from_loader else None}
@@ -226,9 +240,8 @@ def time_steps(trainer, batches, warmup: int, steps: int, from_loader: bool = Fa
     return out
 
 
-def release(trainer) -> None:
-    """Drop every reference to the run's tensors so the next configuration gets the memory."""
-    trainer.__dict__.clear()
+def free_memory() -> None:
+    """After the caller dropped its run: collect it, so the next configuration gets the memory."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -266,22 +279,22 @@ def _guarded(*a) -> dict:
 def _run_config(name, overrides, root, args, network_kind, flops, from_loader, peaks) -> dict:
     print(f"\n== {name}: {' '.join(overrides)}", flush=True)
     try:
-        trainer = build_trainer(overrides, root / "runs" / name.replace("/", "_"), network_kind)
+        run = build_run(overrides, root / "runs" / name.replace("/", "_"), network_kind)
     except torch.cuda.OutOfMemoryError as err:
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
         return {"name": name, "error": f"out of memory at setup: {err}"[:300]}
-    res = {"name": name, "overrides": overrides, "micro_batch": trainer.micro, "accum": trainer.accum}
+    res = {"name": name, "overrides": overrides, "micro_batch": run.micro, "accum": run.accum}
     try:
-        batches = fixed_batches(trainer, 2)
+        step = Stepper(run)
+        batches = fixed_batches(run, 2)
         if flops:
-            res["flops_per_step"] = count_flops(trainer, batches[0])
-        res.update(time_steps(trainer, batches, args.warmup, args.steps, from_loader))
+            res["flops_per_step"] = count_flops(step, batches[0])
+        res.update(time_steps(step, batches, args.warmup, args.steps, from_loader))
     except torch.cuda.OutOfMemoryError as err:
         res["error"] = f"out of memory: {err}"[:300]
     finally:  # also on other errors: the next configuration needs the memory
-        batches = None
-        release(trainer)
+        run = step = batches = None
+        free_memory()
     if "flops_per_step" in res and "step_ms" in res and peaks:
         achieved = res["flops_per_step"] / (res["step_ms"] / 1000)
         res["achieved_tflops"] = achieved / 1e12
@@ -299,38 +312,37 @@ def precision_m(root: Path, base: list[str], steps_total: int) -> dict:
     bf16_trunk (same weights, slightly perturbed from adaLN-Zero so outputs are non-trivial)."""
     from lct import consistency as C
     from lct.data import to_device
-    from lct.objectives import teacher_pass
+    from lct.objectives import cond_of, teacher_pass
+    from lct.train import condition
 
     out = {}
     state = None
     for precision in ("tf32", "bf16_trunk"):
-        trainer = build_trainer([*base, f"precision={precision}"], root / "runs" / f"m_{precision}")
-        net = trainer.engine.module
+        run = build_run([*base, f"precision={precision}"], root / "runs" / f"m_{precision}")
+        net = run.engine.module
         if state is None:
             g = torch.Generator().manual_seed(0)
             for p in net.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g).to(p))
             state = {k: v.clone() for k, v in net.state_dict().items()}
         net.load_state_dict(state)
-        obj, m = trainer.objective, trainer.cfg.method
-        step = steps_total - 1
-        cur = obj.curriculum(step)
-        b = to_device(next(iter(trainer.loader)), trainer.device)
-        b["cond"] = trainer.condition(b, trainer.text_encoder)
-        sigmas, _, _ = obj.grid(cur.num_points)
-        idx = obj.pairs(b, step)
+        b = to_device(next(iter(run.loader)), run.device)
+        b["cond"] = condition(run, b)
+        plan = run.objective.plan(b, steps_total - 1)
+        cur = plan.curriculum
         x, z = b["x"], b["z"]
-        s_hi = sigmas[idx + 1].to(x.device, torch.float32).view(-1, 1, 1, 1)
-        s_lo = sigmas[idx].to(x.device, torch.float32).view(-1, 1, 1, 1)
-        cond = obj.cond_of(b)
-        f_t = teacher_pass(trainer.engine, x + s_lo * z, s_lo.flatten(), cond)
-        f_s = teacher_pass(trainer.engine, x + s_hi * z, s_hi.flatten(), cond)
+        s_hi = plan.sigma.to(x.device, torch.float32).view(-1, 1, 1, 1)
+        s_lo = plan.sigma_teacher.to(x.device, torch.float32).view(-1, 1, 1, 1)
+        cond = cond_of(b)
+        f_t = teacher_pass(run.engine, x + s_lo * z, s_lo.flatten(), cond)
+        f_s = teacher_pass(run.engine, x + s_hi * z, s_hi.flatten(), cond)
         mm = (f_s - f_t).square().flatten(1).mean(1).double()
         ratio = (mm / (2 * cur.c ** 2)).cpu()
         out[precision] = {"N": cur.num_points, "c": cur.c, "m_over_2c2_mean": float(ratio.mean()),
                           "m_over_2c2_median": float(ratio.median()), "m_mean": float(mm.mean())}
         out[precision + "_f_student"] = f_s.float().cpu()
-        release(trainer)
+        run = net = b = x = z = cond = None
+        free_memory()
     a, b = out.pop("tf32_f_student"), out.pop("bf16_trunk_f_student")
     rounding = (a - b).square().flatten(1).mean(1).double()
     out["bf16_vs_tf32_output_msd_over_2c2_mean"] = float((rounding / (2 * out["tf32"]["c"] ** 2)).mean())
@@ -412,8 +424,6 @@ def main(argv=None) -> int:
         ref = results["configs"][0]
         # The same DiT for the EDM step: its preset would drop NsLN (and set dropout), which on the
         # H200 cost more than the objective itself (2026-11-30: 2.09x with NsLN only in the iLCT run).
-        from lct.config import load_config
-
         m = load_config(None, [f"run.dir={root / 'runs' / 'resolve'}", *b0]).model
         variants = {
             "pixart_block": (b0, "pixart", {}),

@@ -1,6 +1,3 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
 """A local MS-COCO 2014 split -> img2dataset-style webdataset shards (input of encode_latents.py).
 
     python data_prep/coco_to_wds.py --input /data/coco --split train2014 --output data/coco/train2014
@@ -31,6 +28,9 @@ of the machine into the shards. Resumable: a shard is written to `.NAME.tar.tmp`
 complete; a rerun skips complete shards.
 """
 
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import json
 import os
 import time
@@ -41,6 +41,7 @@ from pydantic import Field
 from lct.coco import read_caption_annotations
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
+from lct.files import write_atomic, write_json
 
 SPLITS = ("train2014", "val2014")
 SPLIT_RULE = ("train on train2014, evaluate on val2014; other splits are refused (train2017 contains most of "
@@ -95,15 +96,7 @@ def _check_settings(out: Path, settings: dict) -> None:
                             "use another --output or delete it")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".coco.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        write_json(path, settings, sort_keys=True)
 
 
 def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, samples_per_shard: int,
@@ -174,9 +167,9 @@ def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, samples
         else:
             counts["already_complete"] += 1
     bar.close()
-    _write_atomic(out / "captions.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
+    write_atomic(out / "captions.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
                                                   for r in records))
-    _write_atomic(out / "stats.json", json.dumps(counts, indent=1, sort_keys=True) + "\n")
+    write_atomic(out / "stats.json", json.dumps(counts, indent=1, sort_keys=True) + "\n")
     return counts
 
 

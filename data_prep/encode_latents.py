@@ -1,6 +1,3 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
 """Image-text shards -> latent shards + manifest.json (SPEC 7, docs/ARCHITECTURE.md "Latent shards").
 
     python data_prep/encode_latents.py --input 'data/coco/{00000..00008}.tar' --output data/coco-lat \\
@@ -69,6 +66,9 @@ tarfile alone reads as a shorter valid tar; a failed download or pipe: command) 
 same way but is never recorded: fix or remove it and re-run.
 """
 
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import hashlib
 import json
 import os
@@ -80,6 +80,7 @@ from pathlib import Path
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lct.config import EncodeLatentsConfig, cli_config
+from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main
 
 DESCRIPTION = (
@@ -98,23 +99,8 @@ PREPROCESS = ("RGB, center crop of the long edge, PIL bicubic resize, x/127.5-1 
 
 
 # ----------------------------------------------------------------------------------------------
-# Ranks, shard lists and names
+# Shard lists and names
 # ----------------------------------------------------------------------------------------------
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun/deepspeed or SLURM variables."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    else:
-        rank, world = 0, 1
-    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-    if not 0 <= rank < world:
-        raise UserError(f"rank {rank} is outside world size {world} (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
-    return rank, world, local
 
 
 def open_url(url: str) -> str:
@@ -653,19 +639,6 @@ def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, repl
     return old
 
 
-def pick_device(name: str, local_rank: int):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device available")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
 def log(rank: int, msg: str) -> None:
     prefix = f"encode_latents[{rank}]" if rank else "encode_latents"
     print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
@@ -715,7 +688,8 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     from lct.text import TOWER_DIR, TextEncoder, check_text_source, is_random
     from lct.vae import check_vae_source, latent_shape, load_vae, vae_summary
 
-    rank, world, local_rank = dist_env()
+    info = DistInfo.from_env()
+    rank, world, local_rank = info.rank, info.world_size, info.local_rank
     urls = existing_shards(cfg.input, "--input")
     names = [shard_name(u) for u in urls]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -1,6 +1,3 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
 """Write the embedded shapes data set (`lct.shapes`) as img2dataset-style webdataset shards.
 
     python data_prep/make_shapes.py --output data/shapes --num 20000 --size 64 --heldout 1000
@@ -25,6 +22,10 @@ Resumable: a shard is written to a temporary name and renamed when complete; a r
 complete shards (and the caption lists are rewritten from the seeds, not read from shards).
 """
 
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import contextlib
 import io
 import json
 import os
@@ -36,6 +37,7 @@ from pydantic import Field
 
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
+from lct.files import atomic_file, write_atomic, write_json
 
 FORMAT_VERSION = 1
 
@@ -79,9 +81,7 @@ def _check_settings(out: Path, settings: dict) -> None:
             raise UserError(f"{out} holds tar shards but no shapes.json (not written by make_shapes, or "
                             "by an older version); use another --output or delete them")
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".shapes.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json(path, settings, sort_keys=True)
 
 
 def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples_per_shard: int,
@@ -111,10 +111,9 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
         first, last = s * samples_per_shard, min(num, (s + 1) * samples_per_shard)
         final = out / f"{s:05d}.tar"
         complete = final.is_file()
-        tmp = out / f".{s:05d}.tar.tmp{os.getpid()}"
-        writer = None if complete else wds.TarWriter(open(tmp, "wb"), encoder=False, mtime=0.0,
-                                                      user="lct", group="lct", mode=0o644)
-        try:
+        with contextlib.nullcontext() if complete else atomic_file(final) as stream:
+            writer = None if complete else wds.TarWriter(stream, encoder=False, mtime=0.0, user="lct",
+                                                          group="lct", mode=0o644)
             for i in range(first, last):
                 key = _key(s, i - first, width)
                 spec, caps = shapes.make_spec(seed, split, i, num_captions)
@@ -128,25 +127,13 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
                     writer.write({"__key__": key, "png": _png_bytes(img), "txt": caps[0].encode(),
                                   "json": json.dumps(meta, sort_keys=True).encode()})
                     bar.update(1)
-        except BaseException:
             if writer is not None:
-                writer.close()
-                writer.stream.close()
-                tmp.unlink(missing_ok=True)
-            raise
-        if writer is not None:
-            writer.close()
-            writer.stream.flush()
-            os.fsync(writer.stream.fileno())
-            writer.stream.close()
-            os.replace(tmp, final)
-            written += 1
+                writer.close()  # the tar's end blocks; atomic_file then syncs and renames
+                written += 1
     bar.close()
     for name, text in (("captions.txt", "".join(c + "\n" for c in lines)),
                        ("captions.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))):
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_atomic(out / name, text)
     return {"shards": n_shards, "written": written, "skipped": n_shards - written, "samples": num}
 
 

@@ -1,6 +1,3 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
 """Fit a small diffusers `AutoencoderKL` on image-text shards (images only) and `save_pretrained` it.
 
     python data_prep/train_vae.py --input 'data/shapes/{00000..00007}.tar' \
@@ -77,6 +74,9 @@ time per step measured separately with 2 threads; differences under ~1 dB are se
   the default reached 26.7 at 700 steps; kl_weight 1e-6 .. 1e-3 are within noise, 1e-4 keeps a
   larger std. Zero-initialising the residual branches, lr 3e-3 or a low initial logvar did not help.
 """
+
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import json
 import math
@@ -188,17 +188,9 @@ def load_images(pattern: str, resolution: int, flag: str, limit: int | None = No
 def resolve_device(cfg: TrainVAEConfig):
     import torch
 
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {cfg.device}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: CUDA is not available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {cfg.device}: expected 'auto', 'cpu' or 'cuda[:N]'")
+    from lct.dist import pick_device
+
+    dev = pick_device(cfg.device)
     if cfg.precision == "bf16" and not (dev.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise UserError("--precision bf16 needs a CUDA GPU with bf16 support; use --precision fp32 or auto")
     use_bf16 = dev.type == "cuda" and cfg.precision != "fp32" and torch.cuda.is_bf16_supported()

@@ -1,7 +1,4 @@
-if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
-    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-
-__doc__ = """Samples and metrics with a fixed protocol: FID, CLIP score and the `shapes` metric.
+"""Samples and metrics with a fixed protocol: FID, CLIP score and the `shapes` metric.
 
     python eval/clip_fid.py --checkpoint runs/lct_coco --steps 1 2 --fid-weights pt_inception.pth \\
         --ref-images 'data/coco/val2014/{00000..00008}.tar' --out eval_out/lct_coco
@@ -52,6 +49,9 @@ batch whatever K, so the PNGs are byte-identical to one process' and the gathere
 scores (reordered by index) give the same numbers.
 """
 
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import hashlib
 import json
 import os
@@ -63,8 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lct import dist
 from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
+from lct.files import file_sha256, write_atomic, write_json
 
 METRICS = ("fid", "clip", "shapes")
 RESULTS_FORMAT = "lct-eval/1"
@@ -85,14 +87,6 @@ def offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "LCT_OFFLINE"))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def skipped(reason: str, fix: str) -> dict:
     return {"skipped": True, "reason": reason, "fix": fix}
 
@@ -103,91 +97,34 @@ def skipped(reason: str, fix: str) -> dict:
 
 
 class Ranks:
-    """This process' rank, the world size and the collectives eval needs (no-ops for one)."""
+    """This process' rank, world size and device, and the collectives eval needs (`lct.dist`;
+    no-ops for one process)."""
 
     def __init__(self, device_name: str):
-        import torch
-
-        from lct.engine import dist_info_from_env
-
-        info = dist_info_from_env()
+        info = dist.DistInfo.from_env()
         self.rank, self.world, self.local_rank = info.rank, info.world_size, info.local_rank
-        if device_name == "auto":
-            device_name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device_name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        self.device = device
-        self.started = False
-        if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                for k in ("MASTER_ADDR", "MASTER_PORT"):
-                    if k not in os.environ:
-                        raise UserError(f"WORLD_SIZE={self.world} but {k} is not set: start the ranks with torchrun")
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                        timeout=datetime.timedelta(minutes=60))
-                self.started = True
+        self.device = dist.pick_device(device_name, info.local_rank)
+        self.started = dist.init(info, self.device, timeout_minutes=60)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        dist.barrier(self.world)
 
     def objects(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order (pickled; for small things)."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        return dist.gather_objects(obj, self.world)
 
     def rows(self, indices: list[int], rows, width: int):
         """Rows [n_local, width] (float32) of the given global indices from every rank, as one
         float32 tensor [N, width] in increasing index order (on every rank)."""
-        import torch
-
-        local = rows if rows is not None and len(indices) else torch.zeros(0, width)
-        local = local.float().reshape(len(indices), width)
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            counts = [int(c) for c in self.objects(len(indices))]
-            most = max(counts + [1])
-            dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            pad = torch.zeros(most, width, dtype=torch.float32, device=dev)
-            pad[: len(indices)] = local.to(dev)
-            ipad = torch.full((most,), -1, dtype=torch.long, device=dev)
-            ipad[: len(indices)] = idx.to(dev)
-            parts = [torch.empty_like(pad) for _ in range(self.world)]
-            iparts = [torch.empty_like(ipad) for _ in range(self.world)]
-            dist.all_gather(parts, pad)
-            dist.all_gather(iparts, ipad)
-            local = torch.cat([p[:c].cpu() for p, c in zip(parts, counts)])
-            idx = torch.cat([p[:c].cpu() for p, c in zip(iparts, counts)])
-        order = torch.argsort(idx)
-        if len(idx) and not torch.equal(idx[order], torch.arange(int(idx.max()) + 1)):
-            raise RuntimeError("gathered sample indices are not 0..N-1 exactly once")
-        return local[order]
+        return dist.gather_rows(indices, rows, width, self.world, self.device)
 
     def close(self) -> None:
         if self.started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            dist.close(barrier_first=False)
 
 
 def my_batches(n: int, batch: int, rank: int, world: int) -> list[list[int]]:
@@ -587,9 +524,7 @@ def make_captions_main(argv: list[str]) -> int:
     data = captions_jsonl(records)
     out = Path(args.out) if args.out else CAPTIONS_DIR / (proto.captions_file or f"{proto.name}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    write_atomic(out, data)
     sha = hashlib.sha256(data).hexdigest()
     print(f"wrote {len(records)} (image_id, caption) pairs to {out}")
     print(f"sha256 {sha}")
@@ -607,7 +542,6 @@ def make_captions_main(argv: list[str]) -> int:
 
 def load_captions(cfg: EvalConfig, proto) -> tuple[list[dict], dict, list[str]]:
     """(caption records used, caption record for results, deviations)."""
-    from lct.protocols import file_sha256 as sha_of
     from lct.protocols import read_captions
 
     deviations: list[str] = []
@@ -620,7 +554,7 @@ def load_captions(cfg: EvalConfig, proto) -> tuple[list[dict], dict, list[str]]:
         raise UserError(f"the caption file of protocol {proto.name} ({path}) is not there: generate it with "
                         "`python eval/clip_fid.py --make-captions --coco-annotations annotations/captions_val2014.json`"
                         " or pass --captions FILE (and --protocol custom for other captions)")
-    sha = sha_of(path)
+    sha = file_sha256(path)
     verified = None
     if proto.captions_file:
         if proto.captions_sha256 is None:
@@ -785,9 +719,7 @@ def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, re
                 if k in rec:
                     row[k] = rec[k]
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp = d / f".captions.jsonl.tmp{os.getpid()}"
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, d / "captions.jsonl")
+        write_atomic(d / "captions.jsonl", "".join(lines))
         if order:
             save_png(caption_grid([tiles[i] for i in order], [caps_all[i] for i in order],
                                   title=f"{s.steps}-step, tau {s.tau}, guidance {fmt_num(s.guidance)}, seed {cfg.seed}"),
@@ -808,12 +740,6 @@ def summary_line(s: Setting) -> str:
             parts.append(f"{name} {m['value']:.4f}")
     tp = s.throughput.get("samples_per_s")
     return f"{s.name} (NFE {s.nfe}): " + "; ".join(parts) + (f" | {tp:.2f} samples/s" if tp else "")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(cfg: EvalConfig, argv: list[str]) -> int:

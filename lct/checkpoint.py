@@ -17,13 +17,15 @@ into the same directory and rank 0 marks it complete).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
+
+from lct.files import write_atomic, write_json
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 COMPLETE = "COMPLETE"
@@ -31,17 +33,6 @@ COMPLETE = "COMPLETE"
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so readers see either the old or the whole new content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -92,15 +83,11 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def save_ema_file(path: Path, emas: dict[str, dict[str, torch.Tensor]]) -> None:
     """All EMAs in one safetensors file, keys `<ema name>/<parameter name>`."""
-    from safetensors.torch import save
-
     flat = {f"{name}/{k}": v.contiguous() for name, sd in emas.items() for k, v in sd.items()}
     write_atomic(path, save(flat))
 
 
 def load_ema_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in load_file(str(path)).items():
         name, _, param = key.partition("/")
@@ -110,18 +97,6 @@ def load_ema_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def mark_complete(ckpt_dir: Path, state: dict[str, Any], root: Path) -> None:
     """Rank 0, after every rank finished writing: state, COMPLETE marker, `latest` pointer."""
-    write_atomic(Path(ckpt_dir) / "lct_state.json", json.dumps(state, indent=1))
+    write_json(Path(ckpt_dir) / "lct_state.json", state)
     write_atomic(Path(ckpt_dir) / COMPLETE, "")
     write_atomic(Path(root) / "latest", Path(ckpt_dir).name + "\n")
-
-
-def export_dir_atomic(tmp: Path, final: Path) -> None:
-    """Move a fully written export directory into place (old one removed after the swap)."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)

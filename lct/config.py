@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import importlib.util
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lct.consistency import C_FIRST, DIFF_SIGMA_MAX, OT_MIN_GROUP
 from lct.errors import ConfigError
 
 COMMAND_LINE = "command line"
@@ -38,7 +39,31 @@ class Strict(BaseModel):
 # Trainer schema
 # --------------------------------------------------------------------------------------------
 
-PRESETS = ("edm", "ict", "ict_latent_baseline", "ect", "ect_imagenet", "ilct")
+def _ema(decay: float, batch: int) -> dict:
+    return {"models": [{"name": "ema", "decay": decay, "decay_batch": batch}], "sample": "ema"}
+
+
+# Method presets (SPEC 12 reference hyperparameters, SPEC 3 distance and c): only what differs from
+# the schema defaults below, which are iLCT's. Applied under the user's files and overrides:
+# anything written explicitly wins.
+ILCT_OFF = {"method.ot": False, "method.diffusion_weight": 0.0, "model.nsln": "none"}  # iLCT's OT, diffusion term, NsLN
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "edm": {**ILCT_OFF, "method.objective": "edm", "method.sigma_min": 0.0, "ema": _ema(0.9999, 128)},
+    "ict": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber", "method.c": 0.00054,
+            "method.tau": [0.821], "model.dropout": 0.3, "optim.batch_size": 1024, "ema": _ema(0.99993, 1024)},
+    "ict_latent_baseline": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
+                            "method.c": 0.03456, "method.s1": 640, "optim.weight_decay": 1e-4,
+                            "ema": _ema(0.99993, 128), "run.total_steps": 294_000},
+    "ect": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.0,
+            "method.sigma_min": 0.0, "method.tau": [0.821], "model.dropout": 0.2, "ema": _ema(0.9999, 128),
+            "run.total_steps": 200_000},
+    "ect_imagenet": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.000541,
+                     "method.sigma_min": 0.0, "method.p_mean": -0.8, "method.p_std": 1.6, "method.ect_q": 4.0,
+                     "method.ect_weight": "imagenet", "method.tau": [1.526], "model.dropout": 0.4,
+                     "optim.name": "adam", "optim.lr": 1e-3, "optim.betas": [0.9, 0.99], "optim.schedule": "inv_sqrt",
+                     "ema": _ema(0.9999, 128), "run.total_steps": 100_000},
+    "ilct": {"method.s1": 640, "optim.weight_decay": 1e-4, "ema": _ema(0.99993, 128), "run.total_steps": 294_000},
+}
 
 
 class RunConfig(Strict):
@@ -59,11 +84,11 @@ class RunConfig(Strict):
 
 
 class MethodConfig(Strict):
-    preset: Literal["edm", "ict", "ict_latent_baseline", "ect", "ect_imagenet", "ilct"] = "ilct"
+    preset: Literal[tuple(METHOD_PRESETS)] = "ilct"  # type: ignore[valid-type]
     objective: Literal["edm", "ict", "ect", "ilct"] = "ilct"
     distance: Literal["l2", "pseudo_huber", "cauchy"] = "cauchy"
     c: float | Literal["adaptive"] = Field("adaptive", description="distance scale (mean form, SPEC 3) or 'adaptive' (SPEC 4)")
-    c_first: float | Literal["code"] = Field(0.03456, description="adaptive c of the first stage; 'code' = 0.00054*sqrt(C*H*W)")
+    c_first: float | Literal["code"] = Field(C_FIRST, description="adaptive c of the first stage; 'code' = 0.00054*sqrt(C*H*W)")
     sigma_min: float = Field(0.002, ge=0, description="training parameterisation sigma_min (SPEC 1); 0 = EDM scalings")
     sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min recorded for sampling; default sigma_min")
     sigma_max: float = Field(80.0, gt=0)
@@ -83,7 +108,7 @@ class MethodConfig(Strict):
     max_stage: int | None = Field(None, ge=0, description="ECT: cap on the stage index (short runs)")
     ect_weight: Literal["inv_dt", "imagenet"] = "inv_dt"
     diffusion_weight: float = Field(5.0, ge=0, description="weight of the early-step diffusion term (SPEC 5); 0 = off")
-    diff_sigma_max: float = Field(0.1698, gt=0, description="ECT mapping: early set is t <= this (SPEC 5)")
+    diff_sigma_max: float = Field(DIFF_SIGMA_MAX, gt=0, description="ECT mapping: early set is t <= this (SPEC 5)")
     ot: bool = Field(True, description="minibatch OT coupling of latents and noise (SPEC 6)")
     time_embed_scale: float = Field(1000.0, gt=0, description="time embedding input = scale * ln(sigma)/4 (SPEC 1)")
     tau: list[float] = Field([0.36931547704], description="intermediate sigmas of multi-step sampling (SPEC 9)")
@@ -214,78 +239,6 @@ class TrainConfig(Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     val: ValConfig = Field(default_factory=ValConfig)
-
-
-def _ema(decay: float, batch: int) -> dict:
-    return {"models": [{"name": "ema", "decay": decay, "decay_batch": batch}], "sample": "ema"}
-
-
-# Method presets: SPEC section 12 (reference hyperparameters) and section 3 (distance, c).
-# Applied under the user's files and overrides: anything written explicitly wins.
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "edm": {
-        "method": {"objective": "edm", "sigma_min": 0.0, "ot": False, "diffusion_weight": 0.0},
-        "model": {"dropout": 0.0, "nsln": "none"},
-        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 0.0},
-        "ema": _ema(0.9999, 128),
-        "precision": "tf32",
-    },
-    "ict": {
-        "method": {"objective": "ict", "distance": "pseudo_huber", "c": 0.00054, "sigma_min": 0.002,
-                   "s0": 10, "s1": 1280, "ot": False, "diffusion_weight": 0.0, "tau": [0.821]},
-        "model": {"dropout": 0.3, "nsln": "none"},
-        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
-                  "batch_size": 1024, "grad_clip": 0.0},
-        "ema": _ema(0.99993, 1024),
-        "run": {"total_steps": 400_000},
-        "precision": "tf32",
-    },
-    "ict_latent_baseline": {
-        "method": {"objective": "ict", "distance": "pseudo_huber", "c": 0.03456, "sigma_min": 0.002,
-                   "s0": 10, "s1": 640, "ot": False, "diffusion_weight": 0.0, "tau": [0.36931547704]},
-        "model": {"dropout": 0.0, "nsln": "none"},
-        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 1e-4,
-                  "batch_size": 128, "grad_clip": 0.0},
-        "ema": _ema(0.99993, 128),
-        "run": {"total_steps": 294_000},
-        "precision": "tf32",
-    },
-    "ect": {
-        "method": {"objective": "ect", "distance": "pseudo_huber", "c": 0.0, "sigma_min": 0.0,
-                   "p_mean": -1.1, "p_std": 2.0, "ect_mapping": "sigmoid", "ect_q": 2.0, "ect_k": 8.0,
-                   "ect_b": 1.0, "stage_every": 25_000, "ect_weight": "inv_dt", "ot": False,
-                   "diffusion_weight": 0.0, "tau": [0.821]},
-        "model": {"dropout": 0.2, "nsln": "none"},
-        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
-                  "batch_size": 128, "grad_clip": 0.0},
-        "ema": _ema(0.9999, 128),
-        "run": {"total_steps": 200_000},
-        "precision": "tf32",
-    },
-    "ect_imagenet": {
-        "method": {"objective": "ect", "distance": "pseudo_huber", "c": 0.000541, "sigma_min": 0.0,
-                   "p_mean": -0.8, "p_std": 1.6, "ect_mapping": "sigmoid", "ect_q": 4.0, "ect_k": 8.0,
-                   "ect_b": 1.0, "stage_every": 25_000, "ect_weight": "imagenet", "ot": False,
-                   "diffusion_weight": 0.0, "tau": [1.526]},
-        "model": {"dropout": 0.4, "nsln": "none"},
-        "optim": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0,
-                  "schedule": "inv_sqrt", "ref_steps": 2000, "batch_size": 128, "grad_clip": 0.0},
-        "ema": _ema(0.9999, 128),
-        "run": {"total_steps": 100_000},
-        "precision": "tf32",
-    },
-    "ilct": {
-        "method": {"objective": "ilct", "distance": "cauchy", "c": "adaptive", "c_first": 0.03456,
-                   "sigma_min": 0.002, "s0": 10, "s1": 640, "ot": True, "diffusion_weight": 5.0,
-                   "tau": [0.36931547704]},
-        "model": {"dropout": 0.0, "nsln": "qk"},
-        "optim": {"name": "radam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 1e-4,
-                  "schedule": "constant", "batch_size": 128, "grad_clip": 0.0},
-        "ema": _ema(0.99993, 128),
-        "run": {"total_steps": 294_000},
-        "precision": "tf32",
-    },
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,11 +467,14 @@ def apply_preset(raw: dict, sources: dict[str, str]) -> dict:
     """Put the method preset's reference values under what the user wrote (SPEC 12)."""
     preset = (raw.get("method") or {}).get("preset", MethodConfig.model_fields["preset"].default)
     if preset not in METHOD_PRESETS:
-        close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+        close = difflib.get_close_matches(str(preset), list(METHOD_PRESETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown preset {preset!r}{hint} (known: {', '.join(PRESETS)})",
+        raise ConfigError(f"unknown preset {preset!r}{hint} (known: {', '.join(METHOD_PRESETS)})",
                           key="method.preset", source=sources.get("method.preset", COMMAND_LINE))
-    return _deep_merge(METHOD_PRESETS[preset], raw)
+    values: dict = {}
+    for key, value in METHOD_PRESETS[preset].items():
+        _set_dotted(values, key, copy.deepcopy(value))
+    return _deep_merge(values, raw)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
@@ -539,43 +495,28 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     except ValidationError as err:
         raise _format_validation(err, schema, sources, str(path) if path else COMMAND_LINE) from None
     if isinstance(cfg, TrainConfig):
-        cfg._sources = sources  # type: ignore[attr-defined]
-        for w in check_train_config(cfg, sources):
-            warnings.warn(w, ConfigWarning, stacklevel=2)
+        refuse_incompatible(cfg, sources)
     return cfg
 
 
-class ConfigWarning(UserWarning):
-    pass
-
-
-def source_of(cfg: Any, key: str) -> str:
-    return getattr(cfg, "_sources", {}).get(key, "defaults")
-
-
-def check_train_config(cfg: TrainConfig, sources: dict[str, str] | None = None) -> list[str]:
-    """Option compatibility checks that need several keys; returns warnings, raises on errors."""
-    src = sources or getattr(cfg, "_sources", {})
+def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
+    """Option combinations that cannot train: a `ConfigError` naming the file that set the key."""
 
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(msg, key=key, source=_source_for(key, src, "preset " + cfg.method.preset))
+        raise ConfigError(msg, key=key, source=_source_for(key, sources, "preset " + cfg.method.preset))
 
-    m, warn = cfg.method, []
+    m = cfg.method
     if m.objective == "ect" and m.sigma_min > 0:
         fail("method.sigma_min", "the ECT objective trains with sigma_min = 0 (SPEC 2.4: with 0.002, "
              "t < sigma_min gives c_out < 0); set method.sigma_min=0")
     if m.objective != "edm" and m.c == "adaptive" and m.distance == "l2":
         fail("method.c", "an adaptive c needs distance cauchy or pseudo_huber (l2 has no c)")
-    if m.objective == "ect" and m.c == "adaptive":
-        warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
-                    "(SPEC 4), not a published rule")
     if m.objective in ("ict", "ilct") and m.s1 < m.s0:
         fail("method.s1", f"s1 ({m.s1}) must be >= s0 ({m.s0})")
     if cfg.distributed.zero_stage == 3:
         fail("distributed.zero_stage", "ZeRO-3 is not supported: the partitioned EMA and the teacher "
              "pass need full parameters on every rank; use zero_stage 0, 1 or 2")
     if cfg.model.attention == "xformers":
-        import importlib.util
         if importlib.util.find_spec("xformers") is None:
             fail("model.attention", "xformers is not installed: `pip install xformers` "
                  "(or `pip install 'lct[xformers]'`), or use model.attention=sdpa")
@@ -591,14 +532,20 @@ def check_train_config(cfg: TrainConfig, sources: dict[str, str] | None = None) 
         fail("ema.sample", f"no EMA named {cfg.ema.sample!r}; defined: {names}")
     if cfg.optim.micro_batch_size and cfg.optim.batch_size % cfg.optim.micro_batch_size:
         fail("optim.micro_batch_size", f"must divide optim.batch_size ({cfg.optim.batch_size})")
-    if m.ot and m.objective != "edm":
-        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
-        if mb < 64:
-            warn.append(f"OT coupling over micro-batches of {mb} (< 64) pairs little (SPEC 6)")
     if cfg.model.init_ema and not cfg.model.init_from:
         fail("model.init_ema", "init_ema needs model.init_from")
-    if cfg.data.mode == "indexed" and cfg.data.num_workers > 0 and cfg.data.shuffle_buffer:
-        pass  # indexed mode ignores the shuffle buffer; nothing to warn about
+
+
+def check_train_config(cfg: TrainConfig) -> list[str]:
+    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0)."""
+    m, warn = cfg.method, []
+    if m.objective == "ect" and m.c == "adaptive":
+        warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
+                    "(SPEC 4), not a published rule")
+    if m.ot and m.objective != "edm":
+        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
+        if mb < OT_MIN_GROUP:
+            warn.append(f"OT coupling over micro-batches of {mb} (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
     return warn
 
 

@@ -25,6 +25,7 @@ Conventions (SPEC 1.1, 11):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -34,17 +35,20 @@ import torch
 Tensor = torch.Tensor
 TensorOrFloat = Tensor | float
 
+# Constants of the methods, imported from here by the config schema (its defaults) and the checks.
 # Fraction of the descending grid after which a student level belongs to iLCT's early set (SPEC 5).
 EARLY_FRACTION = 0.75
 # ECT mapping's early-set threshold: the grid rule's boundary level sigma(1/4) = 0.16975 (SPEC 5).
 DIFF_SIGMA_MAX = 0.1698
+# iLCT's adaptive c of the first stage (SPEC 4).
+C_FIRST = 0.03456
 # SPEC 6: below this per-rank micro-batch the OT coupling does little; config validation / the
 # data path warn once (not here: ot_couple runs per micro-batch in every worker).
 OT_MIN_GROUP = 64
 
 __all__ = [
     # 1 parameterisation
-    "scalings", "edm_scalings", "c_noise", "time_embed_input", "consistency_function",
+    "scalings", "c_noise", "time_embed_input", "consistency_function", "autocast_off",
     # 2 noise levels and curricula
     "karras_sigmas", "check_ascending", "ict_num_points", "ict_stage_length",
     "lognormal_pair_probs", "pair_weights", "pair_index_from_uniform",
@@ -54,7 +58,7 @@ __all__ = [
     # 4 adaptive c
     "adaptive_c", "resolve_c_first", "adaptive_c_for_ect_stage",
     # 5 objectives' shared pieces
-    "early_set_ict", "early_set_ect", "diffusion_weight", "diffusion_term",
+    "early_set_ict", "early_set_ect", "edm_weight", "diffusion_term",
     # 6 OT coupling
     "ot_cost_matrix", "ot_permutation", "ot_couple",
 ]
@@ -109,12 +113,6 @@ def scalings(sigma: TensorOrFloat, sigma_data: float = 0.5,
     return float(c_skip), float(c_out), float(c_in)
 
 
-def edm_scalings(sigma: TensorOrFloat,
-                 sigma_data: float = 0.5) -> tuple[TensorOrFloat, TensorOrFloat, TensorOrFloat]:
-    """EDM scalings (SPEC 1 with sigma_min = 0): EDM diffusion training and ECT in training."""
-    return scalings(sigma, sigma_data, 0.0)
-
-
 def c_noise(sigma: TensorOrFloat) -> TensorOrFloat:
     """EDM's noise conditioning c_noise = ln(sigma) / 4 (SPEC 1), at least fp32."""
     if isinstance(sigma, Tensor):
@@ -130,20 +128,36 @@ def time_embed_input(sigma: TensorOrFloat, scale: float = 1000.0) -> TensorOrFlo
     return scale * c_noise(sigma)
 
 
-def consistency_function(net: Callable[..., Tensor], x_noisy: Tensor, sigma: Tensor, *,
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def autocast_off(device: torch.device):
+    """A context that disables autocast on `device` (a no-op where autocast does not exist, e.g.
+    the meta device used for parameter and FLOP counts). A plain tuple test: compiles without breaks."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def consistency_function(net: Callable[..., Tensor], x_noisy: Tensor, sigma: TensorOrFloat, *,
                          sigma_data: float = 0.5, sigma_min: float = 0.002,
                          time_embed_scale: float = 1000.0, **cond: Any) -> Tensor:
     """f(x, sigma) = c_skip x + c_out F(c_in x, e, **cond), e = time_embed_scale * ln(sigma) / 4.
 
-    The functional form of SPEC 1 (and of `lct.models.precond.Precond`): `x_noisy` [B, ...] is
-    the noisy input x + sigma z, `sigma` [B]. The skip combination is done in at least fp32
-    whatever precision F ran in (SPEC 1.1)."""
-    x = _at_least_fp32(x_noisy)
-    s = _at_least_fp32(sigma).to(x.dtype)
-    c_skip, c_out, c_in = scalings(s, sigma_data, sigma_min)
-    e = time_embed_input(s, time_embed_scale)
-    out = net(_bcast(c_in, x) * x, e, **cond)
-    return _bcast(c_skip, x) * x + _bcast(c_out, x) * out.to(x.dtype)
+    SPEC 1, and the forward of `lct.models.Precond` (what trains): `x_noisy` [B, ...] is the noisy
+    input x + sigma z, `sigma` [B] (or one number for the batch). Everything but the call to F runs
+    with autocast disabled, in fp32 (float64 for float64 inputs); F runs inside whatever autocast
+    the caller set, so only its trunk may run in bf16 (SPEC 1.1)."""
+    with autocast_off(x_noisy.device):
+        x = _at_least_fp32(x_noisy)
+        s = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s.reshape(x.shape[0])
+        c_skip, c_out, c_in = scalings(s, sigma_data, sigma_min)
+        e = time_embed_input(s, time_embed_scale)
+        x_in = _bcast(c_in, x) * x
+    out = net(x_in, e, **cond)  # the caller's autocast applies here (the trunk only)
+    with autocast_off(x.device):
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +320,7 @@ def ect_weight(t: Tensor, r: Tensor, kind: str = "inv_dt", sigma_data: float = 0
     if kind == "inv_dt":
         return 1.0 / (tt - rr)
     if kind == "imagenet":
-        return 1.0 / (tt * tt) + 1.0 / (sigma_data * sigma_data)
+        return edm_weight(tt, sigma_data)
     raise ValueError(f"unknown ECT weight {kind!r} (expected 'inv_dt' or 'imagenet')")
 
 
@@ -324,8 +338,9 @@ def mean_sq(a: Tensor, b: Tensor) -> Tensor:
     return d.square().reshape(d.shape[0], -1).mean(1)
 
 
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """Squared-L2 distance in mean form: m (SPEC 3). Not ECT's distance (that is sqrt(m))."""
+def l2(a: Tensor, b: Tensor, c: TensorOrFloat = 0.0) -> Tensor:
+    """Squared-L2 distance in mean form: m (SPEC 3; `c` is ignored). Not ECT's distance (that is
+    sqrt(m), pseudo-Huber with c = 0)."""
     return mean_sq(a, b)
 
 
@@ -365,14 +380,10 @@ DISTANCES: dict[str, Callable[..., Tensor]] = {"l2": l2, "pseudo_huber": pseudo_
 
 
 def distance(name: str, a: Tensor, b: Tensor, c: TensorOrFloat = 0.0) -> Tensor:
-    """Per-sample distance by name ("l2" ignores c), shape [B] (SPEC 3)."""
-    if name == "l2":
-        return l2(a, b)
-    if name == "pseudo_huber":
-        return pseudo_huber(a, b, c)
-    if name == "cauchy":
-        return cauchy(a, b, c)
-    raise ValueError(f"unknown distance {name!r} (expected one of {sorted(DISTANCES)})")
+    """Per-sample distance `method.distance` ("l2" ignores c), shape [B] (SPEC 3)."""
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r} (expected one of {sorted(DISTANCES)})")
+    return DISTANCES[name](a, b, c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +391,7 @@ def distance(name: str, a: Tensor, b: Tensor, c: TensorOrFloat = 0.0) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def adaptive_c(num_intervals: int, s0: int = 10, c_first: float = 0.03456) -> float:
+def adaptive_c(num_intervals: int, s0: int = 10, c_first: float = C_FIRST) -> float:
     """iLCT's adaptive Cauchy / pseudo-Huber scale for a grid of n = N - 1 intervals (SPEC 4):
 
     c(n) = c_first while n <= s0 (first stage), else exp(-1.15 ln n - 0.85).
@@ -408,7 +419,7 @@ def resolve_c_first(c_first: float | str, latent_shape: Sequence[int]) -> float:
     return float(c_first)
 
 
-def adaptive_c_for_ect_stage(stage: int, s0: int = 10, c_first: float = 0.03456) -> float:
+def adaptive_c_for_ect_stage(stage: int, s0: int = 10, c_first: float = C_FIRST) -> float:
     """lct's extension of adaptive c to the ECT mapping (SPEC 4, not from a paper): stage s plays
     the iCT stage with n = s0 2^(s-1) intervals for s >= 1 (then the relative gap at t = 1 matches
     iCT's within about 20 %), and stage 0 uses c_first. Note that s = 1 gives n = s0, hence
@@ -447,9 +458,11 @@ def early_set_ect(t: Tensor, diff_sigma_max: float = DIFF_SIGMA_MAX) -> Tensor:
     return _as_tensor64(t) <= diff_sigma_max
 
 
-def diffusion_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """Weight of the early-step diffusion loss, 1 / sigma^2 + 1 / sigma_data^2 (SPEC 5)."""
-    s = _at_least_fp32(sigma)
+def edm_weight(sigma: TensorOrFloat, sigma_data: float = 0.5) -> Tensor:
+    """EDM's loss weight 1 / sigma^2 + 1 / sigma_data^2 = (sigma^2 + sd^2) / (sigma sd)^2 (SPEC 5):
+    the EDM objective's, iLCT's early-step diffusion term's and ECT's ImageNet weight
+    (`snrplusk_wt`). Computed in the input's dtype (at least fp32; numbers give float64)."""
+    s = _as_tensor64(sigma)
     return 1.0 / (s * s) + 1.0 / (sigma_data * sigma_data)
 
 
@@ -472,7 +485,7 @@ def diffusion_term(student: Tensor, x: Tensor, sigma: Tensor, early: Tensor,
     micro-batches of equal size b, global batch W * A * b):
     1. Before the forward passes of an optimizer step, each rank computes the early masks of all
        its A micro-batches (they depend only on the data path's u or n and the curriculum, not on
-       the network: `objective.early_mask`), sums them, and one all-reduce (SUM) over ranks gives
+       the network: `objective.plan(...).early`), sums them, and one all-reduce (SUM) over ranks gives
        global_count = |S|, identical on every rank.
     2. On rank r, micro-batch j, the loss handed to DeepSpeed's `engine.backward` is
            loss_rj = mean_{i in B_rj} L_CT_i + w * diffusion_term(..., global_count=|S|,
@@ -508,7 +521,7 @@ def diffusion_term(student: Tensor, x: Tensor, sigma: Tensor, early: Tensor,
     m = diff.square().reshape(diff.shape[0], -1).mean(1)
     s = torch.where(mask, sigma.to(device=student.device, dtype=dtype),
                     torch.ones((), dtype=dtype, device=student.device))
-    w = torch.where(mask, diffusion_weight(s, sigma_data).to(dtype),
+    w = torch.where(mask, edm_weight(s, sigma_data).to(dtype),
                     torch.zeros((), dtype=dtype, device=student.device))
     total = (w * m).sum()
     if isinstance(global_count, Tensor):
@@ -571,8 +584,8 @@ def ot_couple(x: Tensor, z: Tensor) -> Tensor:
     """z reordered along the batch so that row a of the result is paired with x[a] (SPEC 6, 11).
 
     The latent keeps its caption; only the noise moves. Per rank and micro-batch (iLCT: 128), on
-    the unit noise before any sigma scaling, no gathering across ranks. The coupling ignores the
-    caption, so in training z depends on the caption's latent while at sampling it does not; at
-    d = 4096, B = 128 it lowers the mean pair cost by only about 3 %."""
+    the unit noise before any sigma scaling, no gathering across ranks, in the data workers
+    (`lct.data.collate`). The coupling ignores the caption, so in training z depends on the
+    caption's latent while at sampling it does not (how much it lowers the pair cost: SPEC 6)."""
     perm = ot_permutation(x, z)
     return z[perm.to(z.device)]

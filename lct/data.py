@@ -29,22 +29,26 @@ sample raise the same `UserError` in both modes (stream mode would otherwise res
 from __future__ import annotations
 
 import functools
-import itertools
-import math
+import glob
 import os
 import random
 import sys
 from dataclasses import dataclass
 from typing import Iterator
 
+import braceexpand
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lct import rng
+from lct.consistency import ot_couple
 from lct.errors import UserError
 from lct.latents import SampleLayout, check_latent_sample, decode_latent_sample
 from lct.shards import ShardError, tar_samples
+from lct.tokens import padding_mask
+from lct.vae import LatentNorm
 
 # Why a latent sample was skipped (`read_samples`); the trainer logs each as `data_skipped_<reason>`.
 SKIP_REASONS = ("corrupt_sample", "missing_member", "wrong_shape", "non_finite", "duplicate_key",
@@ -63,8 +67,7 @@ class DataSpec:
     micro_batch: int
     accum: int
     latent_shape: tuple[int, int, int]
-    norm_mean: np.ndarray            # float32, broadcastable to latent_shape
-    norm_std: np.ndarray
+    norm: LatentNorm                 # SPEC 7: x = (raw - mean) / std * 0.5
     caption_dropout: float
     flip: bool
     text: str                        # "precomputed" | "on_the_fly" | "none"
@@ -80,10 +83,6 @@ class DataSpec:
 
 def expand_urls(pattern: str) -> list[str]:
     """Shard list from a brace pattern, a comma list, a directory or a glob."""
-    import glob
-
-    import braceexpand
-
     urls: list[str] = []
     for part in pattern.split(","):
         part = part.strip()
@@ -264,8 +263,7 @@ def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict
     use_flip = spec.flip and "flip_mean" in sample and flip_u < 0.5
     mean = sample["flip_mean" if use_flip else "mean"].astype(np.float32)
     std = sample["flip_std" if use_flip else "std"].astype(np.float32)
-    raw = mean + std * eps
-    x = (raw - spec.norm_mean) / spec.norm_std * 0.5
+    x = spec.norm.normalize(mean + std * eps)
     out = {"x": x, "z": z, "u": u, "n": n, "cond_drop": bool(drop_u < spec.caption_dropout),
            "key": sample.get("key", ""), "caption": ""}
     if spec.text != "none":
@@ -284,8 +282,6 @@ def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict
 
 
 def collate(spec: DataSpec, examples: list[dict], data_step: int, micro: int) -> dict:
-    from lct.text import padding_mask
-
     batch = {
         "x": torch.from_numpy(np.stack([e["x"] for e in examples])),
         "z": torch.from_numpy(np.stack([e["z"] for e in examples])),
@@ -297,9 +293,7 @@ def collate(spec: DataSpec, examples: list[dict], data_step: int, micro: int) ->
         "data_step": data_step,
         "micro": micro,
     }
-    if spec.ot:
-        from lct.consistency import ot_couple
-
+    if spec.ot:  # minibatch OT (SPEC 6), here in the worker, off the GPU's critical path
         batch["z"] = ot_couple(batch["x"], batch["z"])
     if spec.text != "none":
         tokens = torch.from_numpy(np.stack([e["tokens"] for e in examples]))
@@ -330,8 +324,6 @@ class TrainBatches(IterableDataset):
         self.memory = memory
 
     def _stream_samples(self, worker: int, counts: dict[str, int]) -> Iterator[dict]:
-        import webdataset as wds
-
         s = self.spec
         seed = int(rng.philox(s.seed, s.rank, worker, s.resume_count).integers(2**62))
         shards = wds.ResampledShards(s.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
@@ -459,14 +451,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def micro_batches_per_step(loader_iter: Iterator[dict], accum: int) -> list[dict]:
-    """The `accum` micro-batches of one optimizer step (all fetched before the first forward, so
-    the early-set size |S| of the whole step is known, SPEC 5)."""
-    batches = list(itertools.islice(loader_iter, accum))
-    if len(batches) < accum:
-        raise StopIteration
-    return batches
+# ----------------------------------------------------------------------------------------------
+# What the network needs to know about the data
+# ----------------------------------------------------------------------------------------------
 
 
-def steps_per_epoch(n_samples: int, global_batch: int) -> float:
-    return n_samples / global_batch if global_batch else math.inf
+@dataclass(frozen=True)
+class DataDescription:
+    """Latent shape and text sizes (from the manifest, or defaults before data prep has run)."""
+
+    latent_shape: tuple[int, int, int] = (4, 32, 32)
+    text_dim: int = 512
+    text_len: int = 77
+    pooled_dim: int = 512
+    from_manifest: bool = False
+
+
+def describe_data(manifest: dict | None) -> DataDescription:
+    if manifest is None:
+        return DataDescription()
+    t = manifest.get("text") or {}
+    return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
+                           int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)
+
+
+def manifest_path(cfg) -> str | None:
+    """data.manifest, or manifest.json in the shards' folder (data prep writes it there)."""
+    if cfg.data.manifest:
+        return cfg.data.manifest
+    shards = cfg.data.shards.split(",")[0].strip()
+    if not shards:
+        return None
+    if os.path.isdir(shards) or not any(ch in shards for ch in "{*?[") and not shards.endswith((".tar", ".tgz", ".tar.gz")):
+        return os.path.join(shards, "manifest.json")
+    urls = expand_urls(shards)
+    return os.path.join(os.path.dirname(urls[0]), "manifest.json") if urls else None

@@ -14,81 +14,12 @@ Library defaults are not neutral, so everything the method depends on is written
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 
 from lct.config import TrainConfig
-from lct.errors import ConfigError, UserError
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info_from_env(local_rank_arg: int | None = None) -> DistInfo:
-    """Ranks from the launcher's environment (deepspeed, torchrun, SLURM) or one process.
-
-    `LOCAL_RANK` is preferred over `--local_rank` (newer launchers only set the variable)."""
-    env = os.environ
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
-    local_rank = int(local) if local is not None else (local_rank_arg or 0)
-    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", world)))
-    return DistInfo(rank, world, local_rank, local_world)
-
-
-def init_distributed(info: DistInfo, timeout_minutes: float) -> torch.device:
-    """Start the process group (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    import deepspeed
-
-    # DeepSpeed needs a process group even for one process (plain `python lct/train.py`).
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if info.world_size > 1:
-            raise UserError("MASTER_PORT is not set: start several ranks with deepspeed, torchrun or srun")
-        os.environ["MASTER_PORT"] = str(_free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
-    return device
-
-
-def close_distributed() -> None:
-    """Orderly end of a finished run: all ranks meet, then the process group is destroyed (a rank
-    that exits while gloo or NCCL still holds its connections can abort at interpreter exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lct.errors import ConfigError
 
 
 def set_precision(precision: str) -> None:

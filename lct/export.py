@@ -40,8 +40,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ import numpy as np
 import torch
 
 from lct.errors import UserError, cli_main
+from lct.files import atomic_dir
 from lct.model_card import EXPORT_FORMAT, META
 
 LEGACY_FORMAT = "lct-export/1"
@@ -66,7 +65,6 @@ REMAKE_HINT = ("the trainer writes exports at every checkpoint (lct/train.py); `
 def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
                    cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None = None) -> Path:
     """Write EMA weights of `precond.net` as a pipeline folder (module docstring), atomically."""
-    from lct.checkpoint import export_dir_atomic
     from lct.latents import latent_stats
     from lct.pipeline import LCTPipeline, references_unresolved
     from lct.scheduler import LCTScheduler
@@ -103,14 +101,8 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
                            text_kind=text_rec.get("kind", "open_clip"),
                            text_max_length=text_rec.get("context_length") if text_rec.get("kind") else None)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    export_dir_atomic(tmp, out_dir)
     return out_dir
 
 
@@ -477,16 +469,8 @@ def main(argv=None) -> int:
     pipe.register_to_config(training=training)
     if args.copy_all:
         pipe.copy_referenced()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    from lct.checkpoint import export_dir_atomic
-
-    export_dir_atomic(tmp, out)
     refs = sorted(pipe._referenced)
     print(f"wrote the pipeline folder {out}" + (f" (referenced, not copied: {', '.join(refs)}; --copy-all copies them)"
                                                  if refs else ""))

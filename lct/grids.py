@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -9,6 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from lct.files import write_atomic
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -47,9 +50,7 @@ def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str], cols: in
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    from lct.checkpoint import write_atomic
-    import io
-
+    """A PNG written atomically."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_atomic(Path(path), buf.getvalue())

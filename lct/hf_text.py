@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lct.errors import UserError
-from lct.text import PROBE, padding_mask
+from lct.tokens import PROBE, padding_mask
 
 # kind -> transformers classes by architecture name (first = default), and how the tower is run.
 KINDS: dict[str, dict[str, Any]] = {

@@ -51,8 +51,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import webdataset as wds
 
 from lct.errors import UserError
+from lct.files import atomic_file, write_json
+from lct.shards import tar_samples
 
 FORMAT = "lct-latents/1"
 MANIFEST = "manifest.json"
@@ -135,8 +138,6 @@ def decode_latent_sample(raw: dict) -> dict:
 def read_latent_shard(url: str) -> list[dict]:
     """Every decoded sample of one latent shard (errors propagate, `lct.shards.ShardError` for a
     shard that cannot be read to its end-of-archive marker)."""
-    from lct.shards import tar_samples
-
     return [decode_latent_sample(s) for s in tar_samples(url)]
 
 
@@ -226,14 +227,9 @@ class StatsAccumulator:
         self.count += 1
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomic `.npz` (temporary name in the same folder, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        """Atomic `.npz`."""
+        with atomic_file(path) as f:
             np.savez(f, count=np.int64(self.count), **self.sums)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StatsAccumulator":
@@ -303,14 +299,8 @@ def latent_stats(manifest: dict, kind: str = "channel") -> tuple[np.ndarray, np.
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Records, job and manifest: sorted keys (stable files to diff)."""
+    write_json(path, obj, sort_keys=True)
 
 
 def record_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -394,8 +384,6 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     http(s), ...). Adds "_path"/"_dir" (where it was read) for local files."""
     s = str(path_or_dir)
     if "://" in s or s.startswith("pipe:"):
-        import webdataset as wds
-
         try:
             with wds.gopen(s if s.endswith(".json") else s.rstrip("/") + "/" + MANIFEST) as f:
                 text = f.read().decode("utf-8")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lct.errors import UserError
+from lct.files import atomic_file
 
 # --------------------------------------------------------------------------------------------
 # Image forms
@@ -147,11 +148,9 @@ class FIDStats:
         """Write `.npz` (mu, sigma, n, meta as JSON) atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
                      meta=np.array(json.dumps(self.meta, sort_keys=True)))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FIDStats":

@@ -1,13 +1,15 @@
-"""Watching a run: machine-readable logs, sample grids and a fixed validation batch.
+"""Watching a run: machine-readable logs, the progress bar, sample grids and a fixed validation batch.
 
 - `RunLogger`: `stats.jsonl` (one JSON object per log step) and TensorBoard scalars on rank 0;
   Weights & Biases only when installed and asked for (`run.wandb`).
+- `LossMeter`: the training loss per sigma bucket between log steps (summed on the device) and the
+  `stats.jsonl` record of a log step; `Progress`: tqdm on rank 0 with throughput and ETA.
 - `Monitor`: every `sample.every` applied steps, 1- and 2-step sample grids from the named EMA
   (`ema.sample`, in eval mode) with fixed prompts and seeds, sharded across ranks, gathered on
   rank 0, decoded with the run's VAE in fp32, captioned, written to `samples/` and TensorBoard.
-  Every `val.every` steps, a fixed validation batch (held-out latents, fixed noise, fixed noise
-  levels per sigma bucket, fixed captions) gives the EMA's consistency distance per bucket and its
-  denoising reconstruction error: numbers comparable across steps within a stage.
+  Every `val.every` steps, a fixed validation batch (held-out latents, fixed noise, fixed draws of
+  the objective's plan, fixed captions) gives the EMA's consistency distance per sigma bucket and
+  its denoising reconstruction error: numbers comparable across steps within a stage.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import copy
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from lct import rng
+from lct import dist, rng
+from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, skip_record
+from lct.grids import caption_grid, save_png, to_uint8
+from lct.latents import SampleLayout
+from lct.objectives import make_objective
+from lct.samplers import consistency_sample
+from lct.text import TextEncoder, text_condition
+from lct.tokens import padding_mask
+from lct.vae import LatentNorm, latents_to_images, load_vae
 
 
 class RunLogger:
@@ -75,14 +87,112 @@ class RunLogger:
             self.tb.close()
 
 
-def gather_objects(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
+def bucket_range(method) -> tuple[float, float]:
+    """The sigma range the log-scale buckets span: [sigma_min (0.002 where it is 0), sigma_max]."""
+    return method.sigma_min or 0.002, method.sigma_max
 
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
+
+def sigma_buckets(sigma: torch.Tensor, num_buckets: int, sigma_min: float = 0.002,
+                  sigma_max: float = 80.0) -> torch.Tensor:
+    """Bucket index of each sigma on a log scale between sigma_min and sigma_max (for logging)."""
+    lo, hi = math.log(max(sigma_min, 1e-4)), math.log(sigma_max)
+    pos = (sigma.double().clamp_min(1e-4).log() - lo) / (hi - lo)
+    return (pos * num_buckets).floor().clamp(0, num_buckets - 1).long()
+
+
+def bucket_centres(num_buckets: int, sigma_min: float, sigma_max: float) -> list[float]:
+    lo, hi = math.log(max(sigma_min, 1e-4)), math.log(sigma_max)
+    return [float(math.exp(lo + (hi - lo) * (b + 0.5) / num_buckets)) for b in range(num_buckets)]
+
+
+class LossMeter:
+    """Per-sample training losses summed per sigma bucket on the device between log steps (no host
+    sync per step), and the `stats.jsonl` record of a log step (one all-reduce)."""
+
+    def __init__(self, cfg, device: torch.device, world_size: int, images_seen: int):
+        self.cfg, self.world_size = cfg, world_size
+        self.buckets = cfg.val.buckets
+        self.range = bucket_range(cfg.method)
+        self.acc = torch.zeros(2 + 2 * self.buckets, dtype=torch.float64, device=device)  # sums, counts
+        self.last = None
+        self.since, self.images = time.time(), images_seen
+
+    def add(self, diags: list) -> None:
+        """One step's micro-batch diagnostics (`lct.objectives.Diagnostics`)."""
+        nb, acc = self.buckets, self.acc
+        for diag in diags:
+            idx = sigma_buckets(diag.sigma, nb, *self.range)
+            if torch.isfinite(diag.loss).all():
+                acc[0] += diag.loss.sum().double()
+                acc[1] += diag.loss.numel()
+                acc[2:2 + nb].index_add_(0, idx, diag.loss.double())
+                acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
+        self.last = diags[-1]
+
+    def record(self, state, lr: float, curriculum, engine, tally: SkipTally | None = None) -> dict:
+        """The log line of applied step `state.applied_steps` (collective: one all-reduce of the
+        loss sums and the data path's skip counts); resets the sums. Curriculum values are those the
+        last update trained with."""
+        skipped = tally.vector() if tally is not None else torch.zeros(len(SKIP_REASONS), dtype=torch.float64)
+        both = dist.all_reduce(torch.cat([self.acc, skipped.to(self.acc.device)]), self.world_size)
+        self.acc.copy_(both[:self.acc.numel()])
+        now = time.time()
+        ips = (state.images_seen - self.images) / max(now - self.since, 1e-9)
+        acc, nb = self.acc, self.buckets
+        loss = (acc[0] / acc[1].clamp_min(1)).item()
+        sums, counts = acc[2:2 + nb], acc[2 + nb:]
+        per_bucket = (sums / counts.clamp_min(1)).tolist()
+        record = {"step": state.applied_steps, "images": state.images_seen, "loss": loss, "lr": lr,
+                  "images_per_s": ips, "images_per_s_per_gpu": ips / self.world_size,
+                  "skipped_steps": state.skipped_steps, "data_steps": state.data_steps,
+                  "train_seconds": state.train_seconds,
+                  "loss_bucket": [v if c > 0 else None for v, c in zip(per_bucket, counts.tolist())],
+                  **skip_record(both[self.acc.numel():])}
+        if curriculum.num_points is not None:
+            record["N"] = curriculum.num_points
+        if curriculum.stage is not None:
+            record["stage"] = curriculum.stage
+        if self.cfg.method.objective != "edm":
+            record["c"] = curriculum.c
+        extra = self.last.scalars() if self.last is not None else {}
+        for k in ("rms_sqrt_m", "frac_m_gt_2c2", "diffusion_term", "early_local"):
+            if k in extra:
+                record[k] = extra[k]
+        gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        if gn is not None:
+            record["grad_norm"] = float(gn)
+        if torch.cuda.is_available():
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.acc.zero_()
+        self.since, self.images = now, state.images_seen
+        return record
+
+
+class Progress:
+    """tqdm over applied steps on rank 0 (nothing elsewhere), with the loss, img/s per GPU, N or
+    stage and c of the last log line."""
+
+    def __init__(self, cfg, info, initial: int):
+        self.world_size = info.world_size
+        self.bar = tqdm(total=cfg.run.total_steps, initial=initial, unit="step", dynamic_ncols=True,
+                        desc=f"{cfg.method.objective}", file=sys.stdout) if info.is_main else None
+
+    def update(self, applied: bool) -> None:
+        if self.bar:
+            self.bar.update(int(applied))
+
+    def show(self, record: dict) -> None:
+        if self.bar:
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}",
+                                 img_s_gpu=f"{record['images_per_s'] / self.world_size:.1f}",
+                                 **({"N": record["N"]} if "N" in record else {}),
+                                 **({"stage": record["stage"]} if "stage" in record else {}),
+                                 **({"c": f"{record['c']:.3g}"} if "c" in record else {}),
+                                 **({"skipped": record["data_skipped"]} if record.get("data_skipped") else {}))
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 class Monitor:
@@ -92,15 +202,13 @@ class Monitor:
         self.cfg, self.info, self.engine, self.ema = cfg, info, engine, ema
         self.manifest, self.desc, self.device = manifest, desc, device
         self.run_dir = Path(cfg.run.dir)
+        self.norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
+        self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         self._model = None
         self._vae = None
         self._text = None
         self.prompts = self.load_prompts()
         self.val = self.load_validation()
-
-    @classmethod
-    def create(cls, cfg, info, engine, ema, manifest, desc, device):
-        return cls(cfg, info, engine, ema, manifest, desc, device)
 
     # ------------------------------------------------------------------ inputs
 
@@ -112,11 +220,8 @@ class Monitor:
         if cfg.sample.prompts_file:
             prompts += [l.strip() for l in Path(cfg.sample.prompts_file).read_text().splitlines() if l.strip()]
         if not prompts:
-            from lct.data import InMemoryLatents, expand_urls
-
             src = cfg.data.val_shards or cfg.data.shards
-            urls = expand_urls(src)[:1]
-            mem = InMemoryLatents(urls)
+            mem = InMemoryLatents(expand_urls(src)[:1])
             prompts = [(s.get("captions") or [""])[0] for s in mem.samples[: cfg.sample.num]]
         return (prompts * cfg.sample.num)[: cfg.sample.num]
 
@@ -125,18 +230,13 @@ class Monitor:
         cfg = self.cfg
         if not cfg.data.val_shards:
             return None
-        from lct.data import InMemoryLatents, expand_urls
-        from lct.latents import SampleLayout, latent_stats
-        from lct.text import padding_mask
-
         mem = InMemoryLatents(expand_urls(cfg.data.val_shards), SampleLayout.from_manifest(self.manifest).core())
         samples = mem.samples[: cfg.val.batch_size]
-        mean, std = latent_stats(self.manifest, cfg.data.latent_norm)
         xs, zs, caps, toks = [], [], [], []
         for i, s in enumerate(samples):
             g = rng.philox(cfg.run.seed, rng.VALIDATION, i)
             eps = g.standard_normal(s["mean"].shape, dtype=np.float32)
-            xs.append(((s["mean"].astype(np.float32) + s["std"].astype(np.float32) * eps) - mean) / std * 0.5)
+            xs.append(self.norm.normalize(s["mean"].astype(np.float32) + s["std"].astype(np.float32) * eps))
             zs.append(g.standard_normal(s["mean"].shape, dtype=np.float32))
             caps.append((s.get("captions") or [""])[0])
             if "tokens" in s:
@@ -152,29 +252,21 @@ class Monitor:
 
     def ema_model(self):
         """A copy of the network holding the sample EMA, in eval mode (collective gather)."""
-        state = self.ema.state_dict_of(self.cfg.ema.sample)
         if self._model is None:
             self._model = copy.deepcopy(self.engine.module).eval()
             for p in self._model.parameters():
                 p.requires_grad_(False)
-        named = dict(self._model.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                named[k].copy_(v.to(named[k]))
+        self.ema.apply_to(self._model, self.cfg.ema.sample)
         return self._model
 
     def vae(self):
         if self._vae is None:
-            from lct.vae import load_vae
-
             vae_id = self.cfg.vae.id or (self.manifest.get("vae") or {}).get("id")
             self._vae = load_vae(vae_id, self.device, torch.float32)
         return self._vae
 
     def text(self):
         if self._text is None:
-            from lct.text import TextEncoder
-
             self._text = TextEncoder.from_manifest(self.manifest, device=self.device,
                                                    model=self.cfg.text.model,
                                                    pretrained=self.cfg.text.pretrained)
@@ -184,11 +276,7 @@ class Monitor:
         if self.cfg.model.cond != "text":
             return {}
         enc = self.text()
-        if tokens is None:
-            tokens = enc.tokenize(prompts)
-        with torch.no_grad():
-            states, mask, pooled = enc(tokens.to(self.device))
-        return {"text_states": states, "text_mask": mask, "pooled": pooled}
+        return text_condition(enc, enc.tokenize(prompts) if tokens is None else tokens)
 
     # ------------------------------------------------------------------ work
 
@@ -198,9 +286,8 @@ class Monitor:
         do_val = self.val is not None and (force or step % cfg.val.every == 0)
         if not (do_grid or do_val):
             return
-        from lct.train import raised_timeout
-
-        with raised_timeout(self.info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
+        with dist.raised_timeout(self.info.world_size, cfg.run.dist_timeout_minutes * 4,
+                                 cfg.run.dist_timeout_minutes):
             model = self.ema_model()
             if do_val:
                 record = self.validate(model, step)
@@ -211,14 +298,9 @@ class Monitor:
 
     @torch.no_grad()
     def grids(self, model, step: int, logger) -> list[Path]:
-        from lct.grids import caption_grid, save_png, to_uint8
-        from lct.samplers import consistency_sample
-        from lct.vae import LatentNorm, decode
-
         cfg, info = self.cfg, self.info
         m = cfg.method
         mine = list(range(info.rank, len(self.prompts), info.world_size))
-        norm = LatentNorm.from_manifest(self.manifest, cfg.data.latent_norm)
         sample_sigma_min = m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min
         written = []
         for steps in cfg.sample.steps:
@@ -231,9 +313,8 @@ class Monitor:
                 lat = consistency_sample(model, cond, mine, self.desc.latent_shape, seed=cfg.sample.seed,
                                          sigma_max=m.sigma_max, sigma_min=sample_sigma_min, taus=taus,
                                          guidance=cfg.sample.guidance, device=self.device)
-                raw = norm.denormalize(lat)
-                images = to_uint8(decode(self.vae(), raw))
-            parts = gather_objects((mine, images), info.world_size)
+                images = to_uint8(latents_to_images(self.vae(), self.norm, lat))
+            parts = dist.gather_objects((mine, images), info.world_size)
             if info.is_main:
                 by_index = {}
                 for idx, imgs in parts:
@@ -252,45 +333,28 @@ class Monitor:
 
     @torch.no_grad()
     def validate(self, model, step: int) -> dict:
-        """Consistency distance per sigma bucket and denoising error of the fixed batch."""
-        from lct import consistency as C
-        from lct.objectives import make_objective
-
-        cfg, info = self.cfg, self.info
-        val = self.val
+        """Consistency distance per sigma bucket and denoising error of the fixed batch, at the
+        objective's plan of fixed draws: stratified quantiles of the training law (uniforms u for
+        iCT's pair law, normals n for ECT's and EDM's lognormal t)."""
+        cfg, info, val = self.cfg, self.info, self.val
         n = val["x"].shape[0]
-        obj = make_objective(cfg.method, self.desc.latent_shape, cfg.run.total_steps)
-        cur = obj.curriculum(step)
-        buckets = cfg.val.buckets
-        # Fixed student levels: bucket b gets the levels spread evenly in log sigma.
-        lo, hi = math.log(max(cfg.method.sigma_min, 0.002)), math.log(cfg.method.sigma_max)
-        pos = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        sigma_s = torch.exp(lo + (hi - lo) * pos)
-        if cfg.method.objective in ("ict", "ilct"):
-            grid = C.karras_sigmas(cur.num_points, cfg.method.sigma_min, cfg.method.sigma_max, cfg.method.rho)
-            hi_idx = torch.searchsorted(grid, sigma_s).clamp(1, len(grid) - 1)
-            sigma_s, sigma_t = grid[hi_idx], grid[hi_idx - 1]
-        elif cfg.method.objective == "ect":
-            sigma_t = C.ect_r(sigma_s, cur.stage, cfg.method.ect_q, cfg.method.ect_k, cfg.method.ect_b,
-                              cfg.method.ect_mapping)
-        else:
-            sigma_t = torch.zeros_like(sigma_s)
-        bucket = (pos * buckets).floor().long().clamp(max=buckets - 1)
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        plan = self.objective.plan({"u": q, "n": torch.special.ndtri(q)}, step)
+        buckets, (s_lo, s_hi) = cfg.val.buckets, bucket_range(cfg.method)
+        bucket = sigma_buckets(plan.sigma, buckets, s_lo, s_hi)
         sums = torch.zeros(3, buckets, dtype=torch.float64)
         mine = list(range(info.rank, n, info.world_size))
         for chunk in [mine[i:i + 64] for i in range(0, len(mine), 64)]:
             idx = torch.tensor(chunk)
             x = val["x"][idx].to(self.device)
             z = val["z"][idx].to(self.device)
-            cond = {}
-            if "tokens" in val:
-                cond = self.condition(tokens=val["tokens"][idx])
+            cond = self.condition(tokens=val["tokens"][idx]) if "tokens" in val else {}
             cond["cond_drop"] = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
-            ss = sigma_s[idx].float().to(self.device)
-            st = sigma_t[idx].float().to(self.device)
+            ss = plan.sigma[idx].float().to(self.device)
+            st = plan.sigma_teacher[idx].float().to(self.device)
             b4 = lambda v: v.view(-1, 1, 1, 1)
             f_s = model(x + b4(ss) * z, ss, **cond)
-            clean = st <= 0
+            clean = st <= 0  # the target is x itself (ECT's r = 0, EDM)
             st_safe = torch.where(clean, ss, st)
             f_t = torch.where(b4(clean), x, model(x + b4(st_safe) * z, st_safe, **cond))
             mdist = (f_s - f_t).square().flatten(1).mean(1).double().cpu()
@@ -300,16 +364,14 @@ class Monitor:
             sums[1].index_add_(0, bk, recon)
             sums[2].index_add_(0, bk, torch.ones(len(chunk), dtype=torch.float64))
         if info.world_size > 1:
-            import torch.distributed as dist
-
-            t = sums.to(self.device)
-            dist.all_reduce(t)
-            sums = t.cpu()
+            sums = dist.all_reduce(sums.to(self.device), info.world_size).cpu()
         cnt = sums[2].clamp_min(1)
-        rec = {"step": step, "consistency_m": (sums[0] / cnt).tolist(), "recon_mse": (sums[1] / cnt).tolist(),
+        per_bucket = lambda v: [a if c > 0 else None for a, c in zip((v / cnt).tolist(), sums[2].tolist())]
+        cur = plan.curriculum
+        rec = {"step": step, "consistency_m": per_bucket(sums[0]), "recon_mse": per_bucket(sums[1]),
                "consistency_m_mean": float(sums[0].sum() / sums[2].sum()),
                "recon_mse_mean": float(sums[1].sum() / sums[2].sum()),
-               "bucket_sigma": [float(math.exp(lo + (hi - lo) * (b + 0.5) / buckets)) for b in range(buckets)]}
+               "bucket_sigma": bucket_centres(buckets, s_lo, s_hi), "bucket_count": sums[2].long().tolist()}
         if cur.num_points is not None:
             rec["N"] = cur.num_points
         if cur.stage is not None:

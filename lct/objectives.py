@@ -1,16 +1,19 @@
-"""Training objectives behind one interface: EDM diffusion, iCT / iLCT, ECT (SPEC 5).
+"""Training objectives: EDM diffusion, iCT / iLCT, ECT (SPEC 5). Each plans a micro-batch, then
+computes its loss:
 
-Every objective is called the same way by the trainer:
+    objective = make_objective(cfg.method, latent_shape, total_steps, grad_scale=W * A)
+    plan = objective.plan(batch, step)                            # host, before any forward pass
+    loss, diag = objective.loss(net, batch, plan, early_global)
 
-    objective = make_objective(cfg.method, latent_shape, total_steps)
-    early = objective.early_mask(batch, step)                # before any forward: |S| is global
-    loss, diag = objective(net, batch, step, early_count_global, grad_scale)
-
-`net` is the same callable the engine trains (the DeepSpeed engine, whose forward applies the
-precision preset's autocast), `net(x_noisy, sigma, cond_drop=..., **cond) -> f` in fp32.
-`batch` carries the normalised latents `x`, unit noise `z` (already OT-coupled by the data path if
-enabled), per-sample uniforms `u` (pair index on the current grid) and normals `n` (ECT's t, EDM's
-sigma), the condition and the caption-dropout mask: everything random was drawn by the data path.
+`plan` holds the student and teacher levels, the per-sample weights, c and the early set; it depends
+only on the data path's draws and the curriculum at applied step `step`, so the trainer can count
+the early set of the whole global batch (`early_global`, one all-reduce per step) before the
+first forward pass. `net` is the callable the engine trains (the DeepSpeed engine, whose forward
+applies the precision preset's autocast), `net(x_noisy, sigma, cond_drop=..., **cond) -> f` in fp32.
+`batch` carries the normalised latents `x`, unit noise `z`, per-sample uniforms `u` (pair index on
+the current grid) and normals `n` (ECT's t, EDM's sigma), the condition and the caption-dropout
+mask: everything random was drawn by the data path (`lct.data`). With `method.ot` the data workers
+have already OT-coupled `z` to `x` (`lct.data.collate` -> `consistency.ot_couple`, SPEC 6).
 
 The teacher is the student network itself (no EMA teacher, iCT/ECT/iLCT): the same forward call
 under `torch.no_grad()`, in train mode, with the same noise, condition and dropout mask. The
@@ -23,7 +26,6 @@ Switches (each on its own, for the iLCT ablations): `distance`, `c` (number or "
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,11 +33,12 @@ import torch
 
 from lct import consistency as C
 from lct.config import MethodConfig
+from lct.timing import no_timer
 
 Net = Callable[..., torch.Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Curriculum:
     """Where the curriculum is at applied step k: grid size N (iCT) or stage (ECT), and c."""
 
@@ -43,6 +46,17 @@ class Curriculum:
     num_points: int | None = None
     stage: int | None = None
     c: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An objective's choices for one micro-batch (host tensors, float64 levels and weights)."""
+
+    sigma: torch.Tensor           # [B] student level (iCT sigma_{i+1}, ECT t, EDM sigma)
+    sigma_teacher: torch.Tensor   # [B] teacher level (iCT sigma_i, ECT r: 0 = the target is x; EDM 0)
+    weight: torch.Tensor          # [B] per-sample loss weight
+    early: torch.Tensor           # [B] bool, iLCT's early set (SPEC 5)
+    curriculum: Curriculum
 
 
 @dataclass
@@ -86,51 +100,58 @@ def teacher_pass(net: Net, x_noisy: torch.Tensor, sigma: torch.Tensor, cond: dic
         return net(x_noisy, sigma, **cond)
 
 
+def cond_of(batch: dict) -> dict:
+    """The network's condition keywords of a batch: its `cond` dict plus the caption-dropout mask."""
+    cond = dict(batch.get("cond") or {})
+    if batch.get("cond_drop") is not None:
+        cond["cond_drop"] = batch["cond_drop"]
+    return cond
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _mean_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).square().flatten(1).mean(1)
-
-
-def _dtype(x: torch.Tensor) -> torch.dtype:
-    """Noise levels and weights in fp32 (SPEC 1.1), or float64 for float64 inputs (test vectors)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _on(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A plan's float64 host vector on x's device, in fp32 (SPEC 1.1), or float64 for float64 x
+    (test vectors)."""
+    return v.to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 class Objective:
     name = "base"
-    timer = None  # optional lct.timing.PhaseTimer (benchmarks)
 
-    def phase(self, name: str):
-        from lct.timing import no_timer
-
-        return (self.timer or no_timer)(name)
-
-    def __init__(self, method: MethodConfig, latent_shape: tuple[int, ...], total_steps: int):
+    def __init__(self, method: MethodConfig, latent_shape: tuple[int, ...], total_steps: int,
+                 grad_scale: int = 1):
+        """`grad_scale` = data-parallel world size x gradient-accumulation steps (SPEC 5)."""
         self.m = method
         self.latent_shape = tuple(latent_shape)
         self.total_steps = total_steps
+        self.grad_scale = grad_scale
         self.c_first = (C.resolve_c_first(method.c_first, self.latent_shape)
                         if method.objective != "edm" else 0.0)
 
     def curriculum(self, step: int) -> Curriculum:
         return Curriculum(step)
 
-    def early_mask(self, batch: dict, step: int) -> torch.Tensor:
-        return torch.zeros(batch["x"].shape[0], dtype=torch.bool, device=batch["x"].device)
-
-    def __call__(self, net: Net, batch: dict, step: int, early_count_global: int = 0,
-                 grad_scale: int = 1) -> tuple[torch.Tensor, Diagnostics]:
+    def plan(self, batch: dict, step: int) -> Plan:
         raise NotImplementedError
 
-    @staticmethod
-    def cond_of(batch: dict) -> dict:
-        cond = dict(batch.get("cond") or {})
-        if batch.get("cond_drop") is not None:
-            cond["cond_drop"] = batch["cond_drop"]
-        return cond
+    def loss(self, net: Net, batch: dict, plan: Plan, early_global: int = 0,
+             timer=no_timer) -> tuple[torch.Tensor, Diagnostics]:
+        raise NotImplementedError
+
+    def with_diffusion(self, per_sample: torch.Tensor, student: torch.Tensor, x: torch.Tensor,
+                       sigma: torch.Tensor, plan: Plan, early_global: int
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`mean(L_CT) + w * L_diff` with the globally normalised early-step term (SPEC 5), and this
+        micro-batch's unscaled share of L_diff for the logs."""
+        loss = per_sample.mean()
+        if self.m.diffusion_weight <= 0:
+            return loss, None
+        diff = C.diffusion_term(student, x, sigma, plan.early, early_global,
+                                world_size=self.grad_scale, sigma_data=self.m.sigma_data)
+        return loss + self.m.diffusion_weight * diff, diff.detach() / self.grad_scale
 
 
 class EDMObjective(Objective):
@@ -138,45 +159,30 @@ class EDMObjective(Objective):
 
     name = "edm"
 
-    def __call__(self, net, batch, step, early_count_global=0, grad_scale=1):
+    def plan(self, batch, step):
+        sigma = torch.exp(self.m.edm_p_mean + self.m.edm_p_std * batch["n"].double())
+        return Plan(sigma, torch.zeros_like(sigma), C.edm_weight(sigma, self.m.sigma_data),
+                    torch.zeros(sigma.shape[0], dtype=torch.bool), Curriculum(step))
+
+    def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """weight(sigma) * mean((f(x + sigma z, sigma) - x)^2)."""
         x, z = batch["x"], batch["z"]
-        sd = self.m.sigma_data
-        sigma64 = torch.exp(self.m.edm_p_mean + self.m.edm_p_std * batch["n"].double())
-        sigma = sigma64.to(x.device, _dtype(x))
-        with self.phase("student_forward"):
-            f = net(x + _bcast(sigma, x) * z, sigma, **self.cond_of(batch))
-        weight = ((sigma64 ** 2 + sd ** 2) / (sigma64 * sd) ** 2).to(x.device, _dtype(x))
-        per_sample = weight * _mean_sq(f, x)
+        sigma, weight = _on(plan.sigma, x), _on(plan.weight, x)
+        with timer("student_forward"):
+            f = net(x + _bcast(sigma, x) * z, sigma, **cond_of(batch))
+        per_sample = weight * C.mean_sq(f, x)
         return per_sample.mean(), Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
-                                              curriculum=Curriculum(step))
+                                              curriculum=plan.curriculum)
 
 
-class _ConsistencyObjective(Objective):
-    """Shared part of iCT/iLCT and ECT: distance with c, early-step diffusion term."""
-
-    def distance(self, student: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
-        return C.distance(self.m.distance, student, target, c)
-
-    def add_diffusion(self, per_sample_ct: torch.Tensor, student: torch.Tensor, x: torch.Tensor,
-                      sigma: torch.Tensor, early: torch.Tensor, early_count_global: int,
-                      grad_scale: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Total `mean(L_CT) + w * L_diff` with the globally normalised early-step term (SPEC 5)."""
-        loss = per_sample_ct.mean()
-        if self.m.diffusion_weight <= 0:
-            return loss, None
-        diff = C.diffusion_term(student, x, sigma, early, early_count_global,
-                                world_size=grad_scale, sigma_data=self.m.sigma_data)
-        return loss + self.m.diffusion_weight * diff, diff.detach() / grad_scale
-
-
-class ICTObjective(_ConsistencyObjective):
+class ICTObjective(Objective):
     """iCT (and iLCT, its switches on): adjacent pair (sigma_i, sigma_{i+1}) of the Karras grid
     of N(k) points, drawn with the discretised lognormal law; loss lambda_i * d(f_s, f_t)."""
 
     name = "ict"
 
-    def __init__(self, method, latent_shape, total_steps):
-        super().__init__(method, latent_shape, total_steps)
+    def __init__(self, method, latent_shape, total_steps, grad_scale=1):
+        super().__init__(method, latent_shape, total_steps, grad_scale)
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def grid(self, num_points: int):
@@ -189,46 +195,33 @@ class ICTObjective(_ConsistencyObjective):
 
     def curriculum(self, step: int) -> Curriculum:
         n_points = C.ict_num_points(step, self.total_steps, self.m.s0, self.m.s1)
-        if self.m.c == "adaptive":
-            c = C.adaptive_c(n_points - 1, self.m.s0, self.c_first)
-        else:
-            c = float(self.m.c)
+        c = C.adaptive_c(n_points - 1, self.m.s0, self.c_first) if self.m.c == "adaptive" else float(self.m.c)
         return Curriculum(step, num_points=n_points, c=c)
 
-    def pairs(self, batch: dict, step: int) -> torch.Tensor:
+    def plan(self, batch, step):
         cur = self.curriculum(step)
-        _, probs, _ = self.grid(cur.num_points)
-        return C.pair_index_from_uniform(batch["u"].double().cpu(), probs)
+        sigmas, probs, weights = self.grid(cur.num_points)
+        pair = C.pair_index_from_uniform(batch["u"].double().cpu(), probs)
+        return Plan(sigmas[pair + 1], sigmas[pair], weights[pair], C.early_set_ict(pair, cur.num_points), cur)
 
-    def early_mask(self, batch, step):
-        cur = self.curriculum(step)
-        return C.early_set_ict(self.pairs(batch, step), cur.num_points).to(batch["x"].device)
-
-    def __call__(self, net, batch, step, early_count_global=0, grad_scale=1):
-        x, z = batch["x"], batch["z"]
-        cur = self.curriculum(step)
-        sigmas, _, weights = self.grid(cur.num_points)
-        idx = self.pairs(batch, step)
-        dt = _dtype(x)
-        s_student = sigmas[idx + 1].to(x.device, dt)
-        s_teacher = sigmas[idx].to(x.device, dt)
-        lam = weights[idx].to(x.device, dt)
-        cond = self.cond_of(batch)
-        with self.phase("teacher_forward"):
-            target = teacher_pass(net, x + _bcast(s_teacher, x) * z, s_teacher, cond)
-        with self.phase("student_forward"):
-            student = net(x + _bcast(s_student, x) * z, s_student, **cond)
-        per_sample = lam * self.distance(student, target, cur.c)
-        early = C.early_set_ict(idx, cur.num_points).to(x.device)
-        loss, diff = self.add_diffusion(per_sample, student, x, s_student, early,
-                                        early_count_global, grad_scale)
-        diag = Diagnostics(sigma=s_student.detach(), loss=per_sample.detach(),
-                           m=_mean_sq(student.detach(), target), curriculum=cur,
-                           early_local=int(early.sum()), diffusion=diff)
-        return loss, diag
+    def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """lambda_i d(f(x + sigma_{i+1} z, sigma_{i+1}), stopgrad f(x + sigma_i z, sigma_i)), plus
+        w * L_diff over the early set (iLCT)."""
+        x, z, cond = batch["x"], batch["z"], cond_of(batch)
+        sigma, sigma_teacher, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
+        # Shared noise direction z; shared dropout masks through teacher_pass.
+        with timer("teacher_forward"):
+            target = teacher_pass(net, x + _bcast(sigma_teacher, x) * z, sigma_teacher, cond)
+        with timer("student_forward"):
+            student = net(x + _bcast(sigma, x) * z, sigma, **cond)
+        per_sample = weight * C.distance(self.m.distance, student, target, plan.curriculum.c)
+        loss, diffusion = self.with_diffusion(per_sample, student, x, sigma, plan, early_global)
+        return loss, Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
+                                 m=C.mean_sq(student.detach(), target), curriculum=plan.curriculum,
+                                 early_local=int(plan.early.sum()), diffusion=diffusion)
 
 
-class ECTObjective(_ConsistencyObjective):
+class ECTObjective(Objective):
     """ECT (SPEC 2.4): t ~ lognormal, r = mapping(t, stage), target f(x + r z, r) or x at r = 0,
     loss d(f_t, f_r) * weight(t, r)."""
 
@@ -236,56 +229,41 @@ class ECTObjective(_ConsistencyObjective):
 
     def curriculum(self, step: int) -> Curriculum:
         stage = C.ect_stage(step, self.m.stage_every, self.m.max_stage)
-        if self.m.c == "adaptive":
-            c = C.adaptive_c_for_ect_stage(stage, self.m.s0, self.c_first)
-        else:
-            c = float(self.m.c)
+        c = (C.adaptive_c_for_ect_stage(stage, self.m.s0, self.c_first) if self.m.c == "adaptive"
+             else float(self.m.c))
         return Curriculum(step, stage=stage, c=c)
 
-    def t_of(self, batch: dict) -> torch.Tensor:
-        return C.ect_t(batch["n"].double(), self.m.p_mean, self.m.p_std)
-
-    def early_mask(self, batch, step):
-        return C.early_set_ect(self.t_of(batch), self.m.diff_sigma_max).to(batch["x"].device)
-
-    def __call__(self, net, batch, step, early_count_global=0, grad_scale=1):
-        x, z = batch["x"], batch["z"]
+    def plan(self, batch, step):
         cur = self.curriculum(step)
-        t64 = self.t_of(batch)
-        r64 = C.ect_r(t64, cur.stage, self.m.ect_q, self.m.ect_k, self.m.ect_b, self.m.ect_mapping)
-        dt = _dtype(x)
-        weight = C.ect_weight(t64, r64, self.m.ect_weight, self.m.sigma_data).to(x.device, dt)
-        t = t64.to(x.device, dt)
-        r = r64.to(x.device, dt)
-        clean = r64.to(x.device) <= 0
-        cond = self.cond_of(batch)
+        t = C.ect_t(batch["n"].double(), self.m.p_mean, self.m.p_std)
+        r = C.ect_r(t, cur.stage, self.m.ect_q, self.m.ect_k, self.m.ect_b, self.m.ect_mapping)
+        return Plan(t, r, C.ect_weight(t, r, self.m.ect_weight, self.m.sigma_data),
+                    C.early_set_ect(t, self.m.diff_sigma_max), cur)
+
+    def loss(self, net, batch, plan, early_global=0, timer=no_timer):
+        """weight(t, r) d(f(x + t z, t), stopgrad f(x + r z, r)), the target x where r = 0, plus
+        w * L_diff over the early set (with iLCT's switches)."""
+        x, z, cond = batch["x"], batch["z"], cond_of(batch)
+        t, r, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
         # Where r = 0 the target is x itself; the network is never called at sigma = 0.
-        r_safe = torch.where(clean, t, r)
-        with self.phase("teacher_forward"):
-            target = teacher_pass(net, x + _bcast(r_safe, x) * z, r_safe, cond)
+        clean = plan.sigma_teacher.to(x.device) <= 0
+        r = torch.where(clean, t, r)
+        with timer("teacher_forward"):
+            target = teacher_pass(net, x + _bcast(r, x) * z, r, cond)
             target = torch.where(_bcast(clean, x), x, target)
-        with self.phase("student_forward"):
+        with timer("student_forward"):
             student = net(x + _bcast(t, x) * z, t, **cond)
-        per_sample = weight * self.distance(student, target, cur.c)
-        early = C.early_set_ect(t64, self.m.diff_sigma_max).to(x.device)
-        loss, diff = self.add_diffusion(per_sample, student, x, t, early, early_count_global, grad_scale)
-        diag = Diagnostics(sigma=t.detach(), loss=per_sample.detach(),
-                           m=_mean_sq(student.detach(), target), curriculum=cur,
-                           early_local=int(early.sum()), diffusion=diff)
-        return loss, diag
+        per_sample = weight * C.distance(self.m.distance, student, target, plan.curriculum.c)
+        loss, diffusion = self.with_diffusion(per_sample, student, x, t, plan, early_global)
+        return loss, Diagnostics(sigma=t.detach(), loss=per_sample.detach(),
+                                 m=C.mean_sq(student.detach(), target), curriculum=plan.curriculum,
+                                 early_local=int(plan.early.sum()), diffusion=diffusion)
 
 
 OBJECTIVES = {"edm": EDMObjective, "ict": ICTObjective, "ilct": ICTObjective, "ect": ECTObjective}
 
 
-def make_objective(method: MethodConfig, latent_shape: tuple[int, ...], total_steps: int) -> Objective:
+def make_objective(method: MethodConfig, latent_shape: tuple[int, ...], total_steps: int,
+                   grad_scale: int = 1) -> Objective:
     """The objective of `method.objective`; `ilct` is the iCT pair path with iLCT's switches."""
-    return OBJECTIVES[method.objective](method, latent_shape, total_steps)
-
-
-def sigma_buckets(sigma: torch.Tensor, num_buckets: int, sigma_min: float = 0.002,
-                  sigma_max: float = 80.0) -> torch.Tensor:
-    """Bucket index of each sigma on a log scale between sigma_min and sigma_max (for logging)."""
-    lo, hi = math.log(max(sigma_min, 1e-4)), math.log(sigma_max)
-    pos = (sigma.double().clamp_min(1e-4).log() - lo) / (hi - lo)
-    return (pos * num_buckets).floor().clamp(0, num_buckets - 1).long()
+    return OBJECTIVES[method.objective](method, latent_shape, total_steps, grad_scale)

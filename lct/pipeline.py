@@ -49,6 +49,7 @@ from lct.models.dit import TextDiT
 from lct.pipeline_text import OpenCLIPTextModel, encode_text
 from lct.rng import sampling_noise
 from lct.scheduler import LCTScheduler
+from lct.text import text_condition
 
 logger = logging.get_logger(__name__)
 
@@ -219,17 +220,16 @@ class LCTPipeline(DiffusionPipeline):
             length = self.config.text_max_length or self.tokenizer.model_max_length
             w = self._hf_text = HFTextEncoder(self.text_encoder, self.tokenizer, int(length), source={},
                                               tokenizer_source={})
-        states, mask, pooled = w(w.tokenize(list(prompts)))
-        return {"text_states": states, "text_mask": mask, "pooled": pooled}
+        return text_condition(w, w.tokenize(list(prompts)))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] fp32 in [-1, 1] from sampled (normalised, SPEC 7) latents."""
-        from lct.vae import decode
+        from lct.vae import latents_to_images
 
         if self.vae is None:
             raise UserError("this pipeline has no VAE: pass vae= to from_pretrained, or use output_type='latent'")
-        return decode(self.vae, self.latent_norm().denormalize(latents))
+        return latents_to_images(self.vae, self.latent_norm(), latents)
 
     def _noise(self, seed: int | None, indices: list[int], step: int, generator, device) -> torch.Tensor | None:
         if seed is None:

@@ -28,6 +28,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
 
+from lct.text import text_condition
+from lct.tokens import padding_mask
+
 CLIP_ATOL = 1e-4  # fp32 token states of two implementations of the same tower (measured: ~1e-6)
 PROBES = ["a photo of a cat", "", "A red bus on a street, at night; résumé & café 😀", "Tom &amp; Jerry ＡＢＣ",
           "<|endoftext|> x<|startoftext|>y <end_of_text> it's", "two small blue squares at the top left " * 9]
@@ -98,16 +101,12 @@ def clip_token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 def encode_text(text_encoder, tokenizer, prompts: list[str], device) -> dict:
     """The network's text condition {text_states, text_mask, pooled} of an open_clip tower
     (`OpenCLIPTextModel` or its CLIP form) for `prompts`."""
-    from lct.text import padding_mask
-
     if isinstance(text_encoder, OpenCLIPTextModel):
-        states, mask, pooled = text_encoder(text_encoder.tokenize(prompts).to(device))
-    else:
-        ids = clip_token_ids(tokenizer, prompts).to(device)
-        out = text_encoder(input_ids=ids)
-        states, pooled = out.last_hidden_state.float(), out.text_embeds.float()
-        mask = padding_mask(ids, tokenizer.eos_token_id)
-    return {"text_states": states, "text_mask": mask, "pooled": pooled}
+        return text_condition(text_encoder, text_encoder.tokenize(prompts).to(device))
+    ids = clip_token_ids(tokenizer, prompts).to(device)
+    out = text_encoder(input_ids=ids)
+    states, pooled = out.last_hidden_state.float(), out.text_embeds.float()
+    return {"text_states": states, "text_mask": padding_mask(ids, tokenizer.eos_token_id), "pooled": pooled}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def to_clip_text_model(encoder) -> tuple[object, object] | str:
 def check_clip_form(encoder, model, tokenizer, prompts: list[str] = PROBES) -> str | None:
     """None when the transformers form gives open_clip's token ids, states, mask and pooled
     feature on `prompts` (states and pooled within CLIP_ATOL); else what differs."""
-    from lct.text import PROBE
+    from lct.tokens import PROBE
 
     prompts = list(prompts) + [PROBE]
     dev = encoder.device

@@ -29,7 +29,6 @@ it (`Protocol.deviations`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from lct.coco import read_caption_annotations
 from lct.errors import UserError
 from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED
 
@@ -123,14 +123,6 @@ def metric_name(metric: str, n: int) -> str:
     return f"{metric}{count_label(n)}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Caption files
 # --------------------------------------------------------------------------------------------
@@ -173,8 +165,6 @@ def draw_coco_captions(annotations: str | os.PathLike, num: int = 30_000, seed: 
     path = Path(annotations)
     if not path.is_file():
         raise UserError(f"--coco-annotations {path}: file not found (captions_val2014.json of MS-COCO 2014)")
-    from lct.coco import read_caption_annotations
-
     pool = [im for im in read_caption_annotations(path, "--coco-annotations") if im["captions"]]
     if num > len(pool):
         raise UserError(f"--coco-annotations {path}: {len(pool)} captioned images, fewer than the {num} to draw")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lct.dist import pick_device
 from lct.errors import UserError, cli_main
 
 
@@ -47,12 +48,6 @@ def parse_args(argv):
     p.add_argument("--vae", default=None, help="override the VAE (hub id or local dir)")
     p.add_argument("--text-pretrained", default=None, help="override the text tower weights (tag or path)")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Generator:

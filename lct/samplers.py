@@ -67,9 +67,3 @@ def consistency_sample(net: Net, cond: dict, indices: Sequence[int], shape: Sequ
         x = x + math.sqrt(max(tau * tau - sigma_min * sigma_min, 0.0)) * z
         x = guided(net, x, torch.full((b,), tau, device=device, dtype=torch.float32), cond, guidance)
     return x.float()
-
-
-def tau_sweep(evaluate: Callable[[float], float], taus: Sequence[float]) -> list[tuple[float, float]]:
-    """Score 2-step sampling at each tau (`evaluate(tau) -> metric`); returns (tau, metric) pairs.
-    For new data the 2-step tau is found this way (SPEC 9)."""
-    return [(float(t), float(evaluate(float(t)))) for t in taus]

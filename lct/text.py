@@ -19,15 +19,10 @@ tower is dropped after creation. The tower is frozen: no gradients, always in ev
 Model names: an open_clip model name (`ViT-B-32`), `hf-hub:`/`local-dir:` names, a path to an
 open_clip model-config JSON (registered with `open_clip.add_model_config` under the file's stem),
 or a config shipped with lct in `lct/assets/` (`lct-tiny-text`: width 128, 2 layers, context 77;
-`lct-tiny-text-c32`: the demo's tower, a context of 32 tokens (its captions are short, so the tower
-and the DiT's cross-attention run over 32 tokens, not 77), 1 layer and open_clip's LayerScale at
-0.01 (`ls_init_value`). A random tower's layers mix the neighbouring words into each token state,
-which hides the word the DiT has to read: at the colour word of the demo's captions, colour explains
-26 % of the state's variance with 2 plain layers, 33 % with 1, and 80 % with 1 layer at LayerScale
-0.01 (nearest-centroid colour from that state 0.90, 0.97, 1.0). The demo's EDM start reads colour
-sooner in the same 9 minutes (16-step ODE samples on 500 held-out captions: colour 0.81, 0.88,
-0.92). The price: the pooled (EOT) feature of such a tower says almost nothing about the caption;
-the DiT reads the token states through cross-attention).
+`lct-tiny-text-c32`: the demo's tower, a context of 32 tokens (its captions are short), 1 layer and
+open_clip's LayerScale at 0.01 (`ls_init_value`), so that a random tower's token states keep the
+word the DiT has to read instead of mixing in the neighbouring words (what that measured: README.md,
+"What the demo gives").
 
 Weights (`pretrained`): an open_clip tag (downloaded by open_clip into its cache), a local
 checkpoint file (or a directory holding `open_clip_model.safetensors`/`open_clip_pytorch_model.bin`),
@@ -49,24 +44,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from lct.errors import UserError
+from lct.hf_text import HFTextEncoder
+from lct.latents import load_manifest
+from lct.tokens import PROBE, padding_mask  # also lct.text's: the data path and eval import them from here
+from lct.files import file_sha256, temp_path, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RANDOM = "random"
 TOWER_DIR = "text_tower"
 TOWER_FILE = "open_clip_model.safetensors"
 TOWER_CONFIG = "open_clip_config.json"
-PROBE = "A photo of 2 cats & a dog: résumé, naïve café 😀 — lct tokenizer probe!"
 _SCHEMAS = ("hf-hub:", "local-dir:")
 _PRETRAINED_HINT = ("set --text-pretrained (text.pretrained in a config) to a local open_clip checkpoint "
                     "file (e.g. open_clip_pytorch_model.bin) or to 'random'")
@@ -77,25 +76,12 @@ def is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).strip().lower() in (RANDOM, "none", "")
 
 
-def padding_mask(tokens, eot_id: int | None = None):
-    """True for real tokens up to and including the EOT token, False for the padding after it.
-
-    open_clip's tokenizer writes `[SOT, tokens..., EOT, 0, 0, ...]` (it keeps EOT as the last token
-    when it truncates). Id 0 is a real token of the CLIP vocabulary ("!"), so the mask is decided by
-    the EOT position, not by `tokens != 0`: the first position holding `eot_id`, or, with
-    `eot_id=None`, the position of the largest id (EOT is the largest id of the default
-    tokenizer; open_clip's `text_global_pool` relies on the same rule). A row without EOT is all
-    True. Works on torch tensors and numpy arrays of shape [..., L]."""
-    if isinstance(tokens, np.ndarray):
-        return padding_mask(torch.from_numpy(np.ascontiguousarray(tokens)), eot_id).numpy()
-    length = tokens.shape[-1]
-    if eot_id is None:
-        pos = tokens.argmax(dim=-1)  # the first maximum
-    else:
-        hit = tokens == eot_id
-        pos = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1),
-                          torch.full(hit.shape[:-1], length - 1, dtype=torch.long, device=tokens.device))
-    return torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)
+def text_condition(encoder: "TextEncoder", tokens) -> dict[str, torch.Tensor]:
+    """The network's text condition of token ids [B, L] (no gradients): `text_states` [B,L,D],
+    `text_mask` [B,L] and `pooled` [B,P] on the encoder's device (trainer, monitor, sampling)."""
+    with torch.no_grad():
+        states, mask, pooled = encoder(tokens)
+    return {"text_states": states, "text_mask": mask, "pooled": pooled}
 
 
 def check_text_source(model: str, pretrained: str | None) -> None:
@@ -212,8 +198,6 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
     import open_clip
 
     if is_random(pretrained):
-        import logging
-
         quiet = logging.root.manager.disable
         logging.disable(logging.WARNING)  # "No pretrained weights loaded": expected here
         try:
@@ -254,31 +238,19 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
                         f"{_PRETRAINED_HINT}") from None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_tower(clip: nn.Module, cfg: dict, folder: str | os.PathLike) -> Path:
     """Write the text half of an open_clip model (every state-dict entry but `visual.*`) as
     `open_clip_model.safetensors`, beside `open_clip_config.json`, atomically; returns the path.
     The bytes depend only on the weights (no time, no unordered metadata): the same seed gives
     the same file."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()
              if not k.startswith("visual.")}
     target = folder / TOWER_FILE
-    tmp = folder / f".{TOWER_FILE}.{os.getpid()}.tmp"
+    tmp = temp_path(target)
     save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors orders a dict at random
-    ctmp = folder / f".{TOWER_CONFIG}.{os.getpid()}.tmp"
-    ctmp.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}, indent=1, sort_keys=True) + "\n")
-    os.replace(ctmp, folder / TOWER_CONFIG)
+    write_json(folder / TOWER_CONFIG, {"model_cfg": cfg, "preprocess_cfg": {}}, sort_keys=True)
     os.replace(tmp, target)
     return target
 
@@ -431,13 +403,9 @@ class TextEncoder(nn.Module):
         `pretrained` override the recorded ones (e.g. a local copy of the weights). A record of
         another `kind` (t5, clip) gives that tower (`lct.hf_text.HFTextEncoder`, same interface)."""
         if not isinstance(manifest, dict):
-            from lct.latents import load_manifest
-
             manifest = load_manifest(manifest)
         t = manifest.get("text") or {}
         if t.get("kind", "open_clip") != "open_clip":  # a transformers tower (T5, CLIP): lct/hf_text.py
-            from lct.hf_text import HFTextEncoder
-
             return HFTextEncoder.from_manifest(manifest, device, model=model, pretrained=pretrained)
         if not t.get("model") and not model:
             raise UserError("the data's manifest records no text model; set text.model and text.pretrained")
@@ -509,7 +477,7 @@ class TextEncoder(nn.Module):
                "tokenizer": self.identity(), "context_length": self.context_length,
                "state_dim": self.state_dim, "pooled_dim": self.pooled_dim}
         if self.tower_file is not None:
-            rec["weights_sha256"] = _file_sha256(self.tower_file)
+            rec["weights_sha256"] = file_sha256(self.tower_file)
             if manifest_dir is not None:
                 rec["pretrained_relative"] = os.path.relpath(self.tower_file, Path(manifest_dir).resolve())
         return rec

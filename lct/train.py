@@ -4,10 +4,12 @@
     torchrun --nproc_per_node 8 lct/train.py --config ...
     python lct/train.py --config ... [--dry-run]
 
-Reads top to bottom: config -> ranks -> data manifest -> network -> DeepSpeed engine -> EMAs ->
-resume -> loop (micro-batches, objective, non-finite guard, step, EMA, logs, grids, validation,
-checkpoints, preemption) -> final checkpoint and export. Re-running the same command resumes from
-the newest complete checkpoint of `run.dir`.
+Reads top to bottom: `main` -> `preflight` (every check that needs no GPU: paths, data manifest,
+text tower, resume state) -> `build` (ranks, network, DeepSpeed engine, EMAs, resume, objective,
+data, monitor: one frozen `Run`) -> `loop` (steps, logs, grids, validation, checkpoints,
+preemption) -> `train_step` (plan, early-set count, micro-batches, non-finite guard, optimizer,
+EMA). Resume, save, export and the run records are `lct.run`. Re-running the same command resumes
+from the newest complete checkpoint of `run.dir`.
 """
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not lct/, on sys.path
@@ -18,26 +20,37 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from lct.config import ConfigWarning, TrainConfig, dump_yaml, load_config
+from lct import checkpoint as ckpt
+from lct import dist
+from lct.config import TrainConfig, check_train_config, dump_yaml, load_config
+from lct.data import (DataDescription, DataSpec, InMemoryLatents, SkipTally, describe_data, expand_urls,
+                      make_loader, manifest_path, to_device, train_shard_urls)
+from lct.dist import DistInfo
+from lct.ema import PartitionedEMA
+from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate, set_precision
 from lct.errors import UserError, cli_main
+from lct.faults import Faults
+from lct.latents import SampleLayout, load_manifest
+from lct.models import Precond, build_dit, count_parameters
+from lct.monitor import LossMeter, Monitor, Progress, RunLogger
+from lct.objectives import Curriculum, Diagnostics, make_objective
+from lct.run import (Run, TrainState, check_resume, find_resume, init_from, load_resume, save,
+                     write_run_record)
+from lct.text import TextEncoder, text_condition
+from lct.timing import no_timer
+from lct.vae import LatentNorm
 
 EXIT_SIGTERM, EXIT_SIGINT, EXIT_SKIPS = 143, 130, 3
-
-
-# ----------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,15 +65,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = DistInfo.from_env(args.local_rank)
+    if info.is_main:
+        for w in check_train_config(cfg):
+            print(f"config warning: {w}", file=sys.stderr)
+    if args.dry_run:
+        return dry_run(cfg, info)
+    run = build(cfg, info, preflight(cfg, info))
+    rc = loop(run) if run is not None else 0
+    dist.close()  # only after a run every rank finished (errors and signals exit on their own path)
+    return rc
+
+
 # ----------------------------------------------------------------------------------------------
-# Paths and data description
+# Before any GPU work: checks and the data description
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """What `preflight` found: the batch split, the data, and the checkpoint to resume from."""
+
+    micro: int
+    accum: int
+    manifest: dict
+    desc: DataDescription
+    resume: Path | None
+    saved: dict | None            # the resume checkpoint's record
+
+
+def preflight(cfg: TrainConfig, info: DistInfo) -> Start:
+    """Every check a start makes from files alone, before the process group and DeepSpeed."""
+    micro, accum = batch_layout(cfg, info.world_size)
+    problems = problems_with_paths(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    manifest = load_manifest(manifest_path(cfg))
+    check_text_compatibility(cfg, manifest)
+    resume = find_resume(cfg)
+    saved = check_resume(cfg, info, resume) if resume else None
+    return Start(micro, accum, manifest, describe_data(manifest), resume, saved)
 
 
 def problems_with_paths(cfg: TrainConfig) -> list[str]:
     """Missing inputs: warnings under --dry-run, errors (exit 2) at a real start."""
-    from lct.data import expand_urls
-
     out = []
     if not cfg.data.shards:
         out.append("data.shards is empty: point it at the output of data_prep/encode_latents.py")
@@ -77,97 +128,45 @@ def problems_with_paths(cfg: TrainConfig) -> list[str]:
         out.append(f"data.manifest: {manifest} not found (data prep writes it beside the shards)")
     if cfg.model.init_from and not os.path.exists(cfg.model.init_from):
         out.append(f"model.init_from: {cfg.model.init_from} not found")
-    if cfg.data.val_shards:
-        from lct.data import expand_urls as _e
-
-        if not [u for u in _e(cfg.data.val_shards) if os.path.exists(u)]:
-            out.append(f"data.val_shards: nothing found at {cfg.data.val_shards!r}")
+    if cfg.data.val_shards and not [u for u in expand_urls(cfg.data.val_shards) if os.path.exists(u)]:
+        out.append(f"data.val_shards: nothing found at {cfg.data.val_shards!r}")
     return out
 
 
-def manifest_path(cfg: TrainConfig) -> str | None:
-    """data.manifest, or manifest.json in the shards' folder (data prep writes it there)."""
-    if cfg.data.manifest:
-        return cfg.data.manifest
-    shards = cfg.data.shards.split(",")[0].strip()
-    if not shards:
-        return None
-    if os.path.isdir(shards) or not any(ch in shards for ch in "{*?[") and not shards.endswith((".tar", ".tgz", ".tar.gz")):
-        return os.path.join(shards, "manifest.json")
-    from lct.data import expand_urls
-
-    urls = expand_urls(shards)
-    return os.path.join(os.path.dirname(urls[0]), "manifest.json") if urls else None
-
-
-@dataclass
-class DataDescription:
-    """What the network needs to know about the data (from the manifest, or defaults)."""
-
-    latent_shape: tuple[int, int, int] = (4, 32, 32)
-    text_dim: int = 512
-    text_len: int = 77
-    pooled_dim: int = 512
-    from_manifest: bool = False
-
-
-def describe_data(cfg: TrainConfig, manifest: dict | None) -> DataDescription:
-    if manifest is None:
-        return DataDescription()
+def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
+    """The trainer refuses a text model or tokenizer that differs from the manifest's."""
+    if cfg.model.cond != "text":
+        return
     t = manifest.get("text") or {}
-    return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
-                           int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)
+    for key in ("model", "pretrained"):
+        want = getattr(cfg.text, key)
+        if want is not None and t.get(key) is not None and str(want) != str(t.get(key)):
+            raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} "
+                            f"(manifest); token ids and states must come from the same text tower")
 
 
-def build_network(cfg: TrainConfig, desc: DataDescription):
+def make_text_encoder(cfg: TrainConfig, manifest: dict, device) -> TextEncoder:
+    enc = TextEncoder.from_manifest(manifest, device=device, model=cfg.text.model, pretrained=cfg.text.pretrained)
+    want = (manifest.get("text") or {}).get("tokenizer")
+    if want and enc.identity() != want:
+        raise UserError("the text tower's tokenizer differs from the one the shards were "
+                        f"tokenised with: {enc.identity()} vs manifest {want}")
+    return enc
+
+
+def build_network(cfg: TrainConfig, desc: DataDescription) -> Precond:
     """TextDiT wrapped in the SPEC 1 parameterisation."""
-    from lct.models import Precond, build_dit
-
     net = build_dit(cfg.model, desc.latent_shape, text_dim=desc.text_dim, text_len=desc.text_len,
                     pooled_dim=desc.pooled_dim)
     return Precond(net, sigma_data=cfg.method.sigma_data, sigma_min=cfg.method.sigma_min,
                    time_embed_scale=cfg.method.time_embed_scale)
 
 
-def flops_per_step(cfg: TrainConfig, desc: DataDescription, model, micro: int) -> float:
-    """Model FLOPs of one optimizer step over the global batch, counted on the meta device:
-    student forward + backward (3x forward) plus, for consistency objectives, a teacher forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    b = min(micro, 8)
-    with torch.device("meta"):
-        x = torch.zeros(b, *desc.latent_shape)
-        sigma = torch.ones(b)
-        cond = {}
-        if cfg.model.cond == "text":
-            cond = dict(text_states=torch.zeros(b, desc.text_len, desc.text_dim),
-                        text_mask=torch.ones(b, desc.text_len, dtype=torch.bool),
-                        pooled=torch.zeros(b, desc.pooled_dim),
-                        cond_drop=torch.zeros(b, dtype=torch.bool))
-        elif cfg.model.cond == "class":
-            cond = dict(class_labels=torch.zeros(b, dtype=torch.long))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(x, sigma, **cond)
-    forward = counter.get_total_flops() / b
-    passes = 3 + (0 if cfg.method.objective == "edm" else 1)
-    return forward * passes * cfg.optim.batch_size
-
-
-def dry_run(cfg: TrainConfig, info) -> int:
-    problems = problems_with_paths(cfg)
-    for p in problems:
+def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
+    for p in problems_with_paths(cfg):
         print(f"warning: would fail at start: {p}", file=sys.stderr)
-    manifest = None
     mpath = manifest_path(cfg)
-    if mpath and os.path.exists(mpath):
-        from lct.latents import load_manifest
-
-        manifest = load_manifest(mpath)
-    desc = describe_data(cfg, manifest)
-    from lct.engine import deepspeed_config
-    from lct.models import count_parameters
-
+    desc = describe_data(load_manifest(mpath) if mpath and os.path.exists(mpath) else None)
     with torch.device("meta"):
         model = build_network(cfg, desc)
     counts = count_parameters(model.net)
@@ -186,100 +185,223 @@ def dry_run(cfg: TrainConfig, info) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Run directory bookkeeping
-# ----------------------------------------------------------------------------------------------
-
-
-def environment_record(world_size: int) -> dict:
-    import platform
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    repo = Path(__file__).resolve().parents[1]
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except Exception:
-            return ""
-
-    versions = {}
-    for pkg in ("torch", "deepspeed", "diffusers", "open_clip_torch", "webdataset", "POT", "numpy",
-                "einops", "pydantic", "lct"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"git_sha": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
-            "versions": versions, "python": platform.python_version(), "host": platform.node(),
-            "cpu_count": os.cpu_count(), "gpus": gpus, "world_size": world_size,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+def flops_per_step(cfg: TrainConfig, desc: DataDescription, model, micro: int) -> float:
+    """Model FLOPs of one optimizer step over the global batch, counted on the meta device:
+    student forward + backward (3x forward) plus, for consistency objectives, a teacher forward."""
+    b = min(micro, 8)
+    with torch.device("meta"):
+        x = torch.zeros(b, *desc.latent_shape)
+        sigma = torch.ones(b)
+        cond = {}
+        if cfg.model.cond == "text":
+            cond = dict(text_states=torch.zeros(b, desc.text_len, desc.text_dim),
+                        text_mask=torch.ones(b, desc.text_len, dtype=torch.bool),
+                        pooled=torch.zeros(b, desc.pooled_dim),
+                        cond_drop=torch.zeros(b, dtype=torch.bool))
+        elif cfg.model.cond == "class":
+            cond = dict(class_labels=torch.zeros(b, dtype=torch.long))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, sigma, **cond)
+    passes = 3 + (0 if cfg.method.objective == "edm" else 1)
+    return counter.get_total_flops() / b * passes * cfg.optim.batch_size
 
 
 # ----------------------------------------------------------------------------------------------
-# Training state
+# Build: one frozen record of the run
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainState:
-    applied_steps: int = 0        # k of the curriculum: optimizer steps that changed the weights
-    data_steps: int = 0           # global batches consumed (applied or skipped)
-    images_seen: int = 0
-    skipped_steps: int = 0
-    resume_count: int = 0
-    train_seconds: float = 0.0
+def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Module | None = None,
+          monitor: bool = True) -> Run | None:
+    """Ranks, network, engine, EMAs, resume, objective, data, monitor; None if the run is already
+    complete. `network` replaces the configured DiT (benchmarks compare others). The order of the
+    steps that draw from the global RNG (network init, text tower) is part of the results."""
+    device = dist.pick_device("auto", info.local_rank)
+    dist.init(info, device, cfg.run.dist_timeout_minutes, deepspeed=True)
+    set_precision(cfg.precision)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the cores; oversubscribed threads make small matmuls many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    torch.manual_seed(cfg.run.seed + info.rank)  # dropout masks; saved and restored on resume
+    if info.is_main:
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+
+    model = (network if network is not None else build_network(cfg, start.desc)).to(device)
+    if cfg.model.init_from:
+        init_from(model, cfg.model.init_from, cfg.model.init_ema, info)
+    engine, ds_json = initialize(model, cfg, info.world_size)
+    ema = PartitionedEMA(engine.module, {e.name: e.resolved_halflife() for e in cfg.ema.models},
+                         info.rank, info.world_size)
+    state, rng_state = TrainState(), None
+    if start.resume:
+        state, rng_state = load_resume(engine, ema, start.resume, start.saved, info)
+    dist.barrier(info.world_size)
+    if info.is_main:
+        write_run_record(cfg, info.world_size, ds_json)
+    if state.applied_steps >= cfg.run.total_steps:
+        if info.is_main:
+            print(f"run {cfg.run.dir} is complete at step {state.applied_steps} of {cfg.run.total_steps}; "
+                  "nothing to do (raise run.total_steps with run.allow_total_steps_change=true to go on)")
+        return None
+
+    text_mode = "none" if cfg.model.cond != "text" else cfg.data.text
+    urls, note = train_shard_urls(cfg.data.shards, start.manifest)  # data.shards vs the manifest's shard list
+    if note and info.is_main:
+        print(note, file=sys.stderr, flush=True)
+    spec = DataSpec(urls=urls, mode=cfg.data.mode, seed=cfg.run.seed, rank=info.rank,
+                    world_size=info.world_size, micro_batch=start.micro, accum=start.accum,
+                    latent_shape=start.desc.latent_shape, norm=LatentNorm.from_manifest(start.manifest, cfg.data.latent_norm),
+                    caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
+                    ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
+                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest))
+    memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
+    # Skipped steps consume data too; leave room for the allowed number of them.
+    steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4
+    loader = make_loader(spec, state.data_steps, steps, cfg.data.num_workers, cfg.data.prefetch_factor,
+                         device.type == "cuda", memory)
+    run = Run(cfg=cfg, info=info, device=device, micro=start.micro, accum=start.accum, manifest=start.manifest,
+              desc=start.desc, engine=engine, ema=ema,
+              objective=make_objective(cfg.method, start.desc.latent_shape, cfg.run.total_steps,
+                                       grad_scale=info.world_size * start.accum),
+              loader=loader,
+              text_encoder=make_text_encoder(cfg, start.manifest, device) if text_mode == "on_the_fly" else None,
+              monitor=Monitor(cfg, info, engine, ema, start.manifest, start.desc, device) if monitor else None,
+              logger=RunLogger(Path(cfg.run.dir), cfg) if info.is_main else None, faults=Faults(), state=state)
+    if rng_state is not None:
+        ckpt.set_rng_state(rng_state)  # last: building the loader, text tower and monitor may draw
+    return run
 
 
-class StopFlags:
-    """SIGTERM/SIGINT only set a flag; the loop agrees on it across ranks at step boundaries."""
-
-    def __init__(self):
-        self.signal = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
+# ----------------------------------------------------------------------------------------------
+# The loop and the step
+# ----------------------------------------------------------------------------------------------
 
 
-def all_reduce_max(values: list[float], device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
+def loop(run: Run) -> int:
+    cfg, info = run.cfg, run.info
+    state, flags = run.state, StopFlags()
+    meter = LossMeter(cfg, run.device, info.world_size, state.images_seen)
+    progress = Progress(cfg, info, state.applied_steps)
+    batches = iter(run.loader)
+    tally = SkipTally()  # samples the data path skipped, per reason (lct.data.SKIP_REASONS)
+    t_start, skips, exit_code = time.time() - state.train_seconds, 0, 0
+    while state.applied_steps < cfg.run.total_steps:
+        step_batches = [next(batches) for _ in range(run.accum)]
+        tally.update(step_batches)
+        result = train_step(run, step_batches, state)
+        state = state.after_step(result.applied, cfg.optim.batch_size, time.time() - t_start)
+        meter.add(result.diagnostics)
+        progress.update(result.applied)
+        skips = 0 if result.applied else skips + 1
+        if not result.applied:
+            if info.is_main:
+                print(f"step {state.applied_steps}: non-finite loss or gradient, update skipped "
+                      f"({skips} in a row)", file=sys.stderr, flush=True)
+            if skips >= cfg.run.max_consecutive_skips:
+                if info.is_main:
+                    print(f"error: {skips} consecutive non-finite steps; stopping. "
+                          f"The last good checkpoint in {run.ckpt_root} is kept.", file=sys.stderr)
+                exit_code = EXIT_SKIPS
+                break
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+        # Logs, grids, validation, checkpoints (at applied-step boundaries).
+        k = state.applied_steps
+        if result.applied and k % cfg.run.log_every == 0:
+            record = meter.record(state, result.lr, result.curriculum, run.engine, tally)  # collective
+            if run.logger:
+                run.logger(record)
+            progress.show(record)
+        if run.monitor and result.applied:
+            run.monitor.maybe_run(k, run.logger)
+        time_up = bool(cfg.run.time_budget_minutes and state.train_seconds > 60 * cfg.run.time_budget_minutes)
+        sig, time_up = dist.all_reduce_values([float(flags.signal), float(time_up)], run.device,
+                                              info.world_size, "max")
+        if sig or time_up or (result.applied and k % cfg.run.save_every == 0):
+            save(run, state)
+            run.faults.after_save(k)
+        if sig:
+            exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
+            if info.is_main:
+                print(f"received signal {int(sig)}: checkpoint saved at step {k}; exiting",
+                      file=sys.stderr, flush=True)
+            break
+        if time_up:
+            if info.is_main:
+                print(f"time budget of {cfg.run.time_budget_minutes} min reached at step {k}; "
+                      "checkpoint saved", file=sys.stderr, flush=True)
+            break
+
+    progress.close()
+    if exit_code == 0 and state.applied_steps >= cfg.run.total_steps:
+        save(run, state, export_all=True)
+        if run.monitor:
+            run.monitor.maybe_run(state.applied_steps, run.logger, force=True)
+    if run.logger:
+        run.logger.close()
+    dist.barrier(info.world_size)
+    return exit_code
 
 
-def all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        import torch.distributed as dist
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did."""
 
-        dist.all_reduce(t)
-    return t
+    applied: bool                    # False: a non-finite loss or gradient skipped it on every rank
+    lr: float
+    curriculum: Curriculum           # what the step trained with (N or stage, c)
+    diagnostics: list[Diagnostics]   # per micro-batch, detached
 
 
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
+def train_step(run: Run, batches: list[dict], state: TrainState, timer=no_timer) -> StepResult:
+    """One optimizer step over this rank's micro-batches at `state` (applied step k, data step).
+    `timer` (lct.timing.PhaseTimer) times its phases for benchmarks."""
+    cfg, info, engine, world = run.cfg, run.info, run.engine, run.info.world_size
+    lr = learning_rate(cfg, state.applied_steps)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+    plans = [run.objective.plan(b, state.applied_steps) for b in batches]
+    # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
+    early_global = int(dist.all_reduce_values([sum(int(p.early.sum()) for p in plans)], run.device, world)[0])
 
-        dist.barrier()
+    bad, diagnostics = False, []
+    for b, plan in zip(batches, plans):
+        with timer("to_device"):
+            b = to_device(b, run.device)
+            b["cond"] = condition(run, b)
+        loss, diag = run.objective.loss(engine, b, plan, early_global, timer)
+        loss = run.faults.loss(loss, state.data_steps, info.rank)
+        finite = dist.all_reduce(torch.isfinite(loss.detach()).double().reshape(1), world).item() == world
+        with timer("backward"):
+            if finite and not bad:
+                engine.backward(loss)
+            else:  # every rank skips this step's update (never train on a non-finite loss)
+                bad = True
+                engine.backward(poison_loss(engine.module))
+        if engine.is_gradient_accumulation_boundary() and cfg.distributed.zero_stage == 0:
+            # ZeRO-0 in fp32 has no overflow check: inspect the reduced gradients ourselves.
+            ok = dist.all_reduce_values([float(grads_finite(engine.module))], run.device, world)[0] == world
+            if bad or not ok:
+                bad = True
+                engine.optimizer.zero_grad(set_to_none=True)
+        with timer("optimizer"):
+            engine.step()
+        diagnostics.append(diag)
+
+    applied = not bad and engine.was_step_applied()
+    if applied:
+        with timer("ema"):
+            run.ema.update(engine.module, cfg.optim.batch_size)
+    return StepResult(applied, lr, plans[-1].curriculum, diagnostics)
+
+
+def condition(run: Run, batch: dict) -> dict:
+    """Network condition of a micro-batch: precomputed or on-the-fly token states."""
+    if run.cfg.model.cond != "text":
+        return {}
+    if run.text_encoder is not None:
+        return text_condition(run.text_encoder, batch["tokens"])
+    return {k: batch[k] for k in ("text_states", "text_mask", "pooled")}
 
 
 def poison_loss(module: torch.nn.Module) -> torch.Tensor:
@@ -292,501 +414,19 @@ def grads_finite(module: torch.nn.Module) -> bool:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return True
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+class StopFlags:
+    """SIGTERM/SIGINT only set a flag; the loop agrees on it across ranks at step boundaries."""
 
+    def __init__(self):
+        self.signal = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConfigWarning)
-        cfg = load_config(args.config, args.overrides)
-    from lct.engine import dist_info_from_env
-
-    info = dist_info_from_env(args.local_rank)
-    if info.is_main:
-        for w in caught:
-            print(f"config warning: {w.message}", file=sys.stderr)
-    if args.dry_run:
-        return dry_run(cfg, info)
-    problems = problems_with_paths(cfg)
-    if problems:
-        raise UserError("; ".join(problems))
-    rc = Trainer(cfg, info).run()
-    from lct.engine import close_distributed
-
-    close_distributed()  # only after a run every rank finished (errors and signals exit on their own path)
-    return rc
-
-
-class Trainer:
-    def __init__(self, cfg: TrainConfig, info):
-        self.cfg, self.info = cfg, info
-
-    # The whole run, top to bottom.
-    def run(self) -> int:
-        if not self.setup():
-            return 0
-        return self.loop()
-
-    def setup(self, network: torch.nn.Module | None = None, monitor: bool = True) -> bool:
-        """Ranks, data, network, engine, EMAs, resume, objective, loader. False if the run is
-        already complete. `network` replaces the configured DiT (benchmarks compare others)."""
-        cfg, info = self.cfg, self.info
-        from lct.data import DataSpec, InMemoryLatents, make_loader, train_shard_urls
-        from lct.ema import PartitionedEMA
-        from lct.engine import batch_layout, init_distributed, initialize, set_precision
-        from lct.faults import Faults
-        from lct.latents import SampleLayout, latent_stats, load_manifest
-        from lct.objectives import make_objective
-
-        # Ranks, devices, precision.
-        self.micro, self.accum = batch_layout(cfg, info.world_size)
-        self.device = device = init_distributed(info, cfg.run.dist_timeout_minutes)
-        set_precision(cfg.precision)
-        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # CPU ranks share the cores; oversubscribed threads make small matmuls many times slower.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-        torch.manual_seed(cfg.run.seed + info.rank)  # dropout masks; saved and restored on resume
-        self.run_dir = Path(cfg.run.dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-
-        # Data description and the network.
-        self.manifest = manifest = load_manifest(manifest_path(cfg))
-        self.desc = desc = describe_data(cfg, manifest)
-        self.check_text_compatibility(manifest)
-        urls, note = train_shard_urls(cfg.data.shards, manifest)  # data.shards vs the manifest's shard list
-        if note and info.is_main:
-            print(note, file=sys.stderr, flush=True)
-        model = (network if network is not None else build_network(cfg, desc)).to(device)
-        if cfg.model.init_from:
-            self.init_from(model, cfg.model.init_from, cfg.model.init_ema)
-        self.engine, ds_json = initialize(model, cfg, info.world_size)
-        halflives = {e.name: e.resolved_halflife() for e in cfg.ema.models}
-        self.ema = PartitionedEMA(self.engine.module, halflives, info.rank, info.world_size)
-
-        # Resume from the newest complete checkpoint, or start.
-        self.state = TrainState()
-        resume_tag = self.find_resume(self.ckpt_root)
-        if resume_tag:
-            self.state = self.resume(self.engine, self.ema, self.ckpt_root, resume_tag)
-        barrier(info.world_size)
-        if info.is_main:
-            self.write_run_record(self.run_dir, ds_json)
-        if self.state.applied_steps >= cfg.run.total_steps:
-            if info.is_main:
-                print(f"run {self.run_dir} is complete at step {self.state.applied_steps} of "
-                      f"{cfg.run.total_steps}; nothing to do (raise run.total_steps with "
-                      "run.allow_total_steps_change=true to go on)")
-            return False
-
-        # Objective and data.
-        self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
-        mean, std = latent_stats(manifest, cfg.data.latent_norm)
-        text_mode = "none" if cfg.model.cond != "text" else cfg.data.text
-        spec = DataSpec(urls=urls, mode=cfg.data.mode, seed=cfg.run.seed,
-                        rank=info.rank, world_size=info.world_size, micro_batch=self.micro, accum=self.accum,
-                        latent_shape=desc.latent_shape, norm_mean=mean.astype("float32"),
-                        norm_std=std.astype("float32"), caption_dropout=cfg.data.caption_dropout,
-                        flip=cfg.data.flip, text=text_mode,
-                        ot=cfg.method.ot and cfg.method.objective != "edm",
-                        shuffle_buffer=cfg.data.shuffle_buffer, resume_count=self.state.resume_count,
-                        layout=SampleLayout.from_manifest(manifest))
-        memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
-        remaining = cfg.run.total_steps - self.state.applied_steps
-        # Skipped steps consume data too; leave room for the allowed number of them.
-        self.loader = make_loader(spec, self.state.data_steps, remaining + cfg.run.max_consecutive_skips * 4,
-                                  cfg.data.num_workers, cfg.data.prefetch_factor, device.type == "cuda", memory)
-        self.text_encoder = self.make_text_encoder(manifest, device) if text_mode == "on_the_fly" else None
-        self.monitor = self.make_monitor(self.engine, self.ema, manifest, desc, device) if monitor else None
-        self.logger = self.make_logger(self.run_dir) if info.is_main else None
-        self.faults = Faults()
-        self.buckets = cfg.val.buckets
-        self.acc = torch.zeros(2 + 2 * self.buckets, dtype=torch.float64, device=device)  # loss sums, counts
-        self.extra: dict = {}
-        if getattr(self, "rng_to_restore", None) is not None:
-            from lct import checkpoint as ckpt
-
-            ckpt.set_rng_state(self.rng_to_restore)
-        return True
-
-    def train_step(self, step_batches: list[dict], timer=None) -> bool:
-        """One optimizer step over this rank's micro-batches; True if the update was applied.
-        `timer` (lct.timing.PhaseTimer) times its phases for benchmarks."""
-        from lct.data import to_device
-        from lct.engine import learning_rate
-        from lct.objectives import sigma_buckets
-        from lct.timing import no_timer
-
-        cfg, info, engine, objective, state = self.cfg, self.info, self.engine, self.objective, self.state
-        timer = timer or no_timer
-        step, data_step, world, accum = state.applied_steps, state.data_steps, info.world_size, self.accum
-        self.lr = learning_rate(cfg, step)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = self.lr
-        state.data_steps += 1
-        objective.timer = timer
-
-        # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
-        early = sum(int(objective.early_mask(b, step).sum()) for b in step_batches)
-        early_global = int(all_reduce_sum(torch.tensor([early], device=self.device), world).item())
-
-        bad = False
-        for b in step_batches:
-            with timer("to_device"):
-                b = to_device(b, self.device)
-                b["cond"] = self.condition(b, self.text_encoder)
-            loss, diag = objective(engine, b, step, early_global, grad_scale=world * accum)
-            loss = self.faults.loss(loss, data_step, info.rank)
-            finite = torch.isfinite(loss.detach()).double()
-            finite = all_reduce_sum(finite.reshape(1), world).item() == world
-            with timer("backward"):
-                if finite and not bad:
-                    engine.backward(loss)
-                else:  # every rank skips this step's update (never train on a non-finite loss)
-                    bad = True
-                    engine.backward(poison_loss(engine.module))
-            if engine.is_gradient_accumulation_boundary() and cfg.distributed.zero_stage == 0:
-                # ZeRO-0 in fp32 has no overflow check: inspect the reduced gradients ourselves.
-                ok = all_reduce_sum(torch.tensor([float(grads_finite(engine.module))], device=self.device),
-                                    world).item() == world
-                if bad or not ok:
-                    bad = True
-                    engine.optimizer.zero_grad(set_to_none=True)
-            with timer("optimizer"):
-                engine.step()
-            with torch.no_grad():
-                idx = sigma_buckets(diag.sigma, self.buckets, cfg.method.sigma_min or 0.002, cfg.method.sigma_max)
-                if torch.isfinite(diag.loss).all():
-                    nb, acc = self.buckets, self.acc
-                    acc[0] += diag.loss.sum().double()
-                    acc[1] += diag.loss.numel()
-                    acc[2:2 + nb].index_add_(0, idx, diag.loss.double())
-                    acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
-            if (step + 1) % cfg.run.log_every == 0:
-                self.extra = diag.scalars()
-
-        applied = not bad and engine.was_step_applied()
-        if applied:
-            with timer("ema"):
-                state.applied_steps += 1
-                state.images_seen += cfg.optim.batch_size
-                self.ema.update(engine.module, cfg.optim.batch_size)
-        else:
-            state.skipped_steps += 1
-        return applied
-
-    def loop(self) -> int:
-        from lct.data import SkipTally, skip_record
-
-        cfg, info, state = self.cfg, self.info, self.state
-        engine, ema, logger, monitor = self.engine, self.ema, self.logger, self.monitor
-        flags = StopFlags()
-        consecutive_skips, last_log, t_start = 0, time.time(), time.time() - state.train_seconds
-        images_at_log = state.images_seen
-        pbar = self.progress(state)
-        batches = iter(self.loader)
-        skips = SkipTally()  # samples the data path skipped, per reason (lct.data.SKIP_REASONS)
-        exit_code = 0
-        while state.applied_steps < cfg.run.total_steps:
-            step = state.applied_steps
-            step_batches = [next(batches) for _ in range(self.accum)]
-            skips.update(step_batches)
-            applied = self.train_step(step_batches)
-            if applied:
-                consecutive_skips = 0
-            else:
-                consecutive_skips += 1
-                if info.is_main:
-                    print(f"step {step}: non-finite loss or gradient, update skipped "
-                          f"({consecutive_skips} in a row)", file=sys.stderr, flush=True)
-                if consecutive_skips >= cfg.run.max_consecutive_skips:
-                    if info.is_main:
-                        print(f"error: {consecutive_skips} consecutive non-finite steps; stopping. "
-                              f"The last good checkpoint in {self.ckpt_root} is kept.", file=sys.stderr)
-                    exit_code = EXIT_SKIPS
-                    break
-            state.train_seconds = time.time() - t_start
-            if pbar:
-                pbar.update(int(applied))
-
-            # Logs, grids, validation, checkpoints (at applied-step boundaries).
-            k = state.applied_steps
-            if applied and k % cfg.run.log_every == 0:
-                all_reduce_sum(self.acc, info.world_size)
-                now = time.time()
-                ips = (state.images_seen - images_at_log) / max(now - last_log, 1e-9)
-                record = self.log_record(state, step, self.acc, self.buckets, self.lr, ips, self.extra,
-                                         engine, self.objective)
-                record.update(skip_record(all_reduce_sum(skips.vector(self.device), info.world_size)))
-                if logger:
-                    logger(record)
-                if pbar:
-                    pbar.set_postfix(loss=f"{record['loss']:.4g}", img_s_gpu=f"{ips / info.world_size:.1f}",
-                                     **({"N": record["N"]} if "N" in record else {}),
-                                     **({"stage": record["stage"]} if "stage" in record else {}),
-                                     **({"c": f"{record['c']:.3g}"} if "c" in record else {}),
-                                     **({"skipped": record["data_skipped"]} if record["data_skipped"] else {}))
-                self.acc.zero_()
-                last_log, images_at_log = now, state.images_seen
-            if monitor and applied:
-                monitor.maybe_run(k, logger)
-
-            time_up = bool(cfg.run.time_budget_minutes and state.train_seconds > 60 * cfg.run.time_budget_minutes)
-            sig, time_up = all_reduce_max([float(flags.signal), float(time_up)], self.device, info.world_size)
-            if sig or time_up or (applied and k % cfg.run.save_every == 0):
-                self.save(engine, ema, self.ckpt_root, state)
-                self.faults.after_save(k)
-            if sig:
-                exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
-                if info.is_main:
-                    print(f"received signal {int(sig)}: checkpoint saved at step {k}; exiting",
-                          file=sys.stderr, flush=True)
-                break
-            if time_up:
-                if info.is_main:
-                    print(f"time budget of {cfg.run.time_budget_minutes} min reached at step {k}; "
-                          "checkpoint saved", file=sys.stderr, flush=True)
-                break
-
-        if pbar:
-            pbar.close()
-        if exit_code == 0 and state.applied_steps >= cfg.run.total_steps:
-            self.save(engine, ema, self.ckpt_root, state, export_all=True)
-            if monitor:
-                monitor.maybe_run(state.applied_steps, logger, force=True)
-        if logger:
-            logger.close()
-        barrier(info.world_size)
-        return exit_code
-
-    # ------------------------------------------------------------------------------------------
-    # Pieces of the run
-    # ------------------------------------------------------------------------------------------
-
-    def check_text_compatibility(self, manifest: dict) -> None:
-        """The trainer refuses a text model or tokenizer that differs from the manifest's."""
-        cfg = self.cfg
-        if cfg.model.cond != "text":
-            return
-        t = manifest.get("text") or {}
-        for key in ("model", "pretrained"):
-            want = getattr(cfg.text, key)
-            if want is not None and t.get(key) is not None and str(want) != str(t.get(key)):
-                raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} "
-                                f"(manifest); token ids and states must come from the same text tower")
-
-    def make_text_encoder(self, manifest: dict, device):
-        from lct.text import TextEncoder
-
-        enc = TextEncoder.from_manifest(manifest, device=device,
-                                        model=self.cfg.text.model, pretrained=self.cfg.text.pretrained)
-        want = (manifest.get("text") or {}).get("tokenizer")
-        if want and enc.identity() != want:
-            raise UserError("the text tower's tokenizer differs from the one the shards were "
-                            f"tokenised with: {enc.identity()} vs manifest {want}")
-        return enc
-
-    def condition(self, batch: dict, text_encoder) -> dict:
-        """Network condition of a micro-batch: precomputed or on-the-fly token states."""
-        if self.cfg.model.cond != "text":
-            return {}
-        if text_encoder is not None:
-            with torch.no_grad():
-                states, mask, pooled = text_encoder(batch["tokens"])
-            return {"text_states": states, "text_mask": mask, "pooled": pooled}
-        return {"text_states": batch["text_states"], "text_mask": batch["text_mask"],
-                "pooled": batch["pooled"]}
-
-    def init_from(self, model, path: str, ema_name: str | None) -> None:
-        """Start from another run's EMA (ECT starts from an EDM run: weights and EMAs, SPEC 2.4)."""
-        from lct.export import load_network_weights
-
-        state = load_network_weights(path, ema_name)
-        from lct.models import load_state_dict_checked
-
-        load_state_dict_checked(model.net, state)
-        if self.info.is_main:
-            print(f"initialised the network from {path} (EMA {ema_name or 'sample EMA'})", flush=True)
-
-    def find_resume(self, ckpt_root: Path) -> str | None:
-        from lct import checkpoint as ckpt
-
-        mode = self.cfg.run.resume
-        if mode == "never":
-            return None
-        if mode != "auto":
-            p = Path(mode)
-            if not (p / ckpt.COMPLETE).is_file():
-                raise UserError(f"run.resume={mode}: not a complete checkpoint directory")
-            return str(p.resolve())
-        return ckpt.newest_complete(ckpt_root)
-
-    def resume(self, engine, ema, ckpt_root: Path, tag: str) -> TrainState:
-        from lct import checkpoint as ckpt
-
-        cfg, info = self.cfg, self.info
-        ckpt_dir = Path(tag) if os.path.isabs(tag) else ckpt_root / tag
-        saved = ckpt.read_state(ckpt_dir)
-        if saved["world_size"] != info.world_size:
-            raise UserError(
-                f"checkpoint {ckpt_dir} was written by {saved['world_size']} ranks, this run has "
-                f"{info.world_size}. Convert it with DeepSpeed's universal checkpoint tool "
-                f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir} "
-                f"--output_folder {ckpt_dir}_universal) or resume with {saved['world_size']} ranks")
-        old_cfg = saved["config"]
-        new_cfg = json.loads(json.dumps(self.cfg.model_dump(mode="json")))
-        if old_cfg["run"]["total_steps"] != cfg.run.total_steps and not cfg.run.allow_total_steps_change:
-            raise UserError(
-                f"run.total_steps changed from {old_cfg['run']['total_steps']} to {cfg.run.total_steps}: "
-                "that moves the curriculum N(k) (SPEC 2.2). Keep it, or pass "
-                "run.allow_total_steps_change=true to accept the change")
-        changes = [c for c in config_changes(old_cfg, new_cfg) if not c.startswith("run.resume")]
-        if changes and info.is_main:
-            print("warning: resuming with a changed config:\n  " + "\n  ".join(changes), file=sys.stderr)
-        engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=True,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
-        emas = ckpt.load_ema_file(ckpt_dir / "ema.safetensors")
-        for name in ema.buffers:
-            if name in emas:
-                ema.load_state_dict_of(name, emas[name])
-            elif info.is_main:
-                print(f"warning: EMA {name!r} not in the checkpoint; starting it from the weights",
-                      file=sys.stderr)
-        # Restored just before the loop: building the data loader, text tower and monitor after
-        # this point may draw from the global RNG, which would shift the dropout masks.
-        self.rng_to_restore = torch.load(ckpt_dir / f"rng_rank{info.rank}.pt", weights_only=True)
-        st = TrainState(**{k: saved["state"][k] for k in asdict(TrainState())})
-        if info.is_main:
-            print(f"resumed from {ckpt_dir} at applied step {st.applied_steps}; restored state "
-                  f"{json.dumps(asdict(st))}", flush=True)
-        st.resume_count += 1
-        return st
-
-    def save(self, engine, ema, ckpt_root: Path, state: TrainState, export_all: bool = False) -> None:
-        """Atomic checkpoint on every rank + EMA export; raises the process-group timeout around it.
-        A complete checkpoint is never written twice (only its exports are refreshed)."""
-        from lct import checkpoint as ckpt
-
-        info, cfg = self.info, self.cfg
-        with raised_timeout(info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
-            tag = ckpt.tag_for(state.applied_steps)
-            ckpt_dir = ckpt_root / tag
-            exists = (ckpt_dir / ckpt.COMPLETE).is_file()
-            barrier(info.world_size)  # every rank has looked before rank 0 may write the marker
-            if not exists:
-                engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
-                torch.save(ckpt.rng_state(), ckpt_dir / f"rng_rank{info.rank}.pt")
-            emas = {name: ema.state_dict_of(name) for name in ema.buffers}  # collective
-            barrier(info.world_size)
-            if info.is_main:
-                if not exists:
-                    ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
-                    record = {"state": asdict(state), "world_size": info.world_size,
-                              "config": cfg.model_dump(mode="json"), "time": time.time()}
-                    ckpt.mark_complete(ckpt_dir, record, ckpt_root)
-                    ckpt.rotate(ckpt_root, cfg.run.keep_last)
-                names = list(emas) if export_all else [cfg.ema.sample]
-                for name in names:
-                    self.export(engine, emas[name], name, state)
-            barrier(info.world_size)
-
-    def export(self, engine, ema_state: dict, name: str, state: TrainState) -> None:
-        from lct.export import export_network
-
-        export_network(engine.module, ema_state, Path(self.cfg.run.dir) / "export" / name,
-                       cfg=self.cfg, manifest=self.manifest_record(), ema_name=name,
-                       step=state.applied_steps)
-
-    def manifest_record(self) -> dict:
-        from lct.latents import load_manifest
-
-        m = load_manifest(manifest_path(self.cfg))
-        return {k: m.get(k) for k in ("vae", "text", "latent_shape", "resolution", "stats", "format")} | {
-            "manifest_path": os.path.abspath(manifest_path(self.cfg))}
-
-    def write_run_record(self, run_dir: Path, ds_json: dict) -> None:
-        from lct.checkpoint import write_atomic
-
-        write_atomic(run_dir / "config.yaml", dump_yaml(self.cfg))
-        write_atomic(run_dir / "deepspeed.json", json.dumps(ds_json, indent=1))
-        write_atomic(run_dir / "environment.json", json.dumps(environment_record(self.info.world_size), indent=1))
-
-    def make_monitor(self, engine, ema, manifest, desc, device):
-        from lct.monitor import Monitor
-
-        return Monitor.create(self.cfg, self.info, engine, ema, manifest, desc, device)
-
-    def make_logger(self, run_dir: Path):
-        from lct.monitor import RunLogger
-
-        return RunLogger(run_dir, self.cfg)
-
-    def progress(self, state: TrainState):
-        if not self.info.is_main:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.run.total_steps, initial=state.applied_steps, unit="step",
-                    dynamic_ncols=True, desc=f"{self.cfg.method.objective}", file=sys.stdout)
-
-    def log_record(self, state, step, acc, buckets, lr, ips, extra, engine, objective) -> dict:
-        """One stats.jsonl line; curriculum values are those the last update trained with."""
-        loss = (acc[0] / acc[1].clamp_min(1)).item()
-        sums, counts = acc[2:2 + buckets], acc[2 + buckets:]
-        per_bucket = (sums / counts.clamp_min(1)).tolist()
-        cur = objective.curriculum(step)
-        record = {"step": state.applied_steps, "images": state.images_seen, "loss": loss, "lr": lr,
-                  "images_per_s": ips, "images_per_s_per_gpu": ips / self.info.world_size,
-                  "skipped_steps": state.skipped_steps, "data_steps": state.data_steps,
-                  "train_seconds": state.train_seconds,
-                  "loss_bucket": [v if c > 0 else None for v, c in zip(per_bucket, counts.tolist())]}
-        if cur.num_points is not None:
-            record["N"] = cur.num_points
-        if cur.stage is not None:
-            record["stage"] = cur.stage
-        if self.cfg.method.objective != "edm":
-            record["c"] = cur.c
-        for k in ("rms_sqrt_m", "frac_m_gt_2c2", "diffusion_term", "early_local"):
-            if k in extra:
-                record[k] = extra[k]
-        gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-        if gn is not None:
-            record["grad_norm"] = float(gn)
-        if torch.cuda.is_available():
-            record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return record
-
-
-class raised_timeout:
-    """Raise the process-group timeout around slow collective sections (sampling, saving): a
-    rank that is still writing a large checkpoint must not make the others time out."""
-
-    def __init__(self, world_size: int, minutes: float, normal_minutes: float):
-        self.world_size, self.minutes, self.normal = world_size, minutes, normal_minutes
-
-    def _set(self, minutes: float) -> None:
-        if self.world_size > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            dist.distributed_c10d.set_timeout(datetime.timedelta(minutes=minutes))
-
-    def __enter__(self):
-        self._set(self.minutes)
-        return self
-
-    def __exit__(self, *exc):
-        self._set(self.normal)
-        return False
+    def _handle(self, signum, frame):
+        self.signal = signum
 
 
 def cli() -> None:

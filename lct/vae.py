@@ -23,7 +23,9 @@ values, back `raw = x / scaling_factor + shift_factor`, sigma_data 1.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -31,8 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lct.errors import UserError
+from lct.latents import latent_stats, load_manifest
 
 _VAE_HINT = ("set --vae (vae.id in a config) to a local folder written by AutoencoderKL.save_pretrained "
              "(e.g. a download of stabilityai/sd-vae-ft-ema) or to a full pipeline folder with a vae/ subfolder")
@@ -110,9 +114,6 @@ def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
 
 def vae_summary(vae, id_or_path: str) -> dict:
     """The manifest's "vae" record: id, class and the config values that shape the latents."""
-    import hashlib
-    import json
-
     cfg = dict(vae.config)
     keep = ("latent_channels", "block_out_channels", "down_block_types", "layers_per_block", "sample_size",
             "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv")
@@ -138,6 +139,12 @@ def decode(vae, raw_latents: torch.Tensor) -> torch.Tensor:
     p = next(vae.parameters())
     out = vae.decode(raw_latents.to(device=p.device, dtype=p.dtype)).sample
     return out.float().clamp(-1.0, 1.0)
+
+
+def latents_to_images(vae, norm: "LatentNorm", latents: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] fp32 in [-1, 1] from normalised latents (what the network samples): the
+    SPEC 7 normalisation undone, then decoded (the trainer's grids, `lct.sample`, eval)."""
+    return decode(vae, norm.denormalize(latents))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +191,6 @@ class LatentNorm:
 
     @classmethod
     def from_manifest(cls, manifest: dict | str | os.PathLike, kind: str = "channel") -> "LatentNorm":
-        from lct.latents import latent_stats, load_manifest
-
         if not isinstance(manifest, dict):
             manifest = load_manifest(manifest)
         if kind == "vae":
@@ -228,8 +233,6 @@ class LatentNorm:
 
 def open_image(data: bytes):
     """A fully decoded PIL image from encoded bytes (raises on corrupt or truncated data)."""
-    from PIL import Image
-
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
@@ -260,8 +263,6 @@ def to_rgb(img):
 
 def preprocess_image_uint8(img, resolution: int) -> torch.Tensor:
     """Steps 1-3 of the module docstring: uint8 [3, R, R]."""
-    from PIL import Image
-
     img = center_crop_square(to_rgb(img))
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.BICUBIC)

@@ -8,41 +8,16 @@ The section 13 vectors go through the same library functions the objectives call
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from helpers_spec import assert_spec, spec_tolerance
 from lct import consistency as C
 
 F64 = torch.float64
-
-
-# ----------------------------------------------------------------------------------------------
-# Tolerance helper
-# ----------------------------------------------------------------------------------------------
-
-
-def spec_tolerance(printed: str) -> tuple[float, float]:
-    """(rtol, atol) for a value printed in SPEC.md: rtol 1e-12 at 13+ significant digits,
-    otherwise atol = half a unit of the last printed digit."""
-    mantissa, _, exponent = printed.strip().lower().partition("e")
-    digits = mantissa.lstrip("+-").replace(".", "").lstrip("0")
-    if len(digits) >= 13:
-        return 1e-12, 0.0
-    decimals = len(mantissa.partition(".")[2])
-    return 0.0, 0.5 * 10.0 ** (int(exponent or 0) - decimals)
-
-
-def assert_spec(value: float | torch.Tensor, printed: str) -> None:
-    value = float(value)
-    expected = float(printed)
-    rtol, atol = spec_tolerance(printed)
-    tol = atol + rtol * abs(expected)
-    assert abs(value - expected) <= tol, (
-        f"{value!r} != SPEC {printed} (|diff| {abs(value - expected):.3g} > tol {tol:.3g})")
 
 
 def test_spec_tolerance_rule():
@@ -104,11 +79,9 @@ def test_time_embedding_conventions():
     assert C.c_noise(math.e ** 4) == pytest.approx(1.0, rel=1e-15)
 
 
-def test_edm_scalings_are_sigma_min_zero():
+def test_sigma_min_zero_gives_the_edm_scalings():
     s = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
-    for a, b in zip(C.edm_scalings(s), C.scalings(s, 0.5, 0.0)):
-        assert torch.equal(a, b)
-    c_skip, c_out, c_in = C.edm_scalings(s)
+    c_skip, c_out, c_in = C.scalings(s, 0.5, 0.0)
     assert torch.allclose(c_skip, 0.25 / (s ** 2 + 0.25), rtol=1e-15)
     assert torch.allclose(c_out, 0.5 * s / (s ** 2 + 0.25).sqrt(), rtol=1e-15)
 
@@ -508,34 +481,6 @@ def test_ot_lowers_mean_pair_cost_a_little_at_d4096():
     z = torch.randn(128, 4, 32, 32, generator=g)
     gain = 1 - _pair_cost(x, C.ot_couple(x, z)) / _pair_cost(x, z)
     assert 0.01 < gain < 0.06
-
-
-def test_ot_timing_b128_d4096():
-    """Printed, not asserted. Measured single-threaded, as in a DataLoader worker (the DataLoader
-    sets torch.set_num_threads(1) there), and with this process's default thread count."""
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(128, 4, 32, 32, generator=g)
-    z = torch.randn(128, 4, 32, 32, generator=g)
-    C.ot_couple(x, z)  # warm-up (POT import)
-
-    def median_ms(fn, reps=7):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(times))
-
-    default_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = median_ms(lambda: C.ot_couple(x, z))
-        cost = median_ms(lambda: C.ot_cost_matrix(x, z))
-    finally:
-        torch.set_num_threads(default_threads)
-    many = median_ms(lambda: C.ot_couple(x, z))
-    print(f"\not_couple B=128 d=4096: {one:.1f} ms/call on 1 thread (cost matrix {cost:.1f} ms), "
-          f"{many:.1f} ms/call on {default_threads} threads")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Package layout rules: no module shadows a stdlib or dependency module when scripts run as
 files, `import lct` stays light, and the scripts run as plain files and entry points."""
 
-import importlib
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +49,16 @@ def test_scripts_run_as_plain_files(script):
 
 
 def test_scripts_put_repo_root_first_on_sys_path():
+    """The docstring comes first (so the script has a `__doc__`), then, before any import, the
+    block that puts the repository root first on sys.path (docs/ARCHITECTURE.md)."""
     for script in SCRIPTS:
-        head = (ROOT / script).read_text()[:3000]
-        assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in head, script
+        text = (ROOT / script).read_text()
+        body = ast.parse(text).body
+        assert ast.get_docstring(ast.Module(body=body, type_ignores=[])), f"{script}: no module docstring"
+        first = body[1]
+        assert isinstance(first, ast.If) and "__main__" in ast.unparse(first.test), \
+            f"{script}: the first statement after the docstring must put the repo root on sys.path"
+        assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in ast.unparse(first), script
 
 
 @pytest.mark.parametrize("script", ["lct-train", "lct-sample", "lct-make-shapes", "lct-coco-to-wds",

@@ -461,7 +461,7 @@ def test_xformers_matches_sdpa():
 PAPER = {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}
 
 # Text extras for the default text tower (open_clip ViT-B-32: 77x512 states, 512 pooled), nsln qk;
-# these are the numbers in lct/models/dit.py's docstring.
+# these are the numbers in README.md's "Model sizes" table.
 EXTRA = {"S": 13_003_776, "B": 51_032_064, "L": 178_480_128, "XL": 262_897_536}
 
 

@@ -3,16 +3,15 @@ classifier-free guidance and determinism, and toy convergence of every objective
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
+from helpers_spec import assert_spec
 from lct import consistency as C
 from lct.config import load_config
 from lct.models import Precond, TextDiT
-from lct.objectives import ECTObjective, ICTObjective, make_objective, teacher_pass
-from lct.samplers import consistency_sample, guided, nfe, tau_sweep
-from test_consistency import assert_spec
+from lct.objectives import ECTObjective, make_objective, teacher_pass
+from lct.samplers import consistency_sample, guided, nfe
 
 
 def method(*overrides):
@@ -117,7 +116,7 @@ def test_spec13_ict_through_objective():
     _, probs, _ = obj.grid(11)
     batch = {"x": x, "z": z, "u": uniform_for_pairs([0, 2, 5, 7, 9], probs), "n": torch.zeros(5)}
     net = Precond(ZeroNet(), sigma_min=0.002)
-    loss, diag = obj(net, batch, step=0)
+    loss, diag = obj.loss(net, batch, obj.plan(batch, step=0))
     expected = ["51.9599308295", "41.7980673819", "0.88488504147", "0.0420971732607", "0.00287845276822"]
     for got, want in zip(diag.loss * 64, expected):  # sum form = mean form x sqrt(4096)
         assert_spec(got, want)
@@ -138,7 +137,7 @@ def test_spec13_ect_through_objective(stage, expected):
     t = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
     batch = {"x": x, "z": z, "u": torch.zeros(5), "n": (t.log() - m.p_mean) / m.p_std}
     net = Precond(ZeroNet(), sigma_min=0.0)
-    _, diag = obj(net, batch, step=stage * m.stage_every)
+    _, diag = obj.loss(net, batch, obj.plan(batch, step=stage * m.stage_every))
     assert diag.curriculum.stage == stage
     for got, want in zip(diag.loss * 64, expected):
         assert_spec(got, want)
@@ -153,10 +152,10 @@ def test_spec13_ilct_toy_through_objective(scale, expected):
     _, probs, _ = obj.grid(11)
     # Descending student indices [3, 8] = ascending student levels 7 and 2 = pairs 6 and 1.
     batch = {"x": x, "z": z, "u": uniform_for_pairs([6, 1], probs), "n": torch.zeros(2)}
-    early = obj.early_mask(batch, 0)
-    assert early.tolist() == [False, True]
+    plan = obj.plan(batch, 0)
+    assert plan.early.tolist() == [False, True]
     net = Precond(ToyNet(), sigma_min=0.002, time_embed_scale=scale)
-    loss, diag = obj(net, batch, step=0, early_count_global=int(early.sum()), grad_scale=1)
+    loss, diag = obj.loss(net, batch, plan, early_global=int(plan.early.sum()))
     if scale == 1000.0:
         assert_spec(diag.loss[0], "0.009777124401")
         assert_spec(diag.loss[1], "10.660027232223")
@@ -192,7 +191,6 @@ def test_sampler_steps_guidance_and_determinism():
     assert torch.allclose(guided(model, x, s, cond, 3.0), f_n + 3.0 * (f_c - f_n), atol=1e-5)
     assert torch.allclose(guided(model, x, s, cond, 1.0), f_c, atol=1e-6)
     assert nfe(2, 1.0) == 2 and nfe(2, 3.0) == 4
-    assert tau_sweep(lambda t: 2 * t, [1.0, 0.5]) == [(1.0, 2.0), (0.5, 1.0)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +242,8 @@ def train_toy(overrides, steps, init=None, seed=0, batch=128):
             z = C.ot_couple(x, z)
         b = {"x": x, "z": z, "u": torch.rand(batch, generator=g, dtype=torch.float64),
              "n": torch.randn(batch, generator=g, dtype=torch.float64)}
-        early = obj.early_mask(b, k)
-        loss, _ = obj(net, b, k, int(early.sum()), 1)
+        plan = obj.plan(b, k)
+        loss, _ = obj.loss(net, b, plan, int(plan.early.sum()))
         opt.zero_grad()
         loss.backward()
         opt.step()

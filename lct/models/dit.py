@@ -27,35 +27,9 @@ disabled on fp32 inputs; only the per-token trunk (patch embedding, attention, M
 projection) follows the caller's autocast. The residual stream stays fp32 (fp32 gates times the
 trunk's outputs), and the output is fp32.
 
-Presets: widths/depths/heads of the DiT paper (Table 1). Parameter counts from
-`count_parameters` (meta device, 4x32x32 latents = 256x256 images through SD-VAE):
-- "DiT config": this file built as the paper counted DiT (class mode, 1000 classes + the null row,
-  learn_sigma's 8 output channels, `nsln: none`). It equals facebookresearch/DiT's trainable
-  parameter count exactly (tests/test_models.py derives it layer by layer); DiT's printed totals
-  are higher by the frozen positional embedding (a frozen nn.Parameter there, a buffer here:
-  256 x hidden for /2, e.g. 675,129,632 = 674,834,720 + 294,912 for XL/2).
-- "trunk" / "extra" of the text model (`split_parameter_count`): trunk = the DiT parts (patch
-  embedding, time embedder, self-attention, MLP, DiT's 6 adaLN rows per block, final layer; 4 output
-  channels, no class table, hence a little below the DiT config); extra = what text conditioning
-  adds, for the default text tower of `data_prep/encode_latents.py` (open_clip ViT-B-32: 77 x 512
-  token states, 512 pooled) with `nsln: qk`: cross-attention (q, kv, proj), the 3 extra adaLN rows
-  per block, text projection and its norm, pooled-text MLP, the learned null condition
-  (77 x 512 + 512) and the NsLN betas (`nsln: none` has 2688 / 2304 / 5120 / 6912 fewer for
-  S / B / L / XL). Per block the text path adds about 7 hidden^2 to DiT's 18 hidden^2.
-
-| preset   | hidden | depth | heads | patch | paper | DiT config  | text trunk  | text extra  | text total  |
-|----------|--------|-------|-------|-------|-------|-------------|-------------|-------------|-------------|
-| DiT-S/2  | 384    | 12    | 6     | 2     | 33M   |  32,865,056 |  32,474,512 |  13,003,776 |  45,478,288 |
-| DiT-S/4  | 384    | 12    | 6     | 4     | 33M   |  32,920,448 |  32,511,424 |  13,003,776 |  45,515,200 |
-| DiT-B/2  | 768    | 12    | 12    | 2     | 130M  | 130,315,808 | 129,534,736 |  51,032,064 | 180,566,800 |
-| DiT-B/4  | 768    | 12    | 12    | 4     | 130M  | 130,426,496 | 129,608,512 |  51,032,064 | 180,640,576 |
-| DiT-L/2  | 1024   | 24    | 16    | 2     | 458M  | 457,840,672 | 456,799,248 | 178,480,128 | 635,279,376 |
-| DiT-L/4  | 1024   | 24    | 16    | 4     | 458M  | 457,988,224 | 456,897,600 | 178,480,128 | 635,377,728 |
-| DiT-XL/2 | 1152   | 28    | 16    | 2     | 675M  | 674,834,720 | 673,663,120 | 262,897,536 | 936,560,656 |
-| DiT-XL/4 | 1152   | 28    | 16    | 4     | 675M  | 675,000,704 | 673,773,760 | 262,897,536 | 936,671,296 |
-
-("paper" is Table 1's Params column for the model size; the /4 variants differ only in the patch
-embedding and final projection.)
+Presets: widths/depths/heads of the DiT paper (Table 1). `count_parameters` and
+`split_parameter_count` count a model as the paper counted DiT ("trunk") plus what text
+conditioning adds ("extra"); the counts of every preset are tabulated in README.md ("Model sizes").
 """
 
 from __future__ import annotations
@@ -71,8 +45,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
+from lct.config import ModelConfig
 from lct.errors import ConfigError, UserError
-from lct.models.precond import autocast_off
+from lct.consistency import autocast_off
 
 DIT_PRESETS: dict[str, dict[str, int]] = {
     "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
@@ -515,15 +490,12 @@ class TextDiT(ModelMixin, ConfigMixin):
 
 
 def _validate(args: Mapping[str, Any]) -> None:
+    """What the config schema cannot check: the installed attention backend and the sizes that must
+    divide each other (values of the config's keys are checked by pydantic, `lct.config`)."""
+
     def fail(key: str, msg: str) -> None:
         raise ConfigError(msg, key=key)
 
-    if args["cond"] not in ("text", "class", "none"):
-        fail("model.cond", f"got {args['cond']!r}; expected 'text', 'class' or 'none'")
-    if args["nsln"] not in ("qk", "none"):
-        fail("model.nsln", f"got {args['nsln']!r}; expected 'qk' or 'none'")
-    if args["attention"] not in ("sdpa", "xformers"):
-        fail("model.attention", f"got {args['attention']!r}; expected 'sdpa' or 'xformers'")
     if args["attention"] == "xformers":
         try:
             import xformers.ops  # noqa: F401
@@ -536,8 +508,6 @@ def _validate(args: Mapping[str, Any]) -> None:
         fail("model.hidden_size", f"{hidden} must be a multiple of 4 (2-D sin-cos positional embedding)")
     if args["input_height"] % p or args["input_width"] % p:
         fail("model.patch_size", f"latent {args['input_height']}x{args['input_width']} is not divisible by patch {p}")
-    if args["cond"] == "class" and args["num_classes"] < 1:
-        fail("model.num_classes", "class-label mode needs model.num_classes >= 1")
     if args["cond"] == "text" and (args["text_dim"] < 1 or args["text_len"] < 1 or args["pooled_dim"] < 0):
         fail("model.cond", "text mode needs text_dim >= 1, text_len >= 1 and pooled_dim >= 0")
 
@@ -608,8 +578,6 @@ def count_parameters(model_or_cfg=None, latent_shape=(4, 32, 32), text_dim: int 
     memory); `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class')."""
     if isinstance(model_or_cfg, nn.Module):
         return split_parameter_count(model_or_cfg)
-    from lct.config import ModelConfig
-
     kwargs = dit_kwargs(model_or_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
     kwargs.update(overrides)
     with torch.device("meta"):

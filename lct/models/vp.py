@@ -26,9 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lct.consistency import scalings
+from lct.consistency import autocast_off, scalings
 from lct.errors import ConfigError
-from lct.models.precond import autocast_off
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
