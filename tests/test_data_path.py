@@ -71,13 +71,13 @@ def bad_data(latent_data, tmp_path_factory):
 
 def _spec(data_dir, mode="indexed", ot=False, micro=8, urls=None):
     from lct.data import DataSpec, expand_urls
-    from lct.latents import SampleLayout, latent_stats, load_manifest
+    from lct.latents import SampleLayout, load_manifest
+    from lct.vae import LatentNorm
 
     m = load_manifest(data_dir)
-    mean, std = latent_stats(m, "channel")
     return DataSpec(urls=urls or expand_urls(str(data_dir)), mode=mode, seed=3, rank=0, world_size=1,
                     micro_batch=micro, accum=1, latent_shape=tuple(m["latent_shape"]),
-                    norm_mean=mean.astype("float32"), norm_std=std.astype("float32"), caption_dropout=0.1,
+                    norm=LatentNorm.from_manifest(m, "channel"), caption_dropout=0.1,
                     flip=True, text="on_the_fly", ot=ot, layout=SampleLayout.from_manifest(m))
 
 
