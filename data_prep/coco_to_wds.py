@@ -21,7 +21,10 @@ key order; eval reads captions from it), `coco.json` (the settings; a rerun with
 refused) and `stats.json` (counts).
 
 Images listed in the annotations but missing on disk are skipped and counted (shard boundaries
-stay those of the full list). Resumable: a shard is written to `.NAME.tar.tmp` and renamed when
+stay those of the full list). Every `file_name` must name a file inside `INPUT/<split>/`: an
+absolute path, a `..` component or a symlink leading out of the folder is refused (exit 2,
+naming the image id) before anything is written, so an annotation file cannot pack other files
+of the machine into the shards. Resumable: a shard is written to `.NAME.tar.tmp` and renamed when
 complete; a rerun skips complete shards.
 """
 
@@ -64,6 +67,21 @@ def load_split(root: Path, split: str) -> list[dict]:
     return read_caption_annotations(ann, "--input")
 
 
+def check_image_paths(root: Path, split: str, items: list[dict]) -> None:
+    """Refuse a `file_name` that leads outside the image folder (see the module docstring)."""
+    folder = (root / split).resolve()
+    for im in items:
+        name = str(im["file_name"])
+        path = root / split / name
+        parts = Path(name).parts
+        inside = (name and not Path(name).is_absolute() and ".." not in parts and "\x00" not in name)
+        if inside and path.exists():
+            inside = path.resolve().is_relative_to(folder)
+        if not inside:
+            raise UserError(f"--input {root}: image {im['image_id']} has file_name {name!r}, which is not a file "
+                            f"inside {split}/; fix the annotations (only files of the image folder are packed)")
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     path = out / "coco.json"
     if path.is_file():
@@ -97,6 +115,7 @@ def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, samples
         items = items[:limit]
     if not items:
         raise UserError(f"{root}: the {split} annotations list no image")
+    check_image_paths(root, split, items)
     _check_settings(out, {"format": FORMAT_VERSION, "split": split, "samples_per_shard": samples_per_shard,
                           "limit": limit, "images": len(items)})
     n_shards = (len(items) + samples_per_shard - 1) // samples_per_shard

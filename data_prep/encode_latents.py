@@ -15,8 +15,8 @@ txt; empty ones are dropped and the first `--max-captions` (default 5) kept, in 
 stores K = min(#captions, max) captions and `tokens.npy` [K, L] (no padding of K; L = the
 tokenizer's context length, open_clip pads with 0 after EOT and truncates keeping EOT last).
 
-Per sample: `lct.vae.preprocess_image` (RGB, center crop of the long edge, bicubic resize to
---resolution, [-1, 1]), the VAE posterior mean and std stored as float16 (values outside the
+Per sample: `lct.vae.preprocess_image` (8-bit RGB, high-bit grayscale scaled; center crop of the
+long edge, bicubic resize to --resolution, [-1, 1]), the VAE posterior mean and std stored as float16 (values outside the
 float16 range are an error naming the sample), optionally the same for the horizontally flipped
 image (`--flip`), and with `--text-states` the fp16 token states [K,L,D] and pooled features
 [K,P] (large: the bytes per sample and in total are logged and recorded in the manifest).
@@ -26,10 +26,12 @@ the VAE in half precision and re-encodes a batch in fp32 when it produces a non-
 
 Output (`--output DIR`): `<name>.tar` for input shard `<name>.tar|.tar.gz|.tgz` with the input's
 keys in the input's order; `records/<name>.json` + `records/<name>.stats.npz` per shard (float64
-statistics sums of the unflipped posterior, SPEC 7); `job.json` (settings; a rerun with other
-settings is refused); `text_tower/` for a random text tower (`--text-pretrained random`: seeded
-by --seed, saved so the trainer loads the same weights); `manifest.json`, merged from all records
-in sorted shard order (identical numbers for any number of ranks and resumes).
+statistics sums of the unflipped posterior, SPEC 7; the record also holds the shard's size and
+sha256); `job.json` (settings; a rerun with other settings is refused); `text_tower/` for a random
+text tower (`--text-pretrained random`: seeded by --seed, its text half saved so the trainer loads
+the same weights); `manifest.json`, merged from all records in sorted shard order (identical
+numbers for any number of ranks and resumes); `job.lock` and, while a shard is written,
+`records/<name>.lock`.
 
 Scale: one process per GPU. Rank/world come from RANK/WORLD_SIZE (torchrun, deepspeed) or
 SLURM_PROCID/SLURM_NTASKS; the device from LOCAL_RANK or SLURM_LOCALID. Rank r encodes input
@@ -38,17 +40,30 @@ meet at a barrier and rank 0 merges the manifest; otherwise whichever rank finds
 complete merges it (or run `--merge-only`). DataLoader workers (--num-workers) read, decode,
 preprocess and tokenize whole shards while the main process encodes and writes.
 
-Resume: a shard is written as `<name>.tar.tmp` and renamed when complete, then its record is
-written (the record marks it complete). A rerun skips shards with a record, redoes the others from
-scratch and never rewrites a completed shard.
+Resume and concurrency: a shard is written under its lock `records/<name>.lock`
+(`lct.shards.FileLock`: released by the kernel when its process dies) to a temporary file of this
+process (`<name>.tar.<host>-<pid>.tmp`), read back (every key once, in order, the end-of-archive
+marker), renamed to `<name>.tar` and recorded with its sha256 (the record marks it complete). A
+rerun skips shards with a record, redoes the others from scratch and never rewrites a completed
+shard. Two jobs on one --output (a relaunch while the first runs, a SLURM array without RANK)
+share the shards: a shard another live process holds is left to it (logged), and whichever
+process completes the last shard writes the manifest. `job.json` (and a random text tower) is
+made under `job.lock`; a job.json with other settings is refused once a shard is recorded
+under it, and replaced (with a log line) when its job recorded none (it failed). An --output
+holding the input shards, or a manifest.json, tars or records without job.json (or a
+manifest.json of another job), is refused before any work. DataLoader workers get SIGKILL when
+this process dies (`lct.data.die_with_parent`): a kill -9 leaves no orphan.
 
-Bad input: a corrupt image (`corrupt_image`), a sample without image (`missing_image`) or without
-caption (`missing_caption`) is skipped and counted per reason in the record, the manifest and the
-log. An input shard that yields no sample gets no output shard; the other shards are completed
-first, then the job fails naming it (exit 2) and writes no manifest, unless `--skip-empty-shards`
-records it as empty (listed under `empty_shards` in the manifest). An input shard that cannot be
-read to its end (missing file, truncated tar, failed download) is treated the same way but is
-never recorded: fix or remove it and re-run.
+Bad input: a corrupt image (`corrupt_image`), a sample without image (`missing_image`), without
+caption (`missing_caption`) or whose only caption is a txt that is not UTF-8 (`caption_not_utf8`),
+and a key already seen in the shard, adjacent or not (`duplicate_key`: the first sample is kept),
+are skipped and counted per reason in the record, the manifest and the log. An input shard that
+yields no sample gets no output shard; the other shards are completed first, then the job fails
+naming it (exit 2) and writes no manifest, unless `--skip-empty-shards` records it as empty
+(listed under `empty_shards` in the manifest). An input shard that cannot be read to its end
+(missing file, a tar cut anywhere: inside a member, at a member boundary or inside a header, which
+tarfile alone reads as a shorter valid tar; a failed download or pipe: command) is treated the
+same way but is never recorded: fix or remove it and re-run.
 """
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
@@ -119,9 +134,10 @@ def shard_name(url: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_captions(meta: dict, txt: bytes | None, max_captions: int) -> list[str]:
-    """Captions of an img2dataset sample: json `captions`, else json `caption`, else the txt;
-    whitespace is normalised, empty ones dropped, the first `max_captions` kept."""
+def sample_captions(meta: dict, txt: bytes | None, max_captions: int) -> tuple[list[str], str | None]:
+    """(captions, None) of an img2dataset sample: json `captions`, else json `caption`, else the
+    txt; whitespace is normalised, empty ones dropped, the first `max_captions` kept. Without a
+    caption: ([], "missing_caption"), or ([], "caption_not_utf8") when the txt is not UTF-8."""
     def clean(caps):
         return [c for c in (" ".join(x.split()) for x in caps if isinstance(x, str)) if c]
 
@@ -132,8 +148,8 @@ def sample_captions(meta: dict, txt: bytes | None, max_captions: int) -> list[st
         try:
             caps = clean([txt.decode("utf-8")])
         except UnicodeDecodeError:
-            caps = []
-    return caps[:max_captions]
+            return [], "caption_not_utf8"
+    return caps[:max_captions], (None if caps else "missing_caption")
 
 
 def decode_input_sample(raw: dict, resolution: int, tokenizer, max_captions: int):
@@ -146,16 +162,16 @@ def decode_input_sample(raw: dict, resolution: int, tokenizer, max_captions: int
     if raw.get("json") is not None:
         try:
             meta = json.loads(raw["json"])
-        except ValueError:
+        except ValueError:  # includes UnicodeDecodeError
             meta = {}
         if not isinstance(meta, dict):
             meta = {"value": meta}
     ext = next((e for e in IMAGE_EXTS if raw.get(e) is not None), None)
     if ext is None:
         return None, "missing_image"
-    captions = sample_captions(meta, raw.get("txt"), max_captions)
-    if not captions:
-        return None, "missing_caption"
+    captions, reason = sample_captions(meta, raw.get("txt"), max_captions)
+    if reason:
+        return None, reason
     try:
         image = preprocess_image_uint8(open_image(raw[ext]), resolution)
     except Exception:  # PIL raises many kinds for corrupt, truncated or exotic files
@@ -171,9 +187,11 @@ def _identity(x):
 def shard_batches(jobs, resolution: int, tokenizer, max_captions: int, batch_size: int,
                   worker: int = 0, workers: int = 1):
     """Batches of decoded samples of whole shards (shard j goes to worker j mod workers), in shard
-    order, then an end marker per shard with its skip counts and read errors."""
+    order, then an end marker per shard with its skip counts and read errors (`lct.shards`: a
+    shard without its end-of-archive marker is a read error; a repeated key is `duplicate_key`)."""
     import torch
-    import webdataset as wds
+
+    from lct.shards import ShardError, tar_samples
 
     for j, (idx, url) in enumerate(jobs):
         if j % workers != worker:
@@ -181,22 +199,24 @@ def shard_batches(jobs, resolution: int, tokenizer, max_captions: int, batch_siz
         skipped: dict[str, int] = {}
         errors: list[str] = []
 
-        def handler(exn, errors=errors):
-            errors.append(f"{type(exn).__name__}: {str(exn)[:300]}")
-            return False  # stop: the shard fails as a whole and is redone by a rerun
+        def count(reason, skipped=skipped):
+            skipped[reason] = skipped.get(reason, 0) + 1
 
         buf: list[dict] = []
         seen = 0
-        for raw in wds.tarfile_samples([{"url": open_url(url)}], handler=handler):
-            seen += 1
-            item, reason = decode_input_sample(raw, resolution, tokenizer, max_captions)
-            if reason:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            buf.append(item)
-            if len(buf) == batch_size:
-                yield _batch(idx, buf, torch)
-                buf = []
+        try:
+            for raw in tar_samples(open_url(url), on_duplicate=lambda key: count("duplicate_key")):
+                seen += 1
+                item, reason = decode_input_sample(raw, resolution, tokenizer, max_captions)
+                if reason:
+                    count(reason)
+                    continue
+                buf.append(item)
+                if len(buf) == batch_size:
+                    yield _batch(idx, buf, torch)
+                    buf = []
+        except ShardError as err:  # the shard fails as a whole and is redone by a rerun
+            errors.append(str(err))
         if buf:
             yield _batch(idx, buf, torch)
         yield {"shard": idx, "done": True, "skipped": skipped, "errors": errors, "seen": seen}
@@ -221,11 +241,16 @@ class ShardImages(IterableDataset):
 
 
 def make_loader(jobs, resolution, tokenizer, max_captions, batch_size, num_workers, pin_memory):
-    """A DataLoader over `jobs` [(index, url)] whose workers decode whole shards."""
+    """A DataLoader over `jobs` [(index, url)] whose workers decode whole shards (and die with
+    this process, however it dies: `lct.data.die_with_parent`)."""
+    import functools
+
     from torch.utils.data import DataLoader
 
+    from lct.data import die_with_parent
+
     workers = min(num_workers, len(jobs))
-    kw = {"prefetch_factor": 4} if workers else {}
+    kw = {"prefetch_factor": 4, "worker_init_fn": functools.partial(die_with_parent, os.getpid())} if workers else {}
     return DataLoader(ShardImages(jobs, resolution, tokenizer, max_captions, batch_size), batch_size=None,
                       num_workers=workers, collate_fn=_identity, pin_memory=pin_memory, **kw)
 
@@ -302,30 +327,41 @@ def to_fp16(t, what: str, name: str, keys: list[str]):
 
 
 class ShardWriter:
-    """One output shard: `<name>.tar.tmp`, renamed to `<name>.tar` when complete, then its record."""
+    """One output shard, written under its lock (`records/<name>.lock`, `lct.shards.FileLock`) to a
+    temporary file of this process (`<name>.tar.<host>-<pid>.tmp`), read back and checked, renamed
+    to `<name>.tar`, then recorded; the lock is released and removed last."""
 
-    def __init__(self, out: Path, name: str, url: str, latent_shape, job_id: str, rank: int = 0, world: int = 1):
+    def __init__(self, out: Path, name: str, url: str, latent_shape, job_id: str, lock, rank: int = 0,
+                 world: int = 1):
+        import socket
+
         import webdataset as wds
 
         from lct.latents import StatsAccumulator
 
-        self.out, self.name, self.url, self.job_id = out, name, url, job_id
+        self.out, self.name, self.url, self.job_id, self.lock = out, name, url, job_id, lock
         self.rank, self.world = rank, world
         self.final = out / f"{name}.tar"
-        self.tmp = out / f"{name}.tar.tmp"
-        self.tmp.unlink(missing_ok=True)
+        for old in out.glob(f"{name}.tar.*tmp"):  # left by a dead writer (we hold the lock)
+            old.unlink(missing_ok=True)
+        self.tmp = out / f"{name}.tar.{socket.gethostname()}-{os.getpid()}.tmp"
         self.stream = open(self.tmp, "wb")
         self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0, user="lct", group="lct", mode=0o644)
         self.stats = StatsAccumulator(latent_shape)
-        self.count = 0
+        self.keys: list[str] = []
         self.text_bytes = 0
         self.fallbacks = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
 
     def add(self, members: dict, mean16, std16) -> None:
         self.writer.write(members)
         self.stats.add(mean16, std16)
-        self.count += 1
+        self.keys.append(members["__key__"])
         self.text_bytes += len(members.get("states.npy", b"")) + len(members.get("pooled.npy", b""))
+        self.lock.heartbeat()
 
     def abort(self) -> None:
         try:
@@ -333,9 +369,32 @@ class ShardWriter:
         finally:
             self.stream.close()
             self.tmp.unlink(missing_ok=True)
+            self.lock.release()
+
+    def verify(self) -> str:
+        """Read the closed temporary file back: every key once, in order, then the end-of-archive
+        marker. Returns its sha256."""
+        import hashlib
+
+        from lct.shards import ShardError, tar_samples
+
+        keys, dups = [], []
+        try:
+            keys = [s["__key__"] for s in tar_samples(str(self.tmp), on_duplicate=dups.append)]
+        except ShardError as err:
+            raise UserError(f"shard {self.name}: the file just written does not read back ({err}); is the "
+                            f"disk of --output {self.out} full or failing?") from None
+        if keys != self.keys or dups:
+            raise UserError(f"shard {self.name}: the file just written holds {len(keys)} samples, "
+                            f"{len(self.keys)} were written; another process may be writing to --output {self.out}")
+        h = hashlib.sha256()
+        with open(self.tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
 
     def commit(self, skipped: dict, seen: int, record_empty: bool) -> dict | None:
-        """Close and rename; write the record. Returns it (None for an unrecorded empty shard)."""
+        """Close, check and rename; write the record. Returns it (None for an unrecorded empty shard)."""
         from lct.latents import write_shard_record
 
         rec = {"name": self.name, "input": self.url, "samples": self.count, "read": seen,
@@ -343,19 +402,34 @@ class ShardWriter:
                "fp32_fallback_batches": self.fallbacks, "job": self.job_id, "rank": self.rank,
                "world_size": self.world}
         if self.count == 0:
-            self.abort()
-            if not record_empty:
-                return None
-            rec.update(file=None, bytes=0, empty=True)
-            write_shard_record(self.out, self.name, rec, None)
-            return rec
+            self.writer.close()
+            self.stream.close()
+            self.tmp.unlink(missing_ok=True)
+            if record_empty and self.lock.still_held():
+                rec.update(file=None, bytes=0, empty=True)
+                write_shard_record(self.out, self.name, rec, None)
+            self.lock.release(remove=record_empty)
+            return rec if record_empty else None
         self.writer.close()
         self.stream.flush()
         os.fsync(self.stream.fileno())
         self.stream.close()
+        try:
+            digest = self.verify()
+            if current_job(self.out) != self.job_id:
+                raise UserError(f"shard {self.name}: {self.out}/job.json was replaced by a job with other settings "
+                                "while this one ran; not recorded (run one job per --output at a time)")
+            if not self.lock.still_held():
+                raise UserError(f"shard {self.name}: lost its lock {self.lock.path} to "
+                                f"{self.lock.describe(self.lock._read())} while writing; not recorded here")
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            self.lock.release()
+            raise
         os.replace(self.tmp, self.final)
-        rec.update(file=self.final.name, bytes=self.final.stat().st_size, empty=False)
+        rec.update(file=self.final.name, bytes=self.final.stat().st_size, sha256=digest, empty=False)
         write_shard_record(self.out, self.name, rec, self.stats)
+        self.lock.release(remove=True)
         return rec
 
 
@@ -458,9 +532,79 @@ def job_options(cfg: EncodeLatentsConfig) -> dict:
             "text_states": cfg.text_states, "max_captions": cfg.max_captions}
 
 
-def check_job(out: Path, header: dict | None, options: dict) -> dict | None:
-    """Compare with the job.json of an earlier run; returns it (None when there is none)."""
+def check_output(out: Path, urls: list[str], names: list[str]) -> None:
+    """Refuse an --output that holds what this tool did not write (before any work): the input
+    shards themselves, or a manifest.json, tars or records without this tool's job.json."""
+    from lct.latents import JOB, MANIFEST, RECORDS
+
+    if not out.is_dir():
+        return
+    here = out.resolve()
+    for u, n in zip(urls, names):
+        if "://" not in u and not u.startswith("pipe:") and Path(u).resolve() == here / f"{n}.tar":
+            raise UserError(f"--output {out} is the folder of the input shards: writing {n}.tar would replace "
+                            "the input; choose another --output")
+    job = None
+    if (out / JOB).is_file():
+        try:
+            job = json.loads((out / JOB).read_text())
+        except ValueError:
+            job = None
+    theirs = ([MANIFEST] if (out / MANIFEST).exists() else []) + sorted(p.name for p in out.glob("*.tar"))
+    theirs += [f"{RECORDS}/{p.name}" for p in sorted((out / RECORDS).glob("*.json"))][:1]
+    if job is None and theirs:
+        raise UserError(f"--output {out} holds {', '.join(theirs[:3])} but no {JOB} of data_prep/encode_latents.py: "
+                        "not this tool's output, which would be replaced; choose another (or an empty) --output")
+    if job is not None and (out / MANIFEST).is_file():
+        try:
+            m = json.loads((out / MANIFEST).read_text())
+        except ValueError:
+            m = None
+        if not isinstance(m, dict) or m.get("options") != job.get("options") or m.get("created_by") != job.get(
+                "created_by"):
+            raise UserError(f"--output {out}: its {MANIFEST} was not written by the job recorded in {JOB}; move it "
+                            "away (or choose another --output)")
+
+
+def job_digest(header: dict) -> str:
+    """The id of a job's settings (its job.json without the input list), kept in each record."""
+    return hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "input"},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_job(out: Path) -> str | None:
     from lct.latents import JOB
+
+    try:
+        return job_digest(json.loads((out / JOB).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def running_writers(out: Path) -> list[str]:
+    """Descriptions of the processes holding a shard lock in `out` (other live jobs)."""
+    from lct.latents import RECORDS
+    from lct.shards import FileLock
+
+    held = []
+    for p in sorted((out / RECORDS).glob("*.lock")):
+        lock = FileLock(p)
+        who = lock.probe()
+        if who is not None:
+            held.append(f"{p.stem} ({lock.describe(who)})")
+    return held
+
+
+def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, replace: bool = True
+              ) -> dict | None:
+    """Compare with the job.json of an earlier run; returns it (None when there is none). Call
+    under the output's job lock. A job.json with other settings is refused once a shard has been
+    recorded under it or while another process writes shards; an earlier job that recorded no
+    shard (it failed) is replaced, with its temporary files and a random text tower of other settings."""
+    import shutil
+
+    from lct.latents import JOB, RECORDS
+    from lct.text import TOWER_DIR
 
     path = out / JOB
     if not path.is_file():
@@ -468,15 +612,30 @@ def check_job(out: Path, header: dict | None, options: dict) -> dict | None:
     try:
         old = json.loads(path.read_text())
     except ValueError:
-        return None
+        old = {}
     cmp = [("options", options)] + ([("header", header)] if header is not None else [])
     for what, new in cmp:
         a = old.get("options") if what == "options" else {k: v for k, v in old.items() if k != "input"}
         b = new if what == "options" else {k: v for k, v in new.items() if k != "input"}
         if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
             diff = sorted(k for k in set(a or {}) | set(b) if (a or {}).get(k) != b.get(k))
-            raise UserError(f"{out} holds latents encoded with other settings (differing: {', '.join(diff)}); "
-                            "use another --output, or delete it to start over")
+            recorded = sorted(p.stem for p in (out / RECORDS).glob("*.json"))
+            busy = running_writers(out)
+            if recorded or busy or not replace:
+                what_ = (f"{len(recorded)} shard(s) recorded" if recorded else
+                     f"another job writing {busy[0]}" if busy else "no shard recorded yet")
+                raise UserError(f"{out} holds latents encoded with other settings (differing: {', '.join(diff)}; "
+                                f"{what_}); use another --output, or delete it to start over")
+            log(rank, f"{out}: replacing the settings of an earlier job that recorded no shard "
+                      f"(differing: {', '.join(diff)})")
+            path.unlink()
+            was = old.get("options") or {}
+            if was.get("text_pretrained") == "random" and any(
+                    was.get(k) != options.get(k) for k in ("text_model", "text_pretrained", "seed")):
+                shutil.rmtree(out / TOWER_DIR, ignore_errors=True)  # its tower is not this job's
+            for tmp in out.glob("*.tar.*tmp"):
+                tmp.unlink(missing_ok=True)
+            return None
     return old
 
 
@@ -514,18 +673,23 @@ def merge(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, requ
     return manifest
 
 
+JOB_LOCK = "job.lock"
+
+
 def run(cfg: EncodeLatentsConfig) -> dict:
     """Encode this rank's shards, then merge if complete. Returns a summary dict."""
+    import shutil
+
     import torch
 
+    from lct.data import existing_shards
     from lct.latents import JOB, read_shard_record, record_paths, write_json_atomic
-    from lct.text import TextEncoder, check_text_source
+    from lct.shards import FileLock
+    from lct.text import TOWER_DIR, TextEncoder, check_text_source, is_random
     from lct.vae import check_vae_source, latent_shape, load_vae, vae_summary
 
     info = DistInfo.from_env()
     rank, world, local_rank = info.rank, info.world_size, info.local_rank
-    from lct.data import existing_shards
-
     urls = existing_shards(cfg.input, "--input")
     names = [shard_name(u) for u in urls]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -534,12 +698,17 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a directory")
+    check_output(out, urls, names)
     out.mkdir(parents=True, exist_ok=True)
     options = job_options(cfg)
-    check_job(out, None, options)
+    job_lock = FileLock(out / JOB_LOCK)  # held while job.json (and a random text tower) is checked or made
     if cfg.merge_only:
+        if check_job(out, None, options, rank, replace=False) is None:
+            raise UserError(f"{out}: no {JOB}; run without --merge-only first")
         manifest = merge(cfg, out, names, rank, required=True)
         return {"manifest": manifest, "images": 0}
+    with job_lock:
+        check_job(out, None, options, rank)  # other settings: refuse before loading anything
 
     check_vae_source(cfg.vae)  # missing weights: fail before the slow imports
     check_text_source(cfg.text_model, cfg.text_pretrained)
@@ -549,18 +718,24 @@ def run(cfg: EncodeLatentsConfig) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     vae = load_vae(cfg.vae, device, torch.float32)
     shape = latent_shape(vae, cfg.resolution)
-    text = TextEncoder.load(cfg.text_model, cfg.text_pretrained, device, seed=cfg.seed, save_dir=out)
-    trec = text.record(manifest_dir=out)
-    trec.update(max_captions=cfg.max_captions, states=cfg.text_states, token_dtype="int32",
-                states_dtype="float16" if cfg.text_states else None)
-    header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": cfg.resolution,
-              "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip, "preprocess": PREPROCESS,
-              "vae": {**vae_summary(vae, cfg.vae), "precision": cfg.precision},
-              "text": trec, "options": options}
-    if check_job(out, header, options) is None:
-        write_json_atomic(out / JOB, header)
-    job_id = hashlib.sha256(json.dumps(
-        {k: v for k, v in header.items() if k != "input"}, sort_keys=True).encode()).hexdigest()[:16]
+    random_tower = is_random(cfg.text_pretrained)
+    text = None if random_tower else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
+    with job_lock:
+        old = check_job(out, None, options, rank)
+        if random_tower:  # made once per job, under the lock; a tower no job.json names is stale
+            if old is None:
+                shutil.rmtree(out / TOWER_DIR, ignore_errors=True)
+            text = TextEncoder.load(cfg.text_model, cfg.text_pretrained, device, seed=cfg.seed, save_dir=out)
+        trec = text.record(manifest_dir=out)
+        trec.update(max_captions=cfg.max_captions, states=cfg.text_states, token_dtype="int32",
+                    states_dtype="float16" if cfg.text_states else None)
+        header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": cfg.resolution,
+                  "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip, "preprocess": PREPROCESS,
+                  "vae": {**vae_summary(vae, cfg.vae), "precision": cfg.precision},
+                  "text": trec, "options": options}
+        if check_job(out, header, options, rank) is None:
+            write_json_atomic(out / JOB, header)
+    job_id = job_digest(header)
 
     mine = [i for i in range(len(urls)) if i % world == rank]
     todo = [i for i in mine if read_shard_record(out, names[i]) is None]
@@ -576,10 +751,12 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     bar = tqdm(total=None, unit="img", desc=f"encode rank {rank}", disable=rank != 0, dynamic_ncols=True,
                mininterval=2.0, smoothing=0.05)
     writers: dict[int, ShardWriter] = {}
+    ignored: set[int] = set()  # shards another process holds (or completed meanwhile)
+    busy: list[str] = []
     done_recs: list[dict] = []
     failed: list[str] = []
     empty: list[str] = []
-    images = finished = 0
+    images = finished = finished_images = 0
     pending = None
     t0 = time.time()
     t_first = None  # (time, images) after the first batch: the steady rate leaves start-up out
@@ -595,12 +772,30 @@ def run(cfg: EncodeLatentsConfig) -> dict:
             if t_first is None:
                 t_first = (time.time(), images)
 
+    def writer_for(idx: int) -> ShardWriter | None:
+        """The shard's writer, made once its lock is ours; None when another process has it."""
+        if idx in ignored:
+            return None
+        if idx not in writers:
+            lock = FileLock(record_paths(out, names[idx])[0].with_suffix(".lock"))
+            if not lock.acquire():
+                ignored.add(idx)
+                busy.append(f"{names[idx]} ({lock.describe()})")
+                log(rank, f"shard {names[idx]} is being encoded by {lock.describe()}; left to it")
+                return None
+            if read_shard_record(out, names[idx]) is not None:  # completed while we waited for it
+                lock.release()
+                ignored.add(idx)
+                return None
+            writers[idx] = ShardWriter(out, names[idx], urls[idx], shape, job_id, lock, rank, world)
+        return writers[idx]
+
     try:
         for item in loader:
             idx = item["shard"]
-            w = writers.get(idx)
+            w = writer_for(idx)
             if w is None:
-                w = writers[idx] = ShardWriter(out, names[idx], urls[idx], shape, job_id, rank, world)
+                continue
             if item["done"]:
                 drain()
                 del writers[idx]
@@ -617,8 +812,10 @@ def run(cfg: EncodeLatentsConfig) -> dict:
                 if rec is not None:
                     done_recs.append(rec)
                 finished += 1
-                if finished < len(todo):  # ETA: images per finished shard so far
-                    bar.total = max(int(images / finished * len(todo)), images)
+                finished_images += w.count
+                own = len(todo) - len(ignored)
+                if finished < own:  # ETA: images per finished shard so far, times this process's shards
+                    bar.total = max(int(finished_images / finished * own), images)
                     bar.refresh()
                 continue
             launched = launch_batch(enc, item, w, cfg.flip, cfg.text_states)
@@ -629,6 +826,8 @@ def run(cfg: EncodeLatentsConfig) -> dict:
                     x.stream.flush()
                 os._exit(17)  # test hook: a kill in the middle of a shard
         drain()
+        bar.total = images
+        bar.refresh()
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -651,6 +850,9 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     fb = f", {enc.fallback_batches} batches re-encoded in fp32" if enc.fallback_batches else ""
     log(rank, f"{images} images in {len(done_recs)} shards, skipped: {fmt_skips(skipped)}, "
               f"{images / dt:.1f} images/s, {nbytes / 1e6:.1f} MB written{text_msg}{fb}")
+    if busy:
+        log(rank, f"{len(busy)} shard(s) left to other processes: {', '.join(busy[:5])}; the process that "
+                  "completes the last shard writes the manifest (a rerun redoes any that did not complete)")
 
     manifest = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -669,7 +871,7 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     if problems:
         raise UserError("; ".join(problems))
     return {"images": images, "seconds": dt, "images_per_s": images / dt, "steady_images_per_s": steady,
-            "shards": len(done_recs),
+            "shards": len(done_recs), "left_to_others": busy,
             "skipped": skipped, "bytes": nbytes, "text_state_bytes": tbytes, "manifest": manifest,
             "fallback_batches": enc.fallback_batches, "record_paths": [str(record_paths(out, n)[0]) for n in names]}
 

@@ -16,13 +16,23 @@ n, posterior eps, noise z) comes from `lct.rng.philox(seed, TRAIN_SAMPLE, data s
 fixed order, so it depends on neither world size, workers nor accumulation. The posterior sample
 `mean + std * eps` is normalised with the manifest's statistics (SPEC 7), and the OT coupling
 (SPEC 6) reorders the noise of each micro-batch, here in the worker, off the GPU's critical path.
+
+Checks: `train_shard_urls` holds `data.shards` against the manifest's shard list (missing or
+resized shards are refused, unlisted tars left out with a warning). Every sample is read with
+`lct.shards` (a shard cut short is `unreadable_shard`) and checked against the manifest's
+`SampleLayout` before any draw, so a wrong shape is never broadcast and a NaN never reaches the
+OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
+`skipped`, summed by `SkipTally` for stats.jsonl) and named once. Shards without any usable
+sample raise the same `UserError` in both modes (stream mode would otherwise resample forever).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,9 +45,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lct import rng
 from lct.consistency import ot_couple
 from lct.errors import UserError
-from lct.latents import decode_latent_sample
+from lct.latents import SampleLayout, check_latent_sample, decode_latent_sample
+from lct.shards import ShardError, tar_samples
 from lct.tokens import padding_mask
 from lct.vae import LatentNorm
+
+# Why a latent sample was skipped (`read_samples`); the trainer logs each as `data_skipped_<reason>`.
+SKIP_REASONS = ("corrupt_sample", "missing_member", "wrong_shape", "non_finite", "duplicate_key",
+                "unreadable_shard")
 
 
 @dataclass
@@ -59,6 +74,7 @@ class DataSpec:
     ot: bool
     shuffle_buffer: int = 2000
     resume_count: int = 0
+    layout: SampleLayout | None = None  # what every sample must hold (the manifest's); see read_samples
 
     @property
     def global_batch(self) -> int:
@@ -95,34 +111,130 @@ def existing_shards(pattern: str, flag: str) -> list[str]:
     return urls
 
 
+def train_shard_urls(pattern: str, manifest: dict, flag: str = "data.shards") -> tuple[list[str], str | None]:
+    """The shards of `pattern` to train on, checked against the manifest's shard list: a listed
+    shard that `pattern` does not reach, or a local one whose size differs from its record
+    (truncated or replaced), is a `UserError`; tars the manifest does not list are left out.
+    Returns (urls in the pattern's order, a one-line warning about left-out tars or None)."""
+    urls = expand_urls(str(pattern or ""))
+    listed = [s for s in manifest.get("shards") or [] if s.get("file")]
+    if not listed:
+        return urls, None  # an older manifest without a shard list: nothing to check against
+    by_file: dict[str, str] = {}
+    for u in urls:
+        if "://" in u or u.startswith("pipe:") or os.path.isfile(u):
+            by_file.setdefault(os.path.basename(u.rstrip("/").split(" ")[-1]), u)
+    where = manifest.get("_path") or "the manifest"
+    missing = [s["file"] for s in listed if s["file"] not in by_file]
+    if missing:
+        raise UserError(f"{flag}: {len(missing)} of the {len(listed)} shards listed in {where} are not in "
+                        f"{pattern!r} (e.g. {missing[0]}); restore them or point {flag} at the folder holding all "
+                        "of them (training on part of the data is not silent)")
+    keep = set()
+    for s in listed:
+        u = by_file[s["file"]]
+        if "://" not in u and not u.startswith("pipe:") and s.get("bytes") is not None:
+            size = os.path.getsize(u)
+            if size != int(s["bytes"]):
+                raise UserError(f"{flag}: shard {u} has {size} bytes, {where} records {s['bytes']}: it was truncated "
+                                "or replaced after encoding; restore it or re-encode it (delete it and its "
+                                "records/ entry, then re-run data_prep/encode_latents.py)")
+        keep.add(u)
+    out = [u for u in urls if u in keep]
+    extra = [u for u in urls if u not in keep]
+    note = None
+    if extra:
+        note = (f"warning: {flag}: {len(extra)} tar(s) not listed in {where} are left out "
+                f"(e.g. {os.path.basename(extra[0])})")
+    return out, note
+
+
 # ----------------------------------------------------------------------------------------------
 # Samples
 # ----------------------------------------------------------------------------------------------
 
 
-def read_samples(url: str, counts: dict[str, int]) -> Iterator[dict]:
-    """Decoded samples of one latent shard (no unpickling); bad samples are counted and skipped."""
-    src = wds.SimpleShardList([url])
-    for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)(src):
-        try:
-            yield decode_latent_sample(raw)
-        except Exception:  # a corrupt or incomplete sample loses nothing else
-            counts["corrupt_sample"] = counts.get("corrupt_sample", 0) + 1
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(url: str, reason: str, what: str, quiet: bool = False) -> None:
+    if quiet or (url, reason) in _WARNED:
+        return
+    _WARNED.add((url, reason))
+    print(f"data: {url}: {what}; skipped ({reason}; more of this kind in this shard are counted in "
+          "stats.jsonl, not named)", file=sys.stderr, flush=True)
+
+
+def read_samples(url: str, counts: dict[str, int], layout: SampleLayout | None = None,
+                 quiet: bool = False) -> Iterator[dict]:
+    """Decoded samples of one latent shard that match `layout` (`lct.latents.check_latent_sample`;
+    no unpickling). A bad sample is skipped, counted per reason (SKIP_REASONS) in `counts` and
+    named with its shard and key once per process; a repeated key is `duplicate_key`; a shard
+    that cannot be read to its end (`lct.shards`) counts once as `unreadable_shard` (its samples
+    before the problem are kept)."""
+    def skip(reason, what):
+        counts[reason] = counts.get(reason, 0) + 1
+        _warn_once(url, reason, what, quiet)
+
+    try:
+        for raw in tar_samples(url, on_duplicate=lambda k: skip("duplicate_key", f"sample {k!r}: a repeated key")):
+            absent = [m for m in ("mean.npy", "std.npy") if m not in raw]
+            if absent:  # e.g. image shards where latent shards belong
+                skip("missing_member", f"sample {raw['__key__']!r}: no {', '.join(absent)}")
+                continue
+            try:
+                sample = decode_latent_sample(raw)
+            except Exception as err:  # a corrupt or incomplete sample loses nothing else
+                skip("corrupt_sample", f"sample {raw.get('__key__')!r}: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            bad = check_latent_sample(sample, layout)
+            if bad is not None:
+                skip(bad[0], f"sample {sample['key']!r}: {bad[1]}")
+                continue
+            yield sample
+    except ShardError as err:
+        skip("unreadable_shard", str(err))
+
+
+def no_samples_error(urls: list[str], counts: dict[str, int]) -> UserError:
+    """The error for shards that yield no usable latent sample (both modes)."""
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+    names = ", ".join(os.path.basename(u) for u in urls[:3]) + (", ..." if len(urls) > 3 else "")
+    return UserError(f"no usable latent samples in {len(set(urls))} shard(s) ({names}; skipped: {skipped}); "
+                     "check data.shards: it must point at the output of data_prep/encode_latents.py")
 
 
 class InMemoryLatents:
-    """All samples of a small latent data set, for `indexed` mode and validation batches."""
+    """All samples of a small latent data set, for `indexed` mode and validation batches;
+    `skipped` counts the dropped ones per reason (`read_samples`)."""
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], layout: SampleLayout | None = None, quiet: bool = False):
         counts: dict[str, int] = {}
-        self.samples = [s for u in urls for s in read_samples(u, counts)]
+        self.samples = [s for u in urls for s in read_samples(u, counts, layout, quiet)]
         self.skipped = counts
         if not self.samples:
-            raise UserError(f"no readable samples in {len(urls)} latent shard(s) {urls[:3]}...; "
-                            "check data.shards (run data_prep/encode_latents.py first)")
+            raise no_samples_error(urls, counts)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def stream_samples(src, spec: "DataSpec", counts: dict[str, int]) -> Iterator[dict]:
+    """webdataset stage: the samples of each shard URL {"url"} of `src` (resampled shards); a
+    `UserError` once every shard was read and none gave a usable sample (instead of an endless loop)."""
+    distinct = set(spec.urls)
+    empty_reads: set[str] = set()
+    reads = good = 0
+    for item in src:
+        url = item["url"]
+        for sample in read_samples(url, counts, spec.layout):
+            good += 1
+            yield sample
+        reads += 1
+        if not good:
+            empty_reads.add(url)
+            if empty_reads >= distinct or reads >= 20 * len(distinct):
+                raise no_samples_error(spec.urls, counts)
 
 
 def indexed_position(seed: int, data_step: int, slot: int, global_batch: int, n: int,
@@ -200,7 +312,9 @@ def collate(spec: DataSpec, examples: list[dict], data_step: int, micro: int) ->
 
 class TrainBatches(IterableDataset):
     """Micro-batches j = start, start+1, ... of this rank; worker w makes those with j = w mod W
-    (the DataLoader hands them out round-robin, so they arrive in order)."""
+    (the DataLoader hands them out round-robin, so they arrive in order). Each batch carries
+    `skipped` (this worker's counts so far per reason; in indexed mode the data set's, on rank 0
+    worker 0 only, so that summing over ranks and workers counts each once) and `worker`."""
 
     def __init__(self, spec: DataSpec, start_data_step: int, num_data_steps: int,
                  memory: InMemoryLatents | None = None):
@@ -209,30 +323,35 @@ class TrainBatches(IterableDataset):
         self.num_micro = num_data_steps * spec.accum
         self.memory = memory
 
-    def _stream_samples(self, worker: int) -> Iterator[dict]:
+    def _stream_samples(self, worker: int, counts: dict[str, int]) -> Iterator[dict]:
         s = self.spec
         seed = int(rng.philox(s.seed, s.rank, worker, s.resume_count).integers(2**62))
         shards = wds.ResampledShards(s.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
         pipeline = wds.DataPipeline(
             shards,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            functools.partial(stream_samples, spec=s, counts=counts),
             wds.shuffle(s.shuffle_buffer, initial=min(s.shuffle_buffer, 100),
                         rng=random.Random(seed)),
         )
-        self.skipped: dict[str, int] = {}
-        for raw in pipeline:
-            try:
-                yield decode_latent_sample(raw)
-            except Exception:
-                self.skipped["corrupt_sample"] = self.skipped.get("corrupt_sample", 0) + 1
+        return iter(pipeline)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            yield from self._batches(*((info.id, info.num_workers) if info else (0, 1)))
+        except UserError as err:
+            if info is None:
+                raise
+            yield {"error": str(err)}  # re-raised as this UserError by TrainLoader in the main process
+
+    def _batches(self, worker: int, workers: int) -> Iterator[dict]:
         s = self.spec
         if s.mode == "indexed" and self.memory is None:
-            self.memory = InMemoryLatents(s.urls)
-        stream = self._stream_samples(worker) if s.mode == "stream" else None
+            self.memory = InMemoryLatents(s.urls, s.layout, quiet=s.rank != 0)
+        counts: dict[str, int] = {}
+        if s.mode == "indexed" and s.rank == 0 and worker == 0:
+            counts = self.memory.skipped
+        stream = self._stream_samples(worker, counts) if s.mode == "stream" else None
         cache: dict = {}
         for j in range(self.start_micro + worker, self.start_micro + self.num_micro, workers):
             data_step, micro = divmod(j, s.accum)
@@ -247,7 +366,19 @@ class TrainBatches(IterableDataset):
                     sample = self.memory.samples[idx]
                 examples.append(draw_sample(s, sample, data_step, slot))
             batch = collate(s, examples, data_step, micro)
-            batch["skipped"] = dict(getattr(self, "skipped", {}))
+            batch["skipped"] = dict(counts)
+            batch["worker"] = worker
+            yield batch
+
+
+class TrainLoader(DataLoader):
+    """The DataLoader of `make_loader`: a `UserError` raised in a worker (e.g. no usable sample)
+    reaches the trainer as that one-line `UserError`, not as a worker traceback."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if "error" in batch:
+                raise UserError(batch["error"])
             yield batch
 
 
@@ -257,13 +388,57 @@ def make_loader(spec: DataSpec, start_data_step: int, num_data_steps: int, num_w
     kw = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
     # Its own generator: creating the iterator must not draw from the global RNG (dropout masks),
     # or a resumed run would diverge from an uninterrupted one.
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(spec.seed), **kw)
+    return TrainLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                       worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                       generator=torch.Generator().manual_seed(spec.seed), **kw)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(parent_pid: int, _: int) -> None:
     # Workers must not fight the trainer for cores (OT and decoding are single-threaded work).
     torch.set_num_threads(1)
+    die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid: int, *_) -> None:
+    """DataLoader `worker_init_fn`: on Linux the worker gets SIGKILL when the process that made it
+    dies (PR_SET_PDEATHSIG), so a kill -9 of the main process leaves no orphan worker holding
+    memory, a download or a shard half read. Elsewhere the DataLoader's own watchdog applies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the line above
+        os._exit(1)
+
+
+class SkipTally:
+    """The trainer's view of skipped samples: the latest cumulative counts of each worker of this
+    rank (`update` with each step's batches); `vector` to sum over ranks, `skip_record` for the log."""
+
+    def __init__(self):
+        self.latest: dict[int, dict[str, int]] = {}
+
+    def update(self, batches: list[dict]) -> None:
+        for b in batches:
+            self.latest[int(b.get("worker", 0))] = b.get("skipped") or {}
+
+    def vector(self, device=None) -> torch.Tensor:
+        v = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)
+        for counts in self.latest.values():
+            for i, r in enumerate(SKIP_REASONS):
+                v[i] += counts.get(r, 0)
+        return v.to(device) if device is not None else v
+
+
+def skip_record(vector: torch.Tensor) -> dict:
+    """`data_skipped` (all reasons) and `data_skipped_<reason>` for stats.jsonl and TensorBoard,
+    from a (rank-summed) `SkipTally.vector`."""
+    counts = [int(x) for x in vector.tolist()]
+    return {"data_skipped": sum(counts), **{f"data_skipped_{r}": n for r, n in zip(SKIP_REASONS, counts)}}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

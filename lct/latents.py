@@ -30,9 +30,15 @@ Output directory of `data_prep/encode_latents.py`:
     <name>.tar               latent shard of input shard <name>.tar (same keys, same order)
     records/<name>.json      the shard's record (written last: it marks the shard complete)
     records/<name>.stats.npz its float64 statistics sums
+    records/<name>.lock      while the shard is being written (lct.shards.FileLock)
     job.json                 the job's settings (a rerun with other settings is refused)
-    text_tower/              the random text tower, when --text-pretrained random
+    job.lock                 held while job.json and a random text tower are checked or made
+    text_tower/              the random text tower's text half, when --text-pretrained random
     manifest.json            merged from job.json and all records
+
+Reading checks (`SampleLayout`, `check_latent_sample`): what the manifest says every sample holds
+(latent shape and float16 dtype of mean/std and the flip copies, tokens [K>=1, context length],
+text states [K, L, D] and [K, P]) and finite values; the trainer skips and counts the others.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,6 +55,7 @@ import webdataset as wds
 
 from lct.errors import UserError
 from lct.files import atomic_file, write_json
+from lct.shards import tar_samples
 
 FORMAT = "lct-latents/1"
 MANIFEST = "manifest.json"
@@ -128,8 +136,72 @@ def decode_latent_sample(raw: dict) -> dict:
 
 
 def read_latent_shard(url: str) -> list[dict]:
-    """Every decoded sample of one latent shard (errors propagate)."""
-    return [decode_latent_sample(s) for s in wds.tarfile_samples([{"url": url}])]
+    """Every decoded sample of one latent shard (errors propagate, `lct.shards.ShardError` for a
+    shard that cannot be read to its end-of-archive marker)."""
+    return [decode_latent_sample(s) for s in tar_samples(url)]
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """What every sample of a latent data set holds, from its manifest: the latent shape of
+    mean/std (and flip_mean/flip_std when the data has flipped copies), tokens [K, L] with
+    K >= 1 and L = the context length, and with text states [K, L, D] and [K, P]."""
+
+    latent_shape: tuple[int, int, int]
+    flip: bool = False
+    context_length: int | None = None
+    states: tuple[int, int] | None = None   # (D, P) when the shards store text states
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "SampleLayout":
+        t = manifest.get("text") or {}
+        states = (int(t["state_dim"]), int(t["pooled_dim"])) if t.get("states") else None
+        return cls(tuple(int(x) for x in manifest["latent_shape"]), bool(manifest.get("flip")),
+                   int(t["context_length"]) if t.get("context_length") else None, states)
+
+    def core(self) -> "SampleLayout":
+        """What every sample of any split holds (latents and tokens): for held-out shards, which
+        may be encoded without --flip or --text-states."""
+        return SampleLayout(self.latent_shape, False, self.context_length, None)
+
+
+def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str, str] | None:
+    """(reason, detail) when a decoded sample does not match `layout` (or, without one, is not
+    self-consistent), else None. Reasons: `missing_member`, `wrong_shape`, `non_finite`."""
+    def shape(name):
+        return list(np.shape(sample[name]))
+
+    need = ["mean", "std"]
+    if layout is not None:
+        need += ["flip_mean", "flip_std"] if layout.flip else []
+        need += ["tokens"] if layout.context_length else []
+        need += ["states", "pooled"] if layout.states else []
+    missing = [n for n in need if n not in sample]
+    if missing:
+        return "missing_member", f"no {', '.join(m + '.npy' for m in missing)}"
+    want = list(layout.latent_shape) if layout is not None else shape("mean")
+    for name in ("mean", "std", "flip_mean", "flip_std"):
+        if name in sample:
+            a = sample[name]
+            if shape(name) != want or len(want) != 3 or a.dtype != np.float16:
+                return "wrong_shape", f"{name}.npy is {a.dtype} {shape(name)}, the data's latents are float16 {want}"
+    if "tokens" in sample:
+        tok = sample["tokens"]
+        ok = tok.ndim == 2 and tok.shape[0] >= 1 and np.issubdtype(tok.dtype, np.integer)
+        if ok and layout is not None and layout.context_length:
+            ok = tok.shape[1] == layout.context_length
+        if not ok:
+            L = layout.context_length if layout is not None and layout.context_length else "L"
+            return "wrong_shape", f"tokens.npy is {tok.dtype} {list(tok.shape)}, expected integer [K>=1, {L}]"
+    if layout is not None and layout.states:
+        k, L = sample["tokens"].shape[0], layout.context_length
+        for name, s in (("states", [k, L, layout.states[0]]), ("pooled", [k, layout.states[1]])):
+            if shape(name) != s or sample[name].dtype != np.float16:
+                return "wrong_shape", f"{name}.npy is {sample[name].dtype} {shape(name)}, expected float16 {s}"
+    for name in ("mean", "std", "flip_mean", "flip_std", "states", "pooled"):
+        if name in sample and not np.isfinite(sample[name]).all():
+            return "non_finite", f"{name}.npy holds NaN or Inf"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +339,10 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
         if rec is None:
             return None
         records[name] = rec
+    jobs = sorted({str(r.get("job")) for r in records.values() if r.get("job")})
+    if len(jobs) > 1:
+        raise UserError(f"{out_dir}: its shard records come from {len(jobs)} jobs with different settings "
+                        f"({', '.join(jobs[:3])}); delete the output and encode it again")
     parts = []
     for name in names:
         if records[name].get("samples", 0) > 0:

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.data import InMemoryLatents, expand_urls
+from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, skip_record
 from lct.grids import caption_grid, save_png, to_uint8
+from lct.latents import SampleLayout
 from lct.objectives import make_objective
 from lct.samplers import consistency_sample
 from lct.text import TextEncoder, text_condition
@@ -128,10 +129,13 @@ class LossMeter:
                 acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
         self.last = diags[-1]
 
-    def record(self, state, lr: float, curriculum, engine) -> dict:
-        """The log line of applied step `state.applied_steps` (collective); resets the sums.
-        Curriculum values are those the last update trained with."""
-        dist.all_reduce(self.acc, self.world_size)
+    def record(self, state, lr: float, curriculum, engine, tally: SkipTally | None = None) -> dict:
+        """The log line of applied step `state.applied_steps` (collective: one all-reduce of the
+        loss sums and the data path's skip counts); resets the sums. Curriculum values are those the
+        last update trained with."""
+        skipped = tally.vector() if tally is not None else torch.zeros(len(SKIP_REASONS), dtype=torch.float64)
+        both = dist.all_reduce(torch.cat([self.acc, skipped.to(self.acc.device)]), self.world_size)
+        self.acc.copy_(both[:self.acc.numel()])
         now = time.time()
         ips = (state.images_seen - self.images) / max(now - self.since, 1e-9)
         acc, nb = self.acc, self.buckets
@@ -142,7 +146,8 @@ class LossMeter:
                   "images_per_s": ips, "images_per_s_per_gpu": ips / self.world_size,
                   "skipped_steps": state.skipped_steps, "data_steps": state.data_steps,
                   "train_seconds": state.train_seconds,
-                  "loss_bucket": [v if c > 0 else None for v, c in zip(per_bucket, counts.tolist())]}
+                  "loss_bucket": [v if c > 0 else None for v, c in zip(per_bucket, counts.tolist())],
+                  **skip_record(both[self.acc.numel():])}
         if curriculum.num_points is not None:
             record["N"] = curriculum.num_points
         if curriculum.stage is not None:
@@ -182,7 +187,8 @@ class Progress:
                                  img_s_gpu=f"{record['images_per_s'] / self.world_size:.1f}",
                                  **({"N": record["N"]} if "N" in record else {}),
                                  **({"stage": record["stage"]} if "stage" in record else {}),
-                                 **({"c": f"{record['c']:.3g}"} if "c" in record else {}))
+                                 **({"c": f"{record['c']:.3g}"} if "c" in record else {}),
+                                 **({"skipped": record["data_skipped"]} if record.get("data_skipped") else {}))
 
     def close(self) -> None:
         if self.bar:
@@ -224,7 +230,7 @@ class Monitor:
         cfg = self.cfg
         if not cfg.data.val_shards:
             return None
-        mem = InMemoryLatents(expand_urls(cfg.data.val_shards))
+        mem = InMemoryLatents(expand_urls(cfg.data.val_shards), SampleLayout.from_manifest(self.manifest).core())
         samples = mem.samples[: cfg.val.batch_size]
         xs, zs, caps, toks = [], [], [], []
         for i, s in enumerate(samples):

@@ -27,11 +27,13 @@ word the DiT has to read instead of mixing in the neighbouring words (what that 
 Weights (`pretrained`): an open_clip tag (downloaded by open_clip into its cache), a local
 checkpoint file (or a directory holding `open_clip_model.safetensors`/`open_clip_pytorch_model.bin`),
 or `None`/`"random"`: a random tower drawn from `torch.manual_seed(seed)` on the CPU. Data prep
-saves a random tower into its output directory (`text_tower/open_clip_model.safetensors`, the full
-open_clip state dict, loadable with `open_clip.create_model(name, pretrained=path)`, beside
-`open_clip_config.json`, which makes the folder loadable as `local-dir:`), and records the path and
-the model config in the manifest, so the trainer and the sampler rebuild exactly the same tower
-(`TextEncoder.from_manifest`).
+saves a random tower into its output directory (`text_tower/open_clip_model.safetensors`: the text
+half of the open_clip state dict, every entry but `visual.*`, fp32, beside `open_clip_config.json`;
+ViT-B-32's is 254 MB where the whole model is 605 MB, lct-tiny-text's 27 MB), and records the path,
+its sha256 and the model config in the manifest, so the trainer and the sampler rebuild exactly the
+same tower (`TextEncoder.from_manifest`). The file's bytes depend only on the weights: the same
+seed gives the same file (and hash) in every output folder. `_create_clip` loads such a text-only
+file into a fresh model (`load_state_dict`, the vision entries may be absent, nothing else).
 
 Tokenizer identity (`identity()`): tokenizer class, context length, vocab size, EOT id and a hash
 of the token ids of a fixed probe string; the trainer refuses a tokenizer whose identity differs
@@ -223,6 +225,8 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
         if found is None:
             raise UserError(f"--text-pretrained {pre}: no open_clip checkpoint in this folder; {_PRETRAINED_HINT}")
         path = found
+    if path.is_file() and _is_text_only(path):
+        return _load_text_only(name, path)
     if not path.is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise UserError(f"--text-pretrained {pre}: neither a file nor a known tag of {name} "
@@ -235,17 +239,48 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
 
 
 def save_tower(clip: nn.Module, cfg: dict, folder: str | os.PathLike) -> Path:
-    """Write the full open_clip model (`open_clip_model.safetensors` + `open_clip_config.json`)
-    atomically; returns the checkpoint path."""
+    """Write the text half of an open_clip model (every state-dict entry but `visual.*`) as
+    `open_clip_model.safetensors`, beside `open_clip_config.json`, atomically; returns the path.
+    The bytes depend only on the weights (no time, no unordered metadata): the same seed gives
+    the same file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()
+             if not k.startswith("visual.")}
     target = folder / TOWER_FILE
     tmp = temp_path(target)
-    save_file(state, str(tmp), metadata={"format": "pt", "writer": "lct.text"})
+    save_file(state, str(tmp), metadata={"format": "pt"})  # one key: safetensors orders a dict at random
     write_json(folder / TOWER_CONFIG, {"model_cfg": cfg, "preprocess_cfg": {}}, sort_keys=True)
     os.replace(tmp, target)
     return target
+
+
+def _is_text_only(path: Path) -> bool:
+    """A safetensors checkpoint without `visual.*` entries (what `save_tower` writes)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return False
+    return bool(keys) and not any(k.startswith("visual.") for k in keys)
+
+
+def _load_text_only(name: str, path: Path):
+    """open_clip model `name` with the text weights of `path` (its vision half stays random and is
+    dropped by `TextEncoder.load`); every non-vision entry must be there, nothing else."""
+    from safetensors.torch import load_file
+
+    clip = _create_clip(name, None)
+    missing, unexpected = clip.load_state_dict(load_file(str(path)), strict=False)
+    bad = [k for k in missing if not k.startswith("visual.")] + list(unexpected)
+    if bad:
+        raise UserError(f"--text-pretrained {path}: not a text tower of {name} (missing or unexpected: "
+                        f"{', '.join(bad[:4])}); {_PRETRAINED_HINT}")
+    return clip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from lct import checkpoint as ckpt
 from lct import dist
 from lct.config import TrainConfig, check_train_config, dump_yaml, load_config
-from lct.data import (DataDescription, DataSpec, InMemoryLatents, describe_data, expand_urls, make_loader,
-                      manifest_path, to_device)
+from lct.data import (DataDescription, DataSpec, InMemoryLatents, SkipTally, describe_data, expand_urls,
+                      make_loader, manifest_path, to_device, train_shard_urls)
 from lct.dist import DistInfo
 from lct.ema import PartitionedEMA
 from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate, set_precision
 from lct.errors import UserError, cli_main
 from lct.faults import Faults
-from lct.latents import load_manifest
+from lct.latents import SampleLayout, load_manifest
 from lct.models import Precond, build_dit, count_parameters
 from lct.monitor import LossMeter, Monitor, Progress, RunLogger
 from lct.objectives import Curriculum, Diagnostics, make_objective
@@ -246,13 +246,16 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
         return None
 
     text_mode = "none" if cfg.model.cond != "text" else cfg.data.text
-    spec = DataSpec(urls=expand_urls(cfg.data.shards), mode=cfg.data.mode, seed=cfg.run.seed, rank=info.rank,
+    urls, note = train_shard_urls(cfg.data.shards, start.manifest)  # data.shards vs the manifest's shard list
+    if note and info.is_main:
+        print(note, file=sys.stderr, flush=True)
+    spec = DataSpec(urls=urls, mode=cfg.data.mode, seed=cfg.run.seed, rank=info.rank,
                     world_size=info.world_size, micro_batch=start.micro, accum=start.accum,
                     latent_shape=start.desc.latent_shape, norm=LatentNorm.from_manifest(start.manifest, cfg.data.latent_norm),
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
-                    resume_count=state.resume_count)
-    memory = InMemoryLatents(spec.urls) if cfg.data.mode == "indexed" else None
+                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest))
+    memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4
     loader = make_loader(spec, state.data_steps, steps, cfg.data.num_workers, cfg.data.prefetch_factor,
@@ -281,9 +284,12 @@ def loop(run: Run) -> int:
     meter = LossMeter(cfg, run.device, info.world_size, state.images_seen)
     progress = Progress(cfg, info, state.applied_steps)
     batches = iter(run.loader)
+    tally = SkipTally()  # samples the data path skipped, per reason (lct.data.SKIP_REASONS)
     t_start, skips, exit_code = time.time() - state.train_seconds, 0, 0
     while state.applied_steps < cfg.run.total_steps:
-        result = train_step(run, [next(batches) for _ in range(run.accum)], state)
+        step_batches = [next(batches) for _ in range(run.accum)]
+        tally.update(step_batches)
+        result = train_step(run, step_batches, state)
         state = state.after_step(result.applied, cfg.optim.batch_size, time.time() - t_start)
         meter.add(result.diagnostics)
         progress.update(result.applied)
@@ -302,7 +308,7 @@ def loop(run: Run) -> int:
         # Logs, grids, validation, checkpoints (at applied-step boundaries).
         k = state.applied_steps
         if result.applied and k % cfg.run.log_every == 0:
-            record = meter.record(state, result.lr, result.curriculum, run.engine)  # collective
+            record = meter.record(state, result.lr, result.curriculum, run.engine, tally)  # collective
             if run.logger:
                 run.logger(record)
             progress.show(record)

@@ -2,8 +2,11 @@
 (SPEC 7) and the image preprocessing shared by data prep and eval.
 
 Image preprocessing (`preprocess_image`), the one definition used by `encode_latents` and eval:
-1. decode with PIL and `convert("RGB")` (no EXIF rotation is applied, as in the usual FID
-   pipelines; palette/alpha images lose their alpha channel);
+1. decode with PIL and convert to 8-bit RGB (`to_rgb`: high-bit grayscale, PIL modes `I;16*`
+   (16-bit PNG/TIFF) and `I` (32-bit integer, read as 16-bit), is scaled to 8 bits,
+   `round(v / 257)`; `F` (float) is read as [0, 1] when its maximum is at most 1, else as
+   [0, 255]; every other mode through `convert("RGB")`. No EXIF rotation is applied, as in the
+   usual FID pipelines; palette/alpha images lose their alpha channel);
 2. center-crop the long edge to a square (side = the short edge; offsets `(long - short) // 2`);
 3. resize to `resolution x resolution` with PIL `BICUBIC` (antialiased when downscaling: PIL
    widens the filter support by the scale factor) unless the square already has that size;
@@ -243,9 +246,24 @@ def center_crop_square(img):
     return img.crop((left, top, left + s, top + s)) if (w, h) != (s, s) else img
 
 
+def to_rgb(img):
+    """An 8-bit RGB PIL image (step 1 of the module docstring). `convert("RGB")` clips high-bit
+    grayscale to 0..255 (a 16-bit PNG comes out almost white), so those modes are scaled here."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        v = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.round(np.clip(v, 0, 65535) / 257.0).astype(np.uint8), "L")
+    elif img.mode == "F":
+        v = np.nan_to_num(np.asarray(img).astype(np.float64))
+        scale = 255.0 if v.size and v.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.round(np.clip(v * scale, 0, 255)).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def preprocess_image_uint8(img, resolution: int) -> torch.Tensor:
     """Steps 1-3 of the module docstring: uint8 [3, R, R]."""
-    img = center_crop_square(img.convert("RGB"))
+    img = center_crop_square(to_rgb(img))
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.BICUBIC)
     arr = np.array(img, dtype=np.uint8, copy=True)

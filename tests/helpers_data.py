@@ -16,7 +16,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -117,6 +117,34 @@ def make_image_shards(directory: str | os.PathLike, n_shards: int = 2, per_shard
     return str(directory / f"{{00000..{last:05d}}}.tar")
 
 
+def write_tar(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> Path:
+    """A USTAR tar of (name, bytes) members in order (what img2dataset and TarWriter write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return path
+
+
+def tar_members(path: str | os.PathLike) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+
+
+def cut_points(path: str | os.PathLike) -> dict[str, int]:
+    """Byte offsets at which to truncate a tar: at the member boundary in the middle (a header
+    starts there), inside that header block, inside that member's data, and where the
+    end-of-archive marker starts (after the last member)."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    mid = members[len(members) // 2]
+    last = members[-1]
+    end = last.offset_data + ((last.size + 511) // 512) * 512
+    return {"member_boundary": mid.offset, "inside_header": mid.offset + 100,
+            "inside_data": mid.offset_data + max(1, mid.size // 2), "before_end_marker": end}
+
+
 def expected_keys(n_shards: int, per_shard: int, skip: Iterable[tuple[int, int]] = (),
                   empty: Iterable[int] = ()) -> dict[str, list[str]]:
     """{shard name: keys in order} that `make_image_shards` produces minus skipped samples."""
@@ -144,3 +172,58 @@ def read_latent_dir(directory: str | os.PathLike) -> dict[str, dict[str, dict]]:
         if len(out[p.stem]) != len(samples):
             raise AssertionError(f"{p}: duplicate keys")
     return out
+
+
+def tampered_latent_dir(src: str | os.PathLike, dst: str | os.PathLike, shard: str,
+                        edits: dict[int, "Callable[[dict], list | dict | None]"]) -> Path:
+    """A copy of the latent data set `src` in which sample i of `shard` (e.g. "00000") is replaced
+    by `edits[i](members)`: a members dict, a list of them (repeats), or None (dropped). The
+    manifest's record of the shard's size is updated, as if the shard had been encoded that way."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    path = dst / f"{shard}.tar"
+    samples: list[dict] = []
+    for name, data in tar_members(path):
+        key, suffix = name.split(".", 1)
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][suffix] = data
+    out = []
+    for i, s in enumerate(samples):
+        new = edits[i](dict(s)) if i in edits else s
+        out += new if isinstance(new, list) else ([new] if new is not None else [])
+    write_tar(path, [(f"{s['__key__']}.{k}", v) for s in out for k, v in s.items() if k != "__key__"])
+    m = json.loads((dst / "manifest.json").read_text())
+    for rec in m["shards"]:
+        if rec["name"] == shard:
+            rec["bytes"] = path.stat().st_size
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def hold_lock(path: str | os.PathLike):
+    """A subprocess holding `lct.shards.FileLock(path)` until its stdin closes (`p.stdin.close()`);
+    returned once the lock is held."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lct.shards import FileLock; lock = FileLock(sys.argv[1]); "
+            "ok = lock.acquire(); print('held' if ok else 'busy', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    if p.stdout.readline().strip() != "held":
+        p.kill()
+        raise AssertionError(f"could not take {path}")
+    return p

@@ -116,3 +116,31 @@ def test_coco_shards_encode_with_all_captions(tmp_path):
     s = read_latent_dir(tmp_path / "lat")["00000"]["000000000042"]
     assert s["captions"] == [f"img 42 caption {k}" for k in range(1, 5)] and s["tokens"].shape == (4, 77)
     assert s["meta"]["image_id"] == 42 and len(s["meta"]["captions"]) == 5
+
+
+def test_file_names_outside_the_image_folder_are_refused(tmp_path):
+    """An annotation file cannot pack other files of the machine: an absolute path, a `..`
+    component or a symlink out of the folder is refused before anything is written."""
+    from lct.data_prep.coco_to_wds import main
+
+    fake_coco(tmp_path / "coco")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not pack me")
+    (tmp_path / "coco" / "train2014" / "link.jpg").symlink_to(secret)
+    ann = tmp_path / "coco" / "annotations" / "captions_train2014.json"
+    original = json.loads(ann.read_text())
+    for i, name in enumerate([str(secret), "../../secret.txt", "link.jpg", "sub/../../../secret.txt"]):
+        data = json.loads(json.dumps(original))
+        data["images"][1]["file_name"] = name
+        ann.write_text(json.dumps(data))
+        out = tmp_path / f"out{i}"
+        with pytest.raises(UserError, match=f"image {data['images'][1]['id']} has file_name"):
+            main(["--input", str(tmp_path / "coco"), "--split", "train2014", "--output", str(out)])
+        assert not out.exists() or not list(out.iterdir())
+    # a symlink to an image inside the folder is fine
+    (tmp_path / "coco" / "train2014" / "alias.jpg").symlink_to(tmp_path / "coco" / "train2014" /
+                                                              original["images"][0]["file_name"])
+    data = json.loads(json.dumps(original))
+    data["images"][1]["file_name"] = "alias.jpg"
+    ann.write_text(json.dumps(data))
+    assert main(["--input", str(tmp_path / "coco"), "--split", "train2014", "--output", str(tmp_path / "ok")]) == 0

@@ -3,9 +3,12 @@ kill, two ranks without a process group, latents vs a direct VAE encode, text, C
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers_data import (TINY_TEXT_MODEL, expected_keys, make_image_shards, make_tiny_vae, read_latent_dir,
-                          tiny_encode_args)
+from helpers_data import (TINY_TEXT_MODEL, cut_points, expected_keys, make_image_shards, make_tiny_vae,
+                          hold_lock, read_latent_dir, tar_members, tiny_encode_args, write_tar)
 from lct.errors import UserError
 
 SCRIPT = str(ROOT / "data_prep" / "encode_latents.py")
@@ -235,7 +238,7 @@ def test_resume_after_a_kill_mid_shard(tiny, clean_run, tmp_path):
     # A forked child (no import cost) dies by os._exit in the middle of its second shard.
     assert run_forked(argv, [{"LCT_TEST_CRASH_AFTER_SHARDS": "1"}]) == [17]
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
-    assert (out / "00001.tar.tmp").stat().st_size > 0  # the second shard was half written
+    assert [p.stat().st_size > 0 for p in out.glob("00001.tar.*.tmp")] == [True]  # half written, per-process name
     assert not (out / "records" / "00001.json").exists() and not (out / "manifest.json").exists()
     first = out / "00000.tar"
     stat0, bytes0 = first.stat(), first.read_bytes()
@@ -298,3 +301,216 @@ def test_bench_tiny_runs(tmp_path, capsys):
     assert r["pipeline"]["images"] == r["bare_vae"]["images"] == 48
     assert r["pipeline"]["images_per_s"] > 0 and r["bare_vae"]["images_per_s"] > 0
     assert "images/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost or forged (issue 19): truncated inputs, concurrent jobs, locks, failed jobs,
+# foreign outputs, captions, duplicate keys, orphaned workers, the progress total
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_truncated_input_shard_is_never_recorded(tiny, tmp_path):
+    """Cut at a member boundary, inside a header block and just before the end-of-archive marker
+    (tarfile reads all three as shorter valid tars): each fails, is not recorded, and the rerun
+    with the repaired files completes them."""
+    base, vae = tiny
+    pattern = make_image_shards(tmp_path / "img", n_shards=4, per_shard=4, size=16)
+    originals = {}
+    for i, where in ((1, "member_boundary"), (2, "inside_header"), (3, "before_end_marker")):
+        p = tmp_path / "img" / f"{i:05d}.tar"
+        originals[p] = p.read_bytes()
+        p.write_bytes(originals[p][:cut_points(p)[where]])
+    out = tmp_path / "lat"
+    argv = tiny_encode_args(pattern, out, vae)
+    with pytest.raises(UserError, match=r"00001 \(truncated.*00002 \(truncated.*00003 \(truncated"):
+        encode(argv)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    assert sorted(p.name for p in (out / "records").glob("*.json")) == ["00000.json"]
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    for p, data in originals.items():
+        p.write_bytes(data)
+    encode(argv)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_samples"] == 16 and [s["samples"] for s in m["shards"]] == [4, 4, 4, 4]
+
+
+@pytest.mark.multiproc
+def test_two_jobs_on_one_output_share_its_shards(tiny, tmp_path):
+    """A relaunch while the first job runs (or a SLURM array without RANK): two world-1 jobs on
+    one --output at once. Per-shard locks split the work; every shard is written once and checked
+    (before: both wrote the same temporary file; one renamed the other's half-written file or
+    crashed on its missing temporary file)."""
+    base, vae = tiny
+    pattern = make_image_shards(tmp_path / "img", n_shards=3, per_shard=24, size=16, seed=2)
+    ref, out = tmp_path / "ref", tmp_path / "lat"
+    encode(tiny_encode_args(pattern, ref, vae, batch_size=2))
+    argv = tiny_encode_args(pattern, out, vae, batch_size=2)
+    assert run_forked(argv, [{}, {}]) == [0, 0]
+    assert shard_files(out) == shard_files(ref)
+    m, r = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert m["stats"] == r["stats"] and m["shards"] == r["shards"]
+    assert not list(out.rglob("*.tmp")) and not list((out / "records").glob("*.lock"))
+    recs = [json.loads((out / "records" / f"{i:05d}.json").read_text()) for i in range(3)]
+    assert all(len(rec["sha256"]) == 64 and rec["samples"] == 24 for rec in recs)
+
+
+@pytest.mark.multiproc
+def test_a_shard_another_process_holds_is_left_to_it(clean_run, tmp_path, capfd):
+    out = tmp_path / "lat"
+    argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
+    holder = hold_lock(out / "records" / "00001.lock")
+    try:
+        encode(argv)
+        err = capfd.readouterr().err
+        assert f"shard 00001 is being encoded by pid {holder.pid}" in err
+        assert sorted(p.stem for p in (out / "records").glob("*.json")) == ["00000", "00002", "00003"]
+        assert not (out / "00001.tar").exists() and not (out / "manifest.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    encode(argv)
+    assert shard_files(out) == shard_files(clean_run["out"])
+
+
+def test_a_shard_that_does_not_read_back_is_not_recorded(tiny, tmp_path):
+    """The written file is read back before it is renamed and recorded (here another writer
+    truncated it under us)."""
+    from lct.data_prep.encode_latents import ShardWriter
+    from lct.latents import encode_latent_sample
+    from lct.shards import FileLock
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    lock = FileLock(out / "records" / "00000.lock")
+    assert lock.acquire()
+    w = ShardWriter(out, "00000", "in.tar", (4, 2, 2), "job", lock)
+    mean = np.zeros((4, 2, 2), np.float16)
+    for i in range(10):  # more than the tar stream's 10 kB buffer: some of it is on disk
+        w.add(encode_latent_sample(f"k{i}", mean=mean, std=mean, tokens=np.zeros((1, 77), np.int32),
+                                   captions=["c"]), mean, mean)
+    w.stream.flush()
+    assert w.tmp.stat().st_size > 0
+    os.truncate(w.tmp, 0)
+    with pytest.raises(UserError, match="holds 0 samples, 10 were written"):
+        w.commit({}, 1, False)
+    assert not list(out.glob("00000.tar*")) and not (out / "records" / "00000.json").exists()
+    assert FileLock(out / "records" / "00000.lock").acquire()  # released
+
+
+@pytest.mark.multiproc
+def test_a_failed_job_does_not_block_the_corrected_rerun(clean_run, tmp_path):
+    out = tmp_path / "lat"
+    argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
+    # The first attempt (other settings) dies in its first shard: job.json written, nothing recorded.
+    assert run_forked(argv + ["--max-captions", "2"], [{"LCT_TEST_CRASH_AFTER_SHARDS": "0"}]) == [17]
+    assert json.loads((out / "job.json").read_text())["options"]["max_captions"] == 2
+    assert not list((out / "records").glob("*.json"))
+    encode(argv)  # the corrected settings replace the failed job's
+    assert json.loads((out / "job.json").read_text())["options"]["max_captions"] == 5
+    assert shard_files(out) == shard_files(clean_run["out"])
+    with pytest.raises(UserError, match="other settings.*4 shard"):  # once shards are recorded: refused
+        encode(argv + ["--max-captions", "2"])
+
+
+def test_an_output_holding_other_files_is_refused_before_any_work(clean_run, tmp_path):
+    pattern, vae = clean_run["pattern"], clean_run["vae"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"mine": true}')
+    with pytest.raises(UserError, match="manifest.json but no job.json"):
+        encode(tiny_encode_args(pattern, foreign, vae))
+    assert (foreign / "manifest.json").read_text() == '{"mine": true}' and not (foreign / "job.json").exists()
+    with pytest.raises(UserError, match="folder of the input shards"):
+        encode(tiny_encode_args(pattern, Path(pattern).parent, vae))
+    other = tmp_path / "other"  # a finished job whose manifest.json was replaced by another data set's
+    shutil.copytree(clean_run["out"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["options"]["resolution"] = 512
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="not written by the job recorded in job.json"):
+        encode(tiny_encode_args(pattern, other, vae, batch_size=2))
+
+
+def test_non_utf8_captions_and_duplicate_keys_are_counted(tiny, tmp_path):
+    """A txt caption that is not UTF-8 is `caption_not_utf8`; a repeated key, adjacent or not,
+    keeps its first sample and counts `duplicate_key` (webdataset failed the whole shard for the
+    first and kept both for the second)."""
+    base, vae = tiny
+    src = make_image_shards(tmp_path / "src", n_shards=1, per_shard=4, size=16)
+    by_key: dict[str, list] = {}
+    for name, data in tar_members(src):
+        by_key.setdefault(name.split(".")[0], []).append((name, data))
+    k0, k1, k2, k3 = sorted(by_key)
+    bad = [(n, b"caption \xff\xfe not utf-8" if n.endswith(".txt") else
+            (json.dumps({"key": k1}).encode() if n.endswith(".json") else d)) for n, d in by_key[k1]]
+    write_tar(tmp_path / "in" / "00000.tar",
+              by_key[k0] + by_key[k0] + bad + by_key[k2] + by_key[k0] + by_key[k3])
+    out = tmp_path / "lat"
+    encode(tiny_encode_args(str(tmp_path / "in" / "00000.tar"), out, vae))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == {"caption_not_utf8": 1, "duplicate_key": 2}
+    assert list(read_latent_dir(out)["00000"]) == [k0, k2, k3]
+
+
+def test_progress_total_is_the_number_of_images(tiny, tmp_path, capfd):
+    base, vae = tiny
+    pattern = make_image_shards(tmp_path / "img", n_shards=4, per_shard=3, size=16)
+    encode(tiny_encode_args(pattern, tmp_path / "lat", vae, batch_size=2, num_workers=2))
+    lines = [ln for ln in re.split(r"[\r\n]", capfd.readouterr().err) if ln.startswith("encode rank 0")]
+    assert re.search(r" 12/12 ", lines[-1]), lines[-3:]
+    assert not any(re.search(r" \d+/(2[4-9]|[3-9]\d)\b", ln) for ln in lines), lines  # never twice the total
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_data_workers_die_with_a_killed_encode(tiny, tmp_path):
+    """kill -9 of encode_latents while its DataLoader worker waits on a stalled download: the
+    worker goes too (before, it lived on until the read returned)."""
+    import signal
+
+    base, vae = tiny
+    shard = make_image_shards(tmp_path / "img", n_shards=1, per_shard=4, size=16)
+    stall = tmp_path / "stall.sh"
+    stall.write_text('head -c 3000 "$1"; sleep 60\n')
+    argv = tiny_encode_args(f"pipe:sh {stall} {shard}", tmp_path / "lat", vae, num_workers=1)
+    p = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         start_new_session=True)
+
+    def children(pid):
+        out = []
+        for d in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except (OSError, ValueError):
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if d.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d))
+        return out
+
+    try:
+        deadline = time.time() + 180
+        worker = None
+        while time.time() < deadline and p.poll() is None:
+            kids = children(p.pid)
+            if kids and any(children(k) for k in kids):  # the worker has started the download
+                worker = next(k for k in kids if children(k))
+                break
+            time.sleep(0.5)
+        assert worker is not None, "the encode never started its data worker"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = time.time()
+        while time.time() - t < 20 and Path(f"/proc/{worker}").exists():
+            st = Path(f"/proc/{worker}/stat").read_text() if Path(f"/proc/{worker}").exists() else ""
+            if st and st.rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.2)
+        alive = Path(f"/proc/{worker}").exists() and Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        assert not alive, "the data worker outlived its killed parent"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the stalled pipe's sh/sleep, and anything left
+        except ProcessLookupError:
+            pass

@@ -116,6 +116,32 @@ def test_random_tower_is_saved_and_rebuilt_from_manifest(tmp_path, tiny_text):
         TextEncoder.from_manifest({"text": rec})
 
 
+def test_random_tower_saves_the_text_half_and_the_same_bytes_for_the_same_seed(tmp_path, tiny_text):
+    """Two data sets (train and val splits) encoded with the same seed get byte-identical towers
+    (safetensors wrote its metadata dict in a random order), and only the text half is saved."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from lct.text import TextEncoder
+
+    a = TextEncoder.load(TINY_TEXT_MODEL, "random", seed=0, save_dir=tmp_path / "train")
+    b = TextEncoder.load(TINY_TEXT_MODEL, "random", seed=0, save_dir=tmp_path / "val")
+    c = TextEncoder.load(TINY_TEXT_MODEL, "random", seed=1, save_dir=tmp_path / "other")
+    digest = [hashlib.sha256(e.tower_file.read_bytes()).hexdigest() for e in (a, b, c)]
+    assert digest[0] == digest[1] != digest[2]
+    assert a.record()["weights_sha256"] == b.record()["weights_sha256"] == digest[0]
+    with safe_open(str(a.tower_file), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if k.startswith("visual.")] and "token_embedding.weight" in keys
+    tokens = a.tokenize(["a red cube"])
+    loaded = TextEncoder.load(TINY_TEXT_MODEL, str(a.tower_file))  # the text-only file loads by path
+    for x, y in zip(loaded(tokens), a(tokens)):
+        assert torch.equal(x, y)
+    for x, y in zip(loaded(tokens), tiny_text(tokens)):  # the seeded random tower itself
+        assert torch.equal(x, y)
+
+
 def test_model_config_json_path_and_unknown_names(tmp_path):
     from lct.text import ASSETS, TextEncoder
 
@@ -218,6 +244,59 @@ def test_preprocess_image_center_crop_and_range():
     want = np.asarray(gray.convert("RGB").crop((0, 3, 24, 27)).resize((12, 12), Image.BICUBIC))
     assert u8.dtype == torch.uint8 and np.array_equal(u8.permute(1, 2, 0).numpy(), want)
     assert torch.equal(preprocess_image(gray, 12), u8.float() / 127.5 - 1)
+
+
+def _png16(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG (PIL writes only 16-bit grayscale): color type 0 gray, 2 RGB, 4 gray+alpha, 6 RGBA."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_high_bit_images_are_scaled_to_8_bits():
+    """16-bit grayscale PNG (PIL mode I;16) came out ~99 % white through convert("RGB"); every
+    high-bit mode gives the 8-bit value round(v / 257) (and floats in [0, 1] times 255)."""
+    import io
+
+    from PIL import Image
+
+    from lct.vae import open_image, preprocess_image_uint8
+
+    ramp = (np.arange(8 * 8, dtype=np.float64).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000
+    want = np.round(ramp / 257.0).astype(np.uint8)
+
+    def encoded(img, fmt):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return buf.getvalue()
+
+    cases = {
+        "png gray16 (I;16)": _png16(ramp, 0),
+        "tiff I;16": encoded(Image.fromarray(ramp), "TIFF"),
+        "tiff I;16B": encoded(Image.fromarray(ramp.astype(">u2")), "TIFF"),
+        "tiff I (32-bit)": encoded(Image.fromarray(ramp.astype(np.int32)), "TIFF"),
+        "tiff F in [0,1]": encoded(Image.fromarray((ramp / 65535.0).astype(np.float32)), "TIFF"),
+        "png rgb16": _png16(np.repeat(ramp[..., None], 3, -1), 2),
+        "png gray16+alpha": _png16(np.stack([ramp, np.full_like(ramp, 65535)], -1), 4),
+        "png rgba16": _png16(np.concatenate([np.repeat(ramp[..., None], 3, -1), np.full_like(ramp, 65535)[..., None]], -1), 6),
+    }
+    for name, data in cases.items():
+        img = open_image(data)
+        got = preprocess_image_uint8(img, 8).numpy()
+        assert got.shape == (3, 8, 8), name
+        for c in range(3):
+            # PIL reduces 16-bit RGB(A) and gray+alpha to 8 bits itself (the high byte): within 1
+            tol = 0 if img.mode in ("I;16", "I;16B", "I", "F", "L") else 1
+            assert np.abs(got[c].astype(int) - want).max() <= tol, (name, img.mode, got[c], want)
+    assert open_image(cases["png gray16 (I;16)"]).mode == "I;16"
 
 
 # ----------------------------------------------------------------------------------------------
