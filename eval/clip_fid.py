@@ -487,9 +487,12 @@ def setup_metrics(cfg: EvalConfig, ranks: Ranks, resolution: int, n: int, captio
                                 "fix": "use the held-out captions.jsonl of data_prep/make_shapes.py, or drop shapes "
                                        "from --metrics"}
         else:
-            states["shapes"] = {"ok": True, "record": {"name": "lct.shapes.shapes_metric (colour and 3x3 position "
-                                                       "accuracy; no weights)", "weights": None,
-                                                       "weights_sha256": None}}
+            from lct.shapes import read_specs
+
+            states["shapes"] = {"ok": True, "record": {"name": "lct.shapes.shapes_metric (colour, 3x3 position and "
+                                                       "shape accuracy; no weights)", "weights": None,
+                                                       "weights_sha256": None},
+                                "specs": read_specs(cfg.captions, n) if cfg.captions else None}
     # A metric is used only when every rank could set it up.
     oks = ranks.objects({k: s["ok"] for k, s in states.items()})
     for k, s in states.items():
@@ -607,6 +610,30 @@ def to_metric_images(u8, gen_res: int, res: int):
     return torch.stack([preprocess_image_uint8(Image.fromarray(a), res) for a in u8])
 
 
+def shapes_ceiling(specs: list, captions: list[str], gen, cfg: EvalConfig, ranks: Ranks, size: int) -> dict:
+    """The `shapes` accuracies of the captions' own ground-truth renders and of the generator's VAE
+    reconstructions of them (what a perfect latent model could reach), sharded like the samples."""
+    import numpy as np
+    import torch
+
+    from lct.grids import to_uint8
+    from lct.shapes import SCORE_FIELDS, render, score_image, summarize_scores
+    from lct.vae import decode, encode_posterior
+
+    rows: dict[str, list] = {"ground_truth": [], "vae_reconstruction": []}
+    idx: list[int] = []
+    for batch in my_batches(len(specs), cfg.batch_size, ranks.rank, ranks.world):
+        gt = np.stack([np.asarray(render(specs[i], size)) for i in batch])
+        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x.to(gen.device))[0]))
+        for i, a, b in zip(batch, gt, rec):
+            rows["ground_truth"].append(score_image(a, captions[i]))
+            rows["vae_reconstruction"].append(score_image(b, captions[i]))
+        idx += batch
+    return {k: summarize_scores(ranks.rows(idx, torch.tensor(v, dtype=torch.float64) if v else None,
+                                           len(SCORE_FIELDS)).double().numpy()) for k, v in rows.items()}
+
+
 def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, records: list[dict],
                 out: Path, gen_res: int, res: int, common: dict) -> None:
     import numpy as np
@@ -617,7 +644,7 @@ def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, re
     from lct.grids import caption_grid, save_png, to_uint8
     from lct.metrics import FIDStats, clip_score, fid_features
     from lct.protocols import metric_name
-    from lct.shapes import shapes_metric
+    from lct.shapes import SCORE_FIELDS, score_image
 
     n = len(records)
     d = out / s.name
@@ -646,10 +673,7 @@ def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, re
                 r = clip_score(x, caps, c["model"], c["tokenizer"], c["preprocess"], batch_size=cfg.batch_size)
                 clip_rows.append(torch.as_tensor(np.asarray(r["per_image"], dtype=np.float64)).reshape(-1, 1))
         if states.get("shapes", {}).get("ok"):
-            for a, c in zip(u8, caps):
-                m = shapes_metric(a[None], [c])
-                shape_rows.append([m["n"], m["colour_acc"] if m["n"] else 0.0, m["position_acc"] if m["n"] else 0.0,
-                                   m["both_acc"] if m["n"] else 0.0, m["n_unparsed"], m["no_shape"]])
+            shape_rows += [score_image(a, c) for a, c in zip(u8, caps)]
         idx_done += batch
         bar.update(min(len(batch) * ranks.world, bar.total - bar.n))
     bar.close()
@@ -661,7 +685,8 @@ def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, re
     if states.get("clip", {}).get("ok"):
         scores = ranks.rows(idx_done, torch.cat(clip_rows) if clip_rows else None, 1).double().reshape(-1)
     if states.get("shapes", {}).get("ok"):
-        rows = ranks.rows(idx_done, torch.tensor(shape_rows, dtype=torch.float64) if shape_rows else None, 6)
+        rows = ranks.rows(idx_done, torch.tensor(shape_rows, dtype=torch.float64) if shape_rows else None,
+                          len(SCORE_FIELDS))
     grids = ranks.objects(grid)
     ranks.barrier()
     # Throughput: sampling, decoding, PNG writing, features and gathering; not the final reductions
@@ -688,19 +713,12 @@ def run_setting(s: Setting, cfg: EvalConfig, ranks: Ranks, gen, states: dict, re
             "label": f"CLIP score ({st['record']['clip_model']}/{st['record']['clip_pretrained']}, 100*max(cos,0))",
             **base, "model": st["record"]}
     if rows is not None:
-        rows = rows.double()
-        scored = int(rows[:, 0].sum())
-        from lct.shapes import CHANCE_COLOUR, CHANCE_POSITION
+        from lct.shapes import summarize_scores
 
-        def frac(col):
-            return float(rows[:, col].sum()) / scored if scored else float("nan")
-
+        m = summarize_scores(rows.double().numpy())
         per_metric[metric_name("shapes", n)] = {
-            "metric": "shapes", "value": frac(3), "colour_acc": frac(1), "position_acc": frac(2), "both_acc": frac(3),
-            "chance_colour": CHANCE_COLOUR, "chance_position": CHANCE_POSITION,
-            "chance_both": CHANCE_COLOUR * CHANCE_POSITION, "n_scored": scored,
-            "n_unparsed": int(rows[:, 4].sum()), "no_shape": int(rows[:, 5].sum()), **base,
-            "model": states["shapes"]["record"]}
+            "metric": "shapes", "value": m["both_acc"], **m, "chance_both": m["chance_colour"] * m["chance_position"],
+            "n_scored": m["n"], **base, "ceiling": states["shapes"].get("ceiling"), "model": states["shapes"]["record"]}
     for k, st in states.items():
         if not st["ok"]:
             per_metric[k] = skipped(st["reason"], st["fix"])
@@ -733,7 +751,11 @@ def summary_line(s: Setting) -> str:
             parts.append(f"{name}: skipped")
         elif m["metric"] == "shapes":
             parts.append(f"{name}: colour {m['colour_acc']:.3f} (chance {m['chance_colour']:.3f}), position "
-                         f"{m['position_acc']:.3f} (chance {m['chance_position']:.3f}), both {m['both_acc']:.3f}")
+                         f"{m['position_acc']:.3f} (chance {m['chance_position']:.3f}), shape {m['shape_acc']:.3f} "
+                         f"(chance {m['chance_shape']:.3f}), all three {m['all_acc']:.3f}")
+            for who, c in (m.get("ceiling") or {}).items():
+                parts.append(f"{who.replace('_', ' ')}: colour {c['colour_acc']:.3f}, position {c['position_acc']:.3f}, "
+                             f"shape {c['shape_acc']:.3f}")
         elif m["metric"] == "clip":
             parts.append(f"{name} {m['value']:.3f} [{m['model']['clip_model']}/{m['model']['clip_pretrained']}]")
         else:
@@ -808,6 +830,9 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
             return 2
         for k in result["skipped"]:
             log(ranks.rank, f"{k}: skipped: {states[k]['reason']} (fix: {states[k]['fix']})")
+        if states.get("shapes", {}).get("ok") and states["shapes"]["specs"]:
+            states["shapes"]["ceiling"] = result["shapes_ceiling"] = shapes_ceiling(
+                states["shapes"]["specs"], [r["caption"] for r in records], gen, cfg, ranks, gen_res)
         for s in settings:
             run_setting(s, cfg, ranks, gen, states, records, out, gen_res, res, common)
             result["settings"].append({"name": s.name, "steps": s.steps, "tau": s.tau, "guidance": s.guidance,

@@ -157,24 +157,37 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
     header("demo summary")
     vae_info = json.loads((vae / "train_vae.json").read_text()) if (vae / "train_vae.json").is_file() else {}
     results = json.loads((ev / "results.json").read_text())
+    keys = ("colour_acc", "position_acc", "shape_acc", "all_acc", "both_acc")
     rows = []
     for s in results["settings"]:
         m = next((v for k, v in s["metrics"].items() if k.startswith("shapes") and "value" in v), None)
         if m:
             rows.append({"setting": s["name"], "steps": s["steps"], "tau": s["tau"], "nfe": s["nfe"],
-                         "colour_acc": m["colour_acc"], "position_acc": m["position_acc"], "both_acc": m["both_acc"],
-                         "n": m["n"], "chance_colour": m["chance_colour"], "chance_position": m["chance_position"],
+                         **{k: m[k] for k in keys}, "by_size": m["by_size"], "n": m["n"],
+                         "chance_colour": m["chance_colour"], "chance_position": m["chance_position"],
+                         "chance_shape": m["chance_shape"],
                          "grid": str(ev / s["dir"] / "grid.png") if not Path(s["dir"]).is_absolute()
                          else str(Path(s["dir"]) / "grid.png")})
+    ceiling = {k: {**{a: v[a] for a in keys}, "by_size": v["by_size"], "n": v["n"]}
+               for k, v in (results.get("shapes_ceiling") or {}).items()}
     print(f"VAE held-out PSNR: {vae_info.get('heldout_psnr', vae_info.get('psnr', 'n/a'))} dB")
+    print(f"\nheld-out captions: accuracy of {'colour':>8} {'position':>9} {'shape':>7}   (shape: small / large)")
+    lines = [(f"{r['steps']}-step samples (NFE {r['nfe']})", r) for r in rows]
+    lines += [(name.replace("_", " ") + "s" if name.endswith("reconstruction") else name.replace("_", " "), c)
+              for name, c in ceiling.items()]
+    for label, r in lines:
+        bs = r["by_size"]
+        print(f"  {label:<30} {r['colour_acc']:8.3f} {r['position_acc']:9.3f} {r['shape_acc']:7.3f}   "
+              f"({bs['small']['shape_acc']:.3f} / {bs['large']['shape_acc']:.3f})")
+    if rows:
+        r = rows[0]
+        print(f"  {'chance':<30} {r['chance_colour']:8.3f} {r['chance_position']:9.3f} {r['chance_shape']:7.3f}")
     for r in rows:
-        print(f"{r['steps']}-step (NFE {r['nfe']}): colour accuracy {r['colour_acc']:.3f} (chance "
-              f"{r['chance_colour']:.3f}), position accuracy {r['position_acc']:.3f} (chance "
-              f"{r['chance_position']:.3f}), both {r['both_acc']:.3f}, n = {r['n']}; grid: {r['grid']}")
+        print(f"{r['steps']}-step grid: {r['grid']}")
     print("\nstage times:")
     for k, v in times.items():
         print(f"  {k:<18} {v / 60:6.2f} min")
-    return {"vae": vae_info, "shapes": rows, "times_s": times, "out": str(out)}
+    return {"vae": vae_info, "shapes": rows, "shapes_ceiling": ceiling, "times_s": times, "out": str(out)}
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def test_parse_caption_round_trip_on_every_template_and_phrase():
         for t in range(len(S.TEMPLATES)):
             for p in range(len(S.POSITION_PHRASES[cell])):
                 text = S.format_caption(spec, t, p)
-                assert S.parse_caption(text) == (colour, cell), text
-                assert S.parse_caption(text.upper() + ".") == (colour, cell)
+                assert S.parse_caption(text) == (colour, cell, shape, size), text
+                assert S.parse_caption(text.upper() + ".") == (colour, cell, shape, size)
                 words = text.split()
                 assert colour in words and shape in words and size in words, text
                 assert " an a" not in text and " a o" not in text  # articles agree
@@ -87,11 +87,13 @@ def test_caption_forms():
     assert S.format_caption(spec, 1, 0) == "small blue triangle at the bottom"
     rng = np.random.default_rng(0)
     caps = S.captions(spec, rng, 3)
-    assert len(set(caps)) == 3 and all(S.parse_caption(c) == ("blue", 7) for c in caps)
+    assert len(set(caps)) == 3 and all(S.parse_caption(c) == ("blue", 7, "triangle", "small") for c in caps)
     assert S.caption(spec, np.random.default_rng(1)) in {S.format_caption(spec, t, p)
                                                          for t in range(6) for p in range(3)}
-    assert S.parse_caption("a red circle") == ("red", None)
-    assert S.parse_caption("something in the centre") == (None, 4)
+    assert S.parse_caption("a red circle") == ("red", None, "circle", None)
+    assert S.parse_caption("something in the centre") == (None, 4, None, None)
+    assert S.parse_caption("a large diamond on the left").size == "large"
+
 
 
 # ------------------------------------------------------------------------------ the metric
@@ -104,15 +106,42 @@ def _heldout(size, n=300, seed=5):
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_metric_ground_truth_and_shuffled(size):
+    """The metric's ground-truth ceiling: every held-out render is read right (colour, position and
+    shape, both sizes; measured 1.0 on 500 held-out renders at 32 px). A classifier with two labels
+    swapped, a template of the wrong geometry or a triangle drawn apex down fails here."""
     images, caps = _heldout(size)
     r = S.shapes_metric(images, caps)
-    assert r["n"] == 300 and r["n_unparsed"] == 0 and r["no_shape"] == 0
+    assert r["n"] == 300 and r["n_unparsed"] == 0 and r["no_shape"] == 0 and r["n_shape"] == 300
     assert r["colour_acc"] >= 0.98 and r["position_acc"] >= 0.98 and r["both_acc"] >= 0.98, r
-    assert r["chance_colour"] == 1 / 8 and r["chance_position"] == 1 / 9
+    assert r["shape_acc"] >= 0.99 and r["all_acc"] >= 0.98, r
+    for name in S.SIZES:
+        assert r["by_size"][name]["n"] > 100 and r["by_size"][name]["shape_acc"] >= 0.98, (name, r["by_size"])
+    assert sum(r["by_size"][k]["n"] for k in S.SIZES) == r["n"]
+    assert r["chance_colour"] == 1 / 8 and r["chance_position"] == 1 / 9 and r["chance_shape"] == 1 / 4
+    # Every shape is read as itself, not merely most of them.
+    specs = [S.make_spec(5, "heldout", i)[0] for i in range(len(images))]
+    for shape in S.SHAPES:
+        got = [S.detect_shape(im).shape for im, sp in zip(images, specs) if sp.shape == shape]
+        assert len(got) > 40 and np.mean([g == shape for g in got]) >= 0.98, (shape, got)
     perm = np.random.default_rng(1).permutation(len(caps))
     sh = S.shapes_metric(images, [caps[j] for j in perm])
     assert abs(sh["colour_acc"] - 1 / 8) < 0.07 and abs(sh["position_acc"] - 1 / 9) < 0.07, sh
-    assert sh["both_acc"] < 0.06, sh
+    assert abs(sh["shape_acc"] - 1 / 4) < 0.08, sh
+    assert sh["both_acc"] < 0.06 and sh["all_acc"] < 0.03, sh
+
+
+def test_shape_of_renders_at_any_size_and_offset():
+    """Both sizes with their jitter, any sub-pixel position, any colour and background."""
+    rng = np.random.default_rng(0)
+    for shape in S.SHAPES:
+        for extent in (0.17 * 0.9, 0.17 * 1.08, 0.27 * 0.9, 0.27 * 1.08):
+            for _ in range(6):
+                cx, cy = rng.uniform(0.2, 0.8, size=2)
+                colour = S.COLOURS[rng.integers(len(S.COLOURS))]
+                bg = tuple(int(v) for v in rng.integers(215, 256, size=3))
+                spec = S.ShapeSpec(colour, shape, "small", 4, cx, cy, extent, S.PALETTE[colour], bg)
+                got = S.detect_shape(S.render(spec, 32))
+                assert (got.colour, got.shape) == (colour, shape), spec
 
 
 @pytest.mark.parametrize("size,radius", [(32, 0.7), (64, 1.2)])
@@ -124,18 +153,50 @@ def test_metric_robust_to_blur_noise_and_input_forms(size, radius):
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float()  # [N,3,H,W] in [0,1]
     for form in (t, t * 2 - 1, (t * 255).round().to(torch.uint8), x.astype(np.float32)):
         r = S.shapes_metric(form, caps)
-        assert r["both_acc"] >= 0.95, r
+        assert r["both_acc"] >= 0.95 and r["shape_acc"] >= 0.95, r
     assert S.shapes_metric(t * 2 - 1, caps, value_range=(-1, 1)) == S.shapes_metric(t, caps)
     # uint8 [N,H,W,3] arrays and PIL lists give the same answers
     u8 = np.stack([np.asarray(im) for im in images])
     assert S.shapes_metric(u8, caps) == S.shapes_metric(images, caps)
 
 
+def test_shape_under_autoencoder_blur():
+    """A 32 px render blurred about as much as a 4x-downsampling autoencoder's reconstruction
+    (Gaussian, radius 1 pixel): the templates' own blur keeps the outline readable
+    (measured on 500 held-out: shape 0.992, small 0.984)."""
+    images, caps = _heldout(32, n=200, seed=7)
+    r = S.shapes_metric([im.filter(ImageFilter.GaussianBlur(1.0)) for im in images], caps)
+    assert r["shape_acc"] >= 0.96 and r["by_size"]["large"]["shape_acc"] >= 0.99, r
+
+
+def test_round_blob_is_a_circle_whatever_the_caption():
+    """What a generator draws when it has not learned the outline (a blurred disc) is read as a
+    circle, so a caption asking for a square is not met."""
+    spec = S.ShapeSpec("blue", "circle", "large", 4, 0.5, 0.5, 0.27, S.PALETTE["blue"], (240, 240, 240))
+    blob = S.render(spec, 32).filter(ImageFilter.GaussianBlur(1.2))
+    assert S.detect_shape(blob) == ("blue", 4, "circle")
+    r = S.shapes_metric([blob, blob], ["a large blue square in the center", "a large blue circle in the center"])
+    assert r["shape_acc"] == 0.5 and r["all_acc"] == 0.5 and r["both_acc"] == 1.0
+
+
+def test_score_rows_sum_to_the_metric():
+    images, caps = _heldout(32, n=40, seed=8)
+    rows = [S.score_image(im, c) for im, c in zip(images, caps)]
+    assert all(len(r) == len(S.SCORE_FIELDS) for r in rows)
+    assert S.summarize_scores(rows) == S.shapes_metric(images, caps)
+    assert S.summarize_scores(rows[:20] + rows[20:]) == S.summarize_scores(np.array(rows))
+
+
 def test_metric_blank_and_unparsed():
     blank = Image.new("RGB", (32, 32), (240, 240, 240))
-    assert S.detect_shape(blank) == (None, None)
+    assert S.detect_shape(blank) == (None, None, None)
     r = S.shapes_metric([blank, blank], ["a small red circle in the center", "no words here"])
     assert r["n"] == 1 and r["n_unparsed"] == 1 and r["no_shape"] == 1 and r["both_acc"] == 0.0
+    assert r["shape_acc"] == 0.0 and r["by_size"]["small"]["n"] == 1 and r["by_size"]["large"]["n"] == 0
+    # A caption without a shape word is scored on colour and position alone.
+    spec = S.ShapeSpec("red", "square", "large", 4, 0.5, 0.5, 0.27, S.PALETTE["red"], (240, 240, 240))
+    r = S.shapes_metric([S.render(spec, 32)], ["something red in the center"])
+    assert r["n"] == 1 and r["n_shape"] == 0 and r["all_acc"] == 1.0 and np.isnan(r["shape_acc"])
     with pytest.raises(ValueError):
         S.shapes_metric([blank], ["a", "b"])
 
@@ -194,7 +255,7 @@ def test_make_shapes_contents_consistent(tmp_path):
             assert meta["key"] == key and meta["seed"] == [4, 0, i] and meta["split"] == "train"
             assert m["txt"].decode() == meta["caption"] == ref_caps[0] == lines[i]
             assert records[i] == {k: meta[k] for k in ("key", "caption", "captions", "spec")}
-            assert S.parse_caption(meta["caption"]) == (spec.colour, spec.cell)
+            assert S.parse_caption(meta["caption"]) == (spec.colour, spec.cell, spec.shape, spec.size)
             img = Image.open(io.BytesIO(m["png"]))
             assert img.format == "PNG" and img.size == (24, 24) and img.mode == "RGB"
             assert img.tobytes() == S.render(spec, 24).tobytes()  # lossless

@@ -1,0 +1,128 @@
+"""Score a demo run on held-out captions with the `shapes` metric, cheaply: the tool that tuned
+the demo (README, "What the demo gives"; numbers in bench/RESULTS.md).
+
+    python bench/demo_probe.py --checkpoint demo_out/runs/edm --captions demo_out/shapes/heldout/captions.jsonl \
+        --ode-steps 16 --num 500          # an EDM start, by its deterministic Heun ODE (EDM's sampler)
+    python bench/demo_probe.py --checkpoint demo_out/runs/demo --captions ... --steps 1 2   # consistency
+
+An EDM start is what the consistency tuning keeps; its ODE samples say what it has learned long
+before a consistency model is trained from it, so start-stage settings are screened here. Prints
+one JSON line per setting: colour, position and shape accuracy, overall and per size, with the
+ground-truth and VAE-reconstruction ceilings (`--ceiling`). Single process, the run's sample EMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@torch.no_grad()
+def heun_ode(net, cond: dict, indices, shape, *, steps: int, seed: int, sigma_max: float = 80.0,
+             sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) on the Karras grid,
+    from the same keyed noise as `lct.samplers.consistency_sample`; 2 * steps - 1 evaluations."""
+    from lct.samplers import _batch_noise, guided
+
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()
+    x = sigma_max * _batch_noise(seed, indices, 0, shape, "cpu")
+    b = x.shape[0]
+
+    def d(x, s):
+        return (x - guided(net, x, torch.full((b,), s), cond, 1.0)) / s
+
+    for k in range(steps):
+        s, s_next = t[k], t[k + 1]
+        dx = d(x, s)
+        x_next = x + (s_next - s) * dx
+        if s_next > 0:
+            x_next = x + (s_next - s) * 0.5 * (dx + d(x_next, s_next))
+        x = x_next
+    return x.float()
+
+
+def score(u8: np.ndarray, captions: list[str]) -> dict:
+    from lct.shapes import shapes_metric
+
+    m = shapes_metric(u8, captions)
+    keep = ("colour_acc", "position_acc", "shape_acc", "all_acc")
+    out = {k: round(m[k], 4) for k in keep}
+    out["by_size"] = {s: {k: round(v[k], 4) for k in ("colour_acc", "position_acc", "shape_acc")}
+                      for s, v in m["by_size"].items()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--captions", required=True, help="held-out captions.jsonl of make_shapes")
+    p.add_argument("--num", type=int, default=500)
+    p.add_argument("--ode-steps", type=int, nargs="*", default=[], help="Heun ODE steps (EDM start)")
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="consistency sampling steps")
+    p.add_argument("--tau", type=float, nargs="*", default=None, help="2-step tau(s) to try")
+    p.add_argument("--ceiling", action="store_true", help="also score ground truth and VAE reconstructions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--ema", default=None)
+    p.add_argument("--save", default=None, help="write the first setting's images here (.npy)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    from lct.grids import to_uint8
+    from lct.sample import Generator
+    from lct.shapes import read_specs, render
+    from lct.vae import decode, encode_posterior
+
+    gen = Generator(a.checkpoint, torch.device("cpu"), a.ema)
+    recs = [json.loads(x) for x in Path(a.captions).read_text().splitlines()[: a.num]]
+    caps = [r["caption"] for r in recs]
+    size = int(gen.model.latent_shape[-1]) * (2 ** (len(gen.vae.config.block_out_channels) - 1))
+    m = gen.meta["method"]
+    settings = [("ode", k, None) for k in a.ode_steps] + [("cm", s, None) for s in a.steps if s == 1]
+    for s in (x for x in a.steps if x > 1):
+        for tau in (a.tau or [None]):
+            settings.append(("cm", s, tau))
+    head = {"checkpoint": a.checkpoint, "step": gen.meta.get("step"), "n": len(caps)}
+    if a.ceiling:
+        specs = read_specs(a.captions, a.num)
+        gt = np.stack([np.asarray(render(sp, size)) for sp in specs])
+        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x)[0]))
+        print(json.dumps({**head, "setting": "ground_truth", **score(gt, caps)}), flush=True)
+        print(json.dumps({**head, "setting": "vae_reconstruction", **score(rec, caps)}), flush=True)
+    for n_set, (kind, k, tau) in enumerate(settings):
+        t0 = time.process_time()
+        out = []
+        for s in range(0, len(caps), a.batch_size):
+            idx = list(range(s, min(s + a.batch_size, len(caps))))
+            cond = gen.condition([caps[i] for i in idx])
+            if kind == "ode":
+                lat = heun_ode(gen.model.precond, cond, idx, gen.model.latent_shape, steps=k, seed=a.seed,
+                               sigma_max=m["sigma_max"])
+                out.append(to_uint8(decode(gen.vae, gen.norm.denormalize(lat))))
+            else:
+                taus = None if tau is None else [tau]
+                out.append(to_uint8(gen.images([caps[i] for i in idx], idx, a.seed, k, taus)))
+        u8 = np.concatenate(out)
+        if a.save and n_set == 0:
+            np.save(a.save, u8)
+        name = f"ode{k}" if kind == "ode" else f"{k}step" + (f"_tau{tau}" if tau else "")
+        print(json.dumps({**head, "setting": name, **score(u8, caps),
+                          "cpu_s": round(time.process_time() - t0, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
