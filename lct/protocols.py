@@ -39,13 +39,12 @@ import numpy as np
 
 from lct.coco import read_caption_annotations
 from lct.errors import UserError
-from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED
+from lct.files import read_text
+from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED, FID_MODEL, PREPROCESS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS_DIR = REPO_ROOT / "eval" / "captions"
 
-FID_MODEL = "torch-fidelity inception-v3-compat pool3 '2048' (FID Inception, TF 2015-12-05)"
-PREPROCESS = "center crop of the long edge + PIL bicubic resize (antialiased), lct.vae.preprocess_image_uint8"
 
 # The sha256 of eval/captions/coco2014val-30k.jsonl; None until the file is generated from the
 # official annotations and shipped (see the module docstring for the command).
@@ -134,9 +133,7 @@ def read_captions(path: str | os.PathLike) -> list[dict]:
     and more: the held-out `captions.jsonl` of `data_prep/make_shapes.py` and
     `data_prep/coco_to_wds.py`, and the protocol caption files, are read as they are)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--captions {p}: file not found")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "--captions")
     if p.suffix.lower() == ".jsonl":
         out = []
         for no, line in enumerate(text.splitlines(), 1):

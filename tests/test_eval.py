@@ -17,6 +17,7 @@ from conftest import ROOT, run_cmd
 from helpers_data import make_image_shards
 from helpers_export import IMAGE_SIZE, make_tiny_export
 
+from lct import dist
 from lct.eval import clip_fid  # eval/clip_fid.py, installed as lct.eval.clip_fid
 
 SCRIPT = str(ROOT / "eval" / "clip_fid.py")
@@ -339,11 +340,11 @@ def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions
 
 def test_rank_batches_cover_every_index_once():
     for n, b, k in [(10, 3, 1), (10, 3, 2), (7, 2, 3), (2, 4, 4)]:
-        got = sorted(i for r in range(k) for batch in clip_fid.my_batches(n, b, r, k) for i in batch)
+        got = sorted(i for r in range(k) for batch in dist.rank_batches(n, b, r, k) for i in batch)
         assert got == list(range(n))
         # The same batches whatever the world size.
-        assert sorted(map(tuple, (bb for r in range(k) for bb in clip_fid.my_batches(n, b, r, k)))) == \
-            [tuple(x) for x in clip_fid.my_batches(n, b, 0, 1)]
+        assert sorted(map(tuple, (bb for r in range(k) for bb in dist.rank_batches(n, b, r, k)))) == \
+            [tuple(x) for x in dist.rank_batches(n, b, 0, 1)]
 
 
 # ------------------------------------------------------------------------------------------ captions
