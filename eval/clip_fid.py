@@ -258,8 +258,6 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
     started = dist.init(info, device, timeout_minutes=60)
     try:
         torch.manual_seed(cfg.seed)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
         gen = Generator(cfg.checkpoint, device, cfg.ema, cfg.vae, cfg.text_pretrained)
         settings = build_settings(cfg, gen)
         gen_res = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
@@ -270,6 +268,8 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
         log(info, f"protocol {proto.name}: {n} samples, {len(settings)} setting(s), metrics {','.join(cfg.metrics)}, "
                   f"{info.world_size} rank(s) on {device}")
         metrics, skipped = setup_metrics(cfg, info, device, res, captions, gen)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         by_name = {m.name: m for m in metrics}
         ref_rec = by_name["fid"].ref_record if "fid" in by_name else None
         if ref_rec and proto.ref_images and ref_rec.get("n") != proto.ref_images:

@@ -165,9 +165,11 @@ def safe_state_dict(path: str | os.PathLike, flag: str) -> tuple[dict[str, torch
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for torn files
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag} {path}: refused: not a plain tensor checkpoint (torch.load with "
-                        f"weights_only=True: {first})") from None
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
+        why = next((l.split("error:", 1)[1].split(". ")[0].strip() for l in lines if "WeightsUnpickler error:" in l),
+                   lines[0][:200])
+        raise UserError(f"{flag} {path}: refused: not a readable plain tensor checkpoint (read with torch.load "
+                        f"weights_only=True, which runs no code: {why})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path}: not a state dict of tensors")
     return state, sha
@@ -669,7 +671,7 @@ def setup_shapes(cfg, info, device, resolution, captions, gen) -> Shapes:
         raise Unavailable(f"only {parsed} of {len(captions)} captions state a shapes colour and position: the shapes "
                           "metric is for lct's shapes data set, and a number over a minority of captions would "
                           "mislead", FIX["shapes"])
-    record = {"name": "lct.shapes (colour, 3x3 position and shape accuracy; no weights)", "weights": None,
+    record = {"name": "lct.shapes.shapes_metric (colour, 3x3 position and shape accuracy; no weights)", "weights": None,
               "weights_sha256": None}
     specs = read_specs(cfg.captions, len(captions)) if cfg.captions else None
     return Shapes(record, shapes_ceiling(specs, captions, gen, cfg.batch_size, info, device) if specs else None)
