@@ -1,30 +1,10 @@
 """Named evaluation protocols: which captions, how many samples, which reference images, which
 resolution and which feature models, so that numbers from different runs (and papers) compare.
 
-`coco2014val-30k` (the default of `eval/clip_fid.py`):
-
-* captions: 30,000 MS-COCO val2014 images drawn without replacement with
-  `numpy.random.default_rng(0).choice(40504, 30000, replace=False)` over the val2014 images sorted
-  by image id, in draw order (so any prefix, e.g. the first 10,000, is itself a uniform sample);
-  then one caption per drawn image with a second `numpy.random.default_rng(0)`:
-  `integers(0, n_captions)` over the drawn images at once, captions of an image in annotation-id
-  order, whitespace collapsed (`" ".join(c.split())`, the rule of `data_prep/coco_to_wds.py`).
-  The list ships as `eval/captions/coco2014val-30k.jsonl` (one JSON object per line:
-  `{"caption", "file_name", "image_id", "index"}`, sorted keys, UTF-8) and is written by
-  `python eval/clip_fid.py --make-captions --coco-annotations captions_val2014.json
-  --out eval/captions/coco2014val-30k.jsonl`, which prints its sha256; `CAPTIONS_SHA256` pins it.
-* reference statistics: FID Inception statistics of all 40,504 val2014 images.
-* preprocessing: real and generated images are center-cropped on the long edge and resized to
-  256 x 256 with PIL bicubic (antialiased), `lct.vae.preprocess_image_uint8`; generated images
-  already 256 x 256 are used as they are.
-* FID: torch-fidelity's FID Inception (`inception-v3-compat`, pool features '2048', the
-  TF 2015-12-05 graph), Frechet distance in the eigenvalue form (`lct.metrics.frechet_distance`).
-* CLIP score: open_clip `ViT-g-14` / `laion2b_s34b_b88k`, `100 * max(cos, 0)` per image, averaged.
-* metric names carry the sample count: `fid30k`, `clip30k` (`fid10k` for the first 10,000).
-
-`custom`: any caption file, all of its captions by default, the model's own resolution (no
-resize), the same feature models. Results are labelled with the protocol and every deviation from
-it (`Protocol.deviations`).
+`coco2014val-30k` (the default of `eval/clip_fid.py`) and `custom` are described once, in README
+("Evaluation protocol"); `PROTOCOLS` holds their definitions, `draw_coco_captions` the caption draw
+and `CAPTIONS_SHA256` the pinned caption file. Results are labelled with the protocol and every
+deviation from it.
 """
 
 from __future__ import annotations

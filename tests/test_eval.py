@@ -367,6 +367,16 @@ def test_fid_weights_sha256_and_the_pytorch_fid_layout(fid_weights, tmp_path, mo
         metrics.load_fid_inception(tmp_path / "other.pth")
 
 
+def test_help_names_the_fid_weight_files(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width
+    with pytest.raises(SystemExit):
+        clip_fid.main(["--help"])
+    text = capsys.readouterr().out.replace("\n", " ")
+    text = " ".join(text.split())
+    assert "weights-inception-2015-12-05-6726825d.pth" in text and "pt_inception-2015-12-05-6726825d.pth" in text
+    assert "mild guidance" in text
+
+
 # ------------------------------------------------------------------------------------------ shapes labels
 
 

@@ -117,3 +117,11 @@ def test_three_steps_use_the_default_levels_and_records_are_json(export_dir, tmp
     assert rec["guidance"] == 1.5 and (out / "grid.png").is_file() and (out / "000000.png").is_file()
     assert grid_title(1, [], 1.0, 0) == "1-step, guidance 1, seed 0"
     assert grid_title(2, [0.36931547704], 1.5, 3) == "2-step, tau 0.369315, guidance 1.5, seed 3"
+
+
+def test_help_states_the_guidance_range_and_the_default_levels(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tolerates only mild guidance" in text and "Karras levels" in text
