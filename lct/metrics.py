@@ -340,15 +340,15 @@ def fid_weights_file(path: str | os.PathLike | None, rank0: bool) -> Path:
     if cached.is_file():
         return cached
     if offline():
-        raise UserError(f"no --fid-weights given, none in the torch hub cache ({cached}), and downloads are off "
-                        "(HF_HUB_OFFLINE/LCT_OFFLINE)")
+        raise UserError(f"could not download the FID Inception weights: none in the torch hub cache ({cached}) "
+                        "and downloads are off (HF_HUB_OFFLINE/LCT_OFFLINE); pass --fid-weights PATH")
     if rank0:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256)
         except Exception as err:
-            raise UserError(f"no --fid-weights given and the download of {FID_WEIGHTS_URL} failed "
-                            f"({type(err).__name__}: {str(err)[:200]})") from None
+            raise UserError(f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
+                            f"({type(err).__name__}: {str(err)[:200]}); pass --fid-weights PATH") from None
     if not cached.is_file():
         raise UserError(f"the FID Inception weights could not be downloaded to {cached}")
     return cached
