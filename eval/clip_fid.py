@@ -34,12 +34,12 @@ from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
 from lct.grids import caption_grid, save_png, to_uint8
-from lct.metrics import FID_WEIGHTS_SHA256, SETUP, setup_metrics
+from lct.metrics import FID_WEIGHTS_SHA256, SETUP, metric_images, setup_metrics
 from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get_protocol, metric_name,
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title
 from lct.samplers import nfe
-from lct.vae import downsample_factor, preprocess_image_uint8
+from lct.vae import downsample_factor
 
 RESULTS_FORMAT = "lct-eval/1"
 GRID_SIZE = 16
@@ -168,22 +168,6 @@ def load_captions(cfg: EvalConfig, proto) -> tuple[list[dict], dict, list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_record(gen: Generator, cfg: EvalConfig) -> dict:
-    meta, model, text = gen.meta, gen.meta.get("model") or {}, gen.meta.get("text") or {}
-    return {"path": str(Path(cfg.checkpoint).resolve()), "export_dir": str(Path(gen.path).resolve()),
-            "step": meta.get("step"), "ema": meta.get("ema"), "arch": model.get("arch"), "cond": model.get("cond"),
-            "weights_sha256": {f.name: file_sha256(f) for f in gen.weight_files()},
-            "vae": cfg.vae or (meta.get("vae") or {}).get("id"), "text_model": text.get("model"),
-            "text_weights_sha256": text.get("weights_sha256"), "method": meta.get("method")}
-
-
-def to_metric_images(u8: np.ndarray, res: int) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> uint8 [B,3,res,res] with the protocol's resize rule."""
-    if u8.shape[1] == res and u8.shape[2] == res:
-        return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).contiguous()
-    return torch.stack([preprocess_image_uint8(Image.fromarray(a), res) for a in u8])
-
-
 def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: Generator, metrics: list,
                 records: list[dict], d: Path, res: int) -> tuple[dict, dict, dict]:
     """Sample this rank's batches, score them, gather in index order: ({metric: result}, grid tiles,
@@ -204,7 +188,7 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
             Image.fromarray(a).save(d / f"{i:06d}.png")
             if i < GRID_SIZE:
                 grid[i] = a
-        x = to_metric_images(u8, res)
+        x = metric_images(u8, res)
         for m in metrics:
             rows[m.name].append(m.rows(u8, x, caps))
         idx += batch
@@ -280,7 +264,7 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
         if "fid" in by_name and not by_name["fid"].record["weights_verified"]:
             deviations.append(f"FID Inception weights with sha256 {by_name['fid'].record['weights_sha256']}, not the "
                               f"published file's {FID_WEIGHTS_SHA256}")
-        ckpt = checkpoint_record(gen, cfg)
+        ckpt = gen.record(cfg.checkpoint, cfg.vae)
         common = {"protocol": proto.name, "protocol_conforms": not deviations, "checkpoint": ckpt["path"],
                   "checkpoint_step": ckpt["step"], "checkpoint_ema": ckpt["ema"], "captions_sha256": cap_rec["sha256"],
                   "seed": cfg.seed, "resolution": res}

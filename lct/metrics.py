@@ -29,6 +29,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from lct import dist
 from lct.data import expand_urls
@@ -37,7 +39,7 @@ from lct.errors import UserError
 from lct.files import atomic_file, file_sha256
 from lct.grids import images_to_uint8, to_uint8, to_uint8_nchw
 from lct.shapes import SCORE_FIELDS, parse_caption, read_specs, render, score_image, summarize_scores
-from lct.vae import downsample_factor
+from lct.vae import decode, downsample_factor, encode_posterior, open_image, preprocess_image_uint8
 
 # --------------------------------------------------------------------------------------------
 # Frechet distance
@@ -263,8 +265,6 @@ def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRA
 def clip_embeddings(images: Any, captions: Sequence[str], model: torch.nn.Module, tokenizer: Any,
                     preprocess: Any, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image and text embeddings (float32, CPU) of the pairs."""
-    from PIL import Image
-
     arr = images_to_uint8(images)
     if arr.shape[0] != len(captions):
         raise ValueError(f"{arr.shape[0]} images but {len(captions)} captions")
@@ -453,10 +453,6 @@ def default_cache_dir() -> Path:
 def reference_stats(cfg, info: DistInfo, device, model, fid_sha: str, resolution: int) -> tuple[FIDStats, dict]:
     """(FIDStats, record) of the reference: loaded from --ref-stats, or computed from --ref-images
     (sharded like the samples) and cached under a fingerprint of the files and settings."""
-    from tqdm import tqdm
-
-    from lct.vae import open_image, preprocess_image_uint8
-
     settings = {"kind": "lct-fid-reference/1", "resolution": resolution, "preprocess": PREPROCESS,
                 "features": FID_MODEL, "fid_weights_sha256": fid_sha}
     if cfg.ref_images is None:
@@ -638,6 +634,14 @@ class Shapes:
         return "; ".join(parts)
 
 
+def metric_images(u8: np.ndarray, res: int) -> torch.Tensor:
+    """Samples uint8 [B,H,W,3] as the metrics' uint8 [B,3,res,res], resized with the reference
+    images' rule (`lct.vae.preprocess_image_uint8`) when they are another size."""
+    if u8.shape[1] == res and u8.shape[2] == res:
+        return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).contiguous()
+    return torch.stack([preprocess_image_uint8(Image.fromarray(a), res) for a in u8])
+
+
 def setup_fid(cfg, info, device, resolution, captions, gen) -> FID:
     if len(captions) < 2:
         raise UserError(f"FID needs at least 2 samples, --num-samples is {len(captions)}")
@@ -680,8 +684,6 @@ def setup_shapes(cfg, info, device, resolution, captions, gen) -> Shapes:
 def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device) -> dict:
     """The `shapes` accuracies of the captions' own ground-truth renders and of the generator's VAE
     reconstructions of them (what a perfect latent model could reach), sharded like the samples."""
-    from lct.vae import decode, encode_posterior
-
     size = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
     rows: dict[str, list] = {"ground_truth": [], "vae_reconstruction": []}
     idx: list[int] = []

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lct.dist import pick_device
 from lct.errors import UserError, cli_main
-from lct.files import check_out_dir, read_text, write_atomic
+from lct.files import check_out_dir, file_sha256, read_text, write_atomic
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.samplers import nfe
 
@@ -111,6 +111,15 @@ class Generator:
         from lct.export import weight_files
 
         return weight_files(self.path)
+
+    def record(self, checkpoint: str, vae: str | None = None) -> dict:
+        """What was sampled, for results files: paths, step, EMA, model, weight hashes."""
+        meta, model, text = self.meta, self.meta.get("model") or {}, self.meta.get("text") or {}
+        return {"path": str(Path(checkpoint).resolve()), "export_dir": str(Path(self.path).resolve()),
+                "step": meta.get("step"), "ema": meta.get("ema"), "arch": model.get("arch"),
+                "cond": model.get("cond"), "weights_sha256": {f.name: file_sha256(f) for f in self.weight_files()},
+                "vae": vae or (meta.get("vae") or {}).get("id"), "text_model": text.get("model"),
+                "text_weights_sha256": text.get("weights_sha256"), "method": meta.get("method")}
 
     def default_taus(self, steps: int) -> list[float]:
         return self.pipe.scheduler.default_taus(steps)
