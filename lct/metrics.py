@@ -114,7 +114,7 @@ class FIDStats:
                 mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
                 n = int(z["n"]) if "n" in z else 0
                 meta = json.loads(str(z["meta"])) if "meta" in z else {}
-        except (KeyError, ValueError, OSError) as err:
+        except Exception as err:  # KeyError, ValueError, OSError, EOFError, BadZipFile
             raise UserError(f"{path} is not an FID statistics .npz with mu and sigma ({err})") from None
         return cls(mu=mu, sigma=sigma, n=n, meta=meta)
 
@@ -653,7 +653,12 @@ def setup_fid(cfg, info, device, resolution, captions, gen) -> FID:
     sha = model.lct_weights_sha256
     record = {"name": FID_MODEL, "weights": str(path.resolve()), "weights_sha256": sha,
               "weights_verified": model.lct_weights_verified}
-    ref, ref_record = reference_stats(cfg, info, device, model, sha, resolution)
+    try:
+        ref, ref_record = reference_stats(cfg, info, device, model, sha, resolution)
+    except Unavailable:
+        raise
+    except UserError as err:
+        raise Unavailable(str(err), FIX["fid_ref"]) from None
     return FID(model, ref, ref_record, record, cfg.batch_size, resolution)
 
 

@@ -100,6 +100,9 @@ class Generator:
         self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)
         self.meta, self.device = export_meta(self.pipe), device
         self.vae = self.pipe.vae
+        if ema is not None and self.meta.get("ema") not in (None, ema):
+            raise UserError(f"--ema {ema}: {self.path} is the export of EMA {self.meta.get('ema')!r}; pass the run "
+                            "directory to choose an EMA, or drop --ema")
         if self.vae is None:
             raise UserError("the export has no VAE; pass --vae ID_OR_PATH")
 

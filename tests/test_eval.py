@@ -418,8 +418,15 @@ def test_bad_flags_are_refused_before_loading(shapes_captions, tmp_path, flags, 
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_files_are_refused_in_one_line(export_dir, shapes_captions, tmp_path):
+def test_bad_files_are_refused_in_one_line(export_dir, shapes_captions, fid_weights, tmp_path):
     from lct.errors import UserError
+
+    notnpz = tmp_path / "stats.npz"
+    notnpz.write_bytes(b"")
+    rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "r", "--metrics", "fid", "--ref-stats",
+                                 str(notnpz), "--fid-weights", str(fid_weights), n=2))
+    fid = results(tmp_path / "r")["skipped"]["fid"]
+    assert rc == 2 and "is not an FID statistics .npz" in fid["reason"] and "--ref-stats" in fid["fix"]
 
     bad = tmp_path / "caps.txt"
     bad.write_bytes(b"a red circle\n\xff\xfe\n")

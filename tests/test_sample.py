@@ -94,6 +94,8 @@ def test_export_weights_and_taus_above_sigma_max(export_dir, tmp_path):
     with pytest.raises(UserError, match="below the model's sigma_max 80"):
         main(["--checkpoint", str(export_dir), "--out", str(tmp_path / "o"), "--device", "cpu",
               "--steps", "2", "--tau", "100"])
+    with pytest.raises(UserError, match="--ema nope: .* is the export of EMA 'ema'"):
+        main(["--checkpoint", str(export_dir), "--out", str(tmp_path / "o"), "--device", "cpu", "--ema", "nope"])
     import shutil
 
     trunc = tmp_path / "trunc"
