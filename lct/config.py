@@ -308,9 +308,11 @@ class EvalConfig(Strict):
     captions: str | None = Field(None, description="caption file (.txt one per line, or .jsonl); default: protocol's")
     protocol: str = Field("coco2014val-30k", description="named protocol (README) or 'custom'")
     num_samples: int | None = Field(None, ge=1, description="default: the protocol's")
-    steps: list[int] = Field([1, 2], description="sampling steps to evaluate")
-    tau: list[float] | None = Field(None, description="2-step tau(s) to sweep; default: the model's")
-    guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off)")
+    steps: list[int] = Field([1, 2], description="sampling steps to evaluate (each >= 1)")
+    tau: list[float] | None = Field(None, description="2-step tau(s) to sweep, or the k - 1 levels of --steps k; "
+                                    "default: the model's tau, the Karras levels for k > 2 (SPEC 9)")
+    guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off; finite, >= 0); a consistency "
+                                  "model tolerates only mild guidance, w close to 1 (3 ruins the shapes demo)")
     metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes")
     ref_stats: str | None = Field(None, description="reference FID statistics .npz")
     ref_images: str | None = Field(None, description="reference images (shards pattern or folder) to compute stats")
@@ -318,7 +320,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)
     ema: str | None = Field(None, description="EMA name of a run directory; default: the run's sample EMA")
-    fid_weights: str | None = Field(None, description="local FID Inception weights (pt_inception-2015-12-05)")
+    fid_weights: str | None = Field(None, description="local FID Inception weights: torch-fidelity's "
+                                    "weights-inception-2015-12-05-6726825d.pth (= pytorch-fid's "
+                                    "pt_inception-2015-12-05-6726825d.pth); default: torch hub cache or download")
     clip_model: str = Field("ViT-g-14", description="open_clip model for the CLIP score")
     clip_pretrained: str | None = Field("laion2b_s34b_b88k", description="open_clip tag or local path")
     vae: str | None = Field(None, description="override the export's VAE (hub id or local dir)")

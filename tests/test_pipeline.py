@@ -77,8 +77,14 @@ def test_scheduler_sigmas_scalings_and_noise_are_spec():
     assert torch.allclose(last.denoised, c_out.expand(1, 4))  # x = 0, F = 1: f = c_out (EDM scalings)
     with pytest.raises(ValueError, match="decreasing"):
         s.set_timesteps(taus=[0.5, 0.8])
-    with pytest.raises(ValueError, match="need 2 intermediate"):
-        s.set_timesteps(3)
+    # More steps than the model records taus for: the Karras levels of SPEC 9 (issue 20 item 9;
+    # this used to be refused).
+    from lct.samplers import karras_taus
+
+    s.set_timesteps(3)
+    assert s.levels == [80.0, *karras_taus(3, 0.002, 80.0)]
+    with pytest.raises(ValueError, match="need 1 tau value"):
+        s.set_timesteps(2, taus=[0.5, 0.3])
 
 
 # ---------------------------------------------------------------------------------------------
