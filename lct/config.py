@@ -131,7 +131,9 @@ class ModelConfig(Strict):
     cond: Literal["text", "class", "none"] = "text"
     num_classes: int = Field(0, ge=0, description="class-label mode only")
     dropout: float = Field(0.0, ge=0, lt=1)
-    nsln: Literal["qk", "none"] = "qk"
+    nsln: Literal["qk", "layernorm", "none"] = Field(
+        "qk", description="q/k and text-input norm (SPEC 8): qk = NsLN (iLCT), layernorm = affine LayerNorm "
+                          "(the authors' DiT baseline, timm qk_norm), none = no q/k norm")
     attention: Literal["sdpa", "xformers"] = "sdpa"
     checkpointing: bool = Field(False, description="per-block activation checkpointing (use_reentrant=False)")
     compile: bool = Field(False, description="torch.compile the DiT blocks")

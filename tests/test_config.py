@@ -50,6 +50,17 @@ def test_presets_write_only_what_differs_from_the_defaults(name):
         assert default != got, f"preset {name}: {key}={value!r} is the schema default"
 
 
+def test_layernorm_ablation_resolves_to_the_affine_qk_norm():
+    """configs/ablations/ilct_layernorm.yaml is iLCT with LayerNorm in NsLN's place (SPEC 8), not
+    iLCT without any q/k norm; everything else is the iLCT config it inherits."""
+    ablation = load_config(ROOT / "configs/ablations/ilct_layernorm.yaml")
+    base = load_config(ROOT / "configs/lct_coco.yaml")
+    assert ablation.model.nsln == "layernorm" and base.model.nsln == "qk"
+    a, b = ablation.model_dump(), base.model_dump()
+    a["model"].pop("nsln"), b["model"].pop("nsln"), a["run"].pop("dir"), b["run"].pop("dir")
+    assert a == b
+
+
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     p = write(tmp_path, "bad.yaml", "optim:\n  lrr: 1.0e-4\n")
     with pytest.raises(ConfigError) as e:
