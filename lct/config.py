@@ -150,6 +150,9 @@ class DataConfig(Strict):
     prefetch_factor: int = Field(4, ge=1)
     caption_dropout: float = Field(0.1, ge=0, le=1, description="rate of the learned null condition (SPEC 9)")
     flip: bool = Field(True, description="use the stored horizontal-flip latents as augmentation")
+    posterior: Literal["sample", "mean", "fixed"] = Field(
+        "sample", description="latent of each use (SPEC 7): sample = mean + std * a fresh eps, mean = the "
+                              "posterior mean, fixed = one seeded draw per image and flip (iLCT's offline encoding)")
     latent_norm: Literal["channel", "element"] = "channel"
     text: Literal["precomputed", "on_the_fly"] = "precomputed"
     val_shards: str | None = Field(None, description="held-out latent shards for the validation batch")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, skip_record
+from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
@@ -236,7 +236,9 @@ class Monitor:
         for i, s in enumerate(samples):
             g = rng.philox(cfg.run.seed, rng.VALIDATION, i)
             eps = g.standard_normal(s["mean"].shape, dtype=np.float32)
-            xs.append(self.norm.normalize(s["mean"].astype(np.float32) + s["std"].astype(np.float32) * eps))
+            raw = posterior_latent(cfg.data.posterior, s["mean"].astype(np.float32), s["std"].astype(np.float32), eps,
+                                   cfg.run.seed, s.get("key", ""), False)  # as training sees it
+            xs.append(self.norm.normalize(raw))
             zs.append(g.standard_normal(s["mean"].shape, dtype=np.float32))
             caps.append((s.get("captions") or [""])[0])
             if "tokens" in s:
