@@ -54,9 +54,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "ict_latent_baseline": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
                             "method.c": 0.03456, "method.s1": 640, "optim.weight_decay": 1e-4,
                             "ema": _ema(0.99993, 128), "run.total_steps": 294_000},
+    # ECT main: trains with sigma_min 0, evaluates with boundary scalings at 0.003 (ECMPrecond in eval
+    # mode) and noise t * z; fp32 without TF32 (ct_train.py --tf32 defaults to False).
     "ect": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.0,
-            "method.sigma_min": 0.0, "method.tau": [0.821], "model.dropout": 0.2, "ema": _ema(0.9999, 128),
-            "run.total_steps": 200_000},
+            "method.sigma_min": 0.0, "method.sample_boundary_sigma_min": 0.003, "method.tau": [0.821],
+            "model.dropout": 0.2, "ema": _ema(0.9999, 128), "run.total_steps": 200_000, "precision": "fp32"},
     "ect_imagenet": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.000541,
                      "method.sigma_min": 0.0, "method.p_mean": -0.8, "method.p_std": 1.6, "method.ect_q": 4.0,
                      "method.ect_weight": "imagenet", "method.tau": [1.526], "model.dropout": 0.4,
@@ -90,7 +92,11 @@ class MethodConfig(Strict):
     c: float | Literal["adaptive"] = Field("adaptive", description="distance scale (mean form, SPEC 3) or 'adaptive' (SPEC 4)")
     c_first: float | Literal["code"] = Field(C_FIRST, description="adaptive c of the first stage; 'code' = 0.00054*sqrt(C*H*W)")
     sigma_min: float = Field(0.002, ge=0, description="training parameterisation sigma_min (SPEC 1); 0 = EDM scalings")
-    sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min recorded for sampling; default sigma_min")
+    sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min of the noise between sampling steps, "
+                                           "sqrt(tau^2 - it^2) (SPEC 9); default sigma_min")
+    sample_boundary_sigma_min: float | None = Field(
+        None, ge=0, description="sigma_min of SPEC 1's scalings when sampling (exports, sample grids); default "
+                                "sigma_min. ECT evaluates its sigma_min-0 network with 0.003 (SPEC 2.4)")
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0)
     sigma_data: float = Field(0.5, gt=0)
@@ -112,6 +118,12 @@ class MethodConfig(Strict):
     ot: bool = Field(True, description="minibatch OT coupling of latents and noise (SPEC 6)")
     time_embed_scale: float = Field(1000.0, gt=0, description="time embedding input = scale * ln(sigma)/4 (SPEC 1)")
     tau: list[float] = Field([0.36931547704], description="intermediate sigmas of multi-step sampling (SPEC 9)")
+
+    def sampling_sigma_mins(self) -> tuple[float, float]:
+        """(boundary sigma_min of the scalings, sigma_min of the noise between steps) for sampling."""
+        boundary = self.sigma_min if self.sample_boundary_sigma_min is None else self.sample_boundary_sigma_min
+        noise = self.sigma_min if self.sample_sigma_min is None else self.sample_sigma_min
+        return float(boundary), float(noise)
 
     @field_validator("tau")
     @classmethod

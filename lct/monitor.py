@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
+from lct.consistency import consistency_function
 from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.latents import SampleLayout
@@ -303,7 +305,10 @@ class Monitor:
         cfg, info = self.cfg, self.info
         m = cfg.method
         mine = list(range(info.rank, len(self.prompts), info.world_size))
-        sample_sigma_min = m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min
+        boundary, sample_sigma_min = m.sampling_sigma_mins()
+        if boundary != getattr(model, "sigma_min", boundary):  # sample with the exports' scalings (SPEC 2.4)
+            model = functools.partial(consistency_function, model.net, sigma_data=model.sigma_data,
+                                      sigma_min=boundary, time_embed_scale=model.time_embed_scale)
         written = []
         for steps in cfg.sample.steps:
             taus = list(m.tau[: steps - 1]) if steps > 1 else []
