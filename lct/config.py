@@ -51,9 +51,17 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "edm": {**ILCT_OFF, "method.objective": "edm", "method.sigma_min": 0.0, "ema": _ema(0.9999, 128)},
     "ict": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber", "method.c": 0.00054,
             "method.tau": [0.821], "model.dropout": 0.3, "optim.batch_size": 1024, "ema": _ema(0.99993, 1024)},
+    # iLCT's Table 1 baseline: iLCT's own setup (the ilct preset) with iCT's loss, c = 0.00054 sqrt(d).
     "ict_latent_baseline": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
                             "method.c": 0.03456, "method.s1": 640, "optim.weight_decay": 1e-4,
                             "ema": _ema(0.99993, 128), "run.total_steps": 294_000},
+    # The authors' logged baseline run (SPEC 12): quandao10/LCT khanh2 scripts/
+    # train_lct_1k6_1280_nogradnorm_huber_positional.sh (batch 192, s1 1280, 1600 epochs of CelebA-HQ's
+    # 30k images, EMA 0.9999 per step) and ot scripts/old/test_baseline.sh (2 steps: --ts 0,640,1280 of 1281).
+    "ict_latent_baseline_logged": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
+                                   "method.c": 0.03456, "optim.weight_decay": 1e-4, "optim.batch_size": 192,
+                                   "method.tau": [2.51521897615], "ema": _ema(0.9999, 192),
+                                   "run.total_steps": 249_600},
     # ECT main: trains with sigma_min 0, evaluates with boundary scalings at 0.003 (ECMPrecond in eval
     # mode) and noise t * z; fp32 without TF32 (ct_train.py --tf32 defaults to False).
     "ect": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.0,

@@ -136,3 +136,19 @@ def test_dry_run_every_shipped_config(config):
     assert "parameters: trunk" in proc.stdout and "FLOPs per optimizer step" in proc.stdout
     if "demo" not in config:
         assert "would fail at start" in proc.stderr
+
+
+def test_latent_ict_baseline_presets_and_ect_precision():
+    """SPEC 12: the iLCT-setup baseline, the authors' logged baseline run, and ECT's precision."""
+    iclr = load_config(None, ["method.preset=ict_latent_baseline"])
+    logged = load_config(None, ["method.preset=ict_latent_baseline_logged"])
+    for cfg in (iclr, logged):
+        assert cfg.method.objective == "ict" and cfg.method.distance == "pseudo_huber" and cfg.method.c == 0.03456
+        assert cfg.model.nsln == "none" and not cfg.method.ot and cfg.method.diffusion_weight == 0.0
+    assert (iclr.method.s1, iclr.optim.batch_size, iclr.method.tau) == (640, 128, [0.36931547704])
+    assert (logged.method.s1, logged.optim.batch_size, logged.method.tau) == (1280, 192, [2.51521897615])
+    assert logged.run.total_steps == 30000 // 192 * 1600 and logged.ema.models[0].decay == 0.9999
+    from lct.consistency import karras_sigmas
+    assert abs(karras_sigmas(1281)[640].item() - logged.method.tau[0]) < 1e-10  # --ts 0,640,1280 of 1281
+    assert load_config(None, ["method.preset=ect"]).precision == "fp32"
+    assert load_config(None, ["method.preset=ect_imagenet"]).precision == "tf32"
