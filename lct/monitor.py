@@ -158,7 +158,7 @@ class LossMeter:
             record["c"] = curriculum.c
         extra = self.last.scalars() if self.last is not None else {}
         for k in ("rms_sqrt_m", "frac_m_gt_2c2", "diffusion_term", "early_local"):
-            if k in extra:
+            if k in extra and math.isfinite(extra[k]):  # frac_m_gt_2c2 is NaN at c = 0: not valid JSON
                 record[k] = extra[k]
         gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         if gn is not None:
