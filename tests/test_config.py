@@ -54,7 +54,7 @@ def test_layernorm_ablation_resolves_to_the_affine_qk_norm():
     """configs/ablations/ilct_layernorm.yaml is iLCT with LayerNorm in NsLN's place (SPEC 8), not
     iLCT without any q/k norm; everything else is the iLCT config it inherits."""
     ablation = load_config(ROOT / "configs/ablations/ilct_layernorm.yaml")
-    base = load_config(ROOT / "configs/lct_coco.yaml")
+    base = load_config(ROOT / "configs/ilct_coco.yaml")
     assert ablation.model.nsln == "layernorm" and base.model.nsln == "qk"
     a, b = ablation.model_dump(), base.model_dump()
     a["model"].pop("nsln"), b["model"].pop("nsln"), a["run"].pop("dir"), b["run"].pop("dir")
