@@ -175,5 +175,17 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         return len(self.levels)
 
 
+def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = None,
+                            sample_sigma_min: float | None = None) -> LCTScheduler:
+    """A copy of `scheduler` with another boundary of the scalings (`sigma_min`) and/or noise
+    sigma_min between steps (None keeps the recorded value). ECT's evaluation of its sigma_min-0
+    network: `sigma_min=0.003, sample_sigma_min=0` (locuslab/ect ECMPrecond in eval mode, SPEC 2.4)."""
+    changes = {k: float(v) for k, v in (("sigma_min", sigma_min), ("sample_sigma_min", sample_sigma_min))
+               if v is not None}
+    if any(v < 0 for v in changes.values()):
+        raise ValueError(f"sampling sigma_min values must be >= 0: {changes}")
+    return LCTScheduler.from_config({**scheduler.config, **changes})
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (like.ndim - 1))

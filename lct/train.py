@@ -254,7 +254,8 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
                     latent_shape=start.desc.latent_shape, norm=LatentNorm.from_manifest(start.manifest, cfg.data.latent_norm),
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
-                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest))
+                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest),
+                    posterior=cfg.data.posterior)
     memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4

@@ -61,3 +61,20 @@ def test_ot_couple_bench(tmp_path):
     res = json.loads((tmp_path / "ot_couple.json").read_text())
     assert res["ms_per_call_1_thread"] > 0 and res["cost_matrix_ms_1_thread"] > 0
     assert 0.01 < res["pair_cost_gain"] < 0.06
+
+
+def test_precision_bench_tiny(tmp_path):
+    """bench/precision.py runs end to end, and what it measures is the bf16 rounding: at the
+    same pairs, m under bf16 autocast differs from fp32 by a small positive m_round, and the
+    ratio to 2c^2 grows as the stages shrink c (the numbers are bench/RESULTS.md's, not asserted)."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "precision.py"), "--tiny", "--num", "16", "--s1", "40",
+                    "--ect-stages", "2", "--out", str(tmp_path)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
+    assert [(r["curriculum"], r["stage"]) for r in rows] == [("ict", 0), ("ict", 1), ("ict", 2), ("ect", 0), ("ect", 1)]
+    assert [r["N"] for r in rows[:3]] == [11, 21, 41]
+    for r in rows:
+        assert 0 < r["m_round_bf16"] < 1e-3 * r["m_fp32"] and r["m_fp32"] > 0
+    ict = [r["m_round_bf16_over_2c2"] for r in rows[:3]]
+    assert ict == sorted(ict)
+    assert "| m_round bf16 / 2c^2 |" in (tmp_path / "precision.md").read_text()

@@ -174,6 +174,42 @@ def test_nsln_placement():
                 assert type(ln) is nn.LayerNorm and not ln.elementwise_affine and ln.eps == 1e-6
 
 
+def test_layernorm_is_the_affine_qk_norm_of_the_authors_dit_baseline():
+    """nsln: layernorm = timm `Attention(qk_norm=True)` (norm_layer nn.LayerNorm, eps 1e-5, learned
+    gamma and beta), which the authors' DiT baseline uses and NsLN replaces (SPEC 8)."""
+    from timm.layers import Attention as TimmAttention
+
+    ln = make(nsln="layernorm")
+    for blk in ln.blocks:
+        for attn in (blk.attn, blk.cross_attn):
+            for norm in (attn.q_norm, attn.k_norm):
+                assert isinstance(norm, dit_module.AffineLayerNorm) and norm.elementwise_affine
+                assert norm.normalized_shape == (8,) and norm.eps == 1e-5  # head_dim = 32 / 4
+    assert isinstance(ln.text_norm, nn.LayerNorm) and ln.text_norm.elementwise_affine
+    assert not any(isinstance(m, NonScalingLayerNorm) for m in ln.modules())
+    # Same keys as the NsLN model plus the gammas: q/k weight per attention, and the text norm's.
+    qk_keys, ln_keys = set(make(nsln="qk").state_dict()), set(ln.state_dict())
+    assert ln_keys - qk_keys == {k.replace(".bias", ".weight") for k in qk_keys
+                                 if k.endswith(("q_norm.bias", "k_norm.bias", "text_norm.bias"))}
+
+    # Self-attention against timm's, weights copied (gamma, beta off their init so they matter).
+    ours = perturb(dit_module.Attention(32, 4, qk_norm="layernorm"), std=0.3).eval()
+    ref = TimmAttention(32, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm).eval()  # as the authors pass it
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    # ... and it is a different network from NsLN and from no norm at the same weights.
+    for other in ("qk", "none"):
+        alt = dit_module.Attention(32, 4, qk_norm=other).eval()
+        alt.load_state_dict(ours.state_dict(), strict=False)
+        assert not torch.allclose(alt(x), ours(x), atol=1e-4)
+
+
+def test_unknown_nsln_is_refused():
+    with pytest.raises(ConfigError, match="model.nsln"):
+        make(nsln="groupnorm")
+
+
 # ----------------------------------------------------------------------------------------------
 # Activation checkpointing, dropout and torch.compile
 # ----------------------------------------------------------------------------------------------

@@ -187,6 +187,51 @@ def read_stats(run_dir: Path, kind="train"):
     return [r for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
+def documented_log_fields(kind: str) -> set[str]:
+    """The field names of README's "Reading your logs" table for `kind` ("train" or "val")."""
+    import re
+
+    from lct.data import SKIP_REASONS
+
+    text = (ROOT / "README.md").read_text().split("### Reading your logs", 1)[1].split("\n### ", 1)[0]
+    table = text.split("Train records" if kind == "train" else "Validation records", 1)[1].split("\n\n", 1)[0]
+    names = {"kind"}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    if "data_skipped_<reason>" in names:
+        names = (names - {"data_skipped_<reason>"}) | {f"data_skipped_{r}" for r in SKIP_REASONS}
+    return names
+
+
+def test_train_log_fields_are_the_documented_ones():
+    """Every field LossMeter writes is in README's table and every documented one is written (the
+    optional ones where they apply); frac_m_gt_2c2 is left out at c = 0 (NaN is not JSON)."""
+    from lct.config import TrainConfig
+    from lct.data import SkipTally
+    from lct.monitor import LossMeter
+    from lct.objectives import Curriculum, Diagnostics
+    from lct.run import TrainState
+
+    cfg = TrainConfig()
+    records = []
+    for c, cur in ((0.01, Curriculum(5, num_points=21, c=0.01)), (0.0, Curriculum(5, stage=1, c=0.0))):
+        meter = LossMeter(cfg, torch.device("cpu"), 1, 0)
+        sigma = torch.tensor([0.003, 0.5, 3.0, 70.0])
+        meter.add([Diagnostics(sigma=sigma, loss=torch.ones(4), m=torch.full((4,), 1e-3), curriculum=cur,
+                               early_local=1, diffusion=torch.tensor(0.2))])
+        records.append({"kind": "train", **meter.record(TrainState(applied_steps=5, data_steps=6), 1e-4, cur,
+                                                        None, SkipTally())})
+        json.loads(json.dumps(records[-1], allow_nan=False))
+    documented = documented_log_fields("train")
+    optional = {"grad_norm", "max_memory_gb", "N", "stage"}
+    for rec in records:
+        assert set(rec) <= documented, set(rec) - documented
+    assert documented - optional <= set(records[0]), documented - optional - set(records[0])
+    assert "frac_m_gt_2c2" not in records[1] and records[0]["frac_m_gt_2c2"] == 1.0
+    assert records[0]["loss_bucket"][0] == 1.0 and records[0]["loss_bucket"][1] is None  # 0.003 in [0.002, 0.0075)
+
+
 def checkpoint_tensors(ckpt_dir: Path):
     from safetensors.torch import load_file
 
@@ -214,6 +259,8 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
     assert {"rms_sqrt_m", "frac_m_gt_2c2", "grad_norm", "loss_bucket", "images_per_s"} <= set(stats[-1])
     val = read_stats(run, "val")
     assert [r["step"] for r in val] == [3, 6, 6]  # every 3 steps, plus the final forced one
+    assert set(val[0]) == documented_log_fields("val") - {"stage"}  # README's table is what validation writes
+    assert set(stats[-1]) <= documented_log_fields("train")
     assert val[1]["consistency_m"] == val[2]["consistency_m"]  # a fixed checkpoint validates identically
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000006"
     # Re-running the same command finds the run complete.

@@ -113,6 +113,42 @@ class NonScalingLayerNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}, scale fixed at 1"
 
 
+class AffineLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` with learned gamma and beta (eps 1e-5), computed in fp32 like the NsLN.
+
+    `nsln: layernorm` (SPEC 8): the authors' DiT baseline that NsLN replaces (timm's
+    `Attention(qk_norm=True)` with `norm_layer=nn.LayerNorm`). A subclass, so the state dict is
+    `weight`/`bias` as timm's and `isinstance(m, nn.LayerNorm)` holds; returns the input's dtype.
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with autocast_off(h.device):
+            return F.layer_norm(h.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                self.eps).to(h.dtype)
+
+
+NSLN_KINDS = ("qk", "layernorm", "none")
+
+
+def qk_norm_layer(kind: str, dim: int) -> nn.Module:
+    """The q/k norm over head_dim for `model.nsln` (SPEC 8): NsLN (`qk`), affine LayerNorm
+    (`layernorm`), or none (`none`)."""
+    if kind == "qk":
+        return NonScalingLayerNorm(dim)
+    if kind == "layernorm":
+        return AffineLayerNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"nsln must be one of {NSLN_KINDS}, got {kind!r}")
+
+
+def text_input_norm(kind: str, dim: int) -> nn.Module:
+    """The text-token input norm for `model.nsln` (SPEC 8): NsLN with `qk`, affine otherwise."""
+    if kind == "qk":
+        return NonScalingLayerNorm(dim)
+    return AffineLayerNorm(dim) if kind == "layernorm" else nn.LayerNorm(dim)
+
+
 #################################################################################
 #                      Embedding layers for time, pooled text, classes           #
 #################################################################################
@@ -188,11 +224,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class Attention(nn.Module):
     """Multi-head self-attention, or cross-attention to `context` (with a key-padding mask).
 
-    With `qk_norm`, q and k are normalised over head_dim by a `NonScalingLayerNorm` (SPEC 8).
+    q and k are normalised over head_dim as `qk_norm` says (`qk_norm_layer`, SPEC 8).
     Dropout (rate `dropout`, training mode, global torch RNG) on the output projection.
     """
 
-    def __init__(self, dim: int, num_heads: int, cross: bool = False, qk_norm: bool = False,
+    def __init__(self, dim: int, num_heads: int, cross: bool = False, qk_norm: str = "none",
                  dropout: float = 0.0, backend: str = "sdpa"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -202,8 +238,8 @@ class Attention(nn.Module):
             self.kv = nn.Linear(dim, 2 * dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_layer(qk_norm, self.head_dim)
+        self.k_norm = qk_norm_layer(qk_norm, self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -241,7 +277,7 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: self-attention, (text mode) cross-attention, MLP."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross: bool = False,
-                 qk_norm: bool = False, dropout: float = 0.0, backend: str = "sdpa"):
+                 qk_norm: str = "none", dropout: float = 0.0, backend: str = "sdpa"):
         super().__init__()
         self.num_mod = 9 if cross else 6
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -347,7 +383,6 @@ class TextDiT(ModelMixin, ConfigMixin):
         self.patch = patch_size
         self.grid = (input_height // patch_size, input_width // patch_size)
         self.gradient_checkpointing = False
-        qk = nsln == "qk"
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # Fixed, recomputed at construction, so not saved (persistent=False).
@@ -355,8 +390,7 @@ class TextDiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size)
         if cond == "text":
             self.text_proj = nn.Linear(text_dim, hidden_size)
-            # The text-token input norm: NsLN with nsln=qk (SPEC 8), an affine LayerNorm otherwise.
-            self.text_norm = NonScalingLayerNorm(hidden_size) if qk else nn.LayerNorm(hidden_size)
+            self.text_norm = text_input_norm(nsln, hidden_size)  # SPEC 8
             self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size) if pooled_dim > 0 else None
             # Learned null condition (SPEC 9): token states, and a pooled vector; saved with the model.
             self.null_text_states = nn.Parameter(torch.zeros(text_len, text_dim))
@@ -364,7 +398,7 @@ class TextDiT(ModelMixin, ConfigMixin):
         elif cond == "class":
             self.class_embedder = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=cond == "text", qk_norm=qk, dropout=dropout,
+            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=cond == "text", qk_norm=nsln, dropout=dropout,
                      backend=attention)
             for _ in range(depth)
         ])
@@ -496,6 +530,8 @@ def _validate(args: Mapping[str, Any]) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(msg, key=key)
 
+    if args["nsln"] not in NSLN_KINDS:
+        fail("model.nsln", f"{args['nsln']!r} is not one of {', '.join(NSLN_KINDS)}")
     if args["attention"] == "xformers":
         try:
             import xformers.ops  # noqa: F401
@@ -549,7 +585,7 @@ def build_dit(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77, 
 def split_parameter_count(model: nn.Module) -> dict[str, int]:
     """{'trunk', 'extra', 'total'}: trunk = what the DiT paper counts for a DiT of this size,
     extra = text conditioning (cross-attention, extra adaLN rows, text projection and norm,
-    pooled MLP, null condition) and the NsLN qk-norm betas. Other networks count as all trunk."""
+    pooled MLP, null condition) and the q/k norms' parameters (NsLN betas, LayerNorm gammas and betas). Other networks count as all trunk."""
     if not isinstance(model, TextDiT):
         total = sum(p.numel() for p in model.parameters())
         return {"trunk": total, "extra": 0, "total": total}
