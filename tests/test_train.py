@@ -98,6 +98,47 @@ def test_partitioned_ema_slices_equal_full_ema_bitwise():
     assert ema_beta(8, 8) == 0.5
 
 
+def _reference_ema(emas: dict, module, batch_images: int, halflives: dict) -> None:
+    """The EMA formula written plainly (per parameter, full tensors): ema <- lerp(ema, w, 1 - beta)."""
+    for name, hl in halflives.items():
+        for n, p in module.named_parameters():
+            emas[name][n].lerp_(p.detach(), 1.0 - ema_beta(batch_images, hl))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_partitioned_ema_update_equals_the_formula_bitwise(flat):
+    """The cached, coalesced update (one lerp per EMA when the weights lie in one buffer, as under
+    DeepSpeed ZeRO-1/2) gives the per-parameter formula bitwise, on 1 and 3 ranks, and follows the
+    weights when their storage moves (a checkpoint load replacing p.data)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    if flat:  # DeepSpeed's layout: every parameter a view of one flat fp32 buffer, in order
+        storage = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        pos = 0
+        for p in module.parameters():
+            p.data = storage[pos:pos + p.numel()].view(p.shape)
+            pos += p.numel()
+    hls = {"a": 100.0, "b": 7.0}
+    ref = {name: {n: p.detach().clone() for n, p in module.named_parameters()} for name in hls}
+    emas = [PartitionedEMA(module, hls), *[PartitionedEMA(module, hls, rank=r, world_size=3) for r in range(3)]]
+    for step in range(6):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 3:  # the storage moves: the cached operands must follow
+            for p in module.parameters():
+                p.data = p.data.clone()
+        for e in emas:
+            e.update(module, batch_images=8)
+        _reference_ema(ref, module, 8, hls)
+        if flat and step < 3:
+            assert len(emas[0]._run_cache[0]) == 1  # one run: one lerp kernel per EMA
+    for name in hls:
+        want = torch.cat([ref[name][n].reshape(-1) for n, _ in module.named_parameters()])
+        assert torch.equal(emas[0].buffers[name], want)
+        assert torch.equal(torch.cat([e.buffers[name] for e in emas[1:]]), want)
+
+
 def test_ema_half_life_in_images_matches_decay():
     """0.99993 at batch 128 is a half-life of ~1.27 M images (SPEC 12)."""
     cfg = load_config(None, ["method.preset=ilct"])
