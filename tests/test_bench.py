@@ -61,3 +61,28 @@ def test_ot_couple_bench(tmp_path):
     res = json.loads((tmp_path / "ot_couple.json").read_text())
     assert res["ms_per_call_1_thread"] > 0 and res["cost_matrix_ms_1_thread"] > 0
     assert 0.01 < res["pair_cost_gain"] < 0.06
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_cpu_runs_every_row(tmp_path):
+    """~2-3 min on 2 cores: `bench/gpu_check.sh --dry-cpu`, issue 23's GPU script with the same
+    commands at tiny sizes (before rows from a `.before` snapshot if prepared, else this tree;
+    after rows with optim.fused, the PixArt stack eager and compiled, EDM on the same DiT), so the
+    prepared GPU call cannot rot."""
+    out = tmp_path / "out"
+    proc = run_cmd(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-cpu"],
+                   env={"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT_DIR": str(out),
+                        "WORK": str(tmp_path / "work")}, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = json.loads((out / "before" / "train_step.json").read_text())
+    after = json.loads((out / "after" / "train_step.json").read_text())
+    assert [c["name"] for c in before["configs"]] == ["DiT-XL/2 eager", "DiT-XL/2 compiled", "DiT-B/2 eager"]
+    assert [c["name"] for c in after["configs"]] == ["DiT-B/2 eager", "DiT-B/2 compiled", "DiT-XL/2 eager",
+                                                     "DiT-XL/2 compiled", "pixart_block", "pixart_block_compiled",
+                                                     "edm_objective"]
+    for res in (before, after):
+        assert not [c for c in res["configs"] if "error" in c], [c.get("error") for c in res["configs"]]
+    assert "optim.fused=true" in after["configs"][0]["overrides"]
+    assert {"ours / pixart step time (<= 1 is faster)", "ours / pixart step time, both compiled (<= 1 is faster)",
+            "consistency / edm step"} <= set(after["ratios"])
+    assert (out / "env.txt").read_text().startswith("mode cpu")
