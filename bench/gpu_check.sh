@@ -61,12 +61,12 @@ mkdir -p "$out"
 before_root=.before
 if [ ! -f .before/bench/train_step.py ]; then
   [ "$mode" = gpu ] && { echo "no .before/: run 'bash bench/gpu_check.sh --prepare' here and carry .before" >&2; exit 2; }
-  before_root=.  # dry run without a snapshot: the same commands on this tree
+  before_root=  # dry run without a snapshot: the before rows are main's code, nothing of ours to try
 fi
 {
   echo "mode $mode, device $device, $(date -u +%FT%TZ)"
   echo "after: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
-  echo "before: $before_root $(cat "$before_root/BASE_COMMIT" 2>/dev/null || echo '(this tree)')"
+  echo "before: ${before_root:-none} $(cat "${before_root:-.}/BASE_COMMIT" 2>/dev/null || echo '(no snapshot)')"
   [ "$mode" = gpu ] && nvidia-smi --query-gpu=name,clocks.max.sm,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, deepspeed, diffusers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__)" 2>/dev/null
 } > "$out/env.txt"
@@ -74,10 +74,14 @@ cat "$out/env.txt"
 
 t0=$(date +%s)
 status=0
-echo "== before rows ($before_root)"
-(cd "$before_root" && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "$before_limit" \
-   $PY bench/train_step.py --arch DiT-XL/2 DiT-B/2 "${sizes[@]}" --compile DiT-XL/2 "${common[@]}" \
-   --out "$OLDPWD/$out/before") 2>&1 | tee "$out/before.log" | grep -E '^\||^==|rror' || status=1
+if [ -n "$before_root" ]; then
+  echo "== before rows ($before_root)"
+  (cd "$before_root" && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "$before_limit" \
+     $PY bench/train_step.py --arch DiT-XL/2 DiT-B/2 "${sizes[@]}" --compile DiT-XL/2 "${common[@]}" \
+     --out "$OLDPWD/$out/before") 2>&1 | tee "$out/before.log" | grep -E '^\||^==|rror' || status=1
+else
+  echo "== no .before snapshot: before rows skipped (dry run)"
+fi
 echo "== after rows (this tree), $(( $(date +%s) - t0 )) s so far"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "$after_limit" \
   $PY bench/train_step.py --arch DiT-B/2 DiT-XL/2 "${sizes_after[@]}" --compile DiT-B/2 DiT-XL/2 "${common[@]}" \
