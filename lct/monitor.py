@@ -124,11 +124,13 @@ class LossMeter:
         nb, acc = self.buckets, self.acc
         for diag in diags:
             idx = sigma_buckets(diag.sigma, nb, *self.range)
-            if torch.isfinite(diag.loss).all():
-                acc[0] += diag.loss.sum().double()
-                acc[1] += diag.loss.numel()
-                acc[2:2 + nb].index_add_(0, idx, diag.loss.double())
-                acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
+            # A micro-batch with a non-finite loss adds nothing; decided on the device (no sync).
+            ok = torch.isfinite(diag.loss).all().double()
+            zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+            acc[0] += torch.where(ok > 0, diag.loss.sum().double(), zero)
+            acc[1] += ok * diag.loss.numel()
+            acc[2:2 + nb].index_add_(0, idx, torch.where(ok > 0, diag.loss.double(), zero))
+            acc[2 + nb:].index_add_(0, idx, ok.expand(diag.loss.shape))
         self.last = diags[-1]
 
     def record(self, state, lr: float, curriculum, engine, tally: SkipTally | None = None) -> dict:

@@ -78,3 +78,30 @@ def test_precision_bench_tiny(tmp_path):
     ict = [r["m_round_bf16_over_2c2"] for r in rows[:3]]
     assert ict == sorted(ict)
     assert "| m_round bf16 / 2c^2 |" in (tmp_path / "precision.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_cpu_runs_every_row(tmp_path):
+    """~1-2 min on 2 cores: `bench/gpu_check.sh --dry-cpu`, issue 23's GPU script with the same
+    commands at tiny sizes (the after rows: optim.fused, DiT eager and compiled, the PixArt stack
+    eager and compiled, EDM on the same DiT; the before rows only where a `.before` snapshot was
+    prepared), so the prepared GPU call cannot rot."""
+    out = tmp_path / "out"
+    proc = run_cmd(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-cpu"],
+                   env={"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT_DIR": str(out),
+                        "WORK": str(tmp_path / "work")}, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((out / "after" / "train_step.json").read_text())
+    results = [after]
+    if (ROOT / ".before" / "bench" / "train_step.py").is_file():  # a prepared snapshot (not in CI)
+        results.append(json.loads((out / "before" / "train_step.json").read_text()))
+        assert [c["name"] for c in results[1]["configs"]] == ["DiT-XL/2 eager", "DiT-XL/2 compiled", "DiT-B/2 eager"]
+    assert [c["name"] for c in after["configs"]] == ["DiT-B/2 eager", "DiT-B/2 compiled", "DiT-XL/2 eager",
+                                                     "DiT-XL/2 compiled", "pixart_block", "pixart_block_compiled",
+                                                     "edm_objective"]
+    for res in results:
+        assert not [c for c in res["configs"] if "error" in c], [c.get("error") for c in res["configs"]]
+    assert "optim.fused=true" in after["configs"][0]["overrides"]
+    assert {"ours / pixart step time (<= 1 is faster)", "ours / pixart step time, both compiled (<= 1 is faster)",
+            "consistency / edm step"} <= set(after["ratios"])
+    assert (out / "env.txt").read_text().startswith("mode cpu")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -95,7 +96,16 @@ class NonScalingLayerNorm(nn.Module):
     The scale is fixed at 1: it is neither a parameter nor a buffer, so no optimizer, EMA or
     checkpoint ever sees it. Only the bias `beta` (`self.bias`) is trainable. Normalises over the
     last dimension (biased variance, as `nn.LayerNorm`).
+
+    On CUDA, outside a compiled region, the formula runs as one compiled kernel (`fused`): eager
+    layer_norm over 64-wide q/k rows plus the fp32 casts and beta take several passes and were the
+    largest single cost of the eager step (bench/RESULTS.md). Inside a compiled model the compiler
+    fuses it with its neighbours anyway; on the CPU it runs eagerly. `fused`: "cuda" (default),
+    "always", "never" (benchmarks' before rows).
     """
+
+    fused = "cuda"
+    _fallback_reason: str | None = None  # set when compiling failed once: eager from then on
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -103,11 +113,26 @@ class NonScalingLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # Statistics and beta in fp32 (beta is not rounded to bf16); returns the input's dtype.
-        # beta is added outside layer_norm: CUDA's layer_norm backward returns no bias gradient when
-        # the weight is None (seen on an H100, torch 2.11: "invalid gradient at index 2 - got [0]").
         with autocast_off(h.device):
-            return (F.layer_norm(h.float(), (self.dim,), None, None, self.eps) + self.bias.float()).to(h.dtype)
+            if self._use_fused(h):
+                try:
+                    # One kernel per width (static), any batch and sequence length (dynamic).
+                    torch._dynamo.mark_static(h, h.ndim - 1)
+                    for d in range(h.ndim - 1):
+                        torch._dynamo.maybe_mark_dynamic(h, d)
+                    return _nsln_fused(h, self.bias, self.eps)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - no compiler for this device: eager is exact
+                    NonScalingLayerNorm._fallback_reason = f"{type(err).__name__}: {err}"[:300]
+                    warnings.warn(f"the fused non-scaling LayerNorm did not compile "
+                                  f"({NonScalingLayerNorm._fallback_reason}); running it eagerly")
+            return non_scaling_layer_norm(h, self.bias, self.eps)
+
+    def _use_fused(self, h: torch.Tensor) -> bool:
+        if self._fallback_reason is not None or self.fused == "never" or torch.compiler.is_compiling():
+            return False
+        return self.fused == "always" or h.is_cuda
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, scale fixed at 1"
@@ -147,6 +172,16 @@ def text_input_norm(kind: str, dim: int) -> nn.Module:
     if kind == "qk":
         return NonScalingLayerNorm(dim)
     return AffineLayerNorm(dim) if kind == "layernorm" else nn.LayerNorm(dim)
+
+
+def non_scaling_layer_norm(h: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """SPEC 8 over the last dimension, statistics and beta in fp32 (beta is not rounded to bf16);
+    returns h's dtype. beta is added outside layer_norm: CUDA's layer_norm backward returns no bias
+    gradient when the weight is None (seen on an H100, torch 2.11: "invalid gradient at index 2")."""
+    return (F.layer_norm(h.float(), (h.shape[-1],), None, None, eps) + bias.float()).to(h.dtype)
+
+
+_nsln_fused = torch.compile(non_scaling_layer_norm)
 
 
 #################################################################################
