@@ -73,10 +73,14 @@ class RunConfig(Strict):
     log_every: int = Field(10, ge=1)
     save_every: int = Field(5000, ge=1, description="checkpoint every this many applied steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept by rotation")
-    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never', or a path")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never' (a previous "
+                        "run in run.dir is moved to run.dir/previous/), or a checkpoint folder")
+    trust_checkpoint_code: bool = Field(False, description="load checkpoints with full pickle (runs any code in "
+                                        "them): only for checkpoints you made yourself")
     allow_total_steps_change: bool = Field(False, description="accept a changed run.total_steps on resume (moves the curriculum)")
     max_consecutive_skips: int = Field(20, ge=1, description="stop after this many non-finite steps in a row")
-    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly after this much training time")
+    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly before this much wall "
+                                              "clock since this invocation started (start-up included)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout (raised around sampling and saving)")
     tensorboard: bool = True
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
