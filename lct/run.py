@@ -173,7 +173,8 @@ def check_resume(cfg: TrainConfig, info: DistInfo, ckpt_dir: Path) -> dict:
             f"run.total_steps changed from {old_cfg['run']['total_steps']} to {cfg.run.total_steps}: "
             "that moves the curriculum N(k) (SPEC 2.2). Keep it, or pass "
             "run.allow_total_steps_change=true to accept the change")
-    changes = [c for c in config_changes(old_cfg, new_cfg) if not c.startswith("run.resume")]
+    per_invocation = ("run.resume", "run.trust_checkpoint_code", "run.time_budget_minutes")
+    changes = [c for c in config_changes(old_cfg, new_cfg) if not c.startswith(per_invocation)]
     if changes and info.is_main:
         print("warning: resuming with a changed config:\n  " + "\n  ".join(changes), file=sys.stderr)
     return saved
