@@ -540,16 +540,17 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("model.init_ema", "init_ema needs model.init_from")
 
 
-def check_train_config(cfg: TrainConfig) -> list[str]:
-    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0)."""
+def check_train_config(cfg: TrainConfig, world_size: int = 1) -> list[str]:
+    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0).
+    `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch)."""
     m, warn = cfg.method, []
     if m.objective == "ect" and m.c == "adaptive":
         warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
                     "(SPEC 4), not a published rule")
     if m.ot and m.objective != "edm":
-        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
+        mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
-            warn.append(f"OT coupling over micro-batches of {mb} (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+            warn.append(f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
     return warn
 
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = DistInfo.from_env(args.local_rank)
     if info.is_main:
-        for w in check_train_config(cfg):
+        for w in check_train_config(cfg, info.world_size):
             print(f"config warning: {w}", file=sys.stderr)
     if args.dry_run:
         return dry_run(cfg, info)
