@@ -495,16 +495,18 @@ class LauncherWatch:
     to the top-level `deepspeed` runner kills it alone and leaves the ranks training (upstream
     behaviour); a rank that finds one gone stops as on SIGTERM."""
 
-    MARKS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "torchrun")
+    MARKS = (("deepspeed.launcher.runner", "deepspeed runner"), ("bin/deepspeed", "deepspeed runner"),
+             ("deepspeed.launcher.launch", "deepspeed launch.py"), ("torch.distributed.run", "torchrun"),
+             ("bin/torchrun", "torchrun"))
 
     def __init__(self):
         self.watched: list[tuple[psutil.Process, str]] = []
         try:
             for p in psutil.Process().parents():
                 cmd = " ".join(p.cmdline())
-                mark = next((m for m in self.MARKS if m in cmd), None)
-                if mark:
-                    self.watched.append((p, mark.rsplit("/", 1)[-1]))
+                name = next((n for m, n in self.MARKS if m in cmd), None)
+                if name:
+                    self.watched.append((p, name))
         except psutil.Error:
             pass
 

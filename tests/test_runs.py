@@ -264,7 +264,7 @@ def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(
         assert len(said) == 1 and f"exiting with {code}" in said[0], err[-4000:]
         assert "DataLoader worker" not in err and not lct_traceback(err), err[-4000:]
         if target == "runner":
-            assert "the launcher deepspeed (pid" in err
+            assert "the launcher deepspeed runner (pid" in err
         tag = (run / "checkpoints" / "latest").read_text().strip()
         assert tag in said[0] and (run / "checkpoints" / tag / "COMPLETE").is_file()
         st = state_of(run, tag)
