@@ -62,6 +62,26 @@ def copy_run(finished_run: Path, dest: Path, latent_data, **run):
                              **QUIET, **EXACT)
 
 
+def test_data_workers_survive_the_signals_the_trainer_handles(latent_data):
+    """SIGINT and SIGTERM reach DataLoader workers with the process group (Ctrl-C, scancel,
+    launch.py's terminate); they ignore them, so the batches the save step needs keep coming."""
+    from test_train import _spec
+
+    from lct.data import make_loader
+
+    loader = make_loader(_spec(latent_data), 0, 40, num_workers=2, prefetch_factor=2, pin_memory=False)
+    it = torch.utils.data.DataLoader.__iter__(loader)  # the multiprocessing iterator itself (its workers)
+    first = [next(it) for _ in range(2)]
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGINT)
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    more = [next(it) for _ in range(6)]
+    assert all(w.is_alive() for w in it._workers)
+    assert [b["worker"] for b in first + more] == [0, 1] * 4
+    del it
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: damaged, malicious
 # ---------------------------------------------------------------------------------------------
