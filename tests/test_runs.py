@@ -164,6 +164,9 @@ def test_malicious_checkpoint_pickles_run_no_code(tmp_path, latent_data, finishe
         sd = torch.load(f, weights_only=False)  # our own file: fine to trust here
         sd["ds_version"] = Evil(marker)
         torch.save(sd, f)
+        rec = json.loads((ckpts / tag / "lct_state.json").read_text())
+        rec["files"][name] = f.stat().st_size  # a careful forger also fixes the recorded size
+        (ckpts / tag / "lct_state.json").write_text(json.dumps(rec))
         assert "posix.system" in problems(ckpts / tag)
     with pytest.raises(UserError, match="posix.system"):
         find_resume(load_config(cfg_path, [f"run.resume={ckpts / 'step00000006'}"]))
