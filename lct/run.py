@@ -287,9 +287,10 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def save(run: Run, state: TrainState, export_all: bool = False) -> Path:
-    """Atomic checkpoint on every rank + EMA export; raises the process-group timeout around it.
-    A complete checkpoint is never written twice (only its exports are refreshed). Its record
+def save(run: Run, state: TrainState, export_all: bool = False, export: bool = True) -> Path:
+    """Atomic checkpoint on every rank + EMA export (`export=False`: none, for a stop on a signal,
+    when the launcher's grace period is short); raises the process-group timeout around it. A
+    complete checkpoint is never written twice (only its exports are refreshed). Its record
     lists every file with its size (each rank reports its own). Returns the checkpoint folder."""
     cfg, info, world = run.cfg, run.info, run.info.world_size
     with dist.raised_timeout(world, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
@@ -316,9 +317,10 @@ def save(run: Run, state: TrainState, export_all: bool = False) -> Path:
             # An export builds pipeline components (VAE, text tower: random init, then their
             # weights), which must not move the training RNG: it was saved above, and a resumed run
             # must draw the dropout masks an uninterrupted one draws.
-            with torch.random.fork_rng(devices=[]):
-                export_emas(cfg, run.engine.module, emas, list(emas) if export_all else [cfg.ema.sample],
-                            run.manifest, state.applied_steps, state.images_seen, final=export_all)
+            if export or export_all:
+                with torch.random.fork_rng(devices=[]):
+                    export_emas(cfg, run.engine.module, emas, list(emas) if export_all else [cfg.ema.sample],
+                                run.manifest, state.applied_steps, state.images_seen, final=export_all)
         dist.barrier(world)
     return ckpt_dir
 

@@ -371,7 +371,7 @@ def loop(run: Run, started: float | None = None) -> int:
                                               info.world_size, "max")
         if sig or time_up or (result.applied and k % cfg.run.save_every == 0):
             t_save = time.time()
-            saved_at = save(run, state)
+            saved_at = save(run, state, export=not sig)  # on a signal: the checkpoint only, quickly
             save_seconds = time.time() - t_save
             run.faults.after_save(k)
         if sig:
