@@ -83,10 +83,14 @@ class RunConfig(Strict):
     log_every: int = Field(10, ge=1)
     save_every: int = Field(5000, ge=1, description="checkpoint every this many applied steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept by rotation")
-    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never', or a path")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never' (a previous "
+                        "run in run.dir is moved to run.dir/previous/), or a checkpoint folder")
+    trust_checkpoint_code: bool = Field(False, description="load checkpoints with full pickle (runs any code in "
+                                        "them): only for checkpoints you made yourself")
     allow_total_steps_change: bool = Field(False, description="accept a changed run.total_steps on resume (moves the curriculum)")
     max_consecutive_skips: int = Field(20, ge=1, description="stop after this many non-finite steps in a row")
-    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly after this much training time")
+    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly before this much wall "
+                                              "clock since this invocation started (start-up included)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout (raised around sampling and saving)")
     tensorboard: bool = True
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
@@ -568,16 +572,17 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("model.init_ema", "init_ema needs model.init_from")
 
 
-def check_train_config(cfg: TrainConfig) -> list[str]:
-    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0)."""
+def check_train_config(cfg: TrainConfig, world_size: int = 1) -> list[str]:
+    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0).
+    `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch)."""
     m, warn = cfg.method, []
     if m.objective == "ect" and m.c == "adaptive":
         warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
                     "(SPEC 4), not a published rule")
     if m.ot and m.objective != "edm":
-        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
+        mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
-            warn.append(f"OT coupling over micro-batches of {mb} (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+            warn.append(f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
     return warn
 
 

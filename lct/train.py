@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,8 +45,8 @@ from lct.latents import SampleLayout, load_manifest
 from lct.models import Precond, build_dit, count_parameters
 from lct.monitor import LossMeter, Monitor, Progress, RunLogger
 from lct.objectives import Curriculum, Diagnostics, make_objective
-from lct.run import (Run, TrainState, check_resume, find_resume, init_from, load_resume, save,
-                     write_run_record)
+from lct.run import (Run, TrainState, check_resume, find_resume, init_from, load_resume, lock_run_dir,
+                     make_universal, needs_universal, prepare_run_dir, refresh_exports, save, write_run_record)
 from lct.text import TextEncoder, text_condition
 from lct.timing import no_timer
 from lct.vae import LatentNorm
@@ -66,18 +67,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = invocation_start()
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     info = DistInfo.from_env(args.local_rank)
     if info.is_main:
-        for w in check_train_config(cfg):
+        for w in check_train_config(cfg, info.world_size):
             print(f"config warning: {w}", file=sys.stderr)
     if args.dry_run:
         return dry_run(cfg, info)
-    run = build(cfg, info, preflight(cfg, info))
-    rc = loop(run) if run is not None else 0
+    lock = lock_run_dir(cfg, info)  # held until this process ends: one trainer per run.dir
+    try:
+        start = preflight(cfg, info)
+        prepare_run_dir(cfg, info)
+        if start.saved and start.saved["state"]["applied_steps"] >= cfg.run.total_steps:
+            return finish_complete(cfg, info, start)
+        run = build(cfg, info, start)
+        rc = loop(run, started) if run is not None else 0
+    except KeyboardInterrupt:  # Ctrl-C before the loop: nothing trained yet, nothing to save
+        print("interrupted before training started; nothing to save", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
+    finally:
+        lock.release()
     dist.close()  # only after a run every rank finished (errors and signals exit on their own path)
     return rc
+
+
+def invocation_start() -> float:
+    """Wall-clock start of this process (interpreter and imports included): run.time_budget_minutes
+    counts from here."""
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return time.time()
+
+
+def finish_complete(cfg: TrainConfig, info: DistInfo, start: "Start") -> int:
+    """A run whose newest checkpoint is its last step: re-make missing or stale final exports (a
+    kill between the checkpoint and the export) from the checkpoint, on rank 0, without DeepSpeed."""
+    step = start.saved["state"]["applied_steps"]
+    if info.is_main:
+        remade = refresh_exports(cfg, build_network(cfg, start.desc), start.manifest, start.resume)
+        if remade:
+            print(f"re-made the final export(s) {', '.join(remade)} of step {step} from {start.resume}",
+                  file=sys.stderr, flush=True)
+        print(f"run {cfg.run.dir} is complete at step {step} of {cfg.run.total_steps}; nothing to do "
+              "(raise run.total_steps with run.allow_total_steps_change=true to go on)", flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +141,7 @@ def preflight(cfg: TrainConfig, info: DistInfo) -> Start:
         raise UserError("; ".join(problems))
     manifest = load_manifest(manifest_path(cfg))
     check_text_compatibility(cfg, manifest)
-    resume = find_resume(cfg)
+    resume = find_resume(cfg, info)
     saved = check_resume(cfg, info, resume) if resume else None
     return Start(micro, accum, manifest, describe_data(manifest), resume, saved)
 
@@ -230,12 +266,16 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
     model = (network if network is not None else build_network(cfg, start.desc)).to(device)
     if cfg.model.init_from:
         init_from(model, cfg.model.init_from, cfg.model.init_ema, info)
-    engine, ds_json = initialize(model, cfg, info.world_size)
+    universal = needs_universal(start.saved, info)  # another world size: load a universal checkpoint
+    if universal:
+        make_universal(cfg, info, start.resume)
+    engine, ds_json = initialize(model, cfg, info.world_size, load_universal=universal)
+    ckpt.enable_universal(engine)
     ema = PartitionedEMA(engine.module, {e.name: e.resolved_halflife() for e in cfg.ema.models},
                          info.rank, info.world_size)
     state, rng_state = TrainState(), None
     if start.resume:
-        state, rng_state = load_resume(engine, ema, start.resume, start.saved, info)
+        state, rng_state = load_resume(engine, ema, start.resume, start.saved, info, cfg.run.trust_checkpoint_code)
     dist.barrier(info.world_size)
     if info.is_main:
         write_run_record(cfg, info.world_size, ds_json)
@@ -268,7 +308,8 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
               loader=loader,
               text_encoder=make_text_encoder(cfg, start.manifest, device) if text_mode == "on_the_fly" else None,
               monitor=Monitor(cfg, info, engine, ema, start.manifest, start.desc, device) if monitor else None,
-              logger=RunLogger(Path(cfg.run.dir), cfg) if info.is_main else None, faults=Faults(), state=state)
+              logger=RunLogger(Path(cfg.run.dir), cfg, state.applied_steps) if info.is_main else None,
+              faults=Faults(), state=state)
     if rng_state is not None:
         ckpt.set_rng_state(rng_state)  # last: building the loader, text tower and monitor may draw
     return run
@@ -279,15 +320,20 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
 # ----------------------------------------------------------------------------------------------
 
 
-def loop(run: Run) -> int:
+def loop(run: Run, started: float | None = None) -> int:
+    """Steps until run.total_steps; a signal (SIGTERM, SIGINT, a launcher gone) or the time budget
+    (wall clock since `started`, this invocation's start) saves on every rank and stops."""
     cfg, info = run.cfg, run.info
-    state, flags = run.state, StopFlags()
+    state, flags, watch = run.state, StopFlags(), LauncherWatch()
+    started = time.time() if started is None else started
     meter = LossMeter(cfg, run.device, info.world_size, state.images_seen)
     progress = Progress(cfg, info, state.applied_steps)
     batches = iter(run.loader)
     tally = SkipTally()  # samples the data path skipped, per reason (lct.data.SKIP_REASONS)
     t_start, skips, exit_code = time.time() - state.train_seconds, 0, 0
+    save_seconds, saved_at = 0.0, None
     while state.applied_steps < cfg.run.total_steps:
+        t_step = time.time()
         step_batches = [next(batches) for _ in range(run.accum)]
         tally.update(step_batches)
         result = train_step(run, step_batches, state)
@@ -315,29 +361,42 @@ def loop(run: Run) -> int:
             progress.show(record)
         if run.monitor and result.applied:
             run.monitor.maybe_run(k, run.logger)
-        time_up = bool(cfg.run.time_budget_minutes and state.train_seconds > 60 * cfg.run.time_budget_minutes)
+        # Stop before the budget would pass during the next step and its save.
+        budget = 60 * (cfg.run.time_budget_minutes or 0)
+        time_up = bool(budget and time.time() - started + (time.time() - t_step) + save_seconds >= budget)
+        gone = watch.gone()
+        if gone and not flags.signal:
+            print(f"rank {info.rank}: {gone} is gone; saving and stopping as on SIGTERM", file=sys.stderr, flush=True)
+            flags.signal = signal.SIGTERM
         sig, time_up = dist.all_reduce_values([float(flags.signal), float(time_up)], run.device,
                                               info.world_size, "max")
         if sig or time_up or (result.applied and k % cfg.run.save_every == 0):
-            save(run, state)
+            t_save = time.time()
+            saved_at = save(run, state, export=not sig)  # on a signal: the checkpoint only, quickly
+            save_seconds = time.time() - t_save
             run.faults.after_save(k)
         if sig:
             exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
             if info.is_main:
-                print(f"received signal {int(sig)}: checkpoint saved at step {k}; exiting",
-                      file=sys.stderr, flush=True)
+                print(f"received {signal.Signals(int(sig)).name}: checkpoint {saved_at} (step {k}) saved on "
+                      f"every rank; exiting with {exit_code}", file=sys.stderr, flush=True)
             break
         if time_up:
             if info.is_main:
-                print(f"time budget of {cfg.run.time_budget_minutes} min reached at step {k}; "
-                      "checkpoint saved", file=sys.stderr, flush=True)
+                print(f"time budget of {cfg.run.time_budget_minutes} min for this invocation reached: checkpoint "
+                      f"{saved_at} (step {k}) saved; re-run the same command to continue", file=sys.stderr, flush=True)
             break
 
     progress.close()
     if exit_code == 0 and state.applied_steps >= cfg.run.total_steps:
-        save(run, state, export_all=True)
+        saved_at = save(run, state, export_all=True)
         if run.monitor:
             run.monitor.maybe_run(state.applied_steps, run.logger, force=True)
+        if info.is_main:
+            names = ", ".join(e.name for e in cfg.ema.models)
+            print(f"finished: step {state.applied_steps} of {cfg.run.total_steps}, checkpoint {saved_at}, exports "
+                  f"({names}) in {run.run_dir / 'export'}; {(time.time() - started) / 60:.1f} min this invocation, "
+                  f"{state.train_seconds / 3600:.2f} h of training in all", flush=True)
     if run.logger:
         run.logger.close()
     dist.barrier(info.world_size)
@@ -430,7 +489,9 @@ def grads_finite(module: torch.nn.Module) -> bool:
 
 
 class StopFlags:
-    """SIGTERM/SIGINT only set a flag; the loop agrees on it across ranks at step boundaries."""
+    """SIGTERM/SIGINT only set a flag; the loop agrees on it across ranks at step boundaries and
+    saves. A repeated signal changes nothing (torchrun and deepspeed's launch.py send their own
+    after the terminal's; both SIGKILL the ranks 30 s later, see README)."""
 
     def __init__(self):
         self.signal = 0
@@ -438,7 +499,38 @@ class StopFlags:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self.signal = self.signal or signum
+
+
+class LauncherWatch:
+    """The launcher processes above this rank (deepspeed's runner and launch.py, torchrun). SIGTERM
+    to the top-level `deepspeed` runner kills it alone and leaves the ranks training (upstream
+    behaviour); a rank that finds one gone stops as on SIGTERM."""
+
+    MARKS = (("deepspeed.launcher.runner", "deepspeed runner"), ("bin/deepspeed", "deepspeed runner"),
+             ("deepspeed.launcher.launch", "deepspeed launch.py"), ("torch.distributed.run", "torchrun"),
+             ("bin/torchrun", "torchrun"))
+
+    def __init__(self):
+        self.watched: list[tuple[psutil.Process, str]] = []
+        try:
+            for p in psutil.Process().parents():
+                cmd = " ".join(p.cmdline())
+                name = next((n for m, n in self.MARKS if m in cmd), None)
+                if name:
+                    self.watched.append((p, name))
+        except psutil.Error:
+            pass
+
+    def gone(self) -> str | None:
+        for p, name in self.watched:
+            try:  # is_running is false for a reused pid too (psutil compares start times)
+                alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                return f"the launcher {name} (pid {p.pid})"
+        return None
 
 
 def cli() -> None:

@@ -92,6 +92,13 @@ def test_ect_adaptive_c_warns():
     assert not any("extension" in w for w in check_train_config(load_config(None, ["method.preset=ect"])))
 
 
+def test_ot_warning_names_the_per_rank_micro_batch():
+    cfg = load_config(None, ["method.preset=ilct", "optim.batch_size=128"])
+    assert not any("OT coupling" in w for w in check_train_config(cfg, world_size=1))
+    (w,) = [w for w in check_train_config(cfg, world_size=4) if "OT coupling" in w]
+    assert "micro-batches of 32 per rank" in w
+
+
 def test_override_parsing():
     assert parse_override("optim.lr=2e-4") == ("optim.lr", 2e-4)
     assert parse_override("method.tau=[1.0, 0.5]") == ("method.tau", [1.0, 0.5])
