@@ -288,8 +288,11 @@ class Monitor:
         do_val = self.val is not None and (force or step % cfg.val.every == 0)
         if not (do_grid or do_val):
             return
-        with dist.raised_timeout(self.info.world_size, cfg.run.dist_timeout_minutes * 4,
-                                 cfg.run.dist_timeout_minutes):
+        # The trainer saves before it samples: a resumed run must draw what an uninterrupted one
+        # draws, so the monitor leaves the training RNG as it found it.
+        forked = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked), dist.raised_timeout(
+                self.info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
             model = self.ema_model()
             if do_val:
                 record = self.validate(model, step)

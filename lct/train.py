@@ -39,6 +39,7 @@ from lct.dist import DistInfo
 from lct.ema import PartitionedEMA
 from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate, set_precision
 from lct.errors import UserError, cli_main
+from lct.export import check_network_weights
 from lct.faults import Faults
 from lct.latents import SampleLayout, load_manifest
 from lct.models import Precond, build_dit, count_parameters
@@ -159,6 +160,8 @@ def preflight(cfg: TrainConfig, info: DistInfo, monitor: bool = True, failures: 
             if monitor:
                 vae, note = check(load_run_vae, cfg, manifest, default=(None, None))
                 notes += [note] if note else []
+    if cfg.model.init_from and os.path.exists(cfg.model.init_from):
+        check(check_init_from, cfg)
     resume = check(find_resume, cfg)
     saved = check(check_resume, cfg, info, resume) if resume else None
     if saved is not None and manifest is not None:
@@ -219,6 +222,15 @@ def problem_with_text_file(path: str | None, key: str) -> str | None:
     except OSError as err:
         return f"{key} {path} cannot be read ({err.strerror})"
     return None
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """model.init_from names an export (or a run with one) whose weights are whole."""
+    try:
+        check_network_weights(cfg.model.init_from, cfg.model.init_ema)
+    except UserError as err:
+        raise UserError(f"model.init_from {cfg.model.init_from}"
+                        f"{f' (model.init_ema {cfg.model.init_ema})' if cfg.model.init_ema else ''}: {err}") from None
 
 
 def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
@@ -551,14 +563,14 @@ def loop(run: Run) -> int:
             if run.logger:
                 run.logger(record)
             progress.show(record)
-        if run.monitor and result.applied:
-            run.monitor.maybe_run(k, run.logger)
         time_up = bool(cfg.run.time_budget_minutes and state.train_seconds > 60 * cfg.run.time_budget_minutes)
         sig, time_up = dist.all_reduce_values([float(flags.signal), float(time_up)], run.device,
                                               info.world_size, "max")
         if sig or time_up or (result.applied and k % cfg.run.save_every == 0):
             save(run, state)
             run.faults.after_save(k)
+        if run.monitor and result.applied and not sig:  # after the save: a failing grid costs no training
+            run.monitor.maybe_run(k, run.logger)
         if sig:
             exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
             if info.is_main:
