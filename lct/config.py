@@ -633,7 +633,9 @@ def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
     except ValidationError as err:
         # Flags are named like the fields, with dashes.
         e = _format_validation(err, schema, sources, COMMAND_LINE)
-        if e.key and e.source == COMMAND_LINE and "." not in e.key:
-            e = ConfigError(e.detail, key="--" + e.key.replace("_", "-"), source=e.source)
+        field, _, item = (e.key or "").partition(".")
+        if e.key and e.source == COMMAND_LINE and field in schema.model_fields:  # "channels.1": item 2 of --channels
+            flag = "--" + field.replace("_", "-") + (f" (item {int(item) + 1})" if item.isdigit() else "")
+            e = ConfigError(e.detail, key=flag, source=e.source)
         raise e from None
     return cfg, args

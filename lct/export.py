@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from lct.errors import UserError, cli_main
-from lct.files import atomic_dir
+from lct.files import atomic_dir, output_dir_problem
 from lct.model_card import EXPORT_FORMAT, META
 
 LEGACY_FORMAT = "lct-export/1"
@@ -484,14 +484,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise UserError(f"--out {out}: is the source export; write to another folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder (it is made, or replaced if it holds an export)")
+    problem = output_dir_problem(out, "--out")
+    if problem:
+        raise UserError(problem)
     if out.is_dir() and any(out.iterdir()) and not _is_export(out):
         raise UserError(f"--out {out}: a folder that holds other files (not an lct export), which writing "
                         "the pipeline would replace; give a new or empty folder")
-    parent = next((a for a in out.resolve().parents if a.exists()), None)
-    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-        raise UserError(f"--out {out}: cannot be made in {parent} (not a writable folder)")
     if args.results and not Path(args.results).is_file():
         raise UserError(f"--results {args.results}: file not found")
     pipe = load_pipeline(src)

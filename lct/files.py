@@ -92,3 +92,17 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def output_dir_problem(path: str | os.PathLike, key: str) -> str | None:
+    """Why `path` cannot be an output folder (it is a file; a file or an unwritable folder stands
+    where it would be made), as one line naming `key` (a flag or config key); None if it can."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{key} {path} is a file, not a folder; give a folder (it is made if missing)"
+    above = next((a for a in [p, *p.absolute().parents] if a.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{key} {path}: {above} is a file, so the folder cannot be made; give another folder"
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        return f"{key} {path}: no permission to write in {above}; give a writable folder"
+    return None

@@ -41,6 +41,7 @@ from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate
 from lct.errors import UserError, cli_main
 from lct.export import check_network_weights
 from lct.faults import Faults
+from lct.files import output_dir_problem
 from lct.latents import SampleLayout, load_manifest
 from lct.models import Precond, build_dit, count_parameters
 from lct.monitor import LossMeter, Monitor, Progress, RunLogger
@@ -190,22 +191,9 @@ def problems_with_paths(cfg: TrainConfig) -> list[str]:
         out.append(f"model.init_from: {cfg.model.init_from} not found")
     if cfg.data.val_shards and not [u for u in expand_urls(cfg.data.val_shards) if os.path.exists(u)]:
         out.append(f"data.val_shards: nothing found at {cfg.data.val_shards!r}")
-    out += [p for p in (problem_with_output_dir(cfg.run.dir, "run.dir"),
+    out += [p for p in (output_dir_problem(cfg.run.dir, "run.dir"),
                         problem_with_text_file(cfg.sample.prompts_file, "sample.prompts_file")) if p]
     return out
-
-
-def problem_with_output_dir(path: str, key: str) -> str | None:
-    """An output folder that is a file, or that cannot be made (no write permission above it)."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        return f"{key} {path} is a file, not a folder; set {key} to a folder (it is made if missing)"
-    parent = next((a for a in [p, *p.parents] if a.exists()), None)
-    if parent is not None and not parent.is_dir():
-        return f"{key} {path}: {parent} is a file, so the folder cannot be made; set {key} elsewhere"
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        return f"{key} {path}: no permission to write in {parent}; set {key} to a writable folder"
-    return None
 
 
 def problem_with_text_file(path: str | None, key: str) -> str | None:

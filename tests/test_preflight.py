@@ -233,6 +233,22 @@ def test_a_user_error_in_a_data_loader_worker_is_one_line(capsys):
                         "(in DataLoader worker process 0)")
 
 
+def test_data_prep_output_folders_are_checked_before_work(tmp_path, capsys):
+    """An output folder below a file, or a --heldout-output that is a file: one line naming the
+    flag, before the train split is written."""
+    from lct.data_prep import make_shapes
+
+    (tmp_path / "afile").write_text("x")
+    code, _, err = cli(capsys, make_shapes.main, ["--output", str(tmp_path / "afile" / "sub"), "--num", "2",
+                                                  "--size", "16"])
+    assert code == 2
+    one_line_error(err, "--output", "is a file, so the folder cannot be made")
+    code, _, err = cli(capsys, make_shapes.main, ["--output", str(tmp_path / "s"), "--num", "2", "--size", "16",
+                                                  "--heldout", "2", "--heldout-output", str(tmp_path / "afile")])
+    assert code == 2 and not (tmp_path / "s").exists()
+    one_line_error(err, "--heldout-output", "is a file")
+
+
 def test_export_cli_refuses_in_one_line(tmp_path, capsys):
     """python -m lct.export: --out a file or a folder of other files, missing or truncated weights."""
     from helpers_export import tiny_parts
