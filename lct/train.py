@@ -315,6 +315,8 @@ def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
     with. Exit 2 when a start would fail."""
     failures: list[str] = []
     start = preflight(cfg, info, failures=failures)
+    if not info.is_main:  # under a launcher every rank checks; rank 0 reports
+        return 2 if failures else 0
     desc, micro = start.desc, start.micro
     plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": False})})
     with torch.device("meta"):  # compiled blocks hide their saved tensors; shapes and FLOPs are the same
