@@ -226,6 +226,9 @@ def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
     if cfg.model.cond != "text":
         return
     t = manifest.get("text") or {}
+    if cfg.data.text == "precomputed" and not t.get("states"):
+        raise UserError("data.text=precomputed but the shards have no token states (manifest); re-encode "
+                        "with --text-states or set data.text: on_the_fly")
     for key in ("model", "pretrained"):
         want = getattr(cfg.text, key)
         if want is not None and t.get(key) is not None and str(want) != str(t.get(key)):

@@ -73,6 +73,9 @@ def test_dry_run_passes_and_prints_the_planning_figures(tmp_path, latent_data, c
 @pytest.mark.parametrize("case,overrides,needles", [
     ("text tower", ["text.model=ViT-B-32"], ["text.model='ViT-B-32' differs from the data's 'lct-tiny-text'",
                                              "text.model: null"]),
+    ("states", ["data.text=precomputed"], ["data.text=precomputed but the shards have no token states",
+                                           "data.text: on_the_fly"]),
+    ("manifest latin-1", ["data.manifest={tmp}/latin1.txt"], ["latin1.txt: the latent manifest could not be read"]),
     ("vae config", ["vae.id={config}"], ["vae.id", "is not the VAE the data was encoded with",
                                          "latent_channels 4 vs 8", "vae.id: null"]),
     ("vae missing", ["vae.id={tmp}/no_vae"], ["vae.id", "no such folder"]),
