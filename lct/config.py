@@ -572,9 +572,12 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("model.init_ema", "init_ema needs model.init_from")
 
 
-def check_train_config(cfg: TrainConfig, world_size: int = 1) -> list[str]:
-    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0).
-    `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch)."""
+def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | None = None,
+                       cuda: bool | None = None) -> list[str]:
+    """Warnings about allowed settings that are probably not meant (the trainer prints them once, on
+    rank 0). `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch);
+    `manifest`: the data's, where it can be read; `cuda`: whether a GPU is there (None: unknown, no
+    device warnings)."""
     m, warn = cfg.method, []
     if m.objective == "ect" and m.c == "adaptive":
         warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
@@ -583,6 +586,23 @@ def check_train_config(cfg: TrainConfig, world_size: int = 1) -> list[str]:
         mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
             warn.append(f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+    if manifest is not None and cfg.data.flip and not manifest.get("flip"):
+        warn.append("data.flip is true but the latents were encoded without flipped copies "
+                    "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
+                    "re-encode with --flip")
+    images = cfg.run.total_steps * cfg.optim.batch_size
+    for e in cfg.ema.models:
+        if e.resolved_halflife() > images:
+            warn.append(f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer "
+                        f"than the run ({images:,} images = run.total_steps x optim.batch_size), so it stays "
+                        "close to the early weights; use halflife_images of a few percent of the run")
+    if cuda is False:
+        if cfg.model.compile:
+            warn.append("model.compile is on but there is no GPU: torch.compile on the CPU spends minutes "
+                        "compiling for little gain; set model.compile: false")
+        if cfg.precision == "bf16_trunk":
+            warn.append("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
+                        "approximate; set precision: fp32")
     return warn
 
 
@@ -651,7 +671,9 @@ def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
     except ValidationError as err:
         # Flags are named like the fields, with dashes.
         e = _format_validation(err, schema, sources, COMMAND_LINE)
-        if e.key and e.source == COMMAND_LINE and "." not in e.key:
-            e = ConfigError(e.detail, key="--" + e.key.replace("_", "-"), source=e.source)
+        field, _, item = (e.key or "").partition(".")
+        if e.key and e.source == COMMAND_LINE and field in schema.model_fields:  # "channels.1": item 2 of --channels
+            flag = "--" + field.replace("_", "-") + (f" (item {int(item) + 1})" if item.isdigit() else "")
+            e = ConfigError(e.detail, key=flag, source=e.source)
         raise e from None
     return cfg, args

@@ -225,15 +225,17 @@ class Progress:
 class Monitor:
     """Sample grids and validation from the sample EMA (collective: every rank calls it)."""
 
-    def __init__(self, cfg, info, engine, ema, manifest, desc, device):
+    def __init__(self, cfg, info, engine, ema, manifest, desc, device, text=None, vae=None):
+        """`text` and `vae`: the models `lct.train.preflight` loaded and checked (else loaded here
+        at first use)."""
         self.cfg, self.info, self.engine, self.ema = cfg, info, engine, ema
         self.manifest, self.desc, self.device = manifest, desc, device
         self.run_dir = Path(cfg.run.dir)
         self.norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
         self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         self._model = None
-        self._vae = None
-        self._text = None
+        self._vae = vae.to(device) if vae is not None else None
+        self._text = text.to(device) if text is not None else None
         self.prompts = self.load_prompts()
         self.val = self.load_validation()
         self.done: dict[str, int] = {}  # the last step of each kind of monitoring
@@ -319,8 +321,11 @@ class Monitor:
         if not (do_grid or do_val):
             return
         self.done.update({**({"grid": step} if do_grid else {}), **({"val": step} if do_val else {})})
-        with dist.raised_timeout(self.info.world_size, cfg.run.dist_timeout_minutes * 4,
-                                 cfg.run.dist_timeout_minutes):
+        # The trainer saves before it samples: a resumed run must draw what an uninterrupted one
+        # draws, so the monitor leaves the training RNG as it found it.
+        forked = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked), dist.raised_timeout(
+                self.info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
             model = self.ema_model()
             if do_val:
                 record = self.validate(model, step)
