@@ -101,7 +101,7 @@ def output_dir_problem(path: str | os.PathLike, key: str) -> str | None:
     where it would be made), as one line naming `key` (a flag or config key); None if it can."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        return f"{key} {path} is a file, not a folder; give a folder (it is made if missing)"
+        return f"{key} {path}: is a file, not a folder; give a folder (it is made if missing)"
     above = next((a for a in [p, *p.absolute().parents] if a.exists()), None)
     if above is not None and not above.is_dir():
         return f"{key} {path}: {above} is a file, so the folder cannot be made; give another folder"
