@@ -486,6 +486,16 @@ def describe_data(manifest: dict | None) -> DataDescription:
                            int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)
 
 
+def token_ids(manifest: dict) -> dict:
+    """DataSpec's `pad_id` / `eot_id` for the data's tokenizer: a transformers tower's ids (its
+    padding mask is `tokens != pad`, lct.tokens.token_mask); None for open_clip's EOT rule."""
+    t = manifest.get("text") or {}
+    if t.get("kind", "open_clip") == "open_clip":
+        return {"pad_id": None, "eot_id": None}
+    tok = t.get("tokenizer") or {}
+    return {"pad_id": tok.get("pad_id"), "eot_id": tok.get("eot_id")}
+
+
 def manifest_path(cfg) -> str | None:
     """data.manifest, or manifest.json in the shards' folder (data prep writes it there)."""
     if cfg.data.manifest:

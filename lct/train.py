@@ -34,13 +34,14 @@ from lct import checkpoint as ckpt
 from lct import dist
 from lct.config import TrainConfig, check_train_config, dump_yaml, load_config
 from lct.data import (DataDescription, DataSpec, InMemoryLatents, SkipTally, describe_data, expand_urls,
-                      make_loader, manifest_path, to_device, train_shard_urls)
+                      make_loader, manifest_path, to_device, token_ids, train_shard_urls)
 from lct.dist import DistInfo
 from lct.ema import PartitionedEMA
 from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate, set_precision
 from lct.errors import UserError, cli_main
 from lct.faults import Faults
-from lct.latents import SampleLayout, load_manifest
+from lct.hf_text import HFTextEncoder, is_hf_record
+from lct.latents import TEXT_NULL, SampleLayout, load_manifest, read_text_null
 from lct.models import Precond, build_dit, count_parameters
 from lct.monitor import LossMeter, Monitor, Progress, RunLogger
 from lct.objectives import Curriculum, Diagnostics, make_objective
@@ -105,6 +106,8 @@ def preflight(cfg: TrainConfig, info: DistInfo) -> Start:
         raise UserError("; ".join(problems))
     manifest = load_manifest(manifest_path(cfg))
     check_text_compatibility(cfg, manifest)
+    if cfg.model.arch == "pixart":  # its config, the data's latents and text, the null condition
+        pixart_config_for(cfg, describe_data(manifest), manifest, dry_run=False)
     resume = find_resume(cfg)
     saved = check_resume(cfg, info, resume) if resume else None
     return Start(micro, accum, manifest, describe_data(manifest), resume, saved)
@@ -143,9 +146,16 @@ def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
         if want is not None and t.get(key) is not None and str(want) != str(t.get(key)):
             raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} "
                             f"(manifest); token ids and states must come from the same text tower")
+    for key, have in (("kind", t.get("kind", "open_clip")), ("max_length", t.get("context_length"))):
+        want = getattr(cfg.text, key)
+        if want is not None and str(want) != str(have):
+            raise UserError(f"text.{key}={want!r}, but the data was encoded with {have!r} (manifest); re-encode "
+                            f"with data_prep/encode_latents.py --text-{key.replace('_', '-')} {want} or drop text.{key}")
 
 
 def make_text_encoder(cfg: TrainConfig, manifest: dict, device) -> TextEncoder:
+    if is_hf_record(manifest.get("text")):
+        return HFTextEncoder.from_manifest(manifest, device, model=cfg.text.model, dtype=cfg.text.dtype)
     enc = TextEncoder.from_manifest(manifest, device=device, model=cfg.text.model, pretrained=cfg.text.pretrained)
     want = (manifest.get("text") or {}).get("tokenizer")
     if want and enc.identity() != want:
@@ -154,21 +164,76 @@ def make_text_encoder(cfg: TrainConfig, manifest: dict, device) -> TextEncoder:
     return enc
 
 
-def build_network(cfg: TrainConfig, desc: DataDescription) -> Precond:
-    """TextDiT wrapped in the SPEC 1 parameterisation."""
+def build_network(cfg: TrainConfig, desc: DataDescription, manifest: dict | None = None,
+                  dry_run: bool = False) -> torch.nn.Module:
+    """TextDiT wrapped in the SPEC 1 parameterisation, or (`model.arch: pixart`) the pretrained
+    PixArt transformer wrapped as a SPEC 14 denoiser (random weights on the meta device for
+    `dry_run`)."""
+    if cfg.model.arch == "pixart":
+        return build_pixart_network(cfg, desc, manifest, dry_run)
     net = build_dit(cfg.model, desc.latent_shape, text_dim=desc.text_dim, text_len=desc.text_len,
                     pooled_dim=desc.pooled_dim)
     return Precond(net, sigma_data=cfg.method.sigma_data, sigma_min=cfg.method.sigma_min,
                    time_embed_scale=cfg.method.time_embed_scale)
 
 
+_WARNED: set[str] = set()
+
+
+def pixart_config_for(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, dry_run: bool) -> dict:
+    """model.pretrained's transformer config (no weights read), checked against the data. A dry
+    run without the weights falls back to the architecture of the same name (`PIXART_ARCHS`)."""
+    from lct.models.pixart import PIXART_ARCHS, check_compatible, pixart_config
+
+    try:
+        config = pixart_config(cfg.model.pretrained)
+    except UserError as err:
+        name = cfg.model.pretrained.rstrip("/").split("/")[-1]
+        if not dry_run or name not in PIXART_ARCHS:
+            raise
+        if name not in _WARNED:
+            _WARNED.add(name)
+            print(f"warning: {err}; the dry run uses the {name} architecture", file=sys.stderr)
+        config = dict(PIXART_ARCHS[name])
+    check_compatible(config, desc.latent_shape, desc.text_dim if desc.from_manifest else None)
+    if manifest is not None and not dry_run:
+        read_text_null(Path(manifest_path(cfg)).parent)
+    return config
+
+
+def build_pixart_network(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, dry_run: bool):
+    """`VPDenoiser(PixArtNet(...))` from model.pretrained, the null condition from the data's
+    `text_null.npy` (SPEC 14.5); the transformer blocks compiled with model.compile."""
+    from lct.models.pixart import build_pixart, load_pixart
+
+    config = pixart_config_for(cfg, desc, manifest, dry_run)
+    data_dir = Path(manifest_path(cfg) or ".").parent
+    if manifest is not None and (data_dir / TEXT_NULL).is_file():
+        null = torch.from_numpy(read_text_null(data_dir))
+    else:  # dry run before data prep
+        null = torch.zeros(1, config["caption_channels"])
+    kw = dict(sigma_min=cfg.method.sigma_min, vae_downsample=int(((manifest or {}).get("vae") or {}).get("downsample", 8)))
+    if dry_run:
+        return build_pixart(config, null, **kw)
+    model = load_pixart(cfg.model.pretrained, null, gradient_checkpointing=cfg.model.checkpointing, **kw)
+    if cfg.model.compile:
+        for block in model.net.transformer.transformer_blocks:
+            block.compile()
+    return model
+
+
 def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
     for p in problems_with_paths(cfg):
         print(f"warning: would fail at start: {p}", file=sys.stderr)
     mpath = manifest_path(cfg)
-    desc = describe_data(load_manifest(mpath) if mpath and os.path.exists(mpath) else None)
+    manifest = load_manifest(mpath) if mpath and os.path.exists(mpath) else None
+    desc = describe_data(manifest)
+    if cfg.model.arch == "pixart" and manifest is None:  # before data prep: the sizes the model takes
+        pc = pixart_config_for(cfg, desc, None, dry_run=True)
+        desc = DataDescription((pc["in_channels"], pc["sample_size"], pc["sample_size"]), pc["caption_channels"],
+                               cfg.text.max_length or 120, 0)
     with torch.device("meta"):
-        model = build_network(cfg, desc)
+        model = build_network(cfg, desc, manifest, dry_run=True)
     counts = count_parameters(model.net)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // info.world_size
     flops = flops_per_step(cfg, desc, model, micro)
@@ -227,7 +292,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
     if info.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
 
-    model = (network if network is not None else build_network(cfg, start.desc)).to(device)
+    model = (network if network is not None else build_network(cfg, start.desc, start.manifest)).to(device)
     if cfg.model.init_from:
         init_from(model, cfg.model.init_from, cfg.model.init_ema, info)
     engine, ds_json = initialize(model, cfg, info.world_size)
@@ -254,7 +319,8 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
                     latent_shape=start.desc.latent_shape, norm=LatentNorm.from_manifest(start.manifest, cfg.data.latent_norm),
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
-                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest))
+                    resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest),
+                    **token_ids(start.manifest))
     memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4
