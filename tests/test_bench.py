@@ -61,3 +61,13 @@ def test_ot_couple_bench(tmp_path):
     res = json.loads((tmp_path / "ot_couple.json").read_text())
     assert res["ms_per_call_1_thread"] > 0 and res["cost_matrix_ms_1_thread"] > 0
     assert 0.01 < res["pair_cost_gain"] < 0.06
+
+
+@pytest.mark.slow
+def test_pixart_smoke_bench_tiny(tmp_path):
+    """The GPU smoke run's code path (data prep with a T5 tower, PixArt loading, trainer step) at toy size."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "pixart_smoke.py"), "--tiny", "--steps", "2",
+                    "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["images_per_s"] > 0 for r in rows)
