@@ -49,6 +49,8 @@ from lct.monitor import LossMeter
 from lct.timing import PhaseTimer, no_timer
 from lct.train import build, preflight, train_step
 
+VARIANT_NAMES = ["pixart_block", "pixart_block_compiled", "edm_objective", "ot_off", "diffusion_term_off",
+                 "text_on_the_fly", "real_data_loader"]
 PEAKS_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12, "A100": 312.0e12}
 
 
@@ -192,6 +194,26 @@ class Stepper:
         self.meter.add(result.diagnostics)
 
 
+def host_syncs(step: Stepper, batches) -> dict:
+    """Host-device synchronisations during one step (torch's sync debug mode), by source line."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batches)
+            sync(step.run.device)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    return {"total": sum(where.values()), "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1]))}
+
+
 def count_flops(step: Stepper, batches) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -290,6 +312,8 @@ def _run_config(name, overrides, root, args, network_kind, flops, from_loader, p
         if flops:
             res["flops_per_step"] = count_flops(step, batches[0])
         res.update(time_steps(step, batches, args.warmup, args.steps, from_loader))
+        if run.device.type == "cuda":
+            res["host_syncs_per_step"] = host_syncs(step, batches[0])
     except torch.cuda.OutOfMemoryError as err:
         res["error"] = f"out of memory: {err}"[:300]
     finally:  # also on other errors: the next configuration needs the memory
@@ -363,6 +387,11 @@ def main(argv=None) -> int:
     p.add_argument("--compile", nargs="*", default=[], help="archs to time compiled too (after eager)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--ratios", action="store_true", help="the technique-price ratios (on the first arch)")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES,
+                   help="with --ratios: only these ratio configurations (default: all but "
+                   "pixart_block_compiled), and no precision check")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every configuration (e.g. optim.fused=true)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny sizes (CI)")
@@ -391,7 +420,7 @@ def main(argv=None) -> int:
             o.append(f"optim.micro_batch_size={micro}")
         if args.tiny:
             o += ["model.hidden_size=32", "model.depth=2", "model.num_heads=2"]
-        return o
+        return o + list(args.set)
 
     micros = args.micro or [None] * len(args.arch)
 
@@ -427,6 +456,7 @@ def main(argv=None) -> int:
         m = load_config(None, [f"run.dir={root / 'runs' / 'resolve'}", *b0]).model
         variants = {
             "pixart_block": (b0, "pixart", {}),
+            "pixart_block_compiled": (b0 + ["model.compile=true"], "pixart", {}),
             "edm_objective": (b0 + ["method.preset=edm", f"model.nsln={m.nsln}", f"model.dropout={m.dropout}"],
                               "dit", {}),
             "ot_off": (b0 + ["method.ot=false"], "dit", {}),
@@ -434,11 +464,18 @@ def main(argv=None) -> int:
             "text_on_the_fly": (b0 + ["data.text=on_the_fly"], "dit", {}),
             "real_data_loader": (b0, "dit", {"from_loader": True}),
         }
+        ours_compiled = next((c for c in results["configs"] if c.get("name") == f"{arch} compiled"), {})
         for name, (ov, kind, kw) in variants.items():
+            if name not in (args.variants or [v for v in VARIANT_NAMES if v != "pixart_block_compiled"]):
+                continue
             r = run_config(name, ov, root, args, network_kind=kind, peaks=peaks, **kw)
             results["configs"].append(r)
             save_partial()
-            if "step_ms" in r and "step_ms" in ref:
+            if name == "pixart_block_compiled":
+                if "step_ms" in r and "step_ms" in ours_compiled:
+                    results["ratios"]["ours / pixart step time, both compiled (<= 1 is faster)"] = (
+                        ours_compiled["step_ms"] / r["step_ms"])
+            elif "step_ms" in r and "step_ms" in ref:
                 results["ratios"][f"{name} / ilct_dit"] = r["step_ms"] / ref["step_ms"]
         ratios = results["ratios"]
         if "edm_objective / ilct_dit" in ratios:
@@ -453,11 +490,12 @@ def main(argv=None) -> int:
             ot_diff = ratios.get("ot_off / ilct_dit")
             ratios["OT plus data share of step"] = (
                 (1 - ot_diff if ot_diff else 0.0) + (loader.get("gpu_idle_fraction") or 0.0))
-        try:
-            results["precision_m"] = precision_m(root, b0, 400000)
-        except Exception as err:  # noqa: BLE001
-            results["precision_m"] = {"error": f"{type(err).__name__}: {err}"[:400]}
-        print(json.dumps(results["precision_m"], indent=1), flush=True)
+        if not args.variants:
+            try:
+                results["precision_m"] = precision_m(root, b0, 400000)
+            except Exception as err:  # noqa: BLE001
+                results["precision_m"] = {"error": f"{type(err).__name__}: {err}"[:400]}
+            print(json.dumps(results["precision_m"], indent=1), flush=True)
 
     print("\n" + table(results), flush=True)
     if args.out:

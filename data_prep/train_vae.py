@@ -88,6 +88,7 @@ from pathlib import Path
 
 from lct.config import TrainVAEConfig, cli_config
 from lct.errors import UserError, cli_main
+from lct.files import atomic_dir, write_json
 
 FORMAT_VERSION = 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -375,23 +376,10 @@ def remove_stale_temporaries(out: Path) -> None:
 
 def save_atomic(vae, record: dict, out: Path) -> None:
     """save_pretrained into a temporary folder beside `out`, write train_vae.json last, then swap
-    it in with renames (an old folder is moved aside first and deleted after)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    old = out.parent / f".{out.name}.old{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    it in (`lct.files.atomic_dir`: a crash leaves the old folder or the new one, never half)."""
+    with atomic_dir(out) as tmp:
         vae.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "train_vae.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        write_json(tmp / "train_vae.json", record)
 
 
 def main(argv: list[str] | None = None) -> int:

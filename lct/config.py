@@ -51,12 +51,22 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "edm": {**ILCT_OFF, "method.objective": "edm", "method.sigma_min": 0.0, "ema": _ema(0.9999, 128)},
     "ict": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber", "method.c": 0.00054,
             "method.tau": [0.821], "model.dropout": 0.3, "optim.batch_size": 1024, "ema": _ema(0.99993, 1024)},
+    # iLCT's Table 1 baseline: iLCT's own setup (the ilct preset) with iCT's loss, c = 0.00054 sqrt(d).
     "ict_latent_baseline": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
                             "method.c": 0.03456, "method.s1": 640, "optim.weight_decay": 1e-4,
                             "ema": _ema(0.99993, 128), "run.total_steps": 294_000},
+    # The authors' logged baseline run (SPEC 12): quandao10/LCT khanh2 scripts/
+    # train_lct_1k6_1280_nogradnorm_huber_positional.sh (batch 192, s1 1280, 1600 epochs of CelebA-HQ's
+    # 30k images, EMA 0.9999 per step) and ot scripts/old/test_baseline.sh (2 steps: --ts 0,640,1280 of 1281).
+    "ict_latent_baseline_logged": {**ILCT_OFF, "method.objective": "ict", "method.distance": "pseudo_huber",
+                                   "method.c": 0.03456, "optim.weight_decay": 1e-4, "optim.batch_size": 192,
+                                   "method.tau": [2.51521897615], "ema": _ema(0.9999, 192),
+                                   "run.total_steps": 249_600},
+    # ECT main: trains with sigma_min 0, evaluates with boundary scalings at 0.003 (ECMPrecond in eval
+    # mode) and noise t * z; fp32 without TF32 (ct_train.py --tf32 defaults to False).
     "ect": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.0,
-            "method.sigma_min": 0.0, "method.tau": [0.821], "model.dropout": 0.2, "ema": _ema(0.9999, 128),
-            "run.total_steps": 200_000},
+            "method.sigma_min": 0.0, "method.sample_boundary_sigma_min": 0.003, "method.tau": [0.821],
+            "model.dropout": 0.2, "ema": _ema(0.9999, 128), "run.total_steps": 200_000, "precision": "fp32"},
     "ect_imagenet": {**ILCT_OFF, "method.objective": "ect", "method.distance": "pseudo_huber", "method.c": 0.000541,
                      "method.sigma_min": 0.0, "method.p_mean": -0.8, "method.p_std": 1.6, "method.ect_q": 4.0,
                      "method.ect_weight": "imagenet", "method.tau": [1.526], "model.dropout": 0.4,
@@ -92,7 +102,11 @@ class MethodConfig(Strict):
     c_scale: float = Field(1.0, gt=0, description="multiplies the adaptive-c fit after the first stage (SPEC 4); "
                            "2 in a sigma_data = 1 latent space (SPEC 14.4)")
     sigma_min: float = Field(0.002, ge=0, description="training parameterisation sigma_min (SPEC 1); 0 = EDM scalings")
-    sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min recorded for sampling; default sigma_min")
+    sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min of the noise between sampling steps, "
+                                           "sqrt(tau^2 - it^2) (SPEC 9); default sigma_min")
+    sample_boundary_sigma_min: float | None = Field(
+        None, ge=0, description="sigma_min of SPEC 1's scalings when sampling (exports, sample grids); default "
+                                "sigma_min. ECT evaluates its sigma_min-0 network with 0.003 (SPEC 2.4)")
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0)
     sigma_data: float = Field(0.5, gt=0)
@@ -115,6 +129,12 @@ class MethodConfig(Strict):
     time_embed_scale: float = Field(1000.0, gt=0, description="time embedding input = scale * ln(sigma)/4 (SPEC 1)")
     tau: list[float] = Field([0.36931547704], description="intermediate sigmas of multi-step sampling (SPEC 9)")
 
+    def sampling_sigma_mins(self) -> tuple[float, float]:
+        """(boundary sigma_min of the scalings, sigma_min of the noise between steps) for sampling."""
+        boundary = self.sigma_min if self.sample_boundary_sigma_min is None else self.sample_boundary_sigma_min
+        noise = self.sigma_min if self.sample_sigma_min is None else self.sample_sigma_min
+        return float(boundary), float(noise)
+
     @field_validator("tau")
     @classmethod
     def _tau_decreasing(cls, v: list[float]) -> list[float]:
@@ -134,7 +154,9 @@ class ModelConfig(Strict):
     cond: Literal["text", "class", "none"] = "text"
     num_classes: int = Field(0, ge=0, description="class-label mode only")
     dropout: float = Field(0.0, ge=0, lt=1)
-    nsln: Literal["qk", "none"] = "qk"
+    nsln: Literal["qk", "layernorm", "none"] = Field(
+        "qk", description="q/k and text-input norm (SPEC 8): qk = NsLN (iLCT), layernorm = affine LayerNorm "
+                          "(the authors' DiT baseline, timm qk_norm), none = no q/k norm")
     attention: Literal["sdpa", "xformers"] = "sdpa"
     checkpointing: bool = Field(False, description="per-block activation checkpointing (use_reentrant=False)")
     compile: bool = Field(False, description="torch.compile the DiT blocks")
@@ -151,6 +173,9 @@ class DataConfig(Strict):
     prefetch_factor: int = Field(4, ge=1)
     caption_dropout: float = Field(0.1, ge=0, le=1, description="rate of the learned null condition (SPEC 9)")
     flip: bool = Field(True, description="use the stored horizontal-flip latents as augmentation")
+    posterior: Literal["sample", "mean", "fixed"] = Field(
+        "sample", description="latent of each use (SPEC 7): sample = mean + std * a fresh eps, mean = the "
+                              "posterior mean, fixed = one seeded draw per image and flip (iLCT's offline encoding)")
     latent_norm: Literal["channel", "element", "vae"] = Field(
         "channel", description="SPEC 7; vae = the VAE's scaling/shift factors, sigma_data 1 (SPEC 14.4)")
     text: Literal["precomputed", "on_the_fly"] = "precomputed"
@@ -185,6 +210,9 @@ class OptimConfig(Strict):
     batch_size: int = Field(128, ge=1, description="global batch per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / world")
     grad_clip: float = Field(0.0, ge=0, description="0 = off (DeepSpeed clips at 1.0 unless told not to)")
+    fused: bool = Field(False, description="the optimizer step as one fused kernel per tensor: RAdam compiled "
+                        "(lct.engine.FusedRAdam; ZeRO-1/2 hand it one flat fp32 buffer per group), Adam "
+                        "torch's fused=True; same state and, to fp32 rounding, the same steps as torch's")
 
     @field_validator("betas")
     @classmethod
@@ -327,9 +355,11 @@ class EvalConfig(Strict):
     captions: str | None = Field(None, description="caption file (.txt one per line, or .jsonl); default: protocol's")
     protocol: str = Field("coco2014val-30k", description="named protocol (README) or 'custom'")
     num_samples: int | None = Field(None, ge=1, description="default: the protocol's")
-    steps: list[int] = Field([1, 2], description="sampling steps to evaluate")
-    tau: list[float] | None = Field(None, description="2-step tau(s) to sweep; default: the model's")
-    guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off)")
+    steps: list[int] = Field([1, 2], description="sampling steps to evaluate (each >= 1)")
+    tau: list[float] | None = Field(None, description="2-step tau(s) to sweep, or the k - 1 levels of --steps k; "
+                                    "default: the model's tau, the Karras levels for k > 2 (SPEC 9)")
+    guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off; finite, >= 0); a consistency "
+                                  "model tolerates only mild guidance, w close to 1 (3 ruins the shapes demo)")
     metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes")
     ref_stats: str | None = Field(None, description="reference FID statistics .npz")
     ref_images: str | None = Field(None, description="reference images (shards pattern or folder) to compute stats")
@@ -337,7 +367,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)
     ema: str | None = Field(None, description="EMA name of a run directory; default: the run's sample EMA")
-    fid_weights: str | None = Field(None, description="local FID Inception weights (pt_inception-2015-12-05)")
+    fid_weights: str | None = Field(None, description="local FID Inception weights: torch-fidelity's "
+                                    "weights-inception-2015-12-05-6726825d.pth (= pytorch-fid's "
+                                    "pt_inception-2015-12-05-6726825d.pth); default: torch hub cache or download")
     clip_model: str = Field("ViT-g-14", description="open_clip model for the CLIP score")
     clip_pretrained: str | None = Field("laion2b_s34b_b88k", description="open_clip tag or local path")
     vae: str | None = Field(None, description="override the export's VAE (hub id or local dir)")

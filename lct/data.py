@@ -13,8 +13,11 @@ same step sees the same samples on 1 or 64 ranks.
 
 All per-sample randomness (flip, caption choice, caption dropout, pair uniform u, ECT/EDM normal
 n, posterior eps, noise z) comes from `lct.rng.philox(seed, TRAIN_SAMPLE, data step, slot)` in a
-fixed order, so it depends on neither world size, workers nor accumulation. The posterior sample
-`mean + std * eps` is normalised with the manifest's statistics (SPEC 7), and the OT coupling
+fixed order, so it depends on neither world size, workers nor accumulation. The latent is the
+posterior sample `mean + std * eps` (`data.posterior: sample`, a fresh eps at every use), its
+mean (`mean`), or one draw per image and flip keyed by (seed, sample key, flip) (`fixed`: as
+iLCT encoded one sample offline; `fixed_posterior_eps`), normalised with the manifest's
+statistics (SPEC 7), and the OT coupling
 (SPEC 6) reorders the noise of each micro-batch, here in the worker, off the GPU's critical path.
 
 Checks: `train_shard_urls` holds `data.shards` against the manifest's shard list (missing or
@@ -77,6 +80,7 @@ class DataSpec:
     layout: SampleLayout | None = None  # what every sample must hold (the manifest's); see read_samples
     pad_id: int | None = None        # the tokenizer's pad and EOT ids (lct.tokens.token_mask); None: open_clip's rule
     eot_id: int | None = None
+    posterior: str = "sample"        # "sample" | "mean" | "fixed" (SPEC 7, `posterior_latent`)
 
     @property
     def global_batch(self) -> int:
@@ -255,17 +259,41 @@ def indexed_position(seed: int, data_step: int, slot: int, global_batch: int, n:
 # ----------------------------------------------------------------------------------------------
 
 
+POSTERIORS = ("sample", "mean", "fixed")
+
+
+def fixed_posterior_eps(seed: int, key: str, flipped: bool, shape) -> np.ndarray:
+    """The one posterior draw of `data.posterior: fixed` for the image `key` (its flip apart):
+    the same at every epoch, on every rank and worker, for the same run seed."""
+    g = rng.philox(seed, rng.FIXED_POSTERIOR, rng.key_int(key), int(flipped))
+    return g.standard_normal(tuple(shape), dtype=np.float32)
+
+
+def posterior_latent(posterior: str, mean: np.ndarray, std: np.ndarray, eps: np.ndarray, seed: int,
+                     key: str, flipped: bool) -> np.ndarray:
+    """The raw latent of one use of an image (SPEC 7): `mean + std * eps` with this use's eps
+    (`sample`), the posterior mean (`mean`), or `mean + std * fixed_posterior_eps` (`fixed`)."""
+    if posterior == "mean":
+        return mean
+    if posterior == "fixed":
+        eps = fixed_posterior_eps(seed, key, flipped, mean.shape)
+    elif posterior != "sample":
+        raise ValueError(f"data.posterior must be one of {POSTERIORS}, got {posterior!r}")
+    return mean + std * eps
+
+
 def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict:
     """One training example with its random draws, in a fixed draw order."""
     g = rng.philox(spec.seed, rng.TRAIN_SAMPLE, data_step, slot)
     flip_u, cap_u, drop_u, u = g.random(4)
     n = g.standard_normal()
-    eps = g.standard_normal(spec.latent_shape, dtype=np.float32)
+    eps = g.standard_normal(spec.latent_shape, dtype=np.float32)  # drawn in every posterior mode: z stays put
     z = g.standard_normal(spec.latent_shape, dtype=np.float32)
     use_flip = spec.flip and "flip_mean" in sample and flip_u < 0.5
     mean = sample["flip_mean" if use_flip else "mean"].astype(np.float32)
     std = sample["flip_std" if use_flip else "std"].astype(np.float32)
-    x = spec.norm.normalize(mean + std * eps)
+    x = spec.norm.normalize(posterior_latent(spec.posterior, mean, std, eps, spec.seed, sample.get("key", ""),
+                                             use_flip))
     out = {"x": x, "z": z, "u": u, "n": n, "cond_drop": bool(drop_u < spec.caption_dropout),
            "key": sample.get("key", ""), "caption": ""}
     if spec.text != "none":

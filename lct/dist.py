@@ -180,6 +180,14 @@ def gather_rows(indices: list[int], rows: torch.Tensor | None, width: int, world
     return local[order]
 
 
+def rank_batches(n: int, batch: int, rank: int, world_size: int) -> list[list[int]]:
+    """Batches of `batch` consecutive sample indices of 0..n-1; rank r takes batches r, r + K, ...
+    (the same batches whatever the world size K, so every sample gets the same floating-point
+    computation on any number of ranks)."""
+    starts = list(range(0, n, batch))[rank::world_size]
+    return [list(range(s, min(s + batch, n))) for s in starts]
+
+
 class raised_timeout:
     """Raise the process-group timeout around slow collective sections (sampling, saving): a rank
     still writing a large checkpoint must not make the others time out."""

@@ -34,6 +34,13 @@ class _Piece:
     offset: int       # position in this rank's flat buffer
 
 
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether 1-d contiguous `b` starts where `a` ends, in the same storage and dtype."""
+    return (a.dtype == b.dtype and a.device == b.device and a.is_contiguous() and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel())
+
+
 class PartitionedEMA:
     """Several named EMAs of one module's trainable parameters, each rank holding one slice."""
 
@@ -58,6 +65,7 @@ class PartitionedEMA:
         self.halflives = dict(halflives)
         device = params[0].device if params else torch.device("cpu")
         self.buffers = {name: torch.empty(hi - lo, dtype=torch.float32, device=device) for name in halflives}
+        self._run_key, self._run_cache = None, None
         self.reset(module)
 
     def _params(self, module: torch.nn.Module) -> list[torch.Tensor]:
@@ -72,6 +80,28 @@ class PartitionedEMA:
         buf = self.buffers[name]
         return [buf[p.offset:p.offset + p.stop - p.start] for p in self.pieces]
 
+    def _runs(self, module: torch.nn.Module) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The update's operands, cached: runs of consecutive pieces whose weights lie back to back
+        in memory (DeepSpeed ZeRO-1/2 flatten the module's parameters into one buffer, so there the
+        whole slice is one run: one lerp kernel per EMA), as each run's weights and each EMA's
+        views of the same elements. Rebuilt when a parameter's storage moves (a checkpoint load
+        that replaces `p.data`); the check reads the parameters' addresses, nothing on the device."""
+        params = self._params(module)
+        key = tuple((id(p), p.data_ptr()) for p in params)
+        if self._run_key != key:
+            runs, srcs = [], []
+            for piece, src in zip(self.pieces, self._slices(module)):
+                if srcs and _follows(srcs[-1], src):
+                    prev = srcs[-1]
+                    srcs[-1] = prev.as_strided((prev.numel() + src.numel(),), (1,), prev.storage_offset())
+                    runs[-1] = (runs[-1][0], runs[-1][1] + src.numel())
+                else:
+                    srcs.append(src)
+                    runs.append((piece.offset, src.numel()))
+            views = {name: [buf[a:a + n] for a, n in runs] for name, buf in self.buffers.items()}
+            self._run_key, self._run_cache = key, (srcs, views)
+        return self._run_cache
+
     @torch.no_grad()
     def reset(self, module: torch.nn.Module) -> None:
         """Set every EMA to the module's current weights."""
@@ -82,12 +112,13 @@ class PartitionedEMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, batch_images: int) -> None:
-        """One applied optimizer step of `batch_images` images: ema <- lerp(ema, w, 1 - beta)."""
-        src = [s.float() for s in self._slices(module)]
+        """One applied optimizer step of `batch_images` images: ema <- lerp(ema, w, 1 - beta), one
+        `_foreach_lerp_` per EMA over the cached runs."""
+        src, views = self._runs(module)
+        src = [s.float() for s in src]
         for name, hl in self.halflives.items():
-            views = self._views(name)
-            if views:
-                torch._foreach_lerp_(views, src, 1.0 - ema_beta(batch_images, hl))
+            if src:
+                torch._foreach_lerp_(views[name], src, 1.0 - ema_beta(batch_images, hl))
 
     @torch.no_grad()
     def full_flat(self, name: str) -> torch.Tensor:

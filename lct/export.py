@@ -4,7 +4,8 @@
       model_index.json    components + the latent statistics (SPEC 7) + the training record
       pipeline.py         one line importing lct.pipeline (diffusers' custom-pipeline route)
       transformer/        TextDiT (config.json + safetensors, the EMA weights)
-      scheduler/          LCTScheduler: sigma_min (training), sample_sigma_min, sigma_max,
+      scheduler/          LCTScheduler: sigma_min (the scalings' boundary when sampling: the
+                          training value unless method.sample_boundary_sigma_min), sample_sigma_min, sigma_max,
                           sigma_data, time_embed_scale, taus (SPEC 1, 9)
       vae/                AutoencoderKL, when the data's VAE is a local folder <= CARRY_MAX_BYTES
       text_encoder/ tokenizer/   CLIPTextModelWithProjection + CLIPTokenizer where the open_clip
@@ -83,8 +84,8 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
         raise RuntimeError(f"EMA does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     cpu_net.eval()
     m = cfg.method
-    sample_sigma_min = m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min
-    scheduler = LCTScheduler(sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
+    boundary_sigma_min, sample_sigma_min = m.sampling_sigma_mins()
+    scheduler = LCTScheduler(sigma_min=boundary_sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
                              time_embed_scale=m.time_embed_scale, sample_sigma_min=sample_sigma_min,
                              taus=list(m.tau))
     norm = cfg.data.latent_norm
@@ -215,7 +216,8 @@ def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: 
         "step": int(step),
         "images_seen": int(images_seen) if images_seen is not None else int(step) * int(cfg.optim.batch_size),
         "method": {"preset": m.preset, "objective": m.objective, "sigma_min": m.sigma_min,
-                   "sample_sigma_min": m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min,
+                   "sample_boundary_sigma_min": m.sampling_sigma_mins()[0],
+                   "sample_sigma_min": m.sampling_sigma_mins()[1],
                    "sigma_max": m.sigma_max, "sigma_data": m.sigma_data,
                    "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
         "model": {"cond": cfg.model.cond, "arch": cfg.model.arch},
@@ -545,7 +547,15 @@ def parse_args(argv):
                    help="copy the referenced VAE / text tower into the folder (self-contained, for an upload)")
     p.add_argument("--results", default=None, help="eval results.json for the model card (default: the newest "
                                                     "under RUN_DIR/eval/)")
-    return p.parse_args(argv)
+    p.add_argument("--boundary-sigma-min", type=float, default=None, metavar="S",
+                   help="sigma_min of the scalings when sampling (default: as recorded); ECT's evaluation: 0.003")
+    p.add_argument("--sample-sigma-min", type=float, default=None, metavar="S",
+                   help="sigma_min of the noise between steps, sqrt(tau^2 - S^2) (default: as recorded); ECT's: 0")
+    args = p.parse_args(argv)
+    for flag, v in (("--boundary-sigma-min", args.boundary_sigma_min), ("--sample-sigma-min", args.sample_sigma_min)):
+        if v is not None and not (v >= 0 and v < 1):  # also refuses nan
+            p.error(f"{flag} {v}: must lie in [0, 1) (a noise level below every sampling level)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -564,6 +574,15 @@ def main(argv=None) -> int:
         run_dir = Path(str((training.get("config") or {}).get("run", {}).get("dir") or ""))
         found = latest_eval(run_dir / "eval") if str(run_dir) not in ("", ".") else None
         training["eval"] = found or training.get("eval")
+    if args.boundary_sigma_min is not None or args.sample_sigma_min is not None:
+        from lct.scheduler import with_sampling_sigma_min
+
+        pipe.register_modules(scheduler=with_sampling_sigma_min(pipe.scheduler, args.boundary_sigma_min,
+                                                                args.sample_sigma_min))
+        method = dict(training.get("method") or {})
+        method["sample_boundary_sigma_min"] = pipe.scheduler.config.sigma_min
+        method["sample_sigma_min"] = pipe.scheduler.noise_sigma_min
+        training["method"] = method
     pipe.register_to_config(training=training)
     if args.copy_all:
         pipe.copy_referenced()

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from lct.errors import UserError
+
 
 def temp_path(path: str | os.PathLike) -> Path:
     """The per-process temporary name of `path`: `.NAME.tmpPID` in the same folder."""
@@ -92,3 +94,34 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_text(path: str | os.PathLike, flag: str) -> str:
+    """The UTF-8 text of a file the user named with `flag`; one-line errors for a missing file, a
+    folder, or bytes that are not UTF-8."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: {'is a folder, not a file' if p.is_dir() else 'file not found'}")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{flag} {p}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                        "save the file as UTF-8") from None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str) -> Path:
+    """An output folder that exists or can be made: refuses a path that is a file, or whose nearest
+    existing parent is a file or not writable (before any work is spent)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: is a file, not a folder; pass a folder (it is made if missing)")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: {parent} is not writable")
+    return p

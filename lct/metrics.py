@@ -1,4 +1,6 @@
-"""Evaluation metrics: Frechet distance, FID Inception features and statistics, CLIP score.
+"""Evaluation metrics: Frechet distance, FID Inception features and statistics, CLIP score, and
+the `Metric` protocol eval/clip_fid.py runs them through (FID, CLIP score, shapes), with their
+weight resolution and FID's reference statistics. The evaluation protocol: README.
 
 * `frechet_distance`: the Frechet distance of two Gaussians in the eigenvalue form (no `sqrtm`).
 * FID features: torch-fidelity's FID Inception (`FeatureExtractorInceptionV3`, the TF-2015-12-05
@@ -7,88 +9,37 @@
   local file) or torch-fidelity's release URL when online; `FIDStats` holds mu/sigma (float64) and
   caches them as `.npz` with a metadata dict.
 * CLIP score (open_clip): `100 * max(cos(E_image, E_text), 0)` per image, and its mean.
+* Weight files: read with `weights_only=True` (a pickle that would run code is refused); the FID
+  Inception file's sha256 is checked against the published one and recorded.
 
 `import lct.metrics` loads neither torch-fidelity nor open_clip; the functions that need them do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from lct import dist
+from lct.data import expand_urls
+from lct.dist import DistInfo
 from lct.errors import UserError
-from lct.files import atomic_file
-
-# --------------------------------------------------------------------------------------------
-# Image forms
-# --------------------------------------------------------------------------------------------
-
-
-def images_to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Any batch of RGB images as a uint8 numpy array `[N, H, W, 3]`.
-
-    Accepted: a list/tuple of PIL images (any mode; converted to RGB) or of single images in the
-    array forms below; a numpy array or torch tensor `[N,H,W,3]`, `[N,3,H,W]` (or one image
-    `[H,W,3]` / `[3,H,W]`, or grey `[N,H,W]`/`[N,1,H,W]`). uint8 values are taken as they are.
-    Floating values are in `value_range`; by default [-1, 1] when any value is below -0.01
-    (generator outputs; a shapes image in [-1, 1] always has negative values), else [0, 1]. Values
-    are clipped to the range and rounded.
-    """
-    from PIL import Image
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            return np.zeros((0, 0, 0, 3), dtype=np.uint8)
-        parts = [np.asarray(im.convert("RGB"))[None] if isinstance(im, Image.Image)
-                 else images_to_uint8(im if _ndim(im) == 4 else im[None], value_range) for im in images]
-        return np.concatenate(parts, 0)
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu()
-        images = images.numpy() if images.dtype != torch.bfloat16 else images.float().numpy()
-    x = np.asarray(images)
-    if x.ndim == 3:
-        # One image [H,W,3] / [3,H,W], or a grey batch [N,H,W].
-        x = x[None] if (x.shape[-1] in (1, 3) or x.shape[0] in (1, 3)) else x[..., None]
-    if x.ndim != 4:
-        raise ValueError(f"expected images [N,H,W,3] or [N,3,H,W], got shape {x.shape}")
-    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
-        x = x.transpose(0, 2, 3, 1)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    if x.shape[-1] != 3:
-        raise ValueError(f"expected 3 colour channels, got shape {x.shape}")
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
-        return np.clip(x, 0, 255).astype(np.uint8)
-    x = x.astype(np.float64)
-    if value_range is None:
-        value_range = (-1.0, 1.0) if x.size and float(np.nanmin(x)) < -0.01 else (0.0, 1.0)
-    lo, hi = value_range
-    x = np.nan_to_num((x - lo) / (hi - lo), nan=0.0)
-    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def _ndim(x: Any) -> int:
-    return len(getattr(x, "shape", ()))
-
-
-def to_uint8_nchw(images: Any, value_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """`images_to_uint8` as a uint8 tensor `[N, 3, H, W]` (the form FID Inception takes)."""
-    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 \
-            and images.shape[1] == 3:
-        return images
-    return torch.from_numpy(images_to_uint8(images, value_range)).permute(0, 3, 1, 2).contiguous()
-
+from lct.files import atomic_file, file_sha256
+from lct.grids import images_to_uint8, to_uint8, to_uint8_nchw
+from lct.shapes import SCORE_FIELDS, parse_caption, read_specs, render, score_image, summarize_scores
+from lct.vae import decode, downsample_factor, encode_posterior, open_image, preprocess_image_uint8
 
 # --------------------------------------------------------------------------------------------
 # Frechet distance
@@ -163,7 +114,7 @@ class FIDStats:
                 mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
                 n = int(z["n"]) if "n" in z else 0
                 meta = json.loads(str(z["meta"])) if "meta" in z else {}
-        except (KeyError, ValueError, OSError) as err:
+        except Exception as err:  # KeyError, ValueError, OSError, EOFError, BadZipFile
             raise UserError(f"{path} is not an FID statistics .npz with mu and sigma ({err})") from None
         return cls(mu=mu, sigma=sigma, n=n, meta=meta)
 
@@ -199,35 +150,61 @@ def load_cached_stats(path: str | os.PathLike, meta: dict) -> FIDStats | None:
 # FID Inception features
 # --------------------------------------------------------------------------------------------
 
-FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file
+# The same bytes are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (both names end in this
+# hash's first 8 hex digits, torch hub's convention; torchvision's Inception3 with 1008 classes and
+# no aux head has exactly torch-fidelity's state-dict keys and shapes): either name is accepted.
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+FID_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                   "weights-inception-2015-12-05-6726825d.pth")
+
+
+def safe_state_dict(path: str | os.PathLike, flag: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256) of a `.pth`/`.pt`/`.bin` weight file read with `weights_only=True`:
+    a pickle that would run code or build anything but tensors is refused, never executed."""
+    data = Path(path).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for torn files
+        lines = [l.strip() for l in str(err).splitlines() if l.strip()] or [type(err).__name__]
+        why = next((l.split("error:", 1)[1].split(". ")[0].strip() for l in lines if "WeightsUnpickler error:" in l),
+                   lines[0][:200])
+        raise UserError(f"{flag} {path}: refused: not a readable plain tensor checkpoint (read with torch.load "
+                        f"weights_only=True, which runs no code: {why})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{flag} {path}: not a state dict of tensors")
+    return state, sha
 
 
 def load_fid_inception(weights_path: str | os.PathLike | None = None,
                        device: str | torch.device = "cpu") -> torch.nn.Module:
     """torch-fidelity's FID Inception v3 returning the '2048' pool features, in eval mode.
 
-    `weights_path`: a local copy of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`;
-    None downloads it (or finds it in the torch hub cache). Failing either is a `UserError` naming
-    `--fid-weights` (the eval script marks FID skipped).
+    `weights_path`: a local copy of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`
+    (or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, the same file); None looks in the
+    torch hub cache and downloads when online (`fid_weights_file`). The file is read with
+    `weights_only=True` (torch-fidelity itself unpickles it fully); `model.lct_weights_sha256`
+    and `model.lct_weights_verified` (the sha256 is the published file's) say what was loaded.
+    Failures are a `UserError` naming `--fid-weights`.
     """
     try:
         from torch_fidelity import feature_extractor_inceptionv3 as tfi
     except ImportError:
         raise UserError("FID needs torch-fidelity: `pip install torch-fidelity` "
                         "(or `pip install 'lct[eval]'`)") from None
-    if weights_path is not None:
-        if not Path(weights_path).is_file():
-            raise UserError(f"--fid-weights: FID Inception weights file not found: {weights_path} "
-                            f"(download {tfi.URL_INCEPTION_V3})")
-        weights_path = str(weights_path)
+    path = fid_weights_file(weights_path, rank0=True)
+    state, sha = safe_state_dict(path, "--fid-weights")
+    buf = io.BytesIO()
+    torch.save(state, buf)  # tensors only: torch-fidelity's full unpickling of these bytes runs no code
+    buf.seek(0)
     try:
-        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                feature_extractor_weights_path=weights_path)
-    except Exception as err:  # network errors, corrupt or wrong files: all fixable by the user
-        what = (f"could not load FID Inception weights from {weights_path}" if weights_path else
-                f"could not download the FID Inception weights ({tfi.URL_INCEPTION_V3})")
-        raise UserError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-                        f"pass a local copy of {FID_WEIGHTS_FILE} with --fid-weights PATH") from None
+        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+    except Exception as err:  # wrong keys or shapes
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"--fid-weights {path}: not the FID Inception state dict ({first}); pass a local "
+                        f"copy of {FID_WEIGHTS_FILE}") from None
+    model.lct_weights_sha256, model.lct_weights_verified = sha, sha == FID_WEIGHTS_SHA256
     return model.to(device).eval()
 
 
@@ -288,8 +265,6 @@ def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRA
 def clip_embeddings(images: Any, captions: Sequence[str], model: torch.nn.Module, tokenizer: Any,
                     preprocess: Any, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image and text embeddings (float32, CPU) of the pairs."""
-    from PIL import Image
-
     arr = images_to_uint8(images)
     if arr.shape[0] != len(captions):
         raise ValueError(f"{arr.shape[0]} images but {len(captions)} captions")
@@ -327,3 +302,424 @@ def clip_score(images: Any, captions: Sequence[str], model: torch.nn.Module, tok
     return {"clip_score": float(per_image.mean()), "per_image": per_image.numpy(),
             "clip_score_tm": float(torch.clamp(raw.mean(), min=0)), "n": int(raw.shape[0]),
             "model": label or getattr(model, "lct_label", type(model).__name__)}
+
+
+# --------------------------------------------------------------------------------------------
+# Weight resolution
+# --------------------------------------------------------------------------------------------
+
+FIX = {"fid": f"set --fid-weights PATH (a local copy of torch-fidelity's {FID_WEIGHTS_FILE}, "
+              "or pytorch-fid's pt_inception-2015-12-05-6726825d.pth: the same file)",
+       "clip": "set --clip-pretrained PATH (a local open_clip checkpoint of --clip-model), or run online once",
+       "fid_ref": "pass --ref-stats FILE.npz or --ref-images PATTERN (reference images: shards or a folder)",
+       "shapes": "use the held-out captions.jsonl of data_prep/make_shapes.py, or drop shapes from --metrics"}
+
+
+class Unavailable(UserError):
+    """A metric that cannot run here (missing weights or reference): reported as skipped with `fix`."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "LCT_OFFLINE"))
+
+
+def fid_weights_file(path: str | os.PathLike | None, rank0: bool) -> Path:
+    """The local FID Inception weights: `path` (--fid-weights), the torch hub cache, or a download
+    checked against the published sha256 (rank 0 only)."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"--fid-weights {p}: file not found")
+        return p
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+    if cached.is_file():
+        return cached
+    if offline():
+        raise UserError(f"could not download the FID Inception weights: none in the torch hub cache ({cached}) "
+                        "and downloads are off (HF_HUB_OFFLINE/LCT_OFFLINE); pass --fid-weights PATH")
+    if rank0:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256)
+        except Exception as err:
+            raise UserError(f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
+                            f"({type(err).__name__}: {str(err)[:200]}); pass --fid-weights PATH") from None
+    if not cached.is_file():
+        raise UserError(f"the FID Inception weights could not be downloaded to {cached}")
+    return cached
+
+
+def clip_weights_file(model_name: str, pretrained: str | None) -> Path:
+    """The local open_clip checkpoint of --clip-model/--clip-pretrained (downloaded into the
+    open_clip/HF cache when online)."""
+    import open_clip
+    from open_clip import pretrained as ocp
+
+    pre = pretrained
+    if pre is None or str(pre).strip().lower() in ("", "none", "random"):
+        raise UserError("--clip-pretrained is none: a CLIP score of a random model means nothing")
+    if ":" not in model_name and model_name not in open_clip.list_models():
+        raise UserError(f"--clip-model {model_name}: unknown open_clip model")
+    p = Path(str(pre)).expanduser()
+    if p.is_file():
+        return p
+    pcfg = open_clip.get_pretrained_cfg(model_name, pre)
+    if not pcfg:
+        if "/" in str(pre) or str(pre).endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise UserError(f"--clip-pretrained {pre}: file not found")
+        raise UserError(f"--clip-pretrained {pre}: not a tag of {model_name} "
+                        f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})")
+    if offline() and pcfg.get("url") and not pcfg.get("hf_hub"):
+        target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(pcfg["url"].split("?")[0])
+        if target.is_file():
+            return target
+        raise UserError(f"the weights of {model_name}/{pre} are not cached and downloads are off")
+    try:
+        target = ocp.download_pretrained(pcfg)
+    except Exception as err:
+        raise UserError(f"the weights of {model_name}/{pre} could not be found or downloaded "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if not target or not Path(target).is_file():
+        raise UserError(f"the weights of {model_name}/{pre} could not be found or downloaded")
+    return Path(target)
+
+
+@contextlib.contextmanager
+def rank0_first(info: DistInfo):
+    """Rank 0 runs the block first (downloads, caches), then the others; errors pass through."""
+    if not info.is_main:
+        dist.barrier(info.world_size)
+    try:
+        yield
+    finally:
+        if info.is_main:
+            dist.barrier(info.world_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics (FID)
+# --------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+FID_MODEL = "torch-fidelity inception-v3-compat pool3 '2048' (FID Inception, TF 2015-12-05)"
+PREPROCESS = "center crop of the long edge + PIL bicubic resize (antialiased), lct.vae.preprocess_image_uint8"
+
+
+def ref_files(pattern: str) -> list[Path]:
+    """Files of --ref-images: tar shards (`lct.data.expand_urls`: brace pattern, glob, comma list,
+    folder of shards) or a folder of images (recursively)."""
+    p = Path(pattern).expanduser()
+    if p.is_dir() and not any(p.glob("*.tar")):
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    files = [Path(u).expanduser() for u in expand_urls(os.path.expanduser(pattern))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise UserError(f"--ref-images {pattern}: {len(missing)} of {len(files)} files not found "
+                        f"(first: {missing[0] if missing else pattern}); give tar shards or a folder of images")
+    return files
+
+
+def list_ref_images(files: list[Path]) -> list[tuple[Path, str | None]]:
+    """(file, tar member or None) of every reference image: one image per sample key in tars."""
+    entries: list[tuple[Path, str | None]] = []
+    for f in files:
+        if f.suffix == ".tar":
+            seen = set()
+            with tarfile.open(f, "r:") as tar:
+                for m in tar.getmembers():
+                    base = m.name.rsplit("/", 1)[-1]
+                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                    if m.isfile() and Path(base).suffix.lower() in IMAGE_EXTS and key not in seen:
+                        seen.add(key)
+                        entries.append((f, m.name))
+        elif f.suffix.lower() in IMAGE_EXTS:
+            entries.append((f, None))
+    return entries
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("LCT_CACHE_DIR")
+    if base:
+        return Path(base).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lct"
+
+
+def reference_stats(cfg, info: DistInfo, device, model, fid_sha: str, resolution: int) -> tuple[FIDStats, dict]:
+    """(FIDStats, record) of the reference: loaded from --ref-stats, or computed from --ref-images
+    (sharded like the samples) and cached under a fingerprint of the files and settings."""
+    settings = {"kind": "lct-fid-reference/1", "resolution": resolution, "preprocess": PREPROCESS,
+                "features": FID_MODEL, "fid_weights_sha256": fid_sha}
+    if cfg.ref_images is None:
+        path = Path(cfg.ref_stats)
+        stats = FIDStats.load(path)
+        rec = {"source": "ref_stats", "path": str(path.resolve()), "sha256": file_sha256(path), "n": stats.n,
+               "meta": stats.meta, "cached": None}
+        got = stats.meta.get("settings") if isinstance(stats.meta, dict) else None
+        for k in ("resolution", "fid_weights_sha256") if got else ():
+            if got.get(k) != settings[k]:
+                raise UserError(f"--ref-stats {path}: computed with {k} = {got.get(k)!r}, this run uses "
+                                f"{settings[k]!r}; FID against it would be meaningless. Recompute with "
+                                "--ref-images (and the same --fid-weights)")
+        if stats.mu.shape != (2048,):
+            raise UserError(f"--ref-stats {path}: mu has shape {stats.mu.shape}, FID Inception features are 2048")
+        return stats, rec
+    files = ref_files(cfg.ref_images)
+    fp = dist.gather_objects(fingerprint(files, settings) if info.is_main else None, info.world_size)[0]
+    meta = {"fingerprint": fp, "settings": settings}
+    cache = Path(cfg.ref_stats) if cfg.ref_stats else \
+        default_cache_dir() / "fid_ref_stats" / f"ref-{resolution}-{fp[:20]}.npz"
+    hit = load_cached_stats(cache, meta) if info.is_main else None
+    rec = {"source": "ref_images", "pattern": cfg.ref_images, "files": len(files), "path": str(cache.resolve()),
+           "fingerprint": fp, "cached": bool(dist.gather_objects(hit is not None, info.world_size)[0])}
+    if rec["cached"]:
+        if info.is_main:  # only rank 0 needs the reference (it computes the distances)
+            print(f"[eval] reference statistics: cache hit {cache} ({hit.n} images, fingerprint {fp[:16]})", flush=True)
+            rec.update(n=hit.n, sha256=file_sha256(cache), meta=hit.meta)
+        return hit, rec
+    entries = list_ref_images(files)
+    if len(entries) < 2:
+        raise UserError(f"--ref-images {cfg.ref_images}: {len(entries)} image(s) found; FID needs at least 2")
+    if info.is_main:
+        print(f"[eval] reference statistics: computing from {len(entries)} images in {len(files)} file(s) "
+              f"at {resolution}px (cached at {cache})", flush=True)
+    tars: dict = {}
+    idx, feats, problem = [], [], None
+    bar = tqdm(total=len(entries), desc="reference", unit="img", dynamic_ncols=True, disable=not info.is_main)
+    try:
+        for batch in dist.rank_batches(len(entries), cfg.batch_size, info.rank, info.world_size):
+            try:
+                ims = []
+                for i in batch:
+                    f, member = entries[i]
+                    if member is not None and f not in tars:
+                        tars[f] = tarfile.open(f, "r:")
+                    raw = f.read_bytes() if member is None else tars[f].extractfile(member).read()
+                    ims.append(preprocess_image_uint8(open_image(raw), resolution))
+            except Exception as err:  # unreadable image: every rank must learn it before the gather
+                problem = (f"--ref-images: could not read an image of {entries[batch[0]][0]} "
+                           f"({type(err).__name__}: {str(err)[:200]})")
+                break
+            feats.append(fid_features(model, torch.stack(ims), batch_size=cfg.batch_size).float())
+            idx += batch
+            bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
+    finally:
+        bar.close()
+        for t in tars.values():
+            t.close()
+    problems = [p for p in dist.gather_objects(problem, info.world_size) if p]
+    if problems:
+        raise UserError(problems[0])
+    rows = dist.gather_rows(idx, torch.cat(feats) if feats else None, 2048, info.world_size, device)
+    stats = FIDStats.from_features(rows.double(), meta)
+    if info.is_main:
+        stats.save(cache)
+        rec["sha256"] = file_sha256(cache)
+    rec.update(n=stats.n, meta=stats.meta)
+    dist.barrier(info.world_size)
+    return stats, rec
+
+
+# --------------------------------------------------------------------------------------------
+# The metric protocol of eval/clip_fid.py
+# --------------------------------------------------------------------------------------------
+
+
+class Metric(Protocol):
+    """A metric of eval/clip_fid.py: per-sample rows (gathered over the ranks in sample order),
+    then one result per setting.
+
+    `rows(images, metric_images, captions)`: `images` uint8 [B,H,W,3] at the model's resolution,
+    `metric_images` uint8 [B,3,R,R] at the protocol's; returns [B, width]. `result(rows, out_dir,
+    main)`: the metric's dictionary from all N rows (index order; rank 0 has `main`); `line(key, m)`
+    its part of the console summary."""
+
+    name: str
+    width: int
+    record: dict
+
+    def rows(self, images: np.ndarray, metric_images: torch.Tensor, captions: list[str]) -> torch.Tensor: ...
+
+    def result(self, rows: torch.Tensor, out_dir: Path, main: bool) -> dict: ...
+
+    def line(self, key: str, m: dict) -> str: ...
+
+
+@dataclass
+class FID:
+    model: torch.nn.Module
+    ref: FIDStats
+    ref_record: dict
+    record: dict
+    batch_size: int
+    resolution: int
+    name: str = "fid"
+    width: int = 2048
+
+    def rows(self, images, metric_images, captions):
+        return fid_features(self.model, metric_images, batch_size=self.batch_size).float()
+
+    def result(self, rows, out_dir, main):
+        value = None
+        path = out_dir / "fid_stats.npz"
+        if main:  # the reference lives on rank 0
+            gen = FIDStats.from_features(rows.double(), {"kind": "lct-fid-generated/1", "setting": out_dir.name,
+                                                         "resolution": self.resolution, "n": int(rows.shape[0])})
+            gen.save(path)
+            value = gen.distance(self.ref)
+        return {"metric": "fid", "value": value, "model": self.record,
+                "reference": {k: v for k, v in self.ref_record.items() if k != "meta"},
+                "generated_stats": str(path.resolve())}
+
+    def line(self, key, m):
+        return f"{key} {m['value']:.4f}"
+
+
+@dataclass
+class CLIPScore:
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocess: Any
+    record: dict
+    batch_size: int
+    name: str = "clip"
+    width: int = 1
+
+    def rows(self, images, metric_images, captions):
+        r = clip_score(metric_images, captions, self.model, self.tokenizer, self.preprocess,
+                       batch_size=self.batch_size)
+        return torch.as_tensor(np.asarray(r["per_image"], dtype=np.float64)).reshape(-1, 1)
+
+    def result(self, rows, out_dir, main):
+        scores = rows.double().reshape(-1)
+        label = f"{self.record['clip_model']}/{self.record['clip_pretrained']}"
+        return {"metric": "clip", "value": float(scores.mean()),
+                "std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "label": f"CLIP score ({label}, 100*max(cos,0))", "model": self.record}
+
+    def line(self, key, m):
+        return f"{key} {m['value']:.3f} [{m['model']['clip_model']}/{m['model']['clip_pretrained']}]"
+
+
+@dataclass
+class Shapes:
+    record: dict
+    ceiling: dict | None
+    name: str = "shapes"
+    width: int = len(SCORE_FIELDS)
+
+    def rows(self, images, metric_images, captions):
+        return torch.tensor([score_image(a, c) for a, c in zip(images, captions)], dtype=torch.float64)
+
+    def result(self, rows, out_dir, main):
+        m = summarize_scores(rows.double().numpy())
+        n = int(rows.shape[0])
+        return {"metric": "shapes", "value": m["both_acc"], **m, "n_scored": m["n"],
+                "label": f"shapes accuracy over {m['n']} of {n} captions (the ones stating a colour and a position)",
+                "chance_both": m["chance_colour"] * m["chance_position"], "ceiling": self.ceiling,
+                "model": self.record}
+
+    def line(self, key, m):
+        parts = [f"{key} ({m['n_scored']} of {m['n']} captions scored): colour {m['colour_acc']:.3f} (chance "
+                 f"{m['chance_colour']:.3f}), position {m['position_acc']:.3f} (chance {m['chance_position']:.3f}), "
+                 f"shape {m['shape_acc']:.3f} (chance {m['chance_shape']:.3f}), all three {m['all_acc']:.3f}"]
+        for who, c in (m.get("ceiling") or {}).items():
+            parts.append(f"{who.replace('_', ' ')}: colour {c['colour_acc']:.3f}, position {c['position_acc']:.3f}, "
+                         f"shape {c['shape_acc']:.3f}")
+        return "; ".join(parts)
+
+
+def metric_images(u8: np.ndarray, res: int) -> torch.Tensor:
+    """Samples uint8 [B,H,W,3] as the metrics' uint8 [B,3,res,res], resized with the reference
+    images' rule (`lct.vae.preprocess_image_uint8`) when they are another size."""
+    if u8.shape[1] == res and u8.shape[2] == res:
+        return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).contiguous()
+    return torch.stack([preprocess_image_uint8(Image.fromarray(a), res) for a in u8])
+
+
+def setup_fid(cfg, info, device, resolution, captions, gen) -> FID:
+    if len(captions) < 2:
+        raise UserError(f"FID needs at least 2 samples, --num-samples is {len(captions)}")
+    if cfg.ref_images is None and cfg.ref_stats is None:
+        raise Unavailable("no reference statistics", FIX["fid_ref"])
+    with rank0_first(info):
+        path = fid_weights_file(cfg.fid_weights, info.is_main)
+    model = load_fid_inception(path, device)
+    sha = model.lct_weights_sha256
+    record = {"name": FID_MODEL, "weights": str(path.resolve()), "weights_sha256": sha,
+              "weights_verified": model.lct_weights_verified}
+    try:
+        ref, ref_record = reference_stats(cfg, info, device, model, sha, resolution)
+    except Unavailable:
+        raise
+    except UserError as err:
+        raise Unavailable(str(err), FIX["fid_ref"]) from None
+    return FID(model, ref, ref_record, record, cfg.batch_size, resolution)
+
+
+def setup_clip(cfg, info, device, resolution, captions, gen) -> CLIPScore:
+    with rank0_first(info):
+        path = clip_weights_file(cfg.clip_model, cfg.clip_pretrained)
+    pre = str(cfg.clip_pretrained)
+    model, tok, prep = load_clip(cfg.clip_model, pre if not Path(pre).expanduser().is_file() else str(path), device)
+    label = f"{cfg.clip_model}/{cfg.clip_pretrained}"
+    record = {"name": f"CLIP score, open_clip {label}, 100 * max(cos, 0) per image, mean",
+              "clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
+              "weights": str(path.resolve()), "weights_sha256": file_sha256(path)}
+    return CLIPScore(model, tok, prep, record, cfg.batch_size)
+
+
+def setup_shapes(cfg, info, device, resolution, captions, gen) -> Shapes:
+    parsed = sum(all(v is not None for v in parse_caption(c)[:2]) for c in captions)
+    if 2 * parsed <= len(captions):
+        raise Unavailable(f"only {parsed} of {len(captions)} captions state a shapes colour and position: the shapes "
+                          "metric is for lct's shapes data set, and a number over a minority of captions would "
+                          "mislead", FIX["shapes"])
+    record = {"name": "lct.shapes.shapes_metric (colour, 3x3 position and shape accuracy; no weights)", "weights": None,
+              "weights_sha256": None}
+    specs = read_specs(cfg.captions, len(captions)) if cfg.captions else None
+    return Shapes(record, shapes_ceiling(specs, captions, gen, cfg.batch_size, info, device) if specs else None)
+
+
+def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device) -> dict:
+    """The `shapes` accuracies of the captions' own ground-truth renders and of the generator's VAE
+    reconstructions of them (what a perfect latent model could reach), sharded like the samples."""
+    size = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
+    rows: dict[str, list] = {"ground_truth": [], "vae_reconstruction": []}
+    idx: list[int] = []
+    for batch in dist.rank_batches(len(specs), batch_size, info.rank, info.world_size):
+        gt = np.stack([np.asarray(render(specs[i], size)) for i in batch])
+        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x.to(gen.device))[0]))
+        for i, a, b in zip(batch, gt, rec):
+            rows["ground_truth"].append(score_image(a, captions[i]))
+            rows["vae_reconstruction"].append(score_image(b, captions[i]))
+        idx += batch
+    return {k: summarize_scores(dist.gather_rows(idx, torch.tensor(v, dtype=torch.float64) if v else None,
+                                                 len(SCORE_FIELDS), info.world_size, device).double().numpy())
+            for k, v in rows.items()}
+
+
+SETUP = {"fid": setup_fid, "clip": setup_clip, "shapes": setup_shapes}
+
+
+def setup_metrics(cfg, info: DistInfo, device, resolution: int, captions: list[str], gen) -> tuple[list, dict]:
+    """(metrics that run, {name: skipped record} for those that cannot) of `cfg.metrics`; a metric
+    runs only where every rank could set it up."""
+    ready, skipped = {}, {}
+    for name in dict.fromkeys(cfg.metrics):
+        try:
+            ready[name] = SETUP[name](cfg, info, device, resolution, captions, gen)
+        except UserError as err:
+            skipped[name] = {"skipped": True, "reason": str(err), "fix": getattr(err, "fix", FIX[name])}
+    everywhere = set.intersection(*[set(r) for r in dist.gather_objects(list(ready), info.world_size)])
+    for name in list(ready):
+        if name not in everywhere:
+            del ready[name]
+            skipped[name] = {"skipped": True, "reason": "not available on every rank", "fix": FIX[name]}
+    return list(ready.values()), skipped

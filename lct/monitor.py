@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -26,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, skip_record
+from lct.consistency import consistency_function
+from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
@@ -122,11 +124,13 @@ class LossMeter:
         nb, acc = self.buckets, self.acc
         for diag in diags:
             idx = sigma_buckets(diag.sigma, nb, *self.range)
-            if torch.isfinite(diag.loss).all():
-                acc[0] += diag.loss.sum().double()
-                acc[1] += diag.loss.numel()
-                acc[2:2 + nb].index_add_(0, idx, diag.loss.double())
-                acc[2 + nb:].index_add_(0, idx, torch.ones_like(diag.loss, dtype=torch.float64))
+            # A micro-batch with a non-finite loss adds nothing; decided on the device (no sync).
+            ok = torch.isfinite(diag.loss).all().double()
+            zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+            acc[0] += torch.where(ok > 0, diag.loss.sum().double(), zero)
+            acc[1] += ok * diag.loss.numel()
+            acc[2:2 + nb].index_add_(0, idx, torch.where(ok > 0, diag.loss.double(), zero))
+            acc[2 + nb:].index_add_(0, idx, ok.expand(diag.loss.shape))
         self.last = diags[-1]
 
     def record(self, state, lr: float, curriculum, engine, tally: SkipTally | None = None) -> dict:
@@ -156,7 +160,7 @@ class LossMeter:
             record["c"] = curriculum.c
         extra = self.last.scalars() if self.last is not None else {}
         for k in ("rms_sqrt_m", "frac_m_gt_2c2", "diffusion_term", "early_local"):
-            if k in extra:
+            if k in extra and math.isfinite(extra[k]):  # frac_m_gt_2c2 is NaN at c = 0: not valid JSON
                 record[k] = extra[k]
         gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         if gn is not None:
@@ -236,7 +240,9 @@ class Monitor:
         for i, s in enumerate(samples):
             g = rng.philox(cfg.run.seed, rng.VALIDATION, i)
             eps = g.standard_normal(s["mean"].shape, dtype=np.float32)
-            xs.append(self.norm.normalize(s["mean"].astype(np.float32) + s["std"].astype(np.float32) * eps))
+            raw = posterior_latent(cfg.data.posterior, s["mean"].astype(np.float32), s["std"].astype(np.float32), eps,
+                                   cfg.run.seed, s.get("key", ""), False)  # as training sees it
+            xs.append(self.norm.normalize(raw))
             zs.append(g.standard_normal(s["mean"].shape, dtype=np.float32))
             caps.append((s.get("captions") or [""])[0])
             if "tokens" in s:
@@ -301,7 +307,10 @@ class Monitor:
         cfg, info = self.cfg, self.info
         m = cfg.method
         mine = list(range(info.rank, len(self.prompts), info.world_size))
-        sample_sigma_min = m.sample_sigma_min if m.sample_sigma_min is not None else m.sigma_min
+        boundary, sample_sigma_min = m.sampling_sigma_mins()
+        if boundary != getattr(model, "sigma_min", boundary):  # sample with the exports' scalings (SPEC 2.4)
+            model = functools.partial(consistency_function, model.net, sigma_data=model.sigma_data,
+                                      sigma_min=boundary, time_embed_scale=model.time_embed_scale)
         written = []
         for steps in cfg.sample.steps:
             taus = list(m.tau[: steps - 1]) if steps > 1 else []

@@ -1,30 +1,10 @@
 """Named evaluation protocols: which captions, how many samples, which reference images, which
 resolution and which feature models, so that numbers from different runs (and papers) compare.
 
-`coco2014val-30k` (the default of `eval/clip_fid.py`):
-
-* captions: 30,000 MS-COCO val2014 images drawn without replacement with
-  `numpy.random.default_rng(0).choice(40504, 30000, replace=False)` over the val2014 images sorted
-  by image id, in draw order (so any prefix, e.g. the first 10,000, is itself a uniform sample);
-  then one caption per drawn image with a second `numpy.random.default_rng(0)`:
-  `integers(0, n_captions)` over the drawn images at once, captions of an image in annotation-id
-  order, whitespace collapsed (`" ".join(c.split())`, the rule of `data_prep/coco_to_wds.py`).
-  The list ships as `eval/captions/coco2014val-30k.jsonl` (one JSON object per line:
-  `{"caption", "file_name", "image_id", "index"}`, sorted keys, UTF-8) and is written by
-  `python eval/clip_fid.py --make-captions --coco-annotations captions_val2014.json
-  --out eval/captions/coco2014val-30k.jsonl`, which prints its sha256; `CAPTIONS_SHA256` pins it.
-* reference statistics: FID Inception statistics of all 40,504 val2014 images.
-* preprocessing: real and generated images are center-cropped on the long edge and resized to
-  256 x 256 with PIL bicubic (antialiased), `lct.vae.preprocess_image_uint8`; generated images
-  already 256 x 256 are used as they are.
-* FID: torch-fidelity's FID Inception (`inception-v3-compat`, pool features '2048', the
-  TF 2015-12-05 graph), Frechet distance in the eigenvalue form (`lct.metrics.frechet_distance`).
-* CLIP score: open_clip `ViT-g-14` / `laion2b_s34b_b88k`, `100 * max(cos, 0)` per image, averaged.
-* metric names carry the sample count: `fid30k`, `clip30k` (`fid10k` for the first 10,000).
-
-`custom`: any caption file, all of its captions by default, the model's own resolution (no
-resize), the same feature models. Results are labelled with the protocol and every deviation from
-it (`Protocol.deviations`).
+`coco2014val-30k` (the default of `eval/clip_fid.py`) and `custom` are described once, in README
+("Evaluation protocol"); `PROTOCOLS` holds their definitions, `draw_coco_captions` the caption draw
+and `CAPTIONS_SHA256` the pinned caption file. Results are labelled with the protocol and every
+deviation from it.
 """
 
 from __future__ import annotations
@@ -39,13 +19,12 @@ import numpy as np
 
 from lct.coco import read_caption_annotations
 from lct.errors import UserError
-from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED
+from lct.files import read_text
+from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED, FID_MODEL, PREPROCESS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS_DIR = REPO_ROOT / "eval" / "captions"
 
-FID_MODEL = "torch-fidelity inception-v3-compat pool3 '2048' (FID Inception, TF 2015-12-05)"
-PREPROCESS = "center crop of the long edge + PIL bicubic resize (antialiased), lct.vae.preprocess_image_uint8"
 
 # The sha256 of eval/captions/coco2014val-30k.jsonl; None until the file is generated from the
 # official annotations and shipped (see the module docstring for the command).
@@ -134,9 +113,7 @@ def read_captions(path: str | os.PathLike) -> list[dict]:
     and more: the held-out `captions.jsonl` of `data_prep/make_shapes.py` and
     `data_prep/coco_to_wds.py`, and the protocol caption files, are read as they are)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--captions {p}: file not found")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "--captions")
     if p.suffix.lower() == ".jsonl":
         out = []
         for no, line in enumerate(text.splitlines(), 1):

@@ -9,6 +9,8 @@ depend on world size, DataLoader workers or gradient accumulation.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -23,6 +25,12 @@ TRAIN_SAMPLE = 0
 SAMPLING_NOISE = 1
 VALIDATION = 2
 EPOCH_PERMUTATION = 3
+FIXED_POSTERIOR = 4
+
+
+def key_int(text: str) -> int:
+    """A stable 64-bit integer for a string key (a sample's key), for use in a stream key."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def normal(shape, *key: int) -> torch.Tensor:

@@ -21,13 +21,41 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 
 import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from lct.dist import pick_device
 from lct.errors import UserError, cli_main
+from lct.files import check_out_dir, file_sha256, read_text, write_atomic
+from lct.grids import caption_grid, save_png, to_uint8
+from lct.samplers import nfe
+
+GUIDANCE_HELP = ("classifier-free guidance weight w (1 = off, SPEC 9); a consistency model tolerates only "
+                 "mild guidance, w close to 1 (w = 3 already ruins the shapes demo's colours): sweep it with eval")
+TAU_HELP = ("intermediate sigmas, steps - 1 values, decreasing, in (0, sigma_max); default: the model's tau "
+            "for 2 steps, the Karras levels for more (SPEC 9)")
+
+
+def check_sampling(steps: int, taus: list[float] | None, guidance: float, prefix: str = "--") -> None:
+    """One-line refusals of sampling settings, before any model is loaded (SPEC 9)."""
+    if steps < 1:
+        raise UserError(f"{prefix}steps {steps}: sampling needs at least 1 step (1, 2 or k)")
+    if taus is not None:
+        if any(not math.isfinite(t) for t in taus):
+            raise UserError(f"{prefix}tau {taus}: taus must be finite numbers")
+        if any(t <= 0 for t in taus) or any(b >= a for a, b in zip(taus, taus[1:])):
+            raise UserError(f"{prefix}tau {taus}: taus must be positive and strictly decreasing")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"{prefix}guidance {guidance}: must be a finite number >= 0 (1 = off)")
+
+
+def grid_title(steps: int, taus: list[float], guidance: float, seed: int) -> str:
+    tau = f", tau {', '.join(f'{t:g}' for t in taus)}" if taus else ""
+    return f"{steps}-step{tau}, guidance {guidance:g}, seed {seed}"
 
 
 def parse_args(argv):
@@ -35,19 +63,28 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="run directory or export directory")
     p.add_argument("--ema", default=None, help="EMA name of a run directory (default: the run's sample EMA)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help="file with one prompt per line")
-    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--prompts", default=None, help="UTF-8 text file with one prompt per line")
+    p.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt (>= 1)")
     p.add_argument("--steps", type=int, default=1, help="1, 2 or more sampling steps")
-    p.add_argument("--tau", type=float, nargs="+", default=None,
-                   help="intermediate sigmas (steps - 1 values, decreasing); default: the model's")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--tau", type=float, nargs="+", default=None, help=TAU_HELP)
+    p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (>= 0); the same seed gives the same images")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (>= 1)")
+    p.add_argument("--out", required=True, help="output folder (made if missing)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--vae", default=None, help="override the VAE (hub id or local dir)")
     p.add_argument("--text-pretrained", default=None, help="override the text tower weights (tag or path)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
+                             ("--num-per-prompt", args.num_per_prompt, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    if args.seed >= 2 ** 63:
+        raise UserError(f"--seed {args.seed}: must be below 2**63")
+    check_sampling(args.steps, args.tau, args.guidance)
+    if args.tau is not None and len(args.tau) != args.steps - 1:
+        raise UserError(f"--steps {args.steps} needs {args.steps - 1} --tau value(s), got {args.tau}")
+    return args
 
 
 class Generator:
@@ -63,6 +100,9 @@ class Generator:
         self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)
         self.meta, self.device = export_meta(self.pipe), device
         self.vae = self.pipe.vae
+        if ema is not None and self.meta.get("ema") not in (None, ema):
+            raise UserError(f"--ema {ema}: {self.path} is the export of EMA {self.meta.get('ema')!r}; pass the run "
+                            "directory to choose an EMA, or drop --ema")
         if self.vae is None:
             raise UserError("the export has no VAE; pass --vae ID_OR_PATH")
 
@@ -75,11 +115,25 @@ class Generator:
 
         return weight_files(self.path)
 
+    def record(self, checkpoint: str, vae: str | None = None) -> dict:
+        """What was sampled, for results files: paths, step, EMA, model, weight hashes."""
+        meta, model, text = self.meta, self.meta.get("model") or {}, self.meta.get("text") or {}
+        return {"path": str(Path(checkpoint).resolve()), "export_dir": str(Path(self.path).resolve()),
+                "step": meta.get("step"), "ema": meta.get("ema"), "arch": model.get("arch"),
+                "cond": model.get("cond"), "weights_sha256": {f.name: file_sha256(f) for f in self.weight_files()},
+                "vae": vae or (meta.get("vae") or {}).get("id"), "text_model": text.get("model"),
+                "text_weights_sha256": text.get("weights_sha256"), "method": meta.get("method")}
+
     def default_taus(self, steps: int) -> list[float]:
-        try:
-            return self.pipe.scheduler.default_taus(steps)
-        except ValueError as err:
-            raise UserError(f"{err} (--tau)") from None
+        return self.pipe.scheduler.default_taus(steps)
+
+    def taus(self, steps: int, taus: list[float] | None, flag: str = "--tau") -> list[float]:
+        """`taus` (checked against the model's sigma_max) or the model's default for `steps`."""
+        taus = self.default_taus(steps) if taus is None else [float(t) for t in taus]
+        sigma_max = float(self.pipe.scheduler.config.sigma_max)
+        if taus and taus[0] >= sigma_max:
+            raise UserError(f"{flag} {taus}: taus must be below the model's sigma_max {sigma_max:g}")
+        return taus
 
     @torch.no_grad()
     def images(self, captions: list[str], indices: list[int], seed: int, steps: int,
@@ -98,42 +152,30 @@ class Generator:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
-
-    from lct.grids import caption_grid, save_png, to_uint8
-    from lct.samplers import nfe
-
     prompts = list(args.prompt)
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise UserError(f"--prompts {path}: file not found")
-        prompts += [l.strip() for l in path.read_text().splitlines() if l.strip()]
-    if not prompts:
-        prompts = [""]  # unconditional models; text models get the empty caption
-    prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
+        prompts += [l.strip() for l in read_text(args.prompts, "--prompts").splitlines() if l.strip()]
+    prompts = [p for p in (prompts or [""]) for _ in range(args.num_per_prompt)]  # "": unconditional
+    out = check_out_dir(args.out, "--out")
     device = pick_device(args.device)
     gen = Generator(args.checkpoint, device, args.ema, args.vae, args.text_pretrained)
-    taus = args.tau if args.tau is not None else gen.default_taus(args.steps)
-    out = Path(args.out)
+    taus = gen.taus(args.steps, args.tau)
     out.mkdir(parents=True, exist_ok=True)
     records, tiles = [], []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", unit="batch"):
         caps = prompts[start:start + args.batch_size]
         idx = list(range(start, start + len(caps)))
         imgs = to_uint8(gen.images(caps, idx, args.seed, args.steps, taus, args.guidance))
-        from PIL import Image
-
         for i, c, img in zip(idx, caps, imgs):
             name = f"{i:06d}.png"
             Image.fromarray(img).save(out / name)
             tiles.append(img)
             records.append({"file": name, "caption": c, "seed": args.seed, "index": i, "steps": args.steps,
                             "tau": taus, "guidance": args.guidance, "nfe": nfe(args.steps, args.guidance)})
-    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out / "captions.jsonl", "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
+                                                 for r in records))
     save_png(caption_grid(tiles, [r["caption"] for r in records],
-                          title=f"{args.steps}-step, tau {taus}, guidance {args.guidance}, seed {args.seed}"),
-             out / "grid.png")
+                          title=grid_title(args.steps, taus, args.guidance, args.seed)), out / "grid.png")
     print(f"wrote {len(records)} images, captions.jsonl and grid.png to {out}")
     return 0
 

@@ -8,6 +8,12 @@ batched call of 2B samples; w = 1 is off (one evaluation). NFE counts network ev
 sample (a guided step costs 2). Consistency models learn the unguided conditional flow, so
 guidance on a 1-step model is a heuristic.
 
+Default levels (`default_taus`): the model's recorded taus when it records k - 1 of them (the
+2-step tau of SPEC 9), otherwise the k - 1 interior levels of the (k + 1)-point Karras grid
+(rho 7, sigma_min..sigma_max): the multistep levels of the consistency-model codebases iCT and iLCT
+build on (`get_sigmas_karras(steps + 1, ...)`); for 2 steps that level is 2.5152, the tau of the
+iLCT authors' logged latent iCT baseline.
+
 Noise is keyed by (seed, sample index, step) (`lct.rng.sampling_noise`): a sample is the same
 whether drawn alone, in another batch, or on another rank.
 """
@@ -19,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lct.consistency import karras_sigmas
 from lct.rng import sampling_noise
 
 Net = Callable[..., torch.Tensor]
@@ -27,6 +34,24 @@ Net = Callable[..., torch.Tensor]
 def nfe(steps: int, guidance: float) -> int:
     """Network evaluations per sample."""
     return steps * (1 if guidance == 1.0 else 2)
+
+
+def karras_taus(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
+    """The k - 1 interior levels of the (k + 1)-point Karras grid, decreasing (SPEC 9)."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least 1 step, got {steps}")
+    levels = karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0).tolist()
+    return [float(t) for t in levels[1:-1]]
+
+
+def default_taus(steps: int, recorded: Sequence[float] = (), sigma_min: float = 0.002,
+                 sigma_max: float = 80.0) -> list[float]:
+    """The intermediate levels of k-step sampling when none are given (SPEC 9): the model's
+    `recorded` taus when there are k - 1 of them, else `karras_taus(k)`."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least 1 step, got {steps}")
+    recorded = [float(t) for t in recorded]
+    return recorded[: steps - 1] if steps - 1 <= len(recorded) else karras_taus(steps, sigma_min, sigma_max)
 
 
 def _batch_noise(seed: int, indices: Sequence[int], step: int, shape, device) -> torch.Tensor:

@@ -40,6 +40,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from lct.consistency import scalings, time_embed_input
+from lct.samplers import default_taus
 
 
 @dataclass
@@ -82,11 +83,9 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         return float(self.config.sigma_min if s is None else s)
 
     def default_taus(self, num_inference_steps: int) -> list[float]:
-        taus = [float(t) for t in self.config.taus]
-        if num_inference_steps - 1 > len(taus):
-            raise ValueError(f"{num_inference_steps} steps need {num_inference_steps - 1} intermediate sigmas (taus); "
-                             f"the model records {taus}: pass tau=[...]")
-        return taus[: num_inference_steps - 1]
+        """The model's taus, or the Karras levels for more steps than it records (SPEC 9)."""
+        return default_taus(int(num_inference_steps), self.config.taus, float(self.config.sigma_min),
+                            float(self.config.sigma_max))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       taus: Sequence[float] | None = None) -> None:
@@ -174,6 +173,18 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return len(self.levels)
+
+
+def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = None,
+                            sample_sigma_min: float | None = None) -> LCTScheduler:
+    """A copy of `scheduler` with another boundary of the scalings (`sigma_min`) and/or noise
+    sigma_min between steps (None keeps the recorded value). ECT's evaluation of its sigma_min-0
+    network: `sigma_min=0.003, sample_sigma_min=0` (locuslab/ect ECMPrecond in eval mode, SPEC 2.4)."""
+    changes = {k: float(v) for k, v in (("sigma_min", sigma_min), ("sample_sigma_min", sample_sigma_min))
+               if v is not None}
+    if any(v < 0 for v in changes.values()):
+        raise ValueError(f"sampling sigma_min values must be >= 0: {changes}")
+    return LCTScheduler.from_config({**scheduler.config, **changes})
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ best of `TEMPLATE_BLURS` (autoencoder reconstructions and samples are softer tha
 compared with the map by the sum of squared differences, and the closest wins. On the held-out
 renders at 32 px it is right for every image; on an autoencoder's reconstructions it is right as
 often as the reconstruction keeps the outline (README: the demo reports both ceilings beside the
-samples' accuracy). Accepted image forms are listed in `lct.metrics.images_to_uint8`.
+samples' accuracy). Accepted image forms are listed in `lct.grids.images_to_uint8`.
 """
 
 from __future__ import annotations
@@ -400,11 +400,11 @@ def classify_outline(alpha: np.ndarray) -> str:
 def detect_shape(image: Any) -> Detected:
     """(colour, cell, shape) of the foreground shape of one image; all None when none is found.
 
-    `image`: one image in any form `lct.metrics.images_to_uint8` accepts (PIL, HWC/CHW arrays...).
+    `image`: one image in any form `lct.grids.images_to_uint8` accepts (PIL, HWC/CHW arrays...).
     """
     from scipy import ndimage
 
-    from lct.metrics import images_to_uint8
+    from lct.grids import images_to_uint8
 
     arr = images_to_uint8([image] if not _is_batch(image) else image)
     if arr.shape[0] != 1:
@@ -499,7 +499,7 @@ def shapes_metric(images: Any, captions: Sequence[str],
     """Whether images show the colour, position and shape their captions state.
 
     `images`: a list of PIL images / arrays, a uint8 array `[N,H,W,3]` or `[N,3,H,W]`, or a float
-    tensor/array in [0,1] or [-1,1] (see `lct.metrics.images_to_uint8`; `value_range` overrides its
+    tensor/array in [0,1] or [-1,1] (see `lct.grids.images_to_uint8`; `value_range` overrides its
     guess of the float range). `captions`: one per image.
 
     Returns `colour_acc`, `position_acc`, `both_acc` (colour and position), `shape_acc` (over the
@@ -509,7 +509,7 @@ def shapes_metric(images: Any, captions: Sequence[str],
     wrong), `chance_colour` = 1/8, `chance_position` = 1/9, `chance_shape` = 1/4 (what captions
     unrelated to the images score on average), and `by_size`: the accuracies per stated size.
     """
-    from lct.metrics import images_to_uint8
+    from lct.grids import images_to_uint8
 
     arr = images_to_uint8(images, value_range)
     if arr.shape[0] != len(captions):

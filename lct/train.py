@@ -8,8 +8,8 @@ Reads top to bottom: `main` -> `preflight` (every check that needs no GPU: paths
 text tower, resume state) -> `build` (ranks, network, DeepSpeed engine, EMAs, resume, objective,
 data, monitor: one frozen `Run`) -> `loop` (steps, logs, grids, validation, checkpoints,
 preemption) -> `train_step` (plan, early-set count, micro-batches, non-finite guard, optimizer,
-EMA). Resume, save, export and the run records are `lct.run`. Re-running the same command resumes
-from the newest complete checkpoint of `run.dir`.
+EMA; no host sync of its own). Resume, save, export and the run records are `lct.run`. Re-running
+the same command resumes from the newest complete checkpoint of `run.dir`.
 """
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not lct/, on sys.path
@@ -320,7 +320,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
                     resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest),
-                    **token_ids(start.manifest))
+                    posterior=cfg.data.posterior, **token_ids(start.manifest))
     memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4
@@ -421,44 +421,61 @@ class StepResult:
 
 def train_step(run: Run, batches: list[dict], state: TrainState, timer=no_timer) -> StepResult:
     """One optimizer step over this rank's micro-batches at `state` (applied step k, data step).
-    `timer` (lct.timing.PhaseTimer) times its phases for benchmarks."""
-    cfg, info, engine, world = run.cfg, run.info, run.engine, run.info.world_size
+    `timer` (lct.timing.PhaseTimer) times its phases for benchmarks.
+
+    Nothing here waits on the device: the early-set count is one all-reduce of a device tensor per
+    step (only with an early-step term), and a non-finite loss on any rank skips the update through
+    the gradients themselves (`finite_or_nan`), which DeepSpeed reduces and checks anyway (ZeRO-1/2:
+    its overflow check, the step's one host sync; ZeRO-0: `grads_finite` on the reduced gradients)."""
+    cfg, engine = run.cfg, run.engine
     lr = learning_rate(cfg, state.applied_steps)
     for g in engine.optimizer.param_groups:
         g["lr"] = lr
     plans = [run.objective.plan(b, state.applied_steps) for b in batches]
-    # |S| of the early-step diffusion term over the global batch of this step (SPEC 5).
-    early_global = int(dist.all_reduce_values([sum(int(p.early.sum()) for p in plans)], run.device, world)[0])
+    early_global = early_set_size(run, plans)
 
-    bad, diagnostics = False, []
+    skipped, diagnostics = False, []
     for b, plan in zip(batches, plans):
         with timer("to_device"):
             b = to_device(b, run.device)
             b["cond"] = condition(run, b)
         loss, diag = run.objective.loss(engine, b, plan, early_global, timer)
-        loss = run.faults.loss(loss, state.data_steps, info.rank)
-        finite = dist.all_reduce(torch.isfinite(loss.detach()).double().reshape(1), world).item() == world
+        loss = run.faults.loss(loss, state.data_steps, run.info.rank)
         with timer("backward"):
-            if finite and not bad:
-                engine.backward(loss)
-            else:  # every rank skips this step's update (never train on a non-finite loss)
-                bad = True
-                engine.backward(poison_loss(engine.module))
+            engine.backward(finite_or_nan(loss))
         if engine.is_gradient_accumulation_boundary() and cfg.distributed.zero_stage == 0:
-            # ZeRO-0 in fp32 has no overflow check: inspect the reduced gradients ourselves.
-            ok = dist.all_reduce_values([float(grads_finite(engine.module))], run.device, world)[0] == world
-            if bad or not ok:
-                bad = True
+            # ZeRO-0 in fp32 has no overflow check: inspect the reduced (so identical) gradients.
+            skipped = not grads_finite(engine.module)
+            if skipped:
                 engine.optimizer.zero_grad(set_to_none=True)
         with timer("optimizer"):
             engine.step()
         diagnostics.append(diag)
 
-    applied = not bad and engine.was_step_applied()
+    applied = not skipped and engine.was_step_applied()
     if applied:
         with timer("ema"):
             run.ema.update(engine.module, cfg.optim.batch_size)
     return StepResult(applied, lr, plans[-1].curriculum, diagnostics)
+
+
+def early_set_size(run: Run, plans: list) -> int | torch.Tensor:
+    """|S|, the early set of the whole global batch of this step (SPEC 5), before the first forward:
+    the plans' masks counted on the host, then summed over ranks in one all-reduce of a device
+    tensor that the diffusion term divides by (no host sync). 0 without an early-step term."""
+    if run.cfg.method.objective == "edm" or run.cfg.method.diffusion_weight <= 0:
+        return 0
+    local = torch.tensor(float(sum(int(p.early.sum()) for p in plans)), device=run.device)
+    return dist.all_reduce(local, run.info.world_size)
+
+
+def finite_or_nan(loss: torch.Tensor) -> torch.Tensor:
+    """The loss itself (times exactly 1) where it is finite, else NaN with a NaN gradient for every
+    parameter it depends on, decided on the device: a non-finite loss on any rank then makes the
+    reduced gradients non-finite on every rank, which skips the update everywhere (never train on
+    a non-finite loss) with no vote of our own and no host sync."""
+    ok = torch.isfinite(loss.detach())
+    return loss * torch.where(ok, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
 
 
 def condition(run: Run, batch: dict) -> dict:
@@ -468,12 +485,6 @@ def condition(run: Run, batch: dict) -> dict:
     if run.text_encoder is not None:
         return text_condition(run.text_encoder, batch["tokens"])
     return {k: batch[k] for k in ("text_states", "text_mask", "pooled")}
-
-
-def poison_loss(module: torch.nn.Module) -> torch.Tensor:
-    """A loss whose gradient is NaN for every parameter: makes DeepSpeed's ZeRO overflow check skip
-    the step on every rank while its backward hooks and counters run as usual."""
-    return sum(p.sum() for p in module.parameters() if p.requires_grad) * float("nan")
 
 
 def grads_finite(module: torch.nn.Module) -> bool:

@@ -63,6 +63,49 @@ def test_ot_couple_bench(tmp_path):
     assert 0.01 < res["pair_cost_gain"] < 0.06
 
 
+def test_precision_bench_tiny(tmp_path):
+    """bench/precision.py runs end to end, and what it measures is the bf16 rounding: at the
+    same pairs, m under bf16 autocast differs from fp32 by a small positive m_round, and the
+    ratio to 2c^2 grows as the stages shrink c (the numbers are bench/RESULTS.md's, not asserted)."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "precision.py"), "--tiny", "--num", "16", "--s1", "40",
+                    "--ect-stages", "2", "--out", str(tmp_path)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
+    assert [(r["curriculum"], r["stage"]) for r in rows] == [("ict", 0), ("ict", 1), ("ict", 2), ("ect", 0), ("ect", 1)]
+    assert [r["N"] for r in rows[:3]] == [11, 21, 41]
+    for r in rows:
+        assert 0 < r["m_round_bf16"] < 1e-3 * r["m_fp32"] and r["m_fp32"] > 0
+    ict = [r["m_round_bf16_over_2c2"] for r in rows[:3]]
+    assert ict == sorted(ict)
+    assert "| m_round bf16 / 2c^2 |" in (tmp_path / "precision.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_cpu_runs_every_row(tmp_path):
+    """~1-2 min on 2 cores: `bench/gpu_check.sh --dry-cpu`, issue 23's GPU script with the same
+    commands at tiny sizes (the after rows: optim.fused, DiT eager and compiled, the PixArt stack
+    eager and compiled, EDM on the same DiT; the before rows only where a `.before` snapshot was
+    prepared), so the prepared GPU call cannot rot."""
+    out = tmp_path / "out"
+    proc = run_cmd(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-cpu"],
+                   env={"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT_DIR": str(out),
+                        "WORK": str(tmp_path / "work")}, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((out / "after" / "train_step.json").read_text())
+    results = [after]
+    if (ROOT / ".before" / "bench" / "train_step.py").is_file():  # a prepared snapshot (not in CI)
+        results.append(json.loads((out / "before" / "train_step.json").read_text()))
+        assert [c["name"] for c in results[1]["configs"]] == ["DiT-XL/2 eager", "DiT-XL/2 compiled", "DiT-B/2 eager"]
+    assert [c["name"] for c in after["configs"]] == ["DiT-B/2 eager", "DiT-B/2 compiled", "DiT-XL/2 eager",
+                                                     "DiT-XL/2 compiled", "pixart_block", "pixart_block_compiled",
+                                                     "edm_objective"]
+    for res in results:
+        assert not [c for c in res["configs"] if "error" in c], [c.get("error") for c in res["configs"]]
+    assert "optim.fused=true" in after["configs"][0]["overrides"]
+    assert {"ours / pixart step time (<= 1 is faster)", "ours / pixart step time, both compiled (<= 1 is faster)",
+            "consistency / edm step"} <= set(after["ratios"])
+    assert (out / "env.txt").read_text().startswith("mode cpu")
+
 @pytest.mark.slow
 def test_pixart_smoke_bench_tiny(tmp_path):
     """The GPU smoke run's code path (data prep with a T5 tower, PixArt loading, trainer step) at toy size."""

@@ -50,6 +50,17 @@ def test_presets_write_only_what_differs_from_the_defaults(name):
         assert default != got, f"preset {name}: {key}={value!r} is the schema default"
 
 
+def test_layernorm_ablation_resolves_to_the_affine_qk_norm():
+    """configs/ablations/ilct_layernorm.yaml is iLCT with LayerNorm in NsLN's place (SPEC 8), not
+    iLCT without any q/k norm; everything else is the iLCT config it inherits."""
+    ablation = load_config(ROOT / "configs/ablations/ilct_layernorm.yaml")
+    base = load_config(ROOT / "configs/ilct_coco.yaml")
+    assert ablation.model.nsln == "layernorm" and base.model.nsln == "qk"
+    a, b = ablation.model_dump(), base.model_dump()
+    a["model"].pop("nsln"), b["model"].pop("nsln"), a["run"].pop("dir"), b["run"].pop("dir")
+    assert a == b
+
+
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     p = write(tmp_path, "bad.yaml", "optim:\n  lrr: 1.0e-4\n")
     with pytest.raises(ConfigError) as e:
@@ -125,3 +136,19 @@ def test_dry_run_every_shipped_config(config):
     assert "parameters: trunk" in proc.stdout and "FLOPs per optimizer step" in proc.stdout
     if "demo" not in config:
         assert "would fail at start" in proc.stderr
+
+
+def test_latent_ict_baseline_presets_and_ect_precision():
+    """SPEC 12: the iLCT-setup baseline, the authors' logged baseline run, and ECT's precision."""
+    iclr = load_config(None, ["method.preset=ict_latent_baseline"])
+    logged = load_config(None, ["method.preset=ict_latent_baseline_logged"])
+    for cfg in (iclr, logged):
+        assert cfg.method.objective == "ict" and cfg.method.distance == "pseudo_huber" and cfg.method.c == 0.03456
+        assert cfg.model.nsln == "none" and not cfg.method.ot and cfg.method.diffusion_weight == 0.0
+    assert (iclr.method.s1, iclr.optim.batch_size, iclr.method.tau) == (640, 128, [0.36931547704])
+    assert (logged.method.s1, logged.optim.batch_size, logged.method.tau) == (1280, 192, [2.51521897615])
+    assert logged.run.total_steps == 30000 // 192 * 1600 and logged.ema.models[0].decay == 0.9999
+    from lct.consistency import karras_sigmas
+    assert abs(karras_sigmas(1281)[640].item() - logged.method.tau[0]) < 1e-10  # --ts 0,640,1280 of 1281
+    assert load_config(None, ["method.preset=ect"]).precision == "fp32"
+    assert load_config(None, ["method.preset=ect_imagenet"]).precision == "tf32"

@@ -197,3 +197,60 @@ def test_skip_counts_reach_stats_jsonl_and_the_progress_bar(tmp_path, latent_dat
     tb = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     tb.Reload()
     assert [e.value for e in tb.Scalars("train/data_skipped_non_finite")] == [2.0] * len(train)
+
+
+# ----------------------------------------------------------------------------------------------
+# data.posterior (SPEC 7): sample (default), mean, fixed
+# ----------------------------------------------------------------------------------------------
+
+
+def _uses(spec, sample, n=24):
+    """x of `n` uses of one image at different (data step, slot), and the z of each use."""
+    from lct.data import draw_sample
+
+    draws = [draw_sample(spec, sample, step, slot) for step in range(n // 4) for slot in range(4)]
+    return [d["x"] for d in draws], [d["z"] for d in draws]
+
+
+def _distinct(arrays):
+    return len({a.tobytes() for a in arrays})
+
+
+def test_posterior_modes(latent_data):
+    import dataclasses
+
+    from lct.data import InMemoryLatents
+
+    spec = _spec(latent_data["train"])
+    assert spec.posterior == "sample"  # the default: unchanged draws (the bitwise resume test pins them)
+    a, b = InMemoryLatents(spec.urls, spec.layout).samples[:2]
+    assert "flip_mean" in a
+    norm = spec.norm.normalize
+    xs, zs = _uses(spec, a)
+    assert _distinct(xs) == len(xs)  # sample: a fresh eps at every use
+
+    mean = dataclasses.replace(spec, posterior="mean")
+    xm, zm = _uses(mean, a)
+    assert {x.tobytes() for x in xm} == {norm(a[k].astype(np.float32)).tobytes() for k in ("mean", "flip_mean")}
+
+    fixed = dataclasses.replace(spec, posterior="fixed")
+    xf, zf = _uses(fixed, a)
+    assert _distinct(xf) == 2  # one draw per image and flip, the same at every use
+    assert not {x.tobytes() for x in xf} & {x.tobytes() for x in xm}  # a sample, not the mean
+    assert all(np.array_equal(p, q) for p, q in zip(zs, zm)) and all(np.array_equal(p, q) for p, q in zip(zs, zf))
+    # The draw is the image's, not the slot's: on another rank layout and in another run it is the same
+    # for the same seed, and it moves with the seed and the image.
+    other_rank = dataclasses.replace(fixed, rank=1, world_size=2, micro_batch=4)
+    assert {x.tobytes() for x in _uses(other_rank, a, 8)[0]} == {x.tobytes() for x in xf}
+    assert not {x.tobytes() for x in _uses(dataclasses.replace(fixed, seed=4), a, 8)[0]} & {x.tobytes() for x in xf}
+    xb = _uses(fixed, {**b, "mean": a["mean"], "std": a["std"], "flip_mean": a["flip_mean"],
+                       "flip_std": a["flip_std"]}, 8)[0]
+    assert not {x.tobytes() for x in xb} & {x.tobytes() for x in xf}  # same latents, another key
+
+
+def test_posterior_key_and_repro_config():
+    from lct.config import DataConfig, load_config
+
+    assert DataConfig().posterior == "sample"
+    cfg = load_config(ROOT / "configs/repro/ilct_celebahq_dit_b2.yaml")
+    assert cfg.data.posterior == "fixed" and cfg.data.flip is False and cfg.data.mode == "indexed"

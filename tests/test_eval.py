@@ -17,6 +17,7 @@ from conftest import ROOT, run_cmd
 from helpers_data import make_image_shards
 from helpers_export import IMAGE_SIZE, make_tiny_export
 
+from lct import dist
 from lct.eval import clip_fid  # eval/clip_fid.py, installed as lct.eval.clip_fid
 
 SCRIPT = str(ROOT / "eval" / "clip_fid.py")
@@ -301,6 +302,170 @@ def test_missing_weights_are_skipped_with_reason(export_dir, shapes_captions, tm
     assert "--ref-stats" in results(tmp_path / "noref")["skipped"]["fid"]["fix"]
 
 
+# ------------------------------------------------------------------------------------------ weight files
+
+
+class Evil:
+    """A pickle payload: unpickling it (weights_only=False) creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_weight_pickles_never_run(export_dir, shapes_captions, tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "x": Evil(marker)}, evil)
+    torch.load(evil, weights_only=False)  # the payload works: this test can fail
+    assert marker.exists()
+    marker.unlink()
+    pattern = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=2, size=16)
+    rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o1", "--steps", "1", "--metrics", "fid",
+                                 "--ref-images", pattern, "--fid-weights", str(evil), n=2))
+    assert rc == 2 and not marker.exists()
+    reason = results(tmp_path / "o1")["skipped"]["fid"]["reason"]
+    assert "--fid-weights" in reason and "refused" in reason and "io.open" in reason
+    rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o2", "--steps", "1", "--metrics",
+                                 "clip,shapes", "--clip-model", "ViT-B-32", "--clip-pretrained", str(evil), n=2))
+    assert rc == 0 and not marker.exists()
+    assert results(tmp_path / "o2")["skipped"]["clip"]["skipped"]
+    from lct.errors import UserError
+
+    with pytest.raises(UserError, match="--text-pretrained"):
+        clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o3", "--metrics", "shapes",
+                                "--text-pretrained", str(evil), n=2))
+    assert not marker.exists()
+
+
+def test_fid_weights_sha256_and_the_pytorch_fid_layout(fid_weights, tmp_path, monkeypatch):
+    """The published file is recognised by its sha256 (torch-fidelity's and pytorch-fid's files are
+    the same bytes); pytorch-fid's layout (torchvision Inception3, 1008 classes, no aux head) loads
+    as it is; anything else is loaded weights-only and marked unverified."""
+    import torchvision
+
+    from lct import metrics
+
+    model = metrics.load_fid_inception(fid_weights)
+    sha = hashlib.sha256(fid_weights.read_bytes()).hexdigest()
+    assert model.lct_weights_sha256 == sha and model.lct_weights_verified is False
+    monkeypatch.setattr(metrics, "FID_WEIGHTS_SHA256", sha)
+    assert metrics.load_fid_inception(fid_weights).lct_weights_verified is True
+    tv = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    assert {k: v.shape for k, v in tv.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    tv.load_state_dict(torch.load(fid_weights, weights_only=True))
+    ptfid = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(tv.state_dict(), ptfid)
+    x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    assert torch.equal(metrics.fid_features(metrics.load_fid_inception(ptfid), x), metrics.fid_features(model, x))
+    from lct.errors import UserError
+
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not the FID Inception state dict"):
+        metrics.load_fid_inception(tmp_path / "other.pth")
+
+
+def test_help_names_the_fid_weight_files(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width
+    with pytest.raises(SystemExit):
+        clip_fid.main(["--help"])
+    text = capsys.readouterr().out.replace("\n", " ")
+    text = " ".join(text.split())
+    assert "weights-inception-2015-12-05-6726825d.pth" in text and "pt_inception-2015-12-05-6726825d.pth" in text
+    assert "mild guidance" in text
+
+
+# ------------------------------------------------------------------------------------------ shapes labels
+
+
+def test_shapes_label_counts_and_refuses_other_captions(export_dir, tmp_path, capsys):
+    mostly = tmp_path / "mostly.txt"
+    mostly.write_text("a red circle in the top left\na blue square at the bottom\na green triangle on the right\n"
+                      "a photo of a bus\n")
+    rc = clip_fid.main(base_args(export_dir, mostly, tmp_path / "o1", "--steps", "1", "--metrics", "shapes", n=4))
+    assert rc == 0
+    m = results(tmp_path / "o1")["settings"][0]["metrics"]["shapes4"]
+    assert m["n_scored"] == 3 and m["n"] == 4 and "over 3 of 4 captions" in m["label"]
+    assert "shapes4 (3 of 4 captions scored)" in capsys.readouterr().out
+    few = tmp_path / "few.txt"
+    few.write_text("a red circle in the top left\na photo of a bus\ntwo dogs\na cat on a sofa\n")
+    rc = clip_fid.main(base_args(export_dir, few, tmp_path / "o2", "--steps", "1", "--metrics", "shapes", n=4))
+    assert rc == 2
+    reason = results(tmp_path / "o2")["skipped"]["shapes"]["reason"]
+    assert "only 1 of 4 captions state a shapes colour and position" in reason
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-5"], "--seed"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--steps", "0"], "--steps 0: sampling needs at least 1 step"),
+    (["--steps", "2", "--tau", "-1"], "positive"),
+    (["--steps", "2", "--tau", "nan"], "finite"),
+    (["--steps", "3", "--tau", "1"], "--steps 3 needs 2 --tau values"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_bad_flags_are_refused_before_loading(shapes_captions, tmp_path, flags, message):
+    from lct.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        clip_fid.main(base_args(tmp_path / "nowhere", shapes_captions, tmp_path / "o", "--metrics", "shapes", *flags))
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_files_are_refused_in_one_line(export_dir, shapes_captions, fid_weights, tmp_path):
+    from lct.errors import UserError
+
+    notnpz = tmp_path / "stats.npz"
+    notnpz.write_bytes(b"")
+    rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "r", "--metrics", "fid", "--ref-stats",
+                                 str(notnpz), "--fid-weights", str(fid_weights), n=2))
+    fid = results(tmp_path / "r")["skipped"]["fid"]
+    assert rc == 2 and "is not an FID statistics .npz" in fid["reason"] and "--ref-stats" in fid["fix"]
+
+    bad = tmp_path / "caps.txt"
+    bad.write_bytes(b"a red circle\n\xff\xfe\n")
+    with pytest.raises(UserError, match=r"--captions .*caps.txt: not UTF-8 text \(byte 0xff on line 2\)"):
+        clip_fid.main(base_args(tmp_path / "nowhere", bad, tmp_path / "o", "--metrics", "shapes", n=1))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="--out .*afile: is a file"):
+        clip_fid.main(base_args(tmp_path / "nowhere", shapes_captions, afile, "--metrics", "shapes"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: CUDA is not available"):
+            clip_fid.main(base_args(tmp_path / "nowhere", shapes_captions, tmp_path / "o", "--metrics", "shapes",
+                                    "--device", "cuda"))
+    import shutil
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(export_dir, trunc)
+    (w,) = (trunc / "transformer").glob("*.safetensors")
+    w.write_bytes(w.read_bytes()[:2000])
+    with pytest.raises(UserError, match="could not be loaded"):
+        clip_fid.main(base_args(trunc, shapes_captions, tmp_path / "o", "--metrics", "shapes"))
+    with pytest.raises(UserError, match="below the model's sigma_max"):
+        clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o", "--metrics", "shapes", "--steps", "2",
+                                "--tau", "100"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_k_step_default_levels_and_the_one_step_grid(export_dir, shapes_captions, tmp_path):
+    from lct.samplers import karras_taus
+
+    rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o", "--steps", "3", "--metrics", "shapes",
+                                 n=2))
+    assert rc == 0
+    (s,) = results(tmp_path / "o")["settings"]
+    assert s["tau"] == pytest.approx(karras_taus(3)) and s["nfe"] == 3
+    line = json.loads((tmp_path / "o" / s["name"] / "captions.jsonl").read_text().splitlines()[0])
+    assert line["tau"] == s["tau"]
+
+
 # ------------------------------------------------------------------------------------------ ranks
 
 
@@ -339,11 +504,11 @@ def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions
 
 def test_rank_batches_cover_every_index_once():
     for n, b, k in [(10, 3, 1), (10, 3, 2), (7, 2, 3), (2, 4, 4)]:
-        got = sorted(i for r in range(k) for batch in clip_fid.my_batches(n, b, r, k) for i in batch)
+        got = sorted(i for r in range(k) for batch in dist.rank_batches(n, b, r, k) for i in batch)
         assert got == list(range(n))
         # The same batches whatever the world size.
-        assert sorted(map(tuple, (bb for r in range(k) for bb in clip_fid.my_batches(n, b, r, k)))) == \
-            [tuple(x) for x in clip_fid.my_batches(n, b, 0, 1)]
+        assert sorted(map(tuple, (bb for r in range(k) for bb in dist.rank_batches(n, b, r, k)))) == \
+            [tuple(x) for x in dist.rank_batches(n, b, 0, 1)]
 
 
 # ------------------------------------------------------------------------------------------ captions

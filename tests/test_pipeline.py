@@ -77,8 +77,70 @@ def test_scheduler_sigmas_scalings_and_noise_are_spec():
     assert torch.allclose(last.denoised, c_out.expand(1, 4))  # x = 0, F = 1: f = c_out (EDM scalings)
     with pytest.raises(ValueError, match="decreasing"):
         s.set_timesteps(taus=[0.5, 0.8])
-    with pytest.raises(ValueError, match="need 2 intermediate"):
-        s.set_timesteps(3)
+    # More steps than the model records taus for: the Karras levels of SPEC 9 (issue 20 item 9;
+    # this used to be refused).
+    from lct.samplers import karras_taus
+
+    s.set_timesteps(3)
+    assert s.levels == [80.0, *karras_taus(3, 0.002, 80.0)]
+    with pytest.raises(ValueError, match="need 1 tau value"):
+        s.set_timesteps(2, taus=[0.5, 0.3])
+
+
+def _ect_eval_reference(F, z, z2, t_max=80.0, mid_t=0.821, sigma_min=0.003, sigma_data=0.5):
+    """locuslab/ect, main branch: `ct_eval.py` generator_fn with `ECMPrecond` in eval mode
+    (training/networks.py), transcribed in float64; F(x_in, sigma) is the network."""
+    def D(x, t):
+        c_skip = sigma_data ** 2 / ((t - sigma_min) ** 2 + sigma_data ** 2)
+        c_out = (t - sigma_min) * sigma_data / math.sqrt(t ** 2 + sigma_data ** 2)
+        c_in = 1 / math.sqrt(sigma_data ** 2 + t ** 2)
+        return c_skip * x + c_out * F(c_in * x, t)
+
+    x = D(z.double() * t_max, t_max)
+    return D(x + mid_t * z2.double(), mid_t)
+
+
+def test_ect_evaluation_scalings_reproduce_the_reference(work, tmp_path):
+    """ECT trains with sigma_min 0 and evaluates with boundary scalings at 0.003 and noise t * z
+    (SPEC 2.4): the `ect` preset records that for its exports, and `python -m lct.export
+    --boundary-sigma-min 0.003 --sample-sigma-min 0` rewrites an export so that it samples as
+    ECT's evaluation does."""
+    from lct.config import load_config
+    from lct.export import load_pipeline
+    from lct.export import main as export_main
+    from lct.rng import sampling_noise
+    from lct.scheduler import with_sampling_sigma_min
+
+    m = load_config(None, ["method.preset=ect"]).method
+    assert m.sigma_min == 0.0 and m.sampling_sigma_mins() == (0.003, 0.0)
+    assert load_config(None, ["method.preset=ect_imagenet"]).method.sampling_sigma_mins() == (0.0, 0.0)
+
+    assert export_main([str(work / "export"), "--out", str(tmp_path / "ect"), "--boundary-sigma-min", "0.003",
+                        "--sample-sigma-min", "0"]) == 0
+    pipe = load_pipeline(tmp_path / "ect")
+    assert pipe.scheduler.config.sigma_min == 0.003 and pipe.scheduler.noise_sigma_min == 0.0
+    assert pipe.config.training["method"]["sample_boundary_sigma_min"] == 0.003
+    got = pipe(PROMPTS[:2], num_inference_steps=2, tau=0.821, seed=4, output_type="latent").images
+
+    cond = {**pipe.encode_prompt(PROMPTS[:2]), "cond_drop": torch.zeros(2, dtype=torch.bool)}
+    scale = pipe.scheduler.config.time_embed_scale
+
+    def F(x_in, t):  # lct's network call: the time input of SPEC 1, fp32
+        e = torch.full((2,), scale * math.log(t) / 4, dtype=torch.float32)
+        return pipe.transformer(x_in.float(), e, **cond).double()
+
+    shape = pipe.latent_shape
+    z = torch.stack([sampling_noise(4, i, 0, shape) for i in range(2)])
+    z2 = torch.stack([sampling_noise(4, i, 1, shape) for i in range(2)])
+    ref = _ect_eval_reference(F, z, z2)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # The recorded scalings of the source export (training's) give other samples: the option has teeth.
+    plain = load_pipeline(work / "export")
+    plain.scheduler = with_sampling_sigma_min(plain.scheduler, 0.0, 0.0)
+    other = plain(PROMPTS[:2], num_inference_steps=2, tau=0.821, seed=4, output_type="latent").images
+    assert (other.double() - ref).abs().max() > 1e-3
+    with pytest.raises(SystemExit):
+        export_main([str(work / "export"), "--out", str(tmp_path / "bad"), "--boundary-sigma-min", "nan"])
 
 
 # ---------------------------------------------------------------------------------------------

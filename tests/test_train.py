@@ -77,6 +77,54 @@ def test_cosine_schedule_ends_at_final_ratio():
 
 
 # ---------------------------------------------------------------------------------------------
+def _radam_pair(fused_cls, compiled):
+    """torch's RAdam and FusedRAdam on identical copies of flat fp32 buffers (ZeRO-1/2's layout)."""
+    g = torch.Generator().manual_seed(1)
+    a = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1000, 37)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+    return a, b, torch.optim.RAdam(a, foreach=True, **kw), lambda: fused_cls(b, compiled=compiled, **kw)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fused_radam_equals_torch_radam_over_100_steps_with_resume(compiled):
+    """FusedRAdam (`optim.fused`) against torch.optim.RAdam, coupled weight decay (SPEC 12), 100
+    steps (the unrectified first steps and the rectified rest), its state saved and loaded into a
+    fresh optimizer at step 50: eagerly bitwise, compiled (~15 s, one CPU compile) to 1e-6."""
+    from lct.engine import FusedRAdam
+
+    a, b, ref, make = _radam_pair(FusedRAdam, compiled)
+    fused = make()
+    gen = torch.Generator().manual_seed(2)
+    for k in range(100):
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        ref.step()
+        fused.step()
+        if k == 49:
+            saved = fused.state_dict()
+            fused = make()
+            fused.load_state_dict(saved)
+    assert float(fused.state[b[0]]["step"]) == 100
+    pairs = [(pa, pb) for pa, pb in zip(a, b)]
+    pairs += [(ref.state[pa][k], fused.state[pb][k]) for pa, pb in zip(a, b) for k in ("exp_avg", "exp_avg_sq")]
+    for x, y in pairs:
+        if compiled:
+            assert float((x - y).norm() / x.norm()) < 1e-6
+        else:
+            assert torch.equal(x, y)
+
+
+def test_fused_optimizers_are_chosen_by_optim_fused():
+    from lct.engine import FusedRAdam
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(load_config(None, ["method.preset=ilct", "optim.fused=true"]), p), FusedRAdam)
+    adam = build_optimizer(load_config(None, ["method.preset=ect_imagenet", "optim.fused=true"]), p)
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["fused"] is True
+
+
 # EMA
 # ---------------------------------------------------------------------------------------------
 
@@ -96,6 +144,47 @@ def test_partitioned_ema_slices_equal_full_ema_bitwise():
         joined = torch.cat([p.buffers[name] for p in parts])
         assert torch.equal(joined, full.buffers[name])
     assert ema_beta(8, 8) == 0.5
+
+
+def _reference_ema(emas: dict, module, batch_images: int, halflives: dict) -> None:
+    """The EMA formula written plainly (per parameter, full tensors): ema <- lerp(ema, w, 1 - beta)."""
+    for name, hl in halflives.items():
+        for n, p in module.named_parameters():
+            emas[name][n].lerp_(p.detach(), 1.0 - ema_beta(batch_images, hl))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_partitioned_ema_update_equals_the_formula_bitwise(flat):
+    """The cached, coalesced update (one lerp per EMA when the weights lie in one buffer, as under
+    DeepSpeed ZeRO-1/2) gives the per-parameter formula bitwise, on 1 and 3 ranks, and follows the
+    weights when their storage moves (a checkpoint load replacing p.data)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    if flat:  # DeepSpeed's layout: every parameter a view of one flat fp32 buffer, in order
+        storage = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        pos = 0
+        for p in module.parameters():
+            p.data = storage[pos:pos + p.numel()].view(p.shape)
+            pos += p.numel()
+    hls = {"a": 100.0, "b": 7.0}
+    ref = {name: {n: p.detach().clone() for n, p in module.named_parameters()} for name in hls}
+    emas = [PartitionedEMA(module, hls), *[PartitionedEMA(module, hls, rank=r, world_size=3) for r in range(3)]]
+    for step in range(6):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 3:  # the storage moves: the cached operands must follow
+            for p in module.parameters():
+                p.data = p.data.clone()
+        for e in emas:
+            e.update(module, batch_images=8)
+        _reference_ema(ref, module, 8, hls)
+        if flat and step < 3:
+            assert len(emas[0]._run_cache[0]) == 1  # one run: one lerp kernel per EMA
+    for name in hls:
+        want = torch.cat([ref[name][n].reshape(-1) for n, _ in module.named_parameters()])
+        assert torch.equal(emas[0].buffers[name], want)
+        assert torch.equal(torch.cat([e.buffers[name] for e in emas[1:]]), want)
 
 
 def test_ema_half_life_in_images_matches_decay():
@@ -187,6 +276,51 @@ def read_stats(run_dir: Path, kind="train"):
     return [r for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
+def documented_log_fields(kind: str) -> set[str]:
+    """The field names of README's "Reading your logs" table for `kind` ("train" or "val")."""
+    import re
+
+    from lct.data import SKIP_REASONS
+
+    text = (ROOT / "README.md").read_text().split("### Reading your logs", 1)[1].split("\n### ", 1)[0]
+    table = text.split("Train records" if kind == "train" else "Validation records", 1)[1].split("\n\n", 1)[0]
+    names = {"kind"}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    if "data_skipped_<reason>" in names:
+        names = (names - {"data_skipped_<reason>"}) | {f"data_skipped_{r}" for r in SKIP_REASONS}
+    return names
+
+
+def test_train_log_fields_are_the_documented_ones():
+    """Every field LossMeter writes is in README's table and every documented one is written (the
+    optional ones where they apply); frac_m_gt_2c2 is left out at c = 0 (NaN is not JSON)."""
+    from lct.config import TrainConfig
+    from lct.data import SkipTally
+    from lct.monitor import LossMeter
+    from lct.objectives import Curriculum, Diagnostics
+    from lct.run import TrainState
+
+    cfg = TrainConfig()
+    records = []
+    for c, cur in ((0.01, Curriculum(5, num_points=21, c=0.01)), (0.0, Curriculum(5, stage=1, c=0.0))):
+        meter = LossMeter(cfg, torch.device("cpu"), 1, 0)
+        sigma = torch.tensor([0.003, 0.5, 3.0, 70.0])
+        meter.add([Diagnostics(sigma=sigma, loss=torch.ones(4), m=torch.full((4,), 1e-3), curriculum=cur,
+                               early_local=1, diffusion=torch.tensor(0.2))])
+        records.append({"kind": "train", **meter.record(TrainState(applied_steps=5, data_steps=6), 1e-4, cur,
+                                                        None, SkipTally())})
+        json.loads(json.dumps(records[-1], allow_nan=False))
+    documented = documented_log_fields("train")
+    optional = {"grad_norm", "max_memory_gb", "N", "stage"}
+    for rec in records:
+        assert set(rec) <= documented, set(rec) - documented
+    assert documented - optional <= set(records[0]), documented - optional - set(records[0])
+    assert "frac_m_gt_2c2" not in records[1] and records[0]["frac_m_gt_2c2"] == 1.0
+    assert records[0]["loss_bucket"][0] == 1.0 and records[0]["loss_bucket"][1] is None  # 0.003 in [0.002, 0.0075)
+
+
 def checkpoint_tensors(ckpt_dir: Path):
     from safetensors.torch import load_file
 
@@ -214,6 +348,8 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
     assert {"rms_sqrt_m", "frac_m_gt_2c2", "grad_norm", "loss_bucket", "images_per_s"} <= set(stats[-1])
     val = read_stats(run, "val")
     assert [r["step"] for r in val] == [3, 6, 6]  # every 3 steps, plus the final forced one
+    assert set(val[0]) == documented_log_fields("val") - {"stage"}  # README's table is what validation writes
+    assert set(stats[-1]) <= documented_log_fields("train")
     assert val[1]["consistency_m"] == val[2]["consistency_m"]  # a fixed checkpoint validates identically
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000006"
     # Re-running the same command finds the run complete.
@@ -331,3 +467,84 @@ def test_trainer_refuses_a_different_tokenizer(tmp_path, latent_data):
     cfg2 = load_config(tiny_train_config(tmp_path, latent_data), ["text.model=ViT-B-32"])
     with pytest.raises(UserError, match="text.model='ViT-B-32' differs"):
         check_text_compatibility(cfg2, load_manifest(latent_data["train"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step: collectives and host syncs, the fused optimizer under DeepSpeed, the non-finite guard
+# ---------------------------------------------------------------------------------------------
+
+STEP_PROBE = '''
+import json, os, sys
+import torch
+from lct import dist
+from lct.config import load_config
+from lct.dist import DistInfo
+from lct.train import build, preflight, train_step
+
+calls = []
+for name in ("all_reduce", "all_reduce_values", "gather_objects", "gather_rows", "barrier"):
+    f = getattr(dist, name)
+    setattr(dist, name, lambda *a, _f=f, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+
+def make(*overrides):
+    cfg = load_config(sys.argv[1], list(overrides))
+    info = DistInfo.from_env()
+    return build(cfg, info, preflight(cfg, info), monitor=False)
+
+def flat(run):
+    return torch.cat([p.detach().reshape(-1).clone() for p in run.engine.module.parameters()])
+
+def steps(run, batches, state=None):
+    state, out = state or run.state, []
+    for bs in batches:
+        del calls[:]
+        r = train_step(run, bs, state)
+        state = state.after_step(r.applied, run.cfg.optim.batch_size, 0.0)
+        out.append({"applied": r.applied, "collectives": list(calls)})
+    return out, state
+
+ref = make()
+it = iter(ref.loader)
+batches = [[next(it) for _ in range(ref.accum)] for _ in range(8)]
+w0 = flat(ref)
+res = {"accum": ref.accum, "steps": steps(ref, batches)[0]}
+fused = make("optim.fused=true")
+assert torch.equal(flat(fused), w0)
+res["fused_type"] = type(fused.engine.optimizer.optimizer).__name__
+steps(fused, batches)
+res["fused_rel"] = float((flat(fused) - flat(ref)).norm() / flat(ref).norm())
+os.environ["LCT_FAULT_NAN_LOSS"] = "1:0"
+bad = make()
+before = flat(bad)
+ema_before = bad.ema.buffers["ema"].clone()
+res["fault"], state = steps(bad, batches[:1])
+w1, ema1 = flat(bad), bad.ema.buffers["ema"].clone()
+res["fault"] += steps(bad, batches[1:2], state)[0]  # data step 1: a NaN loss in every micro-batch
+res["fault_unchanged"] = bool(torch.equal(flat(bad), w1) and torch.equal(bad.ema.buffers["ema"], ema1))
+res["fault_moved_before"] = not torch.equal(w1, before) and not torch.equal(ema1, ema_before)
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.mark.slow
+def test_train_step_collectives_fused_optimizer_and_nonfinite_guard(tmp_path, latent_data):
+    """~40 s, one process, ZeRO-2, iLCT, 4 micro-batches per step:
+    - train_step makes exactly one collective per step (the early-set count), however many
+      micro-batches: a per-micro-batch vote (the old code: 1 + 4) flips it;
+    - `optim.fused` (FusedRAdam, compiled, on DeepSpeed's flat fp32 partition) trains the same
+      8 steps as torch's RAdam (rectified and unrectified steps) to 1e-6 relative;
+    - a NaN loss skips the step: weights and EMA unchanged, without any vote collective."""
+    cfg = tiny_train_config(tmp_path, latent_data, optim={"batch_size": 8, "micro_batch_size": 2},
+                            sample={"every": 1000}, val={"every": 1000})
+    script = tmp_path / "probe.py"
+    script.write_text(STEP_PROBE)
+    proc = run_cmd([sys.executable, str(script), str(cfg)], env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert res["accum"] == 4
+    assert all(s["applied"] for s in res["steps"])
+    assert [s["collectives"] for s in res["steps"]] == [["all_reduce"]] * 8
+    assert res["fused_type"] == "FusedRAdam" and res["fused_rel"] < 1e-6, res["fused_rel"]
+    assert [s["applied"] for s in res["fault"]] == [True, False]
+    assert res["fault"][1]["collectives"] == ["all_reduce"]
+    assert res["fault_unchanged"] and res["fault_moved_before"]

@@ -7,6 +7,8 @@ alone imports neither.
 
 from lct.models.dit import (
     DIT_PRESETS,
+    NSLN_KINDS,
+    AffineLayerNorm,
     FP32Linear,
     NonScalingLayerNorm,
     TextDiT,
@@ -21,7 +23,9 @@ from lct.models.precond import Precond
 from lct.models.vp import VPDenoiser
 
 __all__ = [
+    "AffineLayerNorm",
     "DIT_PRESETS",
+    "NSLN_KINDS",
     "FP32Linear",
     "NonScalingLayerNorm",
     "PIXART_ARCHS",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -95,7 +96,16 @@ class NonScalingLayerNorm(nn.Module):
     The scale is fixed at 1: it is neither a parameter nor a buffer, so no optimizer, EMA or
     checkpoint ever sees it. Only the bias `beta` (`self.bias`) is trainable. Normalises over the
     last dimension (biased variance, as `nn.LayerNorm`).
+
+    On CUDA, outside a compiled region, the formula runs as one compiled kernel (`fused`): eager
+    layer_norm over 64-wide q/k rows plus the fp32 casts and beta take several passes and were the
+    largest single cost of the eager step (bench/RESULTS.md). Inside a compiled model the compiler
+    fuses it with its neighbours anyway; on the CPU it runs eagerly. `fused`: "cuda" (default),
+    "always", "never" (benchmarks' before rows).
     """
+
+    fused = "cuda"
+    _fallback_reason: str | None = None  # set when compiling failed once: eager from then on
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -103,14 +113,75 @@ class NonScalingLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # Statistics and beta in fp32 (beta is not rounded to bf16); returns the input's dtype.
-        # beta is added outside layer_norm: CUDA's layer_norm backward returns no bias gradient when
-        # the weight is None (seen on an H100, torch 2.11: "invalid gradient at index 2 - got [0]").
         with autocast_off(h.device):
-            return (F.layer_norm(h.float(), (self.dim,), None, None, self.eps) + self.bias.float()).to(h.dtype)
+            if self._use_fused(h):
+                try:
+                    # One kernel per width (static), any batch and sequence length (dynamic).
+                    torch._dynamo.mark_static(h, h.ndim - 1)
+                    for d in range(h.ndim - 1):
+                        torch._dynamo.maybe_mark_dynamic(h, d)
+                    return _nsln_fused(h, self.bias, self.eps)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - no compiler for this device: eager is exact
+                    NonScalingLayerNorm._fallback_reason = f"{type(err).__name__}: {err}"[:300]
+                    warnings.warn(f"the fused non-scaling LayerNorm did not compile "
+                                  f"({NonScalingLayerNorm._fallback_reason}); running it eagerly")
+            return non_scaling_layer_norm(h, self.bias, self.eps)
+
+    def _use_fused(self, h: torch.Tensor) -> bool:
+        if self._fallback_reason is not None or self.fused == "never" or torch.compiler.is_compiling():
+            return False
+        return self.fused == "always" or h.is_cuda
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, scale fixed at 1"
+
+
+class AffineLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` with learned gamma and beta (eps 1e-5), computed in fp32 like the NsLN.
+
+    `nsln: layernorm` (SPEC 8): the authors' DiT baseline that NsLN replaces (timm's
+    `Attention(qk_norm=True)` with `norm_layer=nn.LayerNorm`). A subclass, so the state dict is
+    `weight`/`bias` as timm's and `isinstance(m, nn.LayerNorm)` holds; returns the input's dtype.
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with autocast_off(h.device):
+            return F.layer_norm(h.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                self.eps).to(h.dtype)
+
+
+NSLN_KINDS = ("qk", "layernorm", "none")
+
+
+def qk_norm_layer(kind: str, dim: int) -> nn.Module:
+    """The q/k norm over head_dim for `model.nsln` (SPEC 8): NsLN (`qk`), affine LayerNorm
+    (`layernorm`), or none (`none`)."""
+    if kind == "qk":
+        return NonScalingLayerNorm(dim)
+    if kind == "layernorm":
+        return AffineLayerNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"nsln must be one of {NSLN_KINDS}, got {kind!r}")
+
+
+def text_input_norm(kind: str, dim: int) -> nn.Module:
+    """The text-token input norm for `model.nsln` (SPEC 8): NsLN with `qk`, affine otherwise."""
+    if kind == "qk":
+        return NonScalingLayerNorm(dim)
+    return AffineLayerNorm(dim) if kind == "layernorm" else nn.LayerNorm(dim)
+
+
+def non_scaling_layer_norm(h: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """SPEC 8 over the last dimension, statistics and beta in fp32 (beta is not rounded to bf16);
+    returns h's dtype. beta is added outside layer_norm: CUDA's layer_norm backward returns no bias
+    gradient when the weight is None (seen on an H100, torch 2.11: "invalid gradient at index 2")."""
+    return (F.layer_norm(h.float(), (h.shape[-1],), None, None, eps) + bias.float()).to(h.dtype)
+
+
+_nsln_fused = torch.compile(non_scaling_layer_norm)
 
 
 #################################################################################
@@ -188,11 +259,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class Attention(nn.Module):
     """Multi-head self-attention, or cross-attention to `context` (with a key-padding mask).
 
-    With `qk_norm`, q and k are normalised over head_dim by a `NonScalingLayerNorm` (SPEC 8).
+    q and k are normalised over head_dim as `qk_norm` says (`qk_norm_layer`, SPEC 8).
     Dropout (rate `dropout`, training mode, global torch RNG) on the output projection.
     """
 
-    def __init__(self, dim: int, num_heads: int, cross: bool = False, qk_norm: bool = False,
+    def __init__(self, dim: int, num_heads: int, cross: bool = False, qk_norm: str = "none",
                  dropout: float = 0.0, backend: str = "sdpa"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -202,8 +273,8 @@ class Attention(nn.Module):
             self.kv = nn.Linear(dim, 2 * dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = NonScalingLayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_layer(qk_norm, self.head_dim)
+        self.k_norm = qk_norm_layer(qk_norm, self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -241,7 +312,7 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: self-attention, (text mode) cross-attention, MLP."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross: bool = False,
-                 qk_norm: bool = False, dropout: float = 0.0, backend: str = "sdpa"):
+                 qk_norm: str = "none", dropout: float = 0.0, backend: str = "sdpa"):
         super().__init__()
         self.num_mod = 9 if cross else 6
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -347,7 +418,6 @@ class TextDiT(ModelMixin, ConfigMixin):
         self.patch = patch_size
         self.grid = (input_height // patch_size, input_width // patch_size)
         self.gradient_checkpointing = False
-        qk = nsln == "qk"
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # Fixed, recomputed at construction, so not saved (persistent=False).
@@ -355,8 +425,7 @@ class TextDiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size)
         if cond == "text":
             self.text_proj = nn.Linear(text_dim, hidden_size)
-            # The text-token input norm: NsLN with nsln=qk (SPEC 8), an affine LayerNorm otherwise.
-            self.text_norm = NonScalingLayerNorm(hidden_size) if qk else nn.LayerNorm(hidden_size)
+            self.text_norm = text_input_norm(nsln, hidden_size)  # SPEC 8
             self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size) if pooled_dim > 0 else None
             # Learned null condition (SPEC 9): token states, and a pooled vector; saved with the model.
             self.null_text_states = nn.Parameter(torch.zeros(text_len, text_dim))
@@ -364,7 +433,7 @@ class TextDiT(ModelMixin, ConfigMixin):
         elif cond == "class":
             self.class_embedder = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=cond == "text", qk_norm=qk, dropout=dropout,
+            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=cond == "text", qk_norm=nsln, dropout=dropout,
                      backend=attention)
             for _ in range(depth)
         ])
@@ -496,6 +565,8 @@ def _validate(args: Mapping[str, Any]) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(msg, key=key)
 
+    if args["nsln"] not in NSLN_KINDS:
+        fail("model.nsln", f"{args['nsln']!r} is not one of {', '.join(NSLN_KINDS)}")
     if args["attention"] == "xformers":
         try:
             import xformers.ops  # noqa: F401
@@ -549,7 +620,7 @@ def build_dit(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77, 
 def split_parameter_count(model: nn.Module) -> dict[str, int]:
     """{'trunk', 'extra', 'total'}: trunk = what the DiT paper counts for a DiT of this size,
     extra = text conditioning (cross-attention, extra adaLN rows, text projection and norm,
-    pooled MLP, null condition) and the NsLN qk-norm betas. Other networks count as all trunk."""
+    pooled MLP, null condition) and the q/k norms' parameters (NsLN betas, LayerNorm gammas and betas). Other networks count as all trunk."""
     if not isinstance(model, TextDiT):
         total = sum(p.numel() for p in model.parameters())
         return {"trunk": total, "extra": 0, "total": total}
