@@ -28,20 +28,24 @@ sys.path.insert(0, str(ROOT))
 
 
 @torch.no_grad()
-def heun_ode(net, cond: dict, indices, shape, *, steps: int, seed: int, sigma_max: float = 80.0,
+def heun_ode(pipe, captions: list[str], indices, *, steps: int, seed: int, sigma_max: float = 80.0,
              sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) on the Karras grid,
-    from the same keyed noise as `lct.samplers.consistency_sample`; 2 * steps - 1 evaluations."""
-    from lct.samplers import _batch_noise, guided
-
+    through the pipeline's own network call and output scalings (an EDM export's scheduler has
+    sigma_min 0: EDM's), from the same keyed noise as its consistency sampling; 2 * steps - 1
+    evaluations. Returns normalised latents."""
     i = torch.arange(steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()
-    x = sigma_max * _batch_noise(seed, indices, 0, shape, "cpu")
-    b = x.shape[0]
+    device = pipe._execution_device
+    cond = pipe.encode_prompt(captions, device) if pipe.transformer.config.cond == "text" else {}
+    cond["cond_drop"] = torch.zeros(len(captions), dtype=torch.bool, device=device)
+    x = sigma_max * pipe._noise(seed, list(indices), 0, None, device)
 
     def d(x, s):
-        return (x - guided(net, x, torch.full((b,), s), cond, 1.0)) / s
+        sig = torch.full((x.shape[0],), s, device=device)
+        denoised = pipe.scheduler.precondition_outputs(x, pipe._network(x, sig, cond), sig)
+        return (x - denoised) / s
 
     for k in range(steps):
         s, s_next = t[k], t[k + 1]
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
     gen = Generator(a.checkpoint, torch.device("cpu"), a.ema)
     recs = [json.loads(x) for x in Path(a.captions).read_text().splitlines()[: a.num]]
     caps = [r["caption"] for r in recs]
-    size = int(gen.model.latent_shape[-1]) * (2 ** (len(gen.vae.config.block_out_channels) - 1))
+    size = int(gen.latent_shape[-1]) * (2 ** (len(gen.vae.config.block_out_channels) - 1))
     m = gen.meta["method"]
     settings = [("ode", k, None) for k in a.ode_steps] + [("cm", s, None) for s in a.steps if s == 1]
     for s in (x for x in a.steps if x > 1):
@@ -107,11 +111,10 @@ def main(argv=None) -> int:
         out = []
         for s in range(0, len(caps), a.batch_size):
             idx = list(range(s, min(s + a.batch_size, len(caps))))
-            cond = gen.condition([caps[i] for i in idx])
             if kind == "ode":
-                lat = heun_ode(gen.model.precond, cond, idx, gen.model.latent_shape, steps=k, seed=a.seed,
+                lat = heun_ode(gen.pipe, [caps[i] for i in idx], idx, steps=k, seed=a.seed,
                                sigma_max=m["sigma_max"])
-                out.append(to_uint8(decode(gen.vae, gen.norm.denormalize(lat))))
+                out.append(to_uint8(gen.pipe.decode_latents(lat)))
             else:
                 taus = None if tau is None else [tau]
                 out.append(to_uint8(gen.images([caps[i] for i in idx], idx, a.seed, k, taus)))

@@ -157,7 +157,7 @@ def build_run(overrides: list[str], run_dir: Path, network_kind: str = "dit"):
     """The trainer's `Run` for a config (no monitor); `network_kind` "pixart" swaps in PixArt."""
     cfg = load_config(None, [f"run.dir={run_dir}", "run.resume=never", "run.tensorboard=false", *overrides])
     info = DistInfo.from_env()
-    start = preflight(cfg, info)
+    start = preflight(cfg, info, monitor=False)  # no grids: the VAE is not loaded
     network = None
     if network_kind == "pixart":
         desc = start.desc

@@ -41,7 +41,7 @@ from pydantic import Field
 from lct.coco import read_caption_annotations
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
-from lct.files import write_atomic, write_json
+from lct.files import output_dir_problem, write_atomic, write_json
 
 SPLITS = ("train2014", "val2014")
 SPLIT_RULE = ("train on train2014, evaluate on val2014; other splits are refused (train2017 contains most of "
@@ -108,8 +108,9 @@ def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, samples
     if split not in SPLITS:
         raise UserError(f"--split {split}: {SPLIT_RULE}")
     root, out = Path(root), Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a directory")
+    problem = output_dir_problem(out, "--output")
+    if problem:
+        raise UserError(problem)
     items = load_split(root, split)
     if limit:
         items = items[:limit]

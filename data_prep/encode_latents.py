@@ -82,6 +82,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lct.config import EncodeLatentsConfig, cli_config
 from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main
+from lct.files import output_dir_problem
 
 DESCRIPTION = (
     "Encode img2dataset-style webdataset shards ({key}.jpg|png|webp + .txt/.json captions) into latent shards: "
@@ -734,8 +735,9 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     if dup:
         raise UserError(f"--input: several input shards share the output name(s) {', '.join(dup[:5])}")
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a directory")
+    problem = output_dir_problem(out, "--output")
+    if problem:
+        raise UserError(problem)
     check_output(out, urls, names)
     out.mkdir(parents=True, exist_ok=True)
     options = job_options(cfg)

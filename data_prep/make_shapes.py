@@ -37,7 +37,7 @@ from pydantic import Field
 
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
-from lct.files import atomic_file, write_atomic, write_json
+from lct.files import atomic_file, output_dir_problem, write_atomic, write_json
 
 FORMAT_VERSION = 1
 
@@ -96,8 +96,6 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
     settings = {"format": FORMAT_VERSION, "split": split, "num": num, "size": size,
                 "samples_per_shard": samples_per_shard, "seed": seed, "num_captions": num_captions,
                 "seeds": f"SeedSequence([{seed}, {shapes.SPLITS[split]}, i])"}
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a directory")
     _check_settings(out, settings)
     n_shards = (num + samples_per_shard - 1) // samples_per_shard
     width = max(4, len(str(samples_per_shard - 1)))
@@ -145,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(Path(cfg.output), cfg.split, cfg.num)]
     if cfg.heldout:
         jobs.append((Path(cfg.heldout_output or Path(cfg.output) / "heldout"), "heldout", cfg.heldout))
+    for (out, _, _), flag in zip(jobs, ("--output", "--heldout-output")):  # all before any work
+        problem = output_dir_problem(out, flag)
+        if problem:
+            raise UserError(problem)
     for out, split, num in jobs:
         t0 = time.time()
         r = write_split(out, split, num, cfg.size, cfg.samples_per_shard, cfg.seed, cfg.num_captions)

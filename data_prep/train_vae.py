@@ -88,7 +88,7 @@ from pathlib import Path
 
 from lct.config import TrainVAEConfig, cli_config
 from lct.errors import UserError, cli_main
-from lct.files import atomic_dir, write_json
+from lct.files import atomic_dir, output_dir_problem, write_json
 
 FORMAT_VERSION = 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.heldout:
         existing_shards(cfg.heldout, "--heldout")
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a folder")
+    problem = output_dir_problem(out, "--output")
+    if problem:
+        raise UserError(problem)
     remove_stale_temporaries(out)
     prev = complete_output(out) if out.is_dir() else None
     wanted = result_config(cfg)

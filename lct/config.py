@@ -83,10 +83,14 @@ class RunConfig(Strict):
     log_every: int = Field(10, ge=1)
     save_every: int = Field(5000, ge=1, description="checkpoint every this many applied steps")
     keep_last: int = Field(3, ge=1, description="checkpoints kept by rotation")
-    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never', or a path")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint in run.dir), 'never' (a previous "
+                        "run in run.dir is moved to run.dir/previous/), or a checkpoint folder")
+    trust_checkpoint_code: bool = Field(False, description="load checkpoints with full pickle (runs any code in "
+                                        "them): only for checkpoints you made yourself")
     allow_total_steps_change: bool = Field(False, description="accept a changed run.total_steps on resume (moves the curriculum)")
     max_consecutive_skips: int = Field(20, ge=1, description="stop after this many non-finite steps in a row")
-    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly after this much training time")
+    time_budget_minutes: float | None = Field(None, gt=0, description="save and stop cleanly before this much wall "
+                                              "clock since this invocation started (start-up included)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout (raised around sampling and saving)")
     tensorboard: bool = True
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
@@ -615,16 +619,37 @@ def refuse_pixart(cfg: TrainConfig, fail) -> None:
         fail("text.kind", "PixArt reads T5 token states; set text.kind=t5")
 
 
-def check_train_config(cfg: TrainConfig) -> list[str]:
-    """Warnings about allowed settings that are probably not meant (the trainer prints them on rank 0)."""
+def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | None = None,
+                       cuda: bool | None = None) -> list[str]:
+    """Warnings about allowed settings that are probably not meant (the trainer prints them once, on
+    rank 0). `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch);
+    `manifest`: the data's, where it can be read; `cuda`: whether a GPU is there (None: unknown, no
+    device warnings)."""
     m, warn = cfg.method, []
     if m.objective == "ect" and m.c == "adaptive":
         warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
                     "(SPEC 4), not a published rule")
     if m.ot and m.objective != "edm":
-        mb = cfg.optim.micro_batch_size or cfg.optim.batch_size
+        mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
-            warn.append(f"OT coupling over micro-batches of {mb} (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+            warn.append(f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+    if manifest is not None and cfg.data.flip and not manifest.get("flip"):
+        warn.append("data.flip is true but the latents were encoded without flipped copies "
+                    "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
+                    "re-encode with --flip")
+    images = cfg.run.total_steps * cfg.optim.batch_size
+    for e in cfg.ema.models:
+        if e.resolved_halflife() > images:
+            warn.append(f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer "
+                        f"than the run ({images:,} images = run.total_steps x optim.batch_size), so it stays "
+                        "close to the early weights; use halflife_images of a few percent of the run")
+    if cuda is False:
+        if cfg.model.compile:
+            warn.append("model.compile is on but there is no GPU: torch.compile on the CPU spends minutes "
+                        "compiling for little gain; set model.compile: false")
+        if cfg.precision == "bf16_trunk":
+            warn.append("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
+                        "approximate; set precision: fp32")
     return warn
 
 
@@ -693,7 +718,9 @@ def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
     except ValidationError as err:
         # Flags are named like the fields, with dashes.
         e = _format_validation(err, schema, sources, COMMAND_LINE)
-        if e.key and e.source == COMMAND_LINE and "." not in e.key:
-            e = ConfigError(e.detail, key="--" + e.key.replace("_", "-"), source=e.source)
+        field, _, item = (e.key or "").partition(".")
+        if e.key and e.source == COMMAND_LINE and field in schema.model_fields:  # "channels.1": item 2 of --channels
+            flag = "--" + field.replace("_", "-") + (f" (item {int(item) + 1})" if item.isdigit() else "")
+            e = ConfigError(e.detail, key=flag, source=e.source)
         raise e from None
     return cfg, args

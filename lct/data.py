@@ -35,6 +35,7 @@ import functools
 import glob
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Iterator
@@ -435,7 +436,17 @@ def make_loader(spec: DataSpec, start_data_step: int, num_data_steps: int, num_w
 def _worker_init(parent_pid: int, _: int) -> None:
     # Workers must not fight the trainer for cores (OT and decoding are single-threaded work).
     torch.set_num_threads(1)
+    ignore_stop_signals()
     die_with_parent(parent_pid)
+
+
+def ignore_stop_signals() -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C, `scancel` and the launchers signal the
+    whole process group, and a worker that died of it would make the trainer's iterator raise
+    inside the save the trainer makes on that very signal. The trainer ends its workers itself
+    (and PR_SET_PDEATHSIG ends them if the trainer is killed)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def die_with_parent(parent_pid: int, *_) -> None:
@@ -444,7 +455,6 @@ def die_with_parent(parent_pid: int, *_) -> None:
     memory, a download or a shard half read. Elsewhere the DataLoader's own watchdog applies."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG

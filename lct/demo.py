@@ -12,7 +12,9 @@ From nothing to captioned 1- and 2-step samples on a 2-core CPU, with no model h
    (Cauchy distance, minibatch OT coupling, early-step diffusion term), started from the EDM EMA.
    N = 2 CPU ranks without a GPU (the real launcher and engine), the GPUs when there are some.
 5. `eval/clip_fid.py --metrics shapes` on the held-out captions, 1 and 2 steps: samples,
-   captions.jsonl, grids, results.json with colour and position accuracy (chance: 1/8, 1/9).
+   captions.jsonl, grids, results.json with colour, position and shape accuracy (chance: 1/8, 1/9,
+   1/4), overall and per size, beside the same accuracies on the captions' ground-truth renders
+   and on the VAE's reconstructions of them (the ceilings).
 
 Each stage resumes: a second run reuses what exists. `--quick` is the shortened run CI uses.
 """

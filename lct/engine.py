@@ -172,11 +172,14 @@ class FusedRAdam(torch.optim.RAdam):
         return loss
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
-    """`deepspeed.initialize` with the client optimizer; returns (engine, ds_config)."""
+def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
+    """`deepspeed.initialize` with the client optimizer; returns (engine, ds_config).
+    `load_universal`: the resume reads a universal checkpoint (another world size)."""
     import deepspeed
 
     ds = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine, ds

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from lct.errors import UserError, cli_main
-from lct.files import atomic_dir
+from lct.files import atomic_dir, output_dir_problem
 from lct.model_card import EXPORT_FORMAT, META
 
 LEGACY_FORMAT = "lct-export/1"
@@ -472,8 +472,36 @@ def load_network_weights(path: str | os.PathLike, ema: str | None = None) -> dic
         raise UserError(f"{folder}: no safetensors weights; {REMAKE_HINT}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as err:  # a truncated or overwritten weight file (safetensors' own errors)
+            raise UserError(f"{f}: unreadable weights ({_first_line(err)}); {REMAKE_HINT}") from None
     return state
+
+
+def check_network_weights(path: str | os.PathLike, ema: str | None = None) -> Path:
+    """The export `path` names (a run or export directory), its network weight files present and
+    whole (safetensors headers read and every tensor's bytes inside the file), without loading
+    them; `UserError` otherwise. Returns the export directory."""
+    from safetensors import safe_open
+
+    d = resolve_export(path, ema)
+    files = weight_files(d)
+    if not files:
+        raise UserError(f"{d}: no safetensors weights of the network; {REMAKE_HINT}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    sf.get_slice(key)
+        except Exception as err:
+            raise UserError(f"{f}: unreadable weights ({_first_line(err)}); {REMAKE_HINT}") from None
+    return d
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def weight_files(d: Path) -> list[Path]:
@@ -564,6 +592,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise UserError(f"--out {out}: is the source export; write to another folder")
+    problem = output_dir_problem(out, "--out")
+    if problem:
+        raise UserError(problem)
+    if out.is_dir() and any(out.iterdir()) and not _is_export(out):
+        raise UserError(f"--out {out}: a folder that holds other files (not an lct export), which writing "
+                        "the pipeline would replace; give a new or empty folder")
     if args.results and not Path(args.results).is_file():
         raise UserError(f"--results {args.results}: file not found")
     pipe = load_pipeline(src)

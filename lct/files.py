@@ -96,6 +96,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def output_dir_problem(path: str | os.PathLike, key: str) -> str | None:
+    """Why `path` cannot be an output folder (it is a file; a file or an unwritable folder stands
+    where it would be made), as one line naming `key` (a flag or config key); None if it can."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{key} {path} is a file, not a folder; give a folder (it is made if missing)"
+    above = next((a for a in [p, *p.absolute().parents] if a.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{key} {path}: {above} is a file, so the folder cannot be made; give another folder"
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        return f"{key} {path}: no permission to write in {above}; give a writable folder"
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as an output folder that exists or can be made, else a one-line `UserError` naming
+    `flag` (`output_dir_problem`), before any work is spent."""
+    problem = output_dir_problem(path, flag)
+    if problem:
+        raise UserError(problem)
+    return Path(path).expanduser()
+
+
 def read_text(path: str | os.PathLike, flag: str) -> str:
     """The UTF-8 text of a file the user named with `flag`; one-line errors for a missing file, a
     folder, or bytes that are not UTF-8."""
@@ -109,19 +132,3 @@ def read_text(path: str | os.PathLike, flag: str) -> str:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(f"{flag} {p}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
                         "save the file as UTF-8") from None
-
-
-def check_out_dir(path: str | os.PathLike, flag: str) -> Path:
-    """An output folder that exists or can be made: refuses a path that is a file, or whose nearest
-    existing parent is a file or not writable (before any work is spent)."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{flag} {p}: is a file, not a folder; pass a folder (it is made if missing)")
-    parent = p
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {p}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {p}: {parent} is not writable")
-    return p

@@ -421,7 +421,11 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
         if not p.is_file():
             raise UserError(f"{p}: latent manifest not found; data_prep/encode_latents.py writes it beside the "
                             "shards when every shard is complete (re-run it, or use --merge-only)")
-        text, where = p.read_text(encoding="utf-8"), p.resolve()
+        try:
+            text, where = p.read_text(encoding="utf-8"), p.resolve()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{p}: the latent manifest could not be read ({err}); point data.manifest at the "
+                            "manifest.json data_prep/encode_latents.py wrote") from None
     try:
         m = json.loads(text)
     except ValueError as err:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from lct import dist, rng
 from lct.consistency import consistency_function
 from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
+from lct.files import write_atomic
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
@@ -39,15 +40,20 @@ from lct.vae import LatentNorm, latents_to_images, load_vae
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg):
+    """`start_step`: the applied step the run continues from. Rows of later steps (logged by an
+    invocation that stopped before its next checkpoint) are dropped from stats.jsonl and purged
+    from TensorBoard, so every step is logged once."""
+
+    def __init__(self, run_dir: Path, cfg, start_step: int = 0):
         self.path = Path(run_dir) / "stats.jsonl"
+        drop_rows_after(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
         self.tb = None
         if cfg.run.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
             except Exception as err:  # tensorboard missing or broken: logs still go to stats.jsonl
                 print(f"warning: TensorBoard disabled ({err})", file=sys.stderr)
         self.wandb = None
@@ -87,6 +93,23 @@ class RunLogger:
         self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of stats.jsonl up to `step` (atomically; unparsable lines are kept)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            row_step = 0
+        if not isinstance(row_step, (int, float)) or row_step <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        write_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
 def bucket_range(method) -> tuple[float, float]:
@@ -202,17 +225,20 @@ class Progress:
 class Monitor:
     """Sample grids and validation from the sample EMA (collective: every rank calls it)."""
 
-    def __init__(self, cfg, info, engine, ema, manifest, desc, device):
+    def __init__(self, cfg, info, engine, ema, manifest, desc, device, text=None, vae=None):
+        """`text` and `vae`: the models `lct.train.preflight` loaded and checked (else loaded here
+        at first use)."""
         self.cfg, self.info, self.engine, self.ema = cfg, info, engine, ema
         self.manifest, self.desc, self.device = manifest, desc, device
         self.run_dir = Path(cfg.run.dir)
         self.norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
         self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         self._model = None
-        self._vae = None
-        self._text = None
+        self._vae = vae.to(device) if vae is not None else None
+        self._text = text.to(device) if text is not None else None
         self.prompts = self.load_prompts()
         self.val = self.load_validation()
+        self.done: dict[str, int] = {}  # the last step of each kind of monitoring
 
     # ------------------------------------------------------------------ inputs
 
@@ -287,13 +313,19 @@ class Monitor:
     # ------------------------------------------------------------------ work
 
     def maybe_run(self, step: int, logger, force: bool = False) -> None:
+        """Grids every sample.every and validation every val.every applied steps; `force` (the
+        run's end) does whichever has not been done at this step yet."""
         cfg = self.cfg
-        do_grid = force or step % cfg.sample.every == 0
-        do_val = self.val is not None and (force or step % cfg.val.every == 0)
+        do_grid = (force and self.done.get("grid") != step) or step % cfg.sample.every == 0
+        do_val = self.val is not None and ((force and self.done.get("val") != step) or step % cfg.val.every == 0)
         if not (do_grid or do_val):
             return
-        with dist.raised_timeout(self.info.world_size, cfg.run.dist_timeout_minutes * 4,
-                                 cfg.run.dist_timeout_minutes):
+        self.done.update({**({"grid": step} if do_grid else {}), **({"val": step} if do_val else {})})
+        # The trainer saves before it samples: a resumed run must draw what an uninterrupted one
+        # draws, so the monitor leaves the training RNG as it found it.
+        forked = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked), dist.raised_timeout(
+                self.info.world_size, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
             model = self.ema_model()
             if do_val:
                 record = self.validate(model, step)

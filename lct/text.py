@@ -215,11 +215,19 @@ def _create_clip(name: str, pretrained: str | None, seed: int = 0):
     path = Path(pre).expanduser()
     tag = None if path.exists() else open_clip.get_pretrained_cfg(name, pre)
     if tag:
+        from lct.hub import go_offline_if_unreachable
+
+        offline = go_offline_if_unreachable()  # the cache still serves; no minute of hub retries
+        quiet = logging.root.manager.disable
+        if offline:
+            logging.disable(logging.ERROR)  # open_clip logs the failed download; the error below says it
         try:
             return open_clip.create_model(name, pretrained=pre, device="cpu")
         except Exception as err:  # offline, hub errors, partial downloads
             raise UserError(f"--text-pretrained {pre}: the weights of {name}/{pre} could not be loaded "
                             f"({_short(err)}); without network access {_PRETRAINED_HINT}") from None
+        finally:
+            logging.disable(quiet)
     if path.is_dir():
         found = _checkpoint_in(path)
         if found is None:

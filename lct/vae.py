@@ -53,27 +53,25 @@ def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.d
     (or a pipeline folder with a `vae/` subfolder). Missing or unreachable weights raise a
     `UserError` naming `--vae` / `vae.id`."""
     kwargs: dict[str, Any] = check_vae_source(id_or_path)  # before the (slow) diffusers import
-    from diffusers import AutoencoderKL
-
     s = str(id_or_path)
     path = Path(s).expanduser()
+    if not path.exists():  # a hub id: the cache first, offline at once where the hub cannot be reached
+        from lct.hub import resolve_pretrained
+
+        src = resolve_pretrained(s, key="--vae (vae.id)", subfolders=("", "vae"), what="VAE")
+    from diffusers import AutoencoderKL
+
     if path.exists():
         try:
             vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
         except Exception as err:  # incomplete folder, wrong class, unreadable weights
             raise UserError(f"--vae {s}: could not load an AutoencoderKL ({_short(err)}); {_VAE_HINT}") from None
     else:
-        vae = None
-        first: BaseException | None = None
-        for kwargs in ({}, {"subfolder": "vae"}):
-            try:
-                vae = AutoencoderKL.from_pretrained(s, torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
-                break
-            except Exception as err:  # offline, unknown repo, no vae in the repo
-                first = first or err
-        if vae is None:
+        try:
+            vae = AutoencoderKL.from_pretrained(src.name, torch_dtype=dtype, low_cpu_mem_usage=False, **src.kwargs)
+        except Exception as err:  # a partial download, no weights in the repository
             raise UserError(f"--vae {s}: could not load the AutoencoderKL from the hub or its cache "
-                            f"({_short(first)}); without network access {_VAE_HINT}")
+                            f"({_short(err)}); without network access {_VAE_HINT}") from None
     return vae.to(device=device).eval().requires_grad_(False)
 
 

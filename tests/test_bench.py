@@ -114,3 +114,29 @@ def test_pixart_smoke_bench_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["images_per_s"] > 0 for r in rows)
+
+
+
+@pytest.mark.slow
+def test_demo_probe_tiny(tmp_path):
+    """bench/demo_probe.py (the demo's tuning probe) on a tiny pipeline export and make_shapes
+    held-out captions: ground-truth and VAE ceilings, a Heun ODE through the pipeline's network,
+    1- and 2-step consistency samples, one JSON line each (it crashed on pipeline exports)."""
+    import numpy as np
+
+    from helpers_export import make_tiny_export
+    from lct.data_prep.make_shapes import main as make_shapes
+
+    export = make_tiny_export(tmp_path / "work")
+    assert make_shapes(["--output", str(tmp_path / "ho"), "--split", "heldout", "--num", "6", "--size", "32"]) == 0
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "demo_probe.py"), "--checkpoint", str(export),
+                    "--captions", str(tmp_path / "ho" / "captions.jsonl"), "--num", "6", "--ode-steps", "2",
+                    "--steps", "1", "2", "--tau", "0.8", "--ceiling", "--batch-size", "4",
+                    "--save", str(tmp_path / "ode.npy")], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["setting"] for r in rows] == ["ground_truth", "vae_reconstruction", "ode2", "1step", "2step_tau0.8"]
+    assert all(r["n"] == 6 and set(r["by_size"]) == {"small", "large"} for r in rows), rows
+    assert rows[0]["colour_acc"] == rows[0]["position_acc"] == rows[0]["shape_acc"] == 1.0, rows[0]
+    assert all(0.0 <= r["shape_acc"] <= 1.0 for r in rows)
+    assert np.load(tmp_path / "ode.npy").shape == (6, 32, 32, 3)

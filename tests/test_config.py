@@ -92,6 +92,13 @@ def test_ect_adaptive_c_warns():
     assert not any("extension" in w for w in check_train_config(load_config(None, ["method.preset=ect"])))
 
 
+def test_ot_warning_names_the_per_rank_micro_batch():
+    cfg = load_config(None, ["method.preset=ilct", "optim.batch_size=128"])
+    assert not any("OT coupling" in w for w in check_train_config(cfg, world_size=1))
+    (w,) = [w for w in check_train_config(cfg, world_size=4) if "OT coupling" in w]
+    assert "micro-batches of 32 per rank" in w
+
+
 def test_override_parsing():
     assert parse_override("optim.lr=2e-4") == ("optim.lr", 2e-4)
     assert parse_override("method.tau=[1.0, 0.5]") == ("method.tau", [1.0, 0.5])
@@ -130,12 +137,15 @@ def test_train_start_with_missing_data_exits_2(tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_dry_run_every_shipped_config(config):
-    """Data paths are missing here: --dry-run warns and still exits 0, printing the sizes."""
+    """Data paths are missing here: --dry-run names each problem a start would meet and exits 2
+    (0 where nothing is missing), printing the sizes either way."""
     proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", config, "--dry-run"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fails = "would fail at start" in proc.stderr
+    assert proc.returncode == (2 if fails else 0) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "parameters: trunk" in proc.stdout and "FLOPs per optimizer step" in proc.stdout
+    assert "memory per GPU (estimated" in proc.stdout
     if "demo" not in config:
-        assert "would fail at start" in proc.stderr
+        assert fails
 
 
 def test_latent_ict_baseline_presets_and_ect_precision():

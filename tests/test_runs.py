@@ -1,0 +1,328 @@
+"""Runs lose no work (issue 18): signals to the launchers' process groups, one trainer per run
+directory, damaged and malicious checkpoints, world-size changes through universal checkpoints,
+stale exports, run.resume=never, the per-invocation time budget, stats logged once.
+
+The launches are the cost: one small finished run (`finished_run`, single process) is shared and
+copied; the multi-process tests chain their launches (each leg resumes the one before)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cmd, tiny_train_config
+from test_multirank import deepspeed_cmd, torchrun_cmd
+
+TRAIN = str(ROOT / "lct" / "train.py")
+ENV = {"OMP_NUM_THREADS": "1"}
+QUIET = dict(sample={"every": 1000}, val={"every": 1000})
+# 1 rank and 2 ranks train the same numbers with this (no dropout, no OT: test_multirank).
+EXACT = dict(method={"preset": "ilct", "ot": False}, model={"arch": "DiT-S/2", "hidden_size": 32, "depth": 2,
+                                                            "num_heads": 2, "dropout": 0.0})
+
+
+def rows(run: Path, kind="train"):
+    return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def state_of(run: Path, tag: str | None = None) -> dict:
+    root = run / "checkpoints"
+    tag = tag or (root / "latest").read_text().strip()
+    return json.loads((root / tag / "lct_state.json").read_text())["state"]
+
+
+def model_of(ckpt_dir: Path) -> dict:
+    return torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, latent_data):
+    """A finished single-process run: 6 steps, checkpoints at 2, 4, 6, exports of `ema` and `slow`;
+    also the 1-rank reference of the world-size test. Tests copy it (`copy_run`)."""
+    base = tmp_path_factory.mktemp("finished")
+    cfg = tiny_train_config(base, latent_data, run={"dir": str(base / "run"), "total_steps": 6, "save_every": 2,
+                                                    "log_every": 1, "seed": 0, "keep_last": 3}, **QUIET, **EXACT)
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished: step 6 of 6" in proc.stdout and "export" in proc.stdout  # the end-of-run summary
+    return base
+
+
+def copy_run(finished_run: Path, dest: Path, latent_data, **run):
+    shutil.copytree(finished_run / "run", dest / "run", ignore=shutil.ignore_patterns("locks"))
+    return tiny_train_config(dest, latent_data, run={"dir": str(dest / "run"), "total_steps": 6, "save_every": 2,
+                                                     "log_every": 1, "seed": 0, "keep_last": 3, **run},
+                             **QUIET, **EXACT)
+
+
+def test_data_workers_survive_the_signals_the_trainer_handles(latent_data):
+    """SIGINT and SIGTERM reach DataLoader workers with the process group (Ctrl-C, scancel,
+    launch.py's terminate); they ignore them, so the batches the save step needs keep coming."""
+    from test_train import _spec
+
+    from lct.data import make_loader
+
+    loader = make_loader(_spec(latent_data), 0, 40, num_workers=2, prefetch_factor=2, pin_memory=False)
+    it = torch.utils.data.DataLoader.__iter__(loader)  # the multiprocessing iterator itself (its workers)
+    first = [next(it) for _ in range(2)]
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGINT)
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    more = [next(it) for _ in range(6)]
+    assert all(w.is_alive() for w in it._workers)
+    assert [b["worker"] for b in first + more] == [0, 1] * 4
+    del it
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: damaged, malicious
+# ---------------------------------------------------------------------------------------------
+
+
+class Evil:
+    """Unpickling this writes a marker file (what a planted checkpoint could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+DAMAGE = {
+    "model_truncated": lambda d: os.truncate(d / "mp_rank_00_model_states.pt", 1000),
+    "optimizer_missing": lambda d: (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+    "optimizer_truncated": lambda d: os.truncate(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000),
+    "ema_truncated": lambda d: os.truncate(d / "ema.safetensors", 100),
+    "ema_missing": lambda d: (d / "ema.safetensors").unlink(),
+    "rng_missing": lambda d: (d / "rng_rank0.pt").unlink(),
+    "rng_empty": lambda d: os.truncate(d / "rng_rank0.pt", 0),
+    "state_torn": lambda d: (d / "lct_state.json").write_text('{"state": {"applied'),
+    "state_missing": lambda d: (d / "lct_state.json").unlink(),
+}
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_found_set_aside_and_the_previous_one_resumes(tmp_path, latent_data, finished_run):
+    """Every kind of damage to the newest checkpoint is found from files alone; the resume falls
+    back to the previous complete one with one warning line, moves the damaged one aside, and
+    finishes the run: every step logged once, and a saved training time far past
+    run.time_budget_minutes does not stop it (the budget is per invocation)."""
+    from lct.checkpoint import problems
+
+    src = finished_run / "run" / "checkpoints" / "step00000006"
+    assert problems(src) is None
+    for name, damage in DAMAGE.items():
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        damage(d)
+        assert problems(d) is not None, name
+    cfg = copy_run(finished_run, tmp_path / "resume", latent_data, time_budget_minutes=30)
+    run = tmp_path / "resume" / "run"
+    DAMAGE["optimizer_truncated"](run / "checkpoints" / "step00000006")
+    rec = json.loads((run / "checkpoints/step00000004/lct_state.json").read_text())
+    rec["state"]["train_seconds"] = 1e6  # cumulative training time far past the budget
+    (run / "checkpoints/step00000004/lct_state.json").write_text(json.dumps(rec))
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = [l for l in proc.stderr.splitlines() if "is damaged" in l]
+    assert len(warning) == 1 and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in warning[0], proc.stderr[-2000:]
+    assert "moved to" in warning[0] and (run / "checkpoints" / "damaged" / "step00000006").is_dir()
+    assert f"resumed from {run / 'checkpoints' / 'step00000004'}" in proc.stdout
+    assert state_of(run)["applied_steps"] == 6 and problems(run / "checkpoints" / "step00000006") is None
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 of the first run dropped
+    # Same numbers as the uninterrupted run (the optimizer state came back from step 4).
+    a, b = model_of(src), model_of(run / "checkpoints" / "step00000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_malicious_checkpoint_pickles_run_no_code(tmp_path, latent_data, finished_run):
+    """A pickle that would run a command, planted in the optimizer file or the model file: the
+    resume check refuses it (auto: set aside; an explicit run.resume: refused in one line), and
+    DeepSpeed's own loader under `weights_only_loads` cannot run it either."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from lct.checkpoint import problems, weights_only_loads
+    from lct.config import load_config
+    from lct.errors import UserError
+    from lct.run import find_resume
+
+    marker = tmp_path / "pwned"
+    cfg_path = copy_run(finished_run, tmp_path, latent_data)
+    ckpts = tmp_path / "run" / "checkpoints"
+    for tag, name in (("step00000006", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                      ("step00000004", "mp_rank_00_model_states.pt")):
+        f = ckpts / tag / name
+        sd = torch.load(f, weights_only=False)  # our own file: fine to trust here
+        sd["ds_version"] = Evil(marker)
+        torch.save(sd, f)
+        rec = json.loads((ckpts / tag / "lct_state.json").read_text())
+        rec["files"][name] = f.stat().st_size  # a careful forger also fixes the recorded size
+        (ckpts / tag / "lct_state.json").write_text(json.dumps(rec))
+        assert "posix.system" in problems(ckpts / tag)
+    with pytest.raises(UserError, match="posix.system"):
+        find_resume(load_config(cfg_path, [f"run.resume={ckpts / 'step00000006'}"]))
+    got = find_resume(load_config(cfg_path))
+    assert got == ckpts / "step00000002"
+    assert sorted(p.name for p in (ckpts / "damaged").iterdir()) == ["step00000004", "step00000006"]
+    with weights_only_loads(), pytest.raises(Exception, match="posix.system|Unsupported global"):
+        TorchCheckpointEngine().load(str(ckpts / "damaged/step00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    # The allow-list is enough for DeepSpeed's real state.
+    with weights_only_loads():
+        TorchCheckpointEngine().load(str(ckpts / "step00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports and run.resume=never
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stale_exports_are_remade_and_resume_never_moves_the_old_run_aside(tmp_path, latent_data, finished_run):
+    """A kill between the final checkpoint and its export: the next start re-makes the export from
+    the checkpoint (no DeepSpeed) instead of calling the run complete with old weights; an export
+    of an EMA the config dropped moves to export/stale/. Then run.resume=never moves the whole
+    previous run to previous/<time>/ and starts afresh (no old checkpoint left to resume)."""
+    cfg = copy_run(finished_run, tmp_path, latent_data)
+    run = tmp_path / "run"
+    rec = json.loads((run / "export/ema/lct_export.json").read_text())
+    rec["step"] = 4
+    (run / "export/ema/lct_export.json").write_text(json.dumps(rec))  # the step-4 export, never replaced
+    (run / "export" / ".ema.tmp99999").mkdir()                        # a killed export's temp folder
+    one_ema = '[{"name": "ema", "halflife_images": 200}]'
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg), f"ema.models={one_ema}"], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "re-made the final export(s) ema of step 6" in proc.stderr and "is complete" in proc.stdout
+    assert json.loads((run / "export/ema/lct_export.json").read_text())["step"] == 6
+    assert (run / "export/stale/slow-step00000006/lct_export.json").is_file() and not (run / "export/slow").exists()
+    assert not (run / "export" / ".ema.tmp99999").exists()
+    ref = run_cmd([sys.executable, TRAIN, "--config", str(cfg), "run.resume=never", "run.total_steps=2",
+                   "run.allow_total_steps_change=true"], env=ENV)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    line = [l for l in ref.stderr.splitlines() if l.startswith("run.resume=never: moved")]
+    assert len(line) == 1 and "checkpoints" in line[0]
+    (prev,) = list((run / "previous").iterdir())
+    assert (prev / "checkpoints" / "step00000006" / "COMPLETE").is_file() and (prev / "stats.jsonl").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000002"]
+    assert [r["step"] for r in rows(run)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals, the run-directory lock, world-size changes (real launchers, CPU ranks)
+# ---------------------------------------------------------------------------------------------
+
+
+def start(cmd, **kw):
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)  # its own process group, like a terminal job
+
+
+def wait_for_rows(run: Path, n: int, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = run / "stats.jsonl"
+        if f.exists() and len([l for l in f.read_text().splitlines() if '"train"' in l]) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    raise AssertionError("the run logged too few steps")
+
+
+def workers_of(proc) -> list[int]:
+    """pids of the DataLoader workers under a launcher (forks of the ranks: the same command line)."""
+    import psutil
+
+    def trainer(p):
+        try:
+            return "lct/train.py" in " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if trainer(p) and trainer(p.parent())]
+
+
+def lct_traceback(err: str) -> bool:
+    return f'File "{ROOT / "lct"}' in err  # the launchers' own tracebacks on a signal are upstream's
+
+
+@pytest.mark.multiproc
+def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(tmp_path, latent_data):
+    """With DataLoader workers running (num_workers 2): a second trainer on the same run.dir is
+    refused in one line; SIGINT to the process group of `deepspeed` (Ctrl-C) and SIGTERM to that of
+    `torchrun` (scancel) each save a complete checkpoint on both ranks, exit 130 / 143 with one
+    line, and the next launch resumes from it; SIGTERM to the top-level deepspeed runner alone
+    (upstream leaves the ranks training as orphans) also saves and stops the ranks."""
+    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 100000,
+                                                        "save_every": 100000, "log_every": 1},
+                            data={"num_workers": 2, "prefetch_factor": 2}, **QUIET)
+    run = tmp_path / "run"
+    legs = [("deepspeed", signal.SIGINT, "group"), ("torchrun", signal.SIGTERM, "group"),
+            ("deepspeed", signal.SIGTERM, "runner")]
+    last = 0
+    for i, (launcher, sig, target) in enumerate(legs):
+        proc = start([*(deepspeed_cmd() if launcher == "deepspeed" else torchrun_cmd(2)), "--config", str(cfg)])
+        wait_for_rows(run, last + 2, proc)
+        if i == 0:
+            assert len(workers_of(proc)) >= 4  # 2 ranks x 2 workers are up
+            second = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV, timeout=300)
+            assert second.returncode == 2 and f"run.dir={run} is in use by another trainer" in second.stderr
+            assert "Traceback" not in second.stderr
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=300)  # the pipes close when the ranks are gone
+        code = 130 if sig == signal.SIGINT else 143
+        said = [l for l in err.splitlines() if "saved on every rank" in l]
+        assert len(said) == 1 and f"exiting with {code}" in said[0], err[-4000:]
+        assert "DataLoader worker" not in err and not lct_traceback(err), err[-4000:]
+        if target == "runner":
+            assert "the launcher deepspeed runner (pid" in err
+        tag = (run / "checkpoints" / "latest").read_text().strip()
+        assert tag in said[0] and (run / "checkpoints" / tag / "COMPLETE").is_file()
+        st = state_of(run, tag)
+        assert st["applied_steps"] > last
+        if i:
+            assert f"resumed from {run / 'checkpoints' / prev}" in out
+        last, prev = st["applied_steps"], tag
+    steps = [r["step"] for r in rows(run)]
+    assert steps == sorted(set(steps))  # each step logged once across the four launches
+
+
+@pytest.mark.multiproc
+def test_world_size_2_to_1_to_2_through_universal_checkpoints(tmp_path, latent_data, finished_run):
+    """2 ranks (stopped after the step-2 checkpoint) -> 1 process (stopped after step 4) -> 2 ranks
+    (to the end): each change of world size goes through a DeepSpeed universal checkpoint, and
+    the losses and final weights equal the uninterrupted 1-process run's (`finished_run`, same
+    global batch, no dropout or OT): the same curriculum, data position and optimizer state."""
+    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 6,
+                                                        "save_every": 2, "log_every": 1, "seed": 0},
+                            **QUIET, **EXACT)
+    run = tmp_path / "run"
+    legs = [(deepspeed_cmd(), "2"), ([sys.executable, TRAIN], "4"), (torchrun_cmd(2), None)]
+    for i, (cmd, stop_after) in enumerate(legs):
+        env = {**ENV, **({"LCT_FAULT_EXIT_AFTER_SAVE": stop_after} if stop_after else {})}
+        proc = run_cmd([*cmd, "--config", str(cfg)], env=env)
+        assert state_of(run)["applied_steps"] == 2 * (i + 1), proc.stderr[-3000:]
+        if i:
+            assert "through a DeepSpeed universal checkpoint" in proc.stderr, proc.stderr[-3000:]
+            assert '"applied_steps": %d' % (2 * i) in proc.stdout
+    assert proc.returncode == 0 and state_of(run)["applied_steps"] == 6 and state_of(run)["data_steps"] == 6
+    ref = finished_run / "run"
+    a, b = rows(ref), rows(run)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["N"] for r in a] == [r["N"] for r in b]
+    assert torch.allclose(torch.tensor([r["loss"] for r in a], dtype=torch.float64),
+                          torch.tensor([r["loss"] for r in b], dtype=torch.float64), rtol=1e-5, atol=0)
+    wa, wb = model_of(ref / "checkpoints/step00000006"), model_of(run / "checkpoints/step00000006")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
