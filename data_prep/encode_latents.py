@@ -270,6 +270,7 @@ class Encoder:
         import torch
 
         self.vae, self.text, self.device = vae, text, device
+        self.trimmed = getattr(text, "kind", "open_clip") != "open_clip"  # transformers towers: trimmed states
         self.half = None
         if precision != "fp32":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -288,7 +289,9 @@ class Encoder:
         return encode_posterior(self.vae if (fp32 or self.half is None) else self.half, images)
 
     def text_states(self, tokens: list, chunk: int = 256):
-        """(states [N,L,D], pooled [N,P]) fp32 of the captions' tokens [K_i, L] of a batch."""
+        """(states [N,L,D], pooled [N,P] or None) fp32 of the captions' tokens [K_i, L] of a batch.
+        Transformers towers (`trimmed`): states [N,n,D] up to the batch's longest caption (the
+        later positions are padding), pooled None where the tower has none (T5)."""
         import numpy as np
         import torch
 
@@ -298,7 +301,18 @@ class Encoder:
             st, _, po = self.text(flat[s:s + chunk].to(self.device, non_blocking=True))
             states.append(st)
             pooled.append(po)
-        return torch.cat(states), torch.cat(pooled)
+        states, pooled = torch.cat(states), torch.cat(pooled)
+        if self.trimmed:
+            states = states[:, : int(real_lengths(self.text, flat).max())]
+        return states, (pooled if pooled.shape[1] else None)
+
+
+def real_lengths(text, tokens):
+    """Per caption, the number of positions up to its last real token (mask is a prefix)."""
+    import torch
+
+    mask = torch.as_tensor(text.mask(torch.as_tensor(tokens).long()))
+    return torch.where(mask.any(-1), mask.shape[-1] - mask.flip(-1).int().argmax(-1), torch.zeros_like(mask[:, 0], dtype=torch.long))
 
 
 def fp16_problem(t, what: str, name: str, keys: list[str]) -> UserError:
@@ -467,7 +481,9 @@ def launch_batch(enc: Encoder, item: dict, w: "ShardWriter", flip: bool, text_st
     mean, std = enc.posterior(x)
     tensors = {"mean": mean, "std": std}
     if text_states:
-        tensors["states"], tensors["pooled"] = enc.text_states(item["tokens"])
+        tensors["states"], pooled = enc.text_states(item["tokens"])
+        if pooled is not None:
+            tensors["pooled"] = pooled
     p = {"item": item, "w": w, "x": x, "flip": flip, **_to_host(enc, tensors)}
     if enc.device.type == "cuda":
         p["event"] = torch.cuda.Event()
@@ -479,6 +495,8 @@ def finish_batch(enc: Encoder, p: dict) -> int:
     """Wait for a launched batch, check it (a half-precision batch with a non-finite value is
     re-encoded in fp32; values must fit float16) and write its samples. Returns their number."""
     import torch
+
+    import numpy as np
 
     from lct.latents import encode_latent_sample
 
@@ -509,7 +527,12 @@ def finish_batch(enc: Encoder, p: dict) -> int:
         if p["flip"]:
             extra.update(flip_mean=h["mean"][b + i], flip_std=h["std"][b + i])
         if "states" in h:
-            extra.update(states=h["states"][offsets[i]:offsets[i + 1]], pooled=h["pooled"][offsets[i]:offsets[i + 1]])
+            states = h["states"][offsets[i]:offsets[i + 1]]
+            if enc.trimmed:  # to this sample's longest caption
+                states = states[:, : max(1, int(real_lengths(enc.text, item["tokens"][i]).max()))]
+            extra.update(states=np.ascontiguousarray(states))
+            if "pooled" in h:
+                extra.update(pooled=h["pooled"][offsets[i]:offsets[i + 1]])
         members = encode_latent_sample(key, mean=h["mean"][i], std=h["std"][i], tokens=item["tokens"][i],
                                        captions=item["captions"][i], meta=item["meta"][i], **extra)
         w.add(members, h["mean"][i], h["std"][i])
@@ -526,11 +549,23 @@ def job_options(cfg: EncodeLatentsConfig) -> dict:
     from lct.text import RANDOM, is_random
     from lct.vae import vae_source
 
-    random = is_random(cfg.text_pretrained)
-    return {"vae": vae_source(cfg.vae), "resolution": cfg.resolution, "flip": cfg.flip,
+    hf = cfg.text_kind != "open_clip"
+    random = not hf and is_random(cfg.text_pretrained)
+    opts = {"vae": vae_source(cfg.vae), "resolution": cfg.resolution, "flip": cfg.flip,
             "precision": cfg.precision, "text_model": cfg.text_model,
-            "text_pretrained": RANDOM if random else cfg.text_pretrained, "seed": cfg.seed if random else None,
-            "text_states": cfg.text_states, "max_captions": cfg.max_captions}
+            "text_pretrained": None if hf else RANDOM if random else cfg.text_pretrained,
+            "seed": cfg.seed if random else None, "text_states": cfg.text_states,
+            "max_captions": max_captions(cfg)}
+    if hf:  # a transformers tower (T5, CLIP): lct.hf_text
+        opts.update(text_kind=cfg.text_kind, text_tokenizer=cfg.text_tokenizer,
+                    text_max_length=cfg.text_max_length, text_dtype=cfg.text_dtype)
+    return opts
+
+
+def max_captions(cfg: EncodeLatentsConfig) -> int:
+    """--max-captions, default 5 for open_clip and 1 for transformers towers (T5-XXL states are
+    ~8 kB per token in fp16: README, "Tune a public diffusion model")."""
+    return cfg.max_captions or (5 if cfg.text_kind == "open_clip" else 1)
 
 
 def check_output(out: Path, urls: list[str], names: list[str]) -> None:
@@ -684,7 +719,10 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     import torch
 
     from lct.data import existing_shards
-    from lct.latents import JOB, read_shard_record, record_paths, write_json_atomic
+    import numpy as np
+
+    from lct.files import atomic_file
+    from lct.latents import JOB, TEXT_NULL, read_shard_record, record_paths, write_json_atomic
     from lct.shards import FileLock
     from lct.text import TOWER_DIR, TextEncoder, check_text_source, is_random
     from lct.vae import check_vae_source, latent_shape, load_vae, vae_summary
@@ -712,16 +750,29 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     with job_lock:
         check_job(out, None, options, rank)  # other settings: refuse before loading anything
 
+    hf = cfg.text_kind != "open_clip"
     check_vae_source(cfg.vae)  # missing weights: fail before the slow imports
-    check_text_source(cfg.text_model, cfg.text_pretrained)
+    if not hf:
+        check_text_source(cfg.text_model, cfg.text_pretrained)
+    else:
+        from lct.hf_text import HFTextEncoder
+        from lct.hub import resolve_pretrained
+
+        resolve_pretrained(cfg.text_model, key="--text-model", subfolders=("", "text_encoder"), what="text encoder")
     device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     vae = load_vae(cfg.vae, device, torch.float32)
     shape = latent_shape(vae, cfg.resolution)
-    random_tower = is_random(cfg.text_pretrained)
-    text = None if random_tower else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
+    random_tower = not hf and is_random(cfg.text_pretrained)
+    if hf:
+        text = HFTextEncoder.load(cfg.text_model, tokenizer=cfg.text_tokenizer, max_length=cfg.text_max_length,
+                                  device=device, dtype=cfg.text_dtype, key="--text-model")
+        if text.kind != cfg.text_kind:
+            raise UserError(f"--text-model {cfg.text_model} is a {text.kind} tower, not --text-kind {cfg.text_kind}")
+    else:
+        text = None if random_tower else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
     with job_lock:
         old = check_job(out, None, options, rank)
         if random_tower:  # made once per job, under the lock; a tower no job.json names is stale
@@ -729,8 +780,12 @@ def run(cfg: EncodeLatentsConfig) -> dict:
                 shutil.rmtree(out / TOWER_DIR, ignore_errors=True)
             text = TextEncoder.load(cfg.text_model, cfg.text_pretrained, device, seed=cfg.seed, save_dir=out)
         trec = text.record(manifest_dir=out)
-        trec.update(max_captions=cfg.max_captions, states=cfg.text_states, token_dtype="int32",
+        trec.update(max_captions=max_captions(cfg), states=cfg.text_states, token_dtype="int32",
                     states_dtype="float16" if cfg.text_states else None)
+        if hf:  # states trimmed to the real tokens; the empty caption's states for the null condition
+            trec.update(states_layout="trimmed" if cfg.text_states else None, null_file=TEXT_NULL)
+            with atomic_file(out / TEXT_NULL) as f:
+                np.save(f, text.null_condition().numpy().astype(np.float32), allow_pickle=False)
         header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": cfg.resolution,
                   "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip, "preprocess": PREPROCESS,
                   "vae": {**vae_summary(vae, cfg.vae), "precision": cfg.precision},
@@ -744,7 +799,7 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     log(rank, f"{len(urls)} input shards, world {world}: {len(mine)} for this rank, {len(mine) - len(todo)} "
               f"already complete, {len(todo)} to encode on {device} (VAE {cfg.precision}, latents {list(shape)})")
     enc = Encoder(vae, text, device, cfg.precision)
-    loader = make_loader([(i, urls[i]) for i in todo], cfg.resolution, text.tokenizer, cfg.max_captions,
+    loader = make_loader([(i, urls[i]) for i in todo], cfg.resolution, text.tokenizer, max_captions(cfg),
                          cfg.batch_size, cfg.num_workers, device.type == "cuda")
     crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
 

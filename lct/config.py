@@ -103,6 +103,8 @@ class MethodConfig(Strict):
     distance: Literal["l2", "pseudo_huber", "cauchy"] = "cauchy"
     c: float | Literal["adaptive"] = Field("adaptive", description="distance scale (mean form, SPEC 3) or 'adaptive' (SPEC 4)")
     c_first: float | Literal["code"] = Field(C_FIRST, description="adaptive c of the first stage; 'code' = 0.00054*sqrt(C*H*W)")
+    c_scale: float = Field(1.0, gt=0, description="multiplies the adaptive-c fit after the first stage (SPEC 4); "
+                           "2 in a sigma_data = 1 latent space (SPEC 14.4)")
     sigma_min: float = Field(0.002, ge=0, description="training parameterisation sigma_min (SPEC 1); 0 = EDM scalings")
     sample_sigma_min: float | None = Field(None, ge=0, description="sigma_min of the noise between sampling steps, "
                                            "sqrt(tau^2 - it^2) (SPEC 9); default sigma_min")
@@ -146,7 +148,8 @@ class MethodConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: str = Field("DiT-B/2", description="DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 (or /4)")
+    arch: str = Field("DiT-B/2", description="DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 (or /4), or pixart (SPEC 14)")
+    pretrained: str | None = Field(None, description="arch pixart: PixArt pipeline or transformer folder, or hub id")
     hidden_size: int | None = Field(None, ge=8, description="override the preset width (tests, demo)")
     depth: int | None = Field(None, ge=1)
     num_heads: int | None = Field(None, ge=1)
@@ -177,14 +180,22 @@ class DataConfig(Strict):
     posterior: Literal["sample", "mean", "fixed"] = Field(
         "sample", description="latent of each use (SPEC 7): sample = mean + std * a fresh eps, mean = the "
                               "posterior mean, fixed = one seeded draw per image and flip (iLCT's offline encoding)")
-    latent_norm: Literal["channel", "element"] = "channel"
+    latent_norm: Literal["channel", "element", "vae"] = Field(
+        "channel", description="SPEC 7; vae = the VAE's scaling/shift factors, sigma_data 1 (SPEC 14.4)")
     text: Literal["precomputed", "on_the_fly"] = "precomputed"
     val_shards: str | None = Field(None, description="held-out latent shards for the validation batch")
 
 
 class TextConfig(Strict):
-    model: str | None = Field(None, description="open_clip model name; default: the manifest's")
+    kind: Literal["open_clip", "t5", "clip"] | None = Field(None, description="text tower kind; default: the manifest's")
+    model: str | None = Field(None, description="open_clip model name, or a transformers folder / hub id (t5, clip); "
+                              "default: the manifest's")
     pretrained: str | None = Field(None, description="open_clip tag or local path; default: the manifest's")
+    tokenizer: str | None = Field(None, description="t5/clip: tokenizer folder or hub id; default: beside text.model")
+    max_length: int | None = Field(None, ge=1, description="t5/clip token length (PixArt-alpha 120, PixArt-Sigma 300); "
+                                   "must equal the data's")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="t5/clip compute dtype (on_the_fly); "
+                                                          "default: the manifest's")
 
 
 class VAEConfig(Strict):
@@ -285,7 +296,14 @@ class EncodeLatentsConfig(Strict):
     output: str = Field(..., description="output directory (latent shards + manifest.json)")
     vae: str = Field("stabilityai/sd-vae-ft-ema", description="AutoencoderKL hub id or local save_pretrained dir")
     resolution: int = Field(256, ge=8, description="center-crop on the long edge, then resize to this")
-    text_model: str = Field("ViT-B-32", description="open_clip model name of the text tower")
+    text_kind: Literal["open_clip", "t5", "clip"] = Field("open_clip", description="text tower: open_clip, or a "
+                                                          "transformers T5 encoder / CLIP text model (SPEC 14.3)")
+    text_model: str = Field("ViT-B-32", description="open_clip model name, or (t5, clip) a transformers folder or hub id "
+                            "(a pipeline's text_encoder/ is found)")
+    text_tokenizer: str | None = Field(None, description="t5/clip: tokenizer folder or hub id; default: beside --text-model")
+    text_max_length: int | None = Field(None, ge=1, description="t5/clip token length (PixArt-alpha 120, PixArt-Sigma 300); "
+                                        "default: the tokenizer's model_max_length")
+    text_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="t5/clip compute dtype (states are stored fp16)")
     text_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip tag or local path; 'random' = seeded random tower saved beside the shards")
     text_states: bool = Field(False, description="also store fp16 token states and pooled features")
     flip: bool = Field(False, description="also store the latents of the horizontally flipped image")
@@ -294,7 +312,8 @@ class EncodeLatentsConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="VAE precision (fp32 + TF32 on GPU by default)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     seed: int = Field(0, ge=0, description="seed of the random text tower ('random')")
-    max_captions: int = Field(5, ge=1, description="captions kept per sample (the first K; fewer are not padded)")
+    max_captions: int | None = Field(None, ge=1, description="captions kept per sample (the first K; fewer are not "
+                                     "padded); default 5 for open_clip, 1 for t5/clip (their states are large)")
     skip_empty_shards: bool = Field(False, description="record input shards that yield no sample as empty (no output shard) instead of failing")
     merge_only: bool = Field(False, description="only (re)write manifest.json from the per-shard records")
 
@@ -570,6 +589,34 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("optim.micro_batch_size", f"must divide optim.batch_size ({cfg.optim.batch_size})")
     if cfg.model.init_ema and not cfg.model.init_from:
         fail("model.init_ema", "init_ema needs model.init_from")
+    if cfg.data.latent_norm == "vae" and m.sigma_data != 1.0:
+        fail("method.sigma_data", "latent_norm vae latents have sigma_data 1 (SPEC 14.4); set method.sigma_data=1 "
+             "and the noise levels that go with it")
+    refuse_pixart(cfg, fail)
+
+
+def refuse_pixart(cfg: TrainConfig, fail) -> None:
+    """What a pretrained PixArt network (SPEC 14) cannot train with."""
+    mc = cfg.model
+    if mc.arch != "pixart":
+        if mc.pretrained:
+            fail("model.pretrained", "model.pretrained is for model.arch=pixart")
+        return
+    if not mc.pretrained:
+        fail("model.pretrained", "model.arch=pixart needs model.pretrained: a PixArt pipeline or transformer "
+             "folder, or a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-512-MS")
+    if mc.nsln != "none":
+        fail("model.nsln", "PixArt's attention has no q/k norm to swap for NsLN; set model.nsln=none")
+    if mc.dropout:
+        fail("model.dropout", "the PixArt transformer has no lct dropout; set model.dropout=0")
+    if mc.cond != "text":
+        fail("model.cond", "PixArt is text-conditioned; set model.cond=text")
+    if mc.init_from:
+        fail("model.init_from", "a pixart network starts from model.pretrained (resume a run with run.resume)")
+    if cfg.data.latent_norm != "vae":
+        fail("data.latent_norm", "PixArt was trained on VAE-scaled latents (SPEC 14.4); set data.latent_norm=vae")
+    if cfg.text.kind not in (None, "t5"):
+        fail("text.kind", "PixArt reads T5 token states; set text.kind=t5")
 
 
 def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | None = None,

@@ -391,10 +391,11 @@ def distance(name: str, a: Tensor, b: Tensor, c: TensorOrFloat = 0.0) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def adaptive_c(num_intervals: int, s0: int = 10, c_first: float = C_FIRST) -> float:
+def adaptive_c(num_intervals: int, s0: int = 10, c_first: float = C_FIRST, scale: float = 1.0) -> float:
     """iLCT's adaptive Cauchy / pseudo-Huber scale for a grid of n = N - 1 intervals (SPEC 4):
 
-    c(n) = c_first while n <= s0 (first stage), else exp(-1.15 ln n - 0.85).
+    c(n) = c_first while n <= s0 (first stage), else scale * exp(-1.15 ln n - 0.85) (scale 2 in a
+    sigma_data = 1 latent space, SPEC 14.4).
 
     The fit (iLCT authors, SD-VAE 4x32x32 latents) follows the shrinking spread of consistency
     differences as the grid refines, so the robust loss keeps treating typical pairs as inliers."""
@@ -402,7 +403,7 @@ def adaptive_c(num_intervals: int, s0: int = 10, c_first: float = C_FIRST) -> fl
         raise ValueError(f"need >= 1 interval, got {num_intervals}")
     if num_intervals <= s0:
         return float(c_first)
-    return math.exp(-1.15 * math.log(num_intervals) - 0.85)
+    return scale * math.exp(-1.15 * math.log(num_intervals) - 0.85)
 
 
 def resolve_c_first(c_first: float | str, latent_shape: Sequence[int]) -> float:
@@ -419,7 +420,7 @@ def resolve_c_first(c_first: float | str, latent_shape: Sequence[int]) -> float:
     return float(c_first)
 
 
-def adaptive_c_for_ect_stage(stage: int, s0: int = 10, c_first: float = C_FIRST) -> float:
+def adaptive_c_for_ect_stage(stage: int, s0: int = 10, c_first: float = C_FIRST, scale: float = 1.0) -> float:
     """lct's extension of adaptive c to the ECT mapping (SPEC 4, not from a paper): stage s plays
     the iCT stage with n = s0 2^(s-1) intervals for s >= 1 (then the relative gap at t = 1 matches
     iCT's within about 20 %), and stage 0 uses c_first. Note that s = 1 gives n = s0, hence
@@ -428,7 +429,7 @@ def adaptive_c_for_ect_stage(stage: int, s0: int = 10, c_first: float = C_FIRST)
         raise ValueError(f"stage must be >= 0, got {stage}")
     if stage == 0:
         return float(c_first)
-    return adaptive_c(s0 * 2 ** (stage - 1), s0, c_first)
+    return adaptive_c(s0 * 2 ** (stage - 1), s0, c_first, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from lct.consistency import ot_couple
 from lct.errors import UserError
 from lct.latents import SampleLayout, check_latent_sample, decode_latent_sample
 from lct.shards import ShardError, tar_samples
-from lct.tokens import padding_mask
+from lct.tokens import token_mask
 from lct.vae import LatentNorm
 
 # Why a latent sample was skipped (`read_samples`); the trainer logs each as `data_skipped_<reason>`.
@@ -79,6 +79,8 @@ class DataSpec:
     shuffle_buffer: int = 2000
     resume_count: int = 0
     layout: SampleLayout | None = None  # what every sample must hold (the manifest's); see read_samples
+    pad_id: int | None = None        # the tokenizer's pad and EOT ids (lct.tokens.token_mask); None: open_clip's rule
+    eot_id: int | None = None
     posterior: str = "sample"        # "sample" | "mean" | "fixed" (SPEC 7, `posterior_latent`)
 
     @property
@@ -306,8 +308,15 @@ def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict
                 raise UserError("data.text=precomputed but the shards have no token states; "
                                 "re-encode with --text-states or set data.text=on_the_fly")
             out["text_states"] = sample["states"][k]
-            out["pooled"] = sample["pooled"][k]
+            out["pooled"] = sample["pooled"][k] if "pooled" in sample else np.zeros(0, np.float16)
     return out
+
+
+def stack_states(states: list[np.ndarray]) -> np.ndarray:
+    """[B, n, D] of token states [n_i, D], zero-padded to the longest (trimmed states cover every
+    real token of their caption; the positions after them are masked)."""
+    n = max(s.shape[0] for s in states)
+    return np.stack([np.pad(s, ((0, n - s.shape[0]), (0, 0))) if s.shape[0] < n else s for s in states])
 
 
 def collate(spec: DataSpec, examples: list[dict], data_step: int, micro: int) -> dict:
@@ -327,10 +336,12 @@ def collate(spec: DataSpec, examples: list[dict], data_step: int, micro: int) ->
     if spec.text != "none":
         tokens = torch.from_numpy(np.stack([e["tokens"] for e in examples]))
         batch["tokens"] = tokens
-        batch["text_mask"] = padding_mask(tokens)
+        batch["text_mask"] = token_mask(tokens, spec.eot_id, spec.pad_id)
         if spec.text == "precomputed":
-            batch["text_states"] = torch.from_numpy(np.stack([e["text_states"] for e in examples]))
+            batch["text_states"] = torch.from_numpy(stack_states([e["text_states"] for e in examples]))
             batch["pooled"] = torch.from_numpy(np.stack([e["pooled"] for e in examples]))
+            # Trimmed states (transformers towers): the positions past the longest are padding.
+            batch["text_mask"] = batch["text_mask"][:, : batch["text_states"].shape[1]]
     return batch
 
 
@@ -511,6 +522,16 @@ def describe_data(manifest: dict | None) -> DataDescription:
     t = manifest.get("text") or {}
     return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
                            int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)
+
+
+def token_ids(manifest: dict) -> dict:
+    """DataSpec's `pad_id` / `eot_id` for the data's tokenizer: a transformers tower's ids (its
+    padding mask is `tokens != pad`, lct.tokens.token_mask); None for open_clip's EOT rule."""
+    t = manifest.get("text") or {}
+    if t.get("kind", "open_clip") == "open_clip":
+        return {"pad_id": None, "eot_id": None}
+    tok = t.get("tokenizer") or {}
+    return {"pad_id": tok.get("pad_id"), "eot_id": tok.get("eot_id")}
 
 
 def manifest_path(cfg) -> str | None:

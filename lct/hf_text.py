@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lct.errors import UserError
-from lct.tokens import PROBE, padding_mask
+from lct.tokens import PROBE, token_mask
 
 # kind -> transformers classes by architecture name (first = default), and how the tower is run.
 KINDS: dict[str, dict[str, Any]] = {
@@ -209,9 +209,7 @@ class HFTextEncoder(nn.Module):
 
     def mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Padding mask of token ids (True = real token), per this tokenizer (see the module docstring)."""
-        if self.pad_id != self.eot_id:
-            return tokens != self.pad_id
-        return padding_mask(tokens, self.eot_id)
+        return token_mask(tokens, self.eot_id, self.pad_id)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states [B,L,D] fp32, mask [B,L] bool, pooled [B,P] fp32, P = 0 for T5) of token ids [B,L]."""

@@ -8,7 +8,7 @@ Sample members (webdataset: `{key}.{member}` in a tar, grouped by key):
 | `mean.npy`, `std.npy` | float16 [C,h,w] raw posterior mean and std (no scaling factor) |
 | `flip_mean.npy`, `flip_std.npy` | the same for the horizontally flipped image (`--flip`) |
 | `tokens.npy` | int32 [K,L] open_clip token ids of the sample's K captions |
-| `states.npy`, `pooled.npy` | float16 [K,L,D], [K,P] text-tower outputs (`--text-states`) |
+| `states.npy`, `pooled.npy` | float16 [K,L,D], [K,P] text-tower outputs (`--text-states`); transformers towers (T5, CLIP): [K,n,D] trimmed to the n <= L positions of the longest caption's real tokens, no `pooled.npy` for T5 (P = 0) |
 | `json` | {"key", "captions": [K captions], "meta": the input sample's json} |
 | `txt` | the first caption |
 
@@ -34,6 +34,8 @@ Output directory of `data_prep/encode_latents.py`:
     job.json                 the job's settings (a rerun with other settings is refused)
     job.lock                 held while job.json and a random text tower are checked or made
     text_tower/              the random text tower's text half, when --text-pretrained random
+    text_null.npy            transformers towers: float32 [L0, D] states of the empty caption at its
+                             real tokens (the initial learned null condition, SPEC 14.5)
     manifest.json            merged from job.json and all records
 
 Reading checks (`SampleLayout`, `check_latent_sample`): what the manifest says every sample holds
@@ -63,6 +65,7 @@ JOB = "job.json"
 RECORDS = "records"
 STAT_KEYS = ("sum_mean", "sum_mean_sq", "sum_var")
 ARRAY_MEMBERS = ("mean", "std", "flip_mean", "flip_std", "tokens", "states", "pooled")
+TEXT_NULL = "text_null.npy"
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -104,6 +107,7 @@ def encode_latent_sample(key: str, *, mean: np.ndarray, std: np.ndarray, tokens:
         sample["flip_std.npy"] = half("flip_std", flip_std)
     if states is not None:
         sample["states.npy"] = half("states", states)
+    if pooled is not None:
         sample["pooled.npy"] = half("pooled", pooled)
     sample["json"] = json.dumps({"key": key, "captions": list(captions), "meta": meta or {}},
                                 ensure_ascii=False, sort_keys=True).encode("utf-8")
@@ -135,6 +139,19 @@ def decode_latent_sample(raw: dict) -> dict:
     return out
 
 
+def read_text_null(manifest_dir: str | os.PathLike) -> np.ndarray:
+    """The data's null condition (`text_null.npy`, float32 [L0, D]: the empty caption's states at
+    its real tokens, SPEC 14.5), written by the data prep for transformers text towers."""
+    path = Path(manifest_dir) / TEXT_NULL
+    if not path.is_file():
+        raise UserError(f"{path} not found: latent data for a PixArt network needs the T5 tower's null condition; "
+                        "re-run data_prep/encode_latents.py --text-kind t5 (it writes it beside manifest.json)")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 2 or arr.shape[0] < 1 or not np.isfinite(arr).all():
+        raise UserError(f"{path}: expected finite float32 [L0 >= 1, D], got {arr.dtype} {list(arr.shape)}")
+    return arr.astype(np.float32)
+
+
 def read_latent_shard(url: str) -> list[dict]:
     """Every decoded sample of one latent shard (errors propagate, `lct.shards.ShardError` for a
     shard that cannot be read to its end-of-archive marker)."""
@@ -151,13 +168,15 @@ class SampleLayout:
     flip: bool = False
     context_length: int | None = None
     states: tuple[int, int] | None = None   # (D, P) when the shards store text states
+    trimmed: bool = False                   # states [K, n <= L, D] (transformers towers), no pooled when P = 0
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "SampleLayout":
         t = manifest.get("text") or {}
         states = (int(t["state_dim"]), int(t["pooled_dim"])) if t.get("states") else None
         return cls(tuple(int(x) for x in manifest["latent_shape"]), bool(manifest.get("flip")),
-                   int(t["context_length"]) if t.get("context_length") else None, states)
+                   int(t["context_length"]) if t.get("context_length") else None, states,
+                   t.get("states_layout") == "trimmed")
 
     def core(self) -> "SampleLayout":
         """What every sample of any split holds (latents and tokens): for held-out shards, which
@@ -175,7 +194,7 @@ def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str,
     if layout is not None:
         need += ["flip_mean", "flip_std"] if layout.flip else []
         need += ["tokens"] if layout.context_length else []
-        need += ["states", "pooled"] if layout.states else []
+        need += ["states"] + (["pooled"] if not layout.trimmed or layout.states[1] else []) if layout.states else []
     missing = [n for n in need if n not in sample]
     if missing:
         return "missing_member", f"no {', '.join(m + '.npy' for m in missing)}"
@@ -195,7 +214,12 @@ def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str,
             return "wrong_shape", f"tokens.npy is {tok.dtype} {list(tok.shape)}, expected integer [K>=1, {L}]"
     if layout is not None and layout.states:
         k, L = sample["tokens"].shape[0], layout.context_length
-        for name, s in (("states", [k, L, layout.states[0]]), ("pooled", [k, layout.states[1]])):
+        n = shape("states")[1] if layout.trimmed and sample["states"].ndim == 3 else L
+        if layout.trimmed and not 1 <= n <= L:
+            return "wrong_shape", f"states.npy holds {n} token positions, expected 1..{L}"
+        for name, s in (("states", [k, n, layout.states[0]]), ("pooled", [k, layout.states[1]])):
+            if name not in sample and name == "pooled" and layout.trimmed and not layout.states[1]:
+                continue
             if shape(name) != s or sample[name].dtype != np.float16:
                 return "wrong_shape", f"{name}.npy is {sample[name].dtype} {shape(name)}, expected float16 {s}"
     for name in ("mean", "std", "flip_mean", "flip_std", "states", "pooled"):

@@ -195,7 +195,7 @@ class ICTObjective(Objective):
 
     def curriculum(self, step: int) -> Curriculum:
         n_points = C.ict_num_points(step, self.total_steps, self.m.s0, self.m.s1)
-        c = C.adaptive_c(n_points - 1, self.m.s0, self.c_first) if self.m.c == "adaptive" else float(self.m.c)
+        c = C.adaptive_c(n_points - 1, self.m.s0, self.c_first, self.m.c_scale) if self.m.c == "adaptive" else float(self.m.c)
         return Curriculum(step, num_points=n_points, c=c)
 
     def plan(self, batch, step):
@@ -229,7 +229,7 @@ class ECTObjective(Objective):
 
     def curriculum(self, step: int) -> Curriculum:
         stage = C.ect_stage(step, self.m.stage_every, self.m.max_stage)
-        c = (C.adaptive_c_for_ect_stage(stage, self.m.s0, self.c_first) if self.m.c == "adaptive"
+        c = (C.adaptive_c_for_ect_stage(stage, self.m.s0, self.c_first, self.m.c_scale) if self.m.c == "adaptive"
              else float(self.m.c))
         return Curriculum(step, stage=stage, c=c)
 

@@ -28,3 +28,12 @@ def padding_mask(tokens, eot_id: int | None = None):
         pos = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1),
                           torch.full(hit.shape[:-1], length - 1, dtype=torch.long, device=tokens.device))
     return torch.arange(length, device=tokens.device) <= pos.unsqueeze(-1)
+
+
+def token_mask(tokens, eot_id: int | None = None, pad_id: int | None = None):
+    """The padding mask of a tokenizer's ids (True = real token): `tokens != pad_id` where the pad
+    token is not the EOT token (T5: pad 0, `</s>` 1), else `padding_mask` (open_clip, CLIP: up to
+    and including the first EOT). `pad_id` None: open_clip's rule."""
+    if pad_id is not None and pad_id != eot_id:
+        return tokens != pad_id
+    return padding_mask(tokens, eot_id)

@@ -35,7 +35,7 @@ from lct import checkpoint as ckpt
 from lct import dist
 from lct.config import TrainConfig, check_train_config, dump_yaml, load_config
 from lct.data import (DataDescription, DataSpec, InMemoryLatents, SkipTally, describe_data, expand_urls,
-                      make_loader, manifest_path, to_device, train_shard_urls)
+                      make_loader, manifest_path, to_device, token_ids, train_shard_urls)
 from lct.dist import DistInfo
 from lct.ema import PartitionedEMA
 from lct.engine import batch_layout, deepspeed_config, initialize, learning_rate, set_precision
@@ -43,7 +43,8 @@ from lct.errors import UserError, cli_main
 from lct.export import check_network_weights
 from lct.faults import Faults
 from lct.files import output_dir_problem
-from lct.latents import SampleLayout, load_manifest
+from lct.hf_text import HFTextEncoder, is_hf_record
+from lct.latents import TEXT_NULL, SampleLayout, load_manifest, read_text_null
 from lct.models import Precond, build_dit, count_parameters
 from lct.monitor import LossMeter, Monitor, Progress, RunLogger
 from lct.objectives import Curriculum, Diagnostics, make_objective
@@ -121,7 +122,7 @@ def finish_complete(cfg: TrainConfig, info: DistInfo, start: "Start") -> int:
     kill between the checkpoint and the export) from the checkpoint, on rank 0, without DeepSpeed."""
     step = start.saved["state"]["applied_steps"]
     if info.is_main:
-        remade = refresh_exports(cfg, build_network(cfg, start.desc), start.manifest, start.resume)
+        remade = refresh_exports(cfg, build_network(cfg, start.desc, start.manifest), start.manifest, start.resume)
         if remade:
             print(f"re-made the final export(s) {', '.join(remade)} of step {step} from {start.resume}",
                   file=sys.stderr, flush=True)
@@ -190,6 +191,8 @@ def preflight(cfg: TrainConfig, info: DistInfo, monitor: bool = True, failures: 
     text, vae, notes = None, None, []
     if manifest is not None:
         text_ok = check(check_text_compatibility, cfg, manifest, default=False) is not False
+        if cfg.model.arch == "pixart":  # its config, the data's latents and text, the null condition
+            check(pixart_config_for, cfg, desc, manifest, failures is not None)
         with torch.random.fork_rng(devices=[]):  # loading draws (random init, then the weights)
             if text_ok and cfg.model.cond == "text" and (monitor or cfg.data.text == "on_the_fly"):
                 text = check(make_text_encoder, cfg, manifest, torch.device("cpu"))
@@ -270,9 +273,16 @@ def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
             raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} (manifest): token ids "
                             f"and states must come from the same text tower; set text.{key}: null to use "
                             "the data's (or re-encode the data with this tower)")
+    for key, have in (("kind", t.get("kind", "open_clip")), ("max_length", t.get("context_length"))):
+        want = getattr(cfg.text, key)
+        if want is not None and str(want) != str(have):
+            raise UserError(f"text.{key}={want!r}, but the data was encoded with {have!r} (manifest); re-encode "
+                            f"with data_prep/encode_latents.py --text-{key.replace('_', '-')} {want} or drop text.{key}")
 
 
 def make_text_encoder(cfg: TrainConfig, manifest: dict, device) -> TextEncoder:
+    if is_hf_record(manifest.get("text")):
+        return HFTextEncoder.from_manifest(manifest, device, model=cfg.text.model, dtype=cfg.text.dtype)
     enc = TextEncoder.from_manifest(manifest, device=device, model=cfg.text.model, pretrained=cfg.text.pretrained)
     want = (manifest.get("text") or {}).get("tokenizer")
     if want and enc.identity() != want:
@@ -320,11 +330,12 @@ def check_network_shapes(cfg: TrainConfig, desc: DataDescription, ckpt_dir: Path
     if not files:
         return  # an incomplete checkpoint: lct.run / lct.checkpoint refuse it
     try:
-        held = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True).get("module") or {}
+        with ckpt.weights_only_loads(cfg.run.trust_checkpoint_code):  # a checkpoint is code (issue 19)
+            held = torch.load(files[0], map_location="cpu", mmap=True).get("module") or {}
     except Exception:
         return  # unreadable: the checkpoint validation refuses it
     with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in build_network(cfg, desc).state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in build_network(cfg, desc, dry_run=True).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in held.items() if hasattr(v, "shape")}
     bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not bad:
@@ -339,12 +350,62 @@ def check_network_shapes(cfg: TrainConfig, desc: DataDescription, ckpt_dir: Path
                     + ". Keep the run's settings, or train the new network in another run.dir")
 
 
-def build_network(cfg: TrainConfig, desc: DataDescription) -> Precond:
-    """TextDiT wrapped in the SPEC 1 parameterisation."""
+def build_network(cfg: TrainConfig, desc: DataDescription, manifest: dict | None = None,
+                  dry_run: bool = False) -> torch.nn.Module:
+    """TextDiT wrapped in the SPEC 1 parameterisation, or (`model.arch: pixart`) the pretrained
+    PixArt transformer wrapped as a SPEC 14 denoiser (random weights on the meta device for
+    `dry_run`)."""
+    if cfg.model.arch == "pixart":
+        return build_pixart_network(cfg, desc, manifest, dry_run)
     net = build_dit(cfg.model, desc.latent_shape, text_dim=desc.text_dim, text_len=desc.text_len,
                     pooled_dim=desc.pooled_dim)
     return Precond(net, sigma_data=cfg.method.sigma_data, sigma_min=cfg.method.sigma_min,
                    time_embed_scale=cfg.method.time_embed_scale)
+
+
+_WARNED: set[str] = set()
+
+
+def pixart_config_for(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, dry_run: bool) -> dict:
+    """model.pretrained's transformer config (no weights read), checked against the data. A dry
+    run without the weights falls back to the architecture of the same name (`PIXART_ARCHS`)."""
+    from lct.models.pixart import PIXART_ARCHS, check_compatible, pixart_config
+
+    try:
+        config = pixart_config(cfg.model.pretrained)
+    except UserError as err:
+        name = cfg.model.pretrained.rstrip("/").split("/")[-1]
+        if not dry_run or name not in PIXART_ARCHS:
+            raise
+        if name not in _WARNED:
+            _WARNED.add(name)
+            print(f"warning: {err}; the dry run uses the {name} architecture", file=sys.stderr)
+        config = dict(PIXART_ARCHS[name])
+    check_compatible(config, desc.latent_shape, desc.text_dim if desc.from_manifest else None)
+    if manifest is not None and not dry_run:
+        read_text_null(Path(manifest_path(cfg)).parent)
+    return config
+
+
+def build_pixart_network(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, dry_run: bool):
+    """`VPDenoiser(PixArtNet(...))` from model.pretrained, the null condition from the data's
+    `text_null.npy` (SPEC 14.5); the transformer blocks compiled with model.compile."""
+    from lct.models.pixart import build_pixart, load_pixart
+
+    config = pixart_config_for(cfg, desc, manifest, dry_run)
+    data_dir = Path(manifest_path(cfg) or ".").parent
+    if manifest is not None and (data_dir / TEXT_NULL).is_file():
+        null = torch.from_numpy(read_text_null(data_dir))
+    else:  # dry run before data prep
+        null = torch.zeros(1, config["caption_channels"])
+    kw = dict(sigma_min=cfg.method.sigma_min, vae_downsample=int(((manifest or {}).get("vae") or {}).get("downsample", 8)))
+    if dry_run:
+        return build_pixart(config, null, **kw)
+    model = load_pixart(cfg.model.pretrained, null, gradient_checkpointing=cfg.model.checkpointing, **kw)
+    if cfg.model.compile:
+        for block in model.net.transformer.transformer_blocks:
+            block.compile()
+    return model
 
 
 def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
@@ -357,8 +418,12 @@ def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
         return 2 if failures else 0
     desc, micro = start.desc, start.micro
     plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": False})})
+    if cfg.model.arch == "pixart" and start.manifest is None:  # before data prep: the sizes the model takes
+        pc = pixart_config_for(cfg, desc, None, dry_run=True)
+        desc = DataDescription((pc["in_channels"], pc["sample_size"], pc["sample_size"]), pc["caption_channels"],
+                               cfg.text.max_length or 120, 0)
     with torch.device("meta"):  # compiled blocks hide their saved tensors; shapes and FLOPs are the same
-        model = build_network(plain, desc)
+        model = build_network(plain, desc, start.manifest, dry_run=True)
     counts = count_parameters(model.net)
     flops = flops_per_step(cfg, desc, model, micro)
     steps, batch = cfg.run.total_steps, cfg.optim.batch_size
@@ -430,8 +495,10 @@ def memory_estimate(cfg: TrainConfig, desc: DataDescription, model, micro: int, 
     out["activations"] = activation_bytes(cfg, desc, model, micro)
     if cfg.model.checkpointing:  # the backward recomputes one block at a time
         with torch.device("meta"):
-            full = build_network(cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpointing": False})}), desc)
-        out["activations"] += activation_bytes(cfg, desc, full, micro) / max(1, full.net.config.depth)
+            full = build_network(cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpointing": False})}),
+                                 desc, start.manifest, dry_run=True)
+        depth = getattr(full.net.config, "depth", None) or getattr(full.net.config, "num_layers", 1)  # DiT or PixArt
+        out["activations"] += activation_bytes(cfg, desc, full, micro) / max(1, depth)
     out["total"] = sum(out.values())
     return out
 
@@ -504,7 +571,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
     if info.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
 
-    model = (network if network is not None else build_network(cfg, start.desc)).to(device)
+    model = (network if network is not None else build_network(cfg, start.desc, start.manifest)).to(device)
     if cfg.model.init_from:
         init_from(model, cfg.model.init_from, cfg.model.init_ema, info)
     universal = needs_universal(start.saved, info)  # another world size: load a universal checkpoint
@@ -537,7 +604,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
                     resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest),
-                    posterior=cfg.data.posterior)
+                    posterior=cfg.data.posterior, **token_ids(start.manifest))
     memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4

@@ -106,6 +106,16 @@ def test_gpu_check_dry_cpu_runs_every_row(tmp_path):
             "consistency / edm step"} <= set(after["ratios"])
     assert (out / "env.txt").read_text().startswith("mode cpu")
 
+@pytest.mark.slow
+def test_pixart_smoke_bench_tiny(tmp_path):
+    """The GPU smoke run's code path (data prep with a T5 tower, PixArt loading, trainer step) at toy size."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "pixart_smoke.py"), "--tiny", "--steps", "2",
+                    "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["images_per_s"] > 0 for r in rows)
+
+
 
 @pytest.mark.slow
 def test_demo_probe_tiny(tmp_path):
