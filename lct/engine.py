@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lct.config import TrainConfig
 from lct.errors import ConfigError
@@ -165,10 +166,13 @@ class FusedRAdam(torch.optim.RAdam):
                 raise ValueError("FusedRAdam: complex parameters are not supported")
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
+            # Under a dispatch mode (FlopCounterMode, profilers) torch.compile cannot run: the same
+            # function eagerly.
+            update = radam_update_ if _get_current_dispatch_mode() is not None else self._update
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
                 t += 1  # a host tensor, as in torch's RAdam: no device sync
                 rect_size, unrect_size = radam_step_sizes(float(t), lr, beta1, beta2)
-                self._update(p, g, m, v, rect_size, unrect_size, beta1, beta2, group["eps"], group["weight_decay"])
+                update(p, g, m, v, rect_size, unrect_size, beta1, beta2, group["eps"], group["weight_decay"])
         return loss
 
 
