@@ -340,7 +340,8 @@ class Monitor:
         m = cfg.method
         mine = list(range(info.rank, len(self.prompts), info.world_size))
         boundary, sample_sigma_min = m.sampling_sigma_mins()
-        if boundary != getattr(model, "sigma_min", boundary):  # sample with the exports' scalings (SPEC 2.4)
+        # Sample with the exports' scalings (SPEC 2.4); a SPEC 14 denoiser (PixArt) keeps its own.
+        if hasattr(model, "sigma_data") and boundary != getattr(model, "sigma_min", boundary):
             model = functools.partial(consistency_function, model.net, sigma_data=model.sigma_data,
                                       sigma_min=boundary, time_embed_scale=model.time_embed_scale)
         written = []

@@ -130,7 +130,7 @@ def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_
     assert st["applied_steps"] == 4 and st["resume_count"] == 1
     rec = stats(run)
     assert [r["step"] for r in rec] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rec)
-    assert [r["stage"] for r in rec] == [0, 1, 2, 3] and rec[-1]["c"] == pytest.approx(2 * np.exp(-1.15 * np.log(20) - 0.85))
+    assert [r["stage"] for r in rec] == [0, 1, 2, 3] and rec[-1]["c"] == pytest.approx(2 * np.exp(-1.15 * np.log(10 * 2 ** (3 - 1)) - 0.85))  # SPEC 4: stage 3 -> n = s0 2^2, c x 2 (14.4)
 
     export = run / "export" / "ema"
     pipe, null = load_pixart_export(export)
