@@ -316,8 +316,8 @@ class Monitor:
         """Grids every sample.every and validation every val.every applied steps; `force` (the
         run's end) does whichever has not been done at this step yet."""
         cfg = self.cfg
-        do_grid = (force and self.done.get("grid") != step) or step % cfg.sample.every == 0
-        do_val = self.val is not None and ((force and self.done.get("val") != step) or step % cfg.val.every == 0)
+        do_grid = (force or step % cfg.sample.every == 0) and self.done.get("grid") != step
+        do_val = self.val is not None and (force or step % cfg.val.every == 0) and self.done.get("val") != step
         if not (do_grid or do_val):
             return
         self.done.update({**({"grid": step} if do_grid else {}), **({"val": step} if do_val else {})})
