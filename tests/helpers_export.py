@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from helpers_data import TINY_TEXT_MODEL, make_tiny_vae
 
 LATENT_SHAPE = (4, 8, 8)
@@ -192,3 +194,14 @@ def reference_images(parts: dict, captions, indices, *, seed: int, steps: int, t
                              sigma_max=parts["sigma_max"], sigma_min=parts["sample_sigma_min"], taus=taus,
                              guidance=guidance, device="cpu")
     return to_uint8(decode(parts["vae"], parts["norm"].denormalize(lat))), lat
+
+
+def module_tiny_export(tmp_path_factory) -> Path:
+    """A tiny export for a test module's fixture: made on one thread, leaving the global RNG as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return make_tiny_export(tmp_path_factory.mktemp("tiny") / "work")
+    finally:
+        torch.set_num_threads(threads)

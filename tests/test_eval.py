@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_cmd
 from helpers_data import make_image_shards
-from helpers_export import IMAGE_SIZE, make_tiny_export
+from helpers_export import IMAGE_SIZE, module_tiny_export
 
 from lct import dist
 from lct.eval import clip_fid  # eval/clip_fid.py, installed as lct.eval.clip_fid
@@ -39,13 +39,7 @@ def one_thread(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return make_tiny_export(tmp_path_factory.mktemp("tiny") / "work")
-    finally:
-        torch.set_num_threads(threads)
+    return module_tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

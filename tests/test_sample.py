@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cmd
-from helpers_export import make_tiny_export
+from helpers_export import module_tiny_export
 
 from lct.errors import UserError
 from lct.sample import grid_title, main
@@ -18,13 +18,7 @@ from lct.scheduler import LCTScheduler
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return make_tiny_export(tmp_path_factory.mktemp("tiny") / "work")
-    finally:
-        torch.set_num_threads(threads)
+    return module_tiny_export(tmp_path_factory)
 
 
 def test_default_k_step_levels_are_the_karras_grid_spec9():
