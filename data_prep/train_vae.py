@@ -52,7 +52,8 @@ kl_weight 1e-4, 1200 steps. Measured on the 2-core AMD EPYC (Zen 3) VM with
     (29.5 dB that day) lose the colour of small shapes (colour 0.90), which caps the demo's samples.
     Those two lines are with the earlier 0.13 small shapes; with today's 0.17 (lct.shapes.SIZES),
     seed 0: 2000 steps 35.9 dB, colour 1.0 / position 1.0; 1200 steps 31.6 dB, colour 0.993
-    (300 held-out images).
+    (300 held-out images). The demo passes `--latent-channels 8` too since 2026-12-02 (8x8x8
+    latents, 38.6 dB): the shape of small shapes survives (bench/RESULTS.md, issue 24).
 
     64 px, --downsample 8 (4x8x8 latents, 48x fewer numbers than pixels), default channels
     16,32,32,32: 23.5 dB after a 90 s time budget (392 steps), 27.6 dB after 1200 steps (277 s).
