@@ -39,12 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Full demo and the CI-sized one. Training steps come from configs/demo_edm.yaml (3600) and
-# configs/demo.yaml (600) unless set here: the full demo takes 13 min on 2 CPU cores (README), the
+# configs/demo.yaml (600) unless set here: the full demo takes 19 min on 2 CPU cores (README), the
 # quick one about 8 min (long enough for colour to be learned well above chance: CI asserts it).
 SIZES = {
     "full": {"train": 8000, "heldout": 500, "vae_steps": 2000, "edm_steps": None, "ct_steps": None,
              "eval_samples": 500},
-    "quick": {"train": 4000, "heldout": 200, "vae_steps": 1200, "edm_steps": 1800, "ct_steps": 300,
+    "quick": {"train": 4000, "heldout": 200, "vae_steps": 1000, "edm_steps": 1000, "ct_steps": 200,
               "eval_samples": 200},
 }
 
