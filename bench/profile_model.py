@@ -36,7 +36,7 @@ from bench.train_step import sync
 from lct.config import load_config
 from lct.data import DataDescription
 from lct.models import dit as D
-from lct.train import build_network
+from lct.models.build import build_network
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def variant(net: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def build(arch: str, tiny: bool, device):
-    """The trainer's network (`lct.train.build_network`: Precond(TextDiT)) at 4x32x32 latents, 77 x 512 text."""
+    """The trainer's network (`lct.models.build.build_network`: Precond(TextDiT)) at 4x32x32 latents, 77 x 512 text."""
     over = [f"model.arch={arch}", "method.preset=ilct"]
     if tiny:
         over += ["model.hidden_size=32", "model.depth=2", "model.num_heads=2"]

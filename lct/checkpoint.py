@@ -196,6 +196,21 @@ def pickle_problem(path: Path, trust: bool = False) -> str | None:
     return None
 
 
+def module_shapes(ckpt_dir: Path, trust: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """{parameter or buffer name: shape} of the network a checkpoint holds (DeepSpeed's model
+    file, memory-mapped, weights-only), without DeepSpeed; None where there is no readable model
+    file (`problems` names what is wrong)."""
+    files = sorted(Path(ckpt_dir).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return None
+    try:
+        with weights_only_loads(trust):
+            held = torch.load(files[0], map_location="cpu", mmap=True).get("module") or {}
+    except Exception:  # noqa: BLE001 - unreadable: the checkpoint checks refuse it
+        return None
+    return {k: tuple(v.shape) for k, v in held.items() if hasattr(v, "shape")}
+
+
 def problems(ckpt_dir: Path, trust: bool = False) -> str | None:
     """None if `ckpt_dir` is a complete checkpoint whose every file is present, of the recorded
     size and readable (lct_state.json parses, EMA header, each pickle's directory and its

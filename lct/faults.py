@@ -4,6 +4,13 @@
     LCT_FAULT_INF_GRAD="4:0"       data step 4 on rank 0: finite loss, infinite gradient
     LCT_FAULT_EXIT_AFTER_SAVE="6"  hard exit (status 137, like SIGKILL) right after the checkpoint
                                    of applied step 6 is complete: a crash between steps
+    LCT_FAULT_ERROR="3:1"          data step 3 on rank 1 raises RuntimeError in the step (a bug, CUDA
+                                   out of memory): the exit path of an unexpected error
+    LCT_FAULT_DISK_FULL="4:0"      the save of applied step 4 on rank 0 raises OSError(ENOSPC) at its
+                                   write, after DeepSpeed's files: a disk that fills during a save
+
+Each fault prints one line `fault: ... (t=<unix time>)` to stderr as it fires (tests bound the
+time from it to the exit).
 
 The trainer calls these at fixed points, so tests exercise the real code paths (DeepSpeed's
 overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
@@ -11,7 +18,10 @@ overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+import time
 
 import torch
 
@@ -38,16 +48,31 @@ class Faults:
     def __init__(self):
         self.nan_loss = _pairs("LCT_FAULT_NAN_LOSS")
         self.inf_grad = _pairs("LCT_FAULT_INF_GRAD")
+        self.error = _pairs("LCT_FAULT_ERROR")
+        self.disk_full = _pairs("LCT_FAULT_DISK_FULL")
         v = os.environ.get("LCT_FAULT_EXIT_AFTER_SAVE")
         self.exit_after_save = int(v) if v else None
 
     def loss(self, loss: torch.Tensor, data_step: int, rank: int) -> torch.Tensor:
+        if (data_step, rank) in self.error:
+            _said(f"RuntimeError at data step {data_step} on rank {rank}")
+            raise RuntimeError(f"injected fault (LCT_FAULT_ERROR) at data step {data_step} on rank {rank}")
         if (data_step, rank) in self.nan_loss:
             return loss * float("nan")
         if (data_step, rank) in self.inf_grad:
             return _InfGrad.apply(loss)
         return loss
 
+    def write(self, applied_step: int, rank: int, path) -> None:
+        """Called before a save's write of `path`: a full disk there (LCT_FAULT_DISK_FULL)."""
+        if (applied_step, rank) in self.disk_full:
+            _said(f"ENOSPC at the save of step {applied_step} on rank {rank}")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
     def after_save(self, applied_step: int) -> None:
         if self.exit_after_save is not None and applied_step == self.exit_after_save:
             os._exit(137)
+
+
+def _said(what: str) -> None:
+    print(f"fault: {what} (t={time.time():.3f})", file=sys.stderr, flush=True)

@@ -27,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.consistency import consistency_function
+from lct.consistency import consistency_function, mean_sq
 from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
 from lct.files import write_atomic
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
 from lct.samplers import consistency_sample
-from lct.text import TextEncoder, text_condition
+from lct.text import load_tower, text_condition
 from lct.tokens import padding_mask
 from lct.vae import LatentNorm, latents_to_images, load_vae
 
@@ -299,9 +299,7 @@ class Monitor:
 
     def text(self):
         if self._text is None:
-            self._text = TextEncoder.from_manifest(self.manifest, device=self.device,
-                                                   model=self.cfg.text.model,
-                                                   pretrained=self.cfg.text.pretrained)
+            self._text = load_tower(self.manifest, self.cfg.text, self.device)
         return self._text
 
     def condition(self, prompts: list[str] | None = None, tokens=None) -> dict:
@@ -389,21 +387,13 @@ class Monitor:
         for chunk in [mine[i:i + 64] for i in range(0, len(mine), 64)]:
             idx = torch.tensor(chunk)
             x = val["x"][idx].to(self.device)
-            z = val["z"][idx].to(self.device)
             cond = self.condition(tokens=val["tokens"][idx]) if "tokens" in val else {}
-            cond["cond_drop"] = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
-            ss = plan.sigma[idx].float().to(self.device)
-            st = plan.sigma_teacher[idx].float().to(self.device)
-            b4 = lambda v: v.view(-1, 1, 1, 1)
-            f_s = model(x + b4(ss) * z, ss, **cond)
-            clean = st <= 0  # the target is x itself (ECT's r = 0, EDM)
-            st_safe = torch.where(clean, ss, st)
-            f_t = torch.where(b4(clean), x, model(x + b4(st_safe) * z, st_safe, **cond))
-            mdist = (f_s - f_t).square().flatten(1).mean(1).double().cpu()
-            recon = (f_s - x).square().flatten(1).mean(1).double().cpu()
+            batch = {"x": x, "z": val["z"][idx].to(self.device), "cond": cond,
+                     "cond_drop": torch.zeros(len(chunk), dtype=torch.bool, device=self.device)}
+            student, target = self.objective.pair(model, batch, plan.rows(idx))  # the pair training uses
             bk = bucket[idx]
-            sums[0].index_add_(0, bk, mdist)
-            sums[1].index_add_(0, bk, recon)
+            sums[0].index_add_(0, bk, mean_sq(student, target).double().cpu())
+            sums[1].index_add_(0, bk, mean_sq(student, x).double().cpu())
             sums[2].index_add_(0, bk, torch.ones(len(chunk), dtype=torch.float64))
         if info.world_size > 1:
             sums = dist.all_reduce(sums.to(self.device), info.world_size).cpu()

@@ -26,7 +26,7 @@ Switches (each on its own, for the iLCT ablations): `distance`, `c` (number or "
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -57,6 +57,11 @@ class Plan:
     weight: torch.Tensor          # [B] per-sample loss weight
     early: torch.Tensor           # [B] bool, iLCT's early set (SPEC 5)
     curriculum: Curriculum
+
+    def rows(self, idx) -> "Plan":
+        """The plan of some of its samples (validation's chunks)."""
+        return replace(self, sigma=self.sigma[idx], sigma_teacher=self.sigma_teacher[idx],
+                       weight=self.weight[idx], early=self.early[idx])
 
 
 @dataclass
@@ -130,6 +135,7 @@ class Objective:
         self.grad_scale = grad_scale
         self.c_first = (C.resolve_c_first(method.c_first, self.latent_shape)
                         if method.objective != "edm" else 0.0)
+        self.distance = C.DISTANCES[method.distance]  # d(student, target, c), SPEC 3
 
     def curriculum(self, step: int) -> Curriculum:
         return Curriculum(step)
@@ -137,9 +143,36 @@ class Objective:
     def plan(self, batch: dict, step: int) -> Plan:
         raise NotImplementedError
 
+    def pair(self, net: Net, batch: dict, plan: Plan, timer=no_timer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, target): f(x + sigma z, sigma) and, under stopgrad, the teacher
+        f(x + sigma_t z, sigma_t) with the same noise direction z, condition and dropout masks
+        (`teacher_pass`), or x itself where sigma_t = 0 (ECT's r = 0, EDM): the network is never
+        called at sigma = 0. Validation calls it too."""
+        x, z, cond = batch["x"], batch["z"], cond_of(batch)
+        sigma, sigma_t = _on(plan.sigma, x), _on(plan.sigma_teacher, x)
+        clean = plan.sigma_teacher <= 0  # on the host: which passes run is known without a sync
+        target = x
+        if not bool(clean.all()):
+            if bool(clean.any()):
+                sigma_t = torch.where(clean.to(x.device), sigma, sigma_t)
+            with timer("teacher_forward"):
+                target = teacher_pass(net, x + _bcast(sigma_t, x) * z, sigma_t, cond)
+                if bool(clean.any()):
+                    target = torch.where(_bcast(clean.to(x.device), x), x, target)
+        with timer("student_forward"):
+            student = net(x + _bcast(sigma, x) * z, sigma, **cond)
+        return student, target
+
     def loss(self, net: Net, batch: dict, plan: Plan, early_global: int = 0,
              timer=no_timer) -> tuple[torch.Tensor, Diagnostics]:
-        raise NotImplementedError
+        """weight * d(student, target) (SPEC 3, 5), plus w * L_diff over the early set (iLCT)."""
+        student, target = self.pair(net, batch, plan, timer)
+        x, sigma = batch["x"], _on(plan.sigma, batch["x"])
+        per_sample = _on(plan.weight, x) * self.distance(student, target, plan.curriculum.c)
+        loss, diffusion = self.with_diffusion(per_sample, student, x, sigma, plan, early_global)
+        return loss, Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
+                                 m=C.mean_sq(student.detach(), target), curriculum=plan.curriculum,
+                                 early_local=int(plan.early.sum()), diffusion=diffusion)
 
     def with_diffusion(self, per_sample: torch.Tensor, student: torch.Tensor, x: torch.Tensor,
                        sigma: torch.Tensor, plan: Plan, early_global: int
@@ -165,12 +198,10 @@ class EDMObjective(Objective):
                     torch.zeros(sigma.shape[0], dtype=torch.bool), Curriculum(step))
 
     def loss(self, net, batch, plan, early_global=0, timer=no_timer):
-        """weight(sigma) * mean((f(x + sigma z, sigma) - x)^2)."""
-        x, z = batch["x"], batch["z"]
-        sigma, weight = _on(plan.sigma, x), _on(plan.weight, x)
-        with timer("student_forward"):
-            f = net(x + _bcast(sigma, x) * z, sigma, **cond_of(batch))
-        per_sample = weight * C.mean_sq(f, x)
+        """weight(sigma) * mean((f(x + sigma z, sigma) - x)^2): the pair's target is x (sigma_t = 0)."""
+        f, x = self.pair(net, batch, plan, timer)
+        sigma = _on(plan.sigma, x)
+        per_sample = _on(plan.weight, x) * C.mean_sq(f, x)
         return per_sample.mean(), Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
                                               curriculum=plan.curriculum)
 
@@ -204,22 +235,6 @@ class ICTObjective(Objective):
         pair = C.pair_index_from_uniform(batch["u"].double().cpu(), probs)
         return Plan(sigmas[pair + 1], sigmas[pair], weights[pair], C.early_set_ict(pair, cur.num_points), cur)
 
-    def loss(self, net, batch, plan, early_global=0, timer=no_timer):
-        """lambda_i d(f(x + sigma_{i+1} z, sigma_{i+1}), stopgrad f(x + sigma_i z, sigma_i)), plus
-        w * L_diff over the early set (iLCT)."""
-        x, z, cond = batch["x"], batch["z"], cond_of(batch)
-        sigma, sigma_teacher, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
-        # Shared noise direction z; shared dropout masks through teacher_pass.
-        with timer("teacher_forward"):
-            target = teacher_pass(net, x + _bcast(sigma_teacher, x) * z, sigma_teacher, cond)
-        with timer("student_forward"):
-            student = net(x + _bcast(sigma, x) * z, sigma, **cond)
-        per_sample = weight * C.distance(self.m.distance, student, target, plan.curriculum.c)
-        loss, diffusion = self.with_diffusion(per_sample, student, x, sigma, plan, early_global)
-        return loss, Diagnostics(sigma=sigma.detach(), loss=per_sample.detach(),
-                                 m=C.mean_sq(student.detach(), target), curriculum=plan.curriculum,
-                                 early_local=int(plan.early.sum()), diffusion=diffusion)
-
 
 class ECTObjective(Objective):
     """ECT (SPEC 2.4): t ~ lognormal, r = mapping(t, stage), target f(x + r z, r) or x at r = 0,
@@ -239,25 +254,6 @@ class ECTObjective(Objective):
         r = C.ect_r(t, cur.stage, self.m.ect_q, self.m.ect_k, self.m.ect_b, self.m.ect_mapping)
         return Plan(t, r, C.ect_weight(t, r, self.m.ect_weight, self.m.sigma_data),
                     C.early_set_ect(t, self.m.diff_sigma_max), cur)
-
-    def loss(self, net, batch, plan, early_global=0, timer=no_timer):
-        """weight(t, r) d(f(x + t z, t), stopgrad f(x + r z, r)), the target x where r = 0, plus
-        w * L_diff over the early set (with iLCT's switches)."""
-        x, z, cond = batch["x"], batch["z"], cond_of(batch)
-        t, r, weight = _on(plan.sigma, x), _on(plan.sigma_teacher, x), _on(plan.weight, x)
-        # Where r = 0 the target is x itself; the network is never called at sigma = 0.
-        clean = plan.sigma_teacher.to(x.device) <= 0
-        r = torch.where(clean, t, r)
-        with timer("teacher_forward"):
-            target = teacher_pass(net, x + _bcast(r, x) * z, r, cond)
-            target = torch.where(_bcast(clean, x), x, target)
-        with timer("student_forward"):
-            student = net(x + _bcast(t, x) * z, t, **cond)
-        per_sample = weight * C.distance(self.m.distance, student, target, plan.curriculum.c)
-        loss, diffusion = self.with_diffusion(per_sample, student, x, t, plan, early_global)
-        return loss, Diagnostics(sigma=t.detach(), loss=per_sample.detach(),
-                                 m=C.mean_sq(student.detach(), target), curriculum=plan.curriculum,
-                                 early_local=int(plan.early.sum()), diffusion=diffusion)
 
 
 OBJECTIVES = {"edm": EDMObjective, "ict": ICTObjective, "ilct": ICTObjective, "ect": ECTObjective}

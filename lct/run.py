@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from lct import checkpoint as ckpt
-from lct import dist
+from lct import dist, models
 from lct.config import TrainConfig, dump_yaml
 from lct.data import manifest_path
 from lct.dist import DistInfo
@@ -40,7 +40,6 @@ from lct.ema import PartitionedEMA
 from lct.errors import UserError
 from lct.export import export_network, load_network_weights
 from lct.files import write_atomic, write_json
-from lct.models import load_state_dict_checked
 from lct.shards import FileLock
 
 
@@ -266,7 +265,7 @@ RUN_FILES = ("checkpoints", "export", "samples", "tensorboard", "stats.jsonl", "
 
 def init_from(model: torch.nn.Module, path: str, ema_name: str | None, info: DistInfo) -> None:
     """Start from another run's EMA (ECT starts from an EDM run: weights and EMAs, SPEC 2.4)."""
-    load_state_dict_checked(model.net, load_network_weights(path, ema_name))
+    models.load_state_dict_checked(model.net, load_network_weights(path, ema_name))
     if info.is_main:
         print(f"initialised the network from {path} (EMA {ema_name or 'sample EMA'})", flush=True)
 
@@ -301,6 +300,7 @@ def save(run: Run, state: TrainState, export_all: bool = False, export: bool = T
         mine = {}
         if not exists:
             run.engine.save_checkpoint(str(run.ckpt_root), tag=tag, save_latest=False)
+            run.faults.write(state.applied_steps, info.rank, ckpt_dir / f"rng_rank{info.rank}.pt")
             torch.save(ckpt.rng_state(), ckpt_dir / f"rng_rank{info.rank}.pt")
             mine = ckpt.rank_files(ckpt_dir, info.rank)
         files = {k: v for part in dist.gather_objects(mine, world) for k, v in part.items()}

@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -56,7 +57,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lct.errors import UserError
-from lct.hf_text import HFTextEncoder
+from lct.hf_text import HFTextEncoder, is_hf_record
 from lct.latents import load_manifest
 from lct.tokens import PROBE, padding_mask  # also lct.text's: the data path and eval import them from here
 from lct.files import file_sha256, temp_path, write_json
@@ -406,15 +407,15 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_manifest(cls, manifest: dict | str | os.PathLike, device: str | torch.device = "cpu",
-                      model: str | None = None, pretrained: str | None = None) -> "TextEncoder":
-        """The tower a latent data set was made with (manifest "text" record). `model` and
-        `pretrained` override the recorded ones (e.g. a local copy of the weights). A record of
-        another `kind` (t5, clip) gives that tower (`lct.hf_text.HFTextEncoder`, same interface)."""
-        if not isinstance(manifest, dict):
-            manifest = load_manifest(manifest)
+                      model: str | None = None, pretrained: str | None = None):
+        """`load_tower(manifest, ...)` with `model` / `pretrained` overriding the recorded ones."""
+        return load_tower(manifest, SimpleNamespace(model=model, pretrained=pretrained, dtype=None), device)
+
+    @classmethod
+    def from_record(cls, manifest: dict, device: str | torch.device = "cpu", model: str | None = None,
+                    pretrained: str | None = None) -> "TextEncoder":
+        """The open_clip tower of a manifest's "text" record (`load_tower` checks its tokenizer)."""
         t = manifest.get("text") or {}
-        if t.get("kind", "open_clip") != "open_clip":  # a transformers tower (T5, CLIP): lct/hf_text.py
-            return HFTextEncoder.from_manifest(manifest, device, model=model, pretrained=pretrained)
         if not t.get("model") and not model:
             raise UserError("the data's manifest records no text model; set text.model and text.pretrained")
         name = model or t["model"]
@@ -489,6 +490,30 @@ class TextEncoder(nn.Module):
             if manifest_dir is not None:
                 rec["pretrained_relative"] = os.path.relpath(self.tower_file, Path(manifest_dir).resolve())
         return rec
+
+
+def load_tower(manifest: dict | str | os.PathLike, text_cfg: Any = None, device: str | torch.device = "cpu"
+               ) -> "TextEncoder | HFTextEncoder":
+    """The frozen text tower a latent data set was made with (its manifest's "text" record): an
+    open_clip `TextEncoder`, or by the record's `kind` (t5, clip) a transformers `HFTextEncoder`
+    with the same interface. `text_cfg` (lct.config.TextConfig, or anything with `model`,
+    `pretrained` and `dtype`) overrides the recorded source (a local copy of the weights) and the
+    compute dtype. The tower's tokenizer must give the identity the shards were tokenised with.
+    The one loader of a data set's tower: trainer, monitor, exports and samplers come here."""
+    if not isinstance(manifest, dict):
+        manifest = load_manifest(manifest)
+    model, pretrained, dtype = (getattr(text_cfg, k, None) for k in ("model", "pretrained", "dtype"))
+    t = manifest.get("text") or {}
+    if is_hf_record(t):
+        enc = HFTextEncoder.from_manifest(manifest, device, model=model, pretrained=pretrained, dtype=dtype)
+    else:
+        enc = TextEncoder.from_record(manifest, device, model=model, pretrained=pretrained)
+    want = t.get("tokenizer")
+    if want and enc.identity() != want:
+        raise UserError("the text tower's tokenizer differs from the one the shards were tokenised with: "
+                        f"{enc.identity()} vs manifest {want}; set text.model and text.pretrained: null to use "
+                        "the data's tower")
+    return enc
 
 
 def _locate_tower(t: dict, manifest: dict) -> str:

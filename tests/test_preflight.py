@@ -132,7 +132,7 @@ def test_start_loads_the_text_tower_and_vae_before_deepspeed(tmp_path, latent_da
     """preflight hands build the models it checked: the text tower (the manifest's tokenizer) and
     the data's VAE, on the CPU."""
     from lct.dist import DistInfo
-    from lct.train import preflight
+    from lct.preflight import preflight
 
     cfg = load_config(tiny_train_config(tmp_path, latent_data))
     start = preflight(cfg, DistInfo())

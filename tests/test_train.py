@@ -432,7 +432,7 @@ def test_init_from_copies_the_ema_into_weights_and_emas(tmp_path, latent_data):
     from lct.export import export_network
     from lct.latents import load_manifest
     from lct.run import init_from
-    from lct.train import build_network
+    from lct.models.build import build_network
 
     cfg = load_config(tiny_train_config(tmp_path, latent_data))
     manifest = load_manifest(latent_data["train"])
@@ -456,13 +456,14 @@ def test_init_from_copies_the_ema_into_weights_and_emas(tmp_path, latent_data):
 def test_trainer_refuses_a_different_tokenizer(tmp_path, latent_data):
     from lct.errors import UserError
     from lct.latents import load_manifest
-    from lct.train import check_text_compatibility, make_text_encoder
+    from lct.preflight import check_text_compatibility
+    from lct.text import load_tower
 
     cfg = load_config(tiny_train_config(tmp_path, latent_data))
     manifest = load_manifest(latent_data["train"])
     manifest["text"]["tokenizer"] = dict(manifest["text"]["tokenizer"], probe_sha256="0" * 64)
     with pytest.raises(UserError, match="tokenizer differs"):
-        make_text_encoder(cfg, manifest, torch.device("cpu"))
+        load_tower(manifest, cfg.text, torch.device("cpu"))
     cfg2 = load_config(tiny_train_config(tmp_path, latent_data), ["text.model=ViT-B-32"])
     with pytest.raises(UserError, match="text.model='ViT-B-32' differs"):
         check_text_compatibility(cfg2, load_manifest(latent_data["train"]))
