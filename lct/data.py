@@ -415,11 +415,25 @@ class TrainLoader(DataLoader):
     """The DataLoader of `make_loader`: a `UserError` raised in a worker (e.g. no usable sample)
     reaches the trainer as that one-line `UserError`, not as a worker traceback."""
 
-    def __iter__(self):
-        for batch in super().__iter__():
-            if "error" in batch:
-                raise UserError(batch["error"])
-            yield batch
+    def __iter__(self) -> "CheckedBatches":
+        return CheckedBatches(super().__iter__())
+
+
+class CheckedBatches:
+    """The batches of a `TrainLoader`; `.source` is torch's iterator, which owns the worker
+    processes (`lct.stop.end_workers` ends them)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __iter__(self) -> "CheckedBatches":
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.source)
+        if "error" in batch:
+            raise UserError(batch["error"])
+        return batch
 
 
 def make_loader(spec: DataSpec, start_data_step: int, num_data_steps: int, num_workers: int,

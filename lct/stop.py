@@ -211,6 +211,7 @@ def end_workers(batches, seconds: float = 5.0) -> None:
     """End a DataLoader iterator's workers: asked to stop (torch's own end-of-iteration message),
     then, after `seconds`, SIGKILLed (a worker ignores SIGTERM and may be blocked in a read).
     Uses the multiprocessing iterator's fields; a single-process iterator has nothing to end."""
+    batches = getattr(batches, "source", batches)  # lct.data.CheckedBatches: torch's iterator inside
     workers = list(getattr(batches, "_workers", None) or [])
     if not workers or getattr(batches, "_shutdown", True):
         return
