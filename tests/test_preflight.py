@@ -311,3 +311,33 @@ def test_an_unreachable_hub_fails_fast_in_offline_mode(monkeypatch, capsys):
     assert time.time() - t0 < 20
     assert hc.HF_HUB_OFFLINE is True and hub.is_offline()
     assert capsys.readouterr().err.count("cannot be reached: offline mode (HF_HUB_OFFLINE=1)") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# data.shards against the manifest, before DeepSpeed (issue 31 item 8)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_shards_are_checked_against_the_manifest_before_deepspeed(tmp_path, latent_data, capsys, damage):
+    """A latent shard cut short (same name, fewer bytes) or gone from data.shards' folder: the dry
+    run reports it as a start failure, and a start refuses it in one line before the process group
+    and the engine (it used to pass the dry run and fail only after DeepSpeed had started)."""
+    data = tmp_path / "latents"
+    shutil.copytree(latent_data["train"], data)
+    shard = sorted(data.glob("*.tar"))[1]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-1024])
+        needles = [f"data.shards: shard {shard} has", "truncated or replaced"]
+    else:
+        shard.unlink()
+        needles = ["data.shards: 1 of the 2 shards listed in", shard.name]
+    cfg = tiny_train_config(tmp_path, latent_data, data={"shards": str(data)})
+    code, out, err = dry(capsys, cfg)
+    fails = [l for l in err.splitlines() if l.startswith("would fail at start: ")]
+    assert code == 2 and len(fails) == 1, err[-3000:]
+    for n in needles:
+        assert n in fails[0], (n, fails[0])
+    code, out, err = cli(capsys, train_main, ["--config", str(cfg)])
+    one_line_error(err, *needles)
+    assert code == 2 and not (tmp_path / "run" / "deepspeed.json").exists()
