@@ -36,7 +36,8 @@ import torch
 from bench.train_step import Stepper, fixed_batches, free_memory, time_steps
 from lct.config import load_config
 from lct.dist import DistInfo
-from lct.train import build, preflight
+from lct.preflight import preflight
+from lct.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "ect_pixart_sigma_512.yaml"

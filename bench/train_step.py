@@ -44,10 +44,12 @@ import torch
 
 from lct.config import load_config
 from lct.dist import DistInfo
-from lct.models import Precond, build_dit
+from lct.models import build_pixart
+from lct.models.build import build_network
 from lct.monitor import LossMeter
+from lct.preflight import preflight
 from lct.timing import PhaseTimer, no_timer
-from lct.train import build, preflight, train_step
+from lct.train import build, train_step
 
 VARIANT_NAMES = ["pixart_block", "pixart_block_compiled", "edm_objective", "ot_off", "diffusion_term_off",
                  "text_on_the_fly", "real_data_loader"]
@@ -99,21 +101,20 @@ def make_latent_data(root: Path, n: int, resolution: int, tiny: bool, device: st
 # ----------------------------------------------------------------------------------------------
 
 
-class PixArtNet(torch.nn.Module):
-    """diffusers' PixArt-alpha transformer as F(x_in, e, **cond) (same call as TextDiT)."""
-
-    def __init__(self, hidden: int, depth: int, heads: int, text_dim: int, latent_shape, patch: int):
-        super().__init__()
-        from diffusers import PixArtTransformer2DModel
-
-        self.net = PixArtTransformer2DModel(
-            num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=latent_shape[0],
-            out_channels=latent_shape[0], num_layers=depth, cross_attention_dim=hidden, caption_channels=text_dim,
-            sample_size=latent_shape[1], patch_size=patch, use_additional_conditions=False)
-
-    def forward(self, x, e, text_states=None, text_mask=None, pooled=None, cond_drop=None, **_):
-        return self.net(x, encoder_hidden_states=text_states, timestep=e, encoder_attention_mask=text_mask,
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+def pixart_like(cfg, desc) -> torch.nn.Module:
+    """lct's PixArt network (`lct.models.build_pixart`: diffusers' PixArt-alpha transformer behind
+    the SPEC 14 wrapper) at the width, depth, heads and patch of the DiT `cfg` builds, random weights."""
+    c = build_network(cfg, desc, meta=True).net.config
+    latent = desc.latent_shape
+    network = build_pixart(dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
+                                in_channels=latent[0], out_channels=latent[0], num_layers=c.depth,
+                                cross_attention_dim=c.hidden_size, caption_channels=desc.text_dim,
+                                sample_size=latent[1], patch_size=c.patch_size, use_additional_conditions=False),
+                           sigma_min=cfg.method.sigma_min)
+    if cfg.model.compile:
+        for block in network.net.transformer.transformer_blocks:
+            block.compile()
+    return network
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,18 +159,7 @@ def build_run(overrides: list[str], run_dir: Path, network_kind: str = "dit"):
     cfg = load_config(None, [f"run.dir={run_dir}", "run.resume=never", "run.tensorboard=false", *overrides])
     info = DistInfo.from_env()
     start = preflight(cfg, info, monitor=False)  # no grids: the VAE is not loaded
-    network = None
-    if network_kind == "pixart":
-        desc = start.desc
-        ref = build_dit(cfg.model, desc.latent_shape, desc.text_dim, desc.text_len, desc.pooled_dim)
-        c = ref.config
-        network = Precond(PixArtNet(c.hidden_size, c.depth, c.num_heads, desc.text_dim, desc.latent_shape,
-                                    c.patch_size), cfg.method.sigma_data, cfg.method.sigma_min,
-                          cfg.method.time_embed_scale)
-        if cfg.model.compile:
-            for blk in network.net.net.transformer_blocks:
-                blk.compile()
-        del ref
+    network = pixart_like(cfg, start.desc) if network_kind == "pixart" else None
     run = build(cfg, info, start, network=network, monitor=False)
     assert run is not None
     return run

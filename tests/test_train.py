@@ -479,7 +479,8 @@ import torch
 from lct import dist
 from lct.config import load_config
 from lct.dist import DistInfo
-from lct.train import build, preflight, train_step
+from lct.preflight import preflight
+from lct.train import build, train_step
 
 calls = []
 for name in ("all_reduce", "all_reduce_values", "gather_objects", "gather_rows", "barrier"):
