@@ -270,7 +270,7 @@ def _text_component(manifest: dict):
     the manifest's text record: loaded when the pipeline is). open_clip towers take the form of
     `text_component`; transformers towers (T5, CLIP: `lct.hf_text`) are copied as they are."""
     from lct.hf_text import is_hf_record
-    from lct.text import TextEncoder, is_random
+    from lct.text import is_random, load_tower
 
     rec = manifest.get("text") or {}
     if not rec:
@@ -283,7 +283,7 @@ def _text_component(manifest: dict):
         stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
 
         def build_hf():
-            enc = TextEncoder.from_manifest(base)
+            enc = load_tower(base)
             return enc.model, enc.hf_tokenizer
 
         enc, tok = _cached("text", stamp, build_hf)
@@ -298,7 +298,7 @@ def _text_component(manifest: dict):
     if local is None or _size(local) > CARRY_MAX_BYTES:
         return None, None, _jsonable(rec)
     stamp = (str(local), local.stat().st_size, local.stat().st_mtime_ns)
-    enc, tok = _cached("text", stamp, lambda: text_component(TextEncoder.from_manifest(base)))
+    enc, tok = _cached("text", stamp, lambda: text_component(load_tower(base)))
     return enc, tok, None
 
 

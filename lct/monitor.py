@@ -226,7 +226,7 @@ class Monitor:
     """Sample grids and validation from the sample EMA (collective: every rank calls it)."""
 
     def __init__(self, cfg, info, engine, ema, manifest, desc, device, text=None, vae=None):
-        """`text` and `vae`: the models `lct.train.preflight` loaded and checked (else loaded here
+        """`text` and `vae`: the models `lct.preflight.preflight` loaded and checked (else loaded here
         at first use)."""
         self.cfg, self.info, self.engine, self.ema = cfg, info, engine, ema
         self.manifest, self.desc, self.device = manifest, desc, device
