@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before training started; nothing to save", file=sys.stderr, flush=True)
         return EXIT_SIGINT
     finally:
+        PEERS.stop()
         lock.release()
-    PEERS.stop()
     dist.close()  # only after a run every rank finished (errors and signals exit on their own path)
     return rc
 
