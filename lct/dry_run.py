@@ -14,12 +14,12 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lct import models
 from lct.config import TrainConfig, dump_yaml
 from lct.data import DataDescription
 from lct.dist import DistInfo
 from lct.engine import deepspeed_config
 from lct.errors import UserError
-from lct import models
 from lct.models.build import build_network, planned_data
 from lct.preflight import Start, preflight
 
