@@ -35,6 +35,16 @@ def test_import_lct_is_light():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_import_trainer_defers_diffusers_and_transformers():
+    """`import lct.train` (its --help, config refusals) loads no diffusers or transformers: they come
+    with the first network or text tower (lct.models loads its names on first use)."""
+    code = ("import sys, lct.train, lct.models; from lct.models import Precond; "
+            "heavy = [m for m in ('diffusers', 'transformers', 'open_clip', 'deepspeed') if m in sys.modules]; "
+            "print(heavy); from lct.models import TextDiT; sys.exit(1 if heavy or 'diffusers' not in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in
                  [*(ROOT / "data_prep").glob("*.py"), *(ROOT / "eval").glob("*.py"), ROOT / "lct" / "train.py"]
                  if p.name != "__init__.py")
