@@ -137,7 +137,7 @@ class FlowDenoiser(nn.Module):
 
 
 def _fp32_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    return output.float()
+    return output.float() if output.dtype in (torch.bfloat16, torch.float16) else output  # float64 stays
 
 
 def _fp32_entry(module: nn.Module) -> None:
@@ -199,12 +199,13 @@ def with_null(states: torch.Tensor, mask: torch.Tensor, cond_drop: torch.Tensor 
             torch.where(drop[:, None], null_mask[None], mask))
 
 
-def _checked_states(text_states, width: int, what: str) -> torch.Tensor:
+def _checked_states(text_states, width: int, what: str, like: torch.Tensor) -> torch.Tensor:
+    """fp32 text states (float64 when the input `like` is: a float64 network)."""
     if text_states is None:
         raise ValueError(f"{what} needs text_states [B, L, {width}] (cond_drop selects the null condition)")
     if text_states.shape[-1] != width:
         raise ValueError(f"text_states have width {text_states.shape[-1]}; this {what} transformer expects {width}")
-    return text_states.float()
+    return text_states.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 class SanaNet(nn.Module):
@@ -233,7 +234,7 @@ class SanaNet(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 cond_drop: torch.Tensor | None = None) -> torch.Tensor:
-        states = _checked_states(text_states, self.config.caption_channels, "Sana")
+        states = _checked_states(text_states, self.config.caption_channels, "Sana", x)
         b, length, _ = states.shape
         mask = (torch.ones(b, length, dtype=torch.bool, device=states.device) if text_mask is None
                 else text_mask.to(device=states.device, dtype=torch.bool))
@@ -273,7 +274,7 @@ class SD3Net(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 cond_drop: torch.Tensor | None = None) -> torch.Tensor:
-        states = _checked_states(text_states, self.config.joint_attention_dim, "SD3")
+        states = _checked_states(text_states, self.config.joint_attention_dim, "SD3", x)
         b, length, _ = states.shape
         if text_mask is not None and not bool(text_mask.all()):
             raise ValueError("SD3's joint attention attends to every text position (the pipeline runs CLIP and T5 "
@@ -281,7 +282,7 @@ class SD3Net(nn.Module):
         if pooled is None or pooled.shape != (b, self.config.pooled_projection_dim):
             raise ValueError(f"SD3 needs pooled [B, {self.config.pooled_projection_dim}] (CLIP-L and CLIP-G "
                              f"text_embeds), got {None if pooled is None else list(pooled.shape)}")
-        pooled = pooled.float()
+        pooled = pooled.to(states.dtype)
         if cond_drop is not None:
             if length != self.null_text_states.shape[0]:
                 raise ValueError(f"text_states have {length} positions, the null condition {self.null_text_states.shape[0]}"
