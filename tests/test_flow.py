@@ -421,7 +421,9 @@ def test_dc_ae_and_sd3_vae_load_encode_and_normalise(tmp_path):
     cfg = vae_summary(vae, str(kl))["config"]
     norm = LatentNorm.from_manifest({"vae": {"config": cfg}}, "vae")
     raw = torch.tensor([1.0, -2.0]).reshape(1, 2, 1, 1)
-    close(norm.normalize(raw.double()).ravel(), [(1 - 0.0609) * 1.5305, (-2 - 0.0609) * 1.5305])  # SPEC 15.8
+    close(norm.normalize(raw.double()).ravel(), [1.43729255, -3.15420745])  # SPEC 15.8
+    dc_norm = LatentNorm.from_manifest({"vae": vae_summary(load_vae(str(dc)), str(dc))}, "vae")
+    close(dc_norm.normalize(raw.double()).ravel(), [0.41407, -0.82814])
     (tmp_path / "other").mkdir()
     tiny_sana().save_config(str(tmp_path / "other"))
     with pytest.raises(UserError, match="holds a SanaTransformer2DModel"):
