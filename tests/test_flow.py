@@ -652,3 +652,38 @@ def test_export_refuses_sampling_sigma_mins(tmp_path):
     with pytest.raises(UserError, match="method.sample_sigma_min"):
         check_exportable(cfg.method.model_copy(update={"sample_sigma_min": 0.002}))
     assert math.isclose(float(flow_t(torch.tensor(cfg.method.sigma_max))), 1.0)
+
+
+def test_sana_data_prep_gemma_and_dc_ae(towers, tmp_path):
+    """encode_latents with --text-kind gemma and an AutoencoderDC: deterministic latents (std 0),
+    Gemma states trimmed to the caption's last real token (= the tower's, Sana's template), the
+    instruction in the manifest, text_null.npy = the <bos> state."""
+    from helpers_data import make_image_shards
+
+    from lct.data_prep import encode_latents
+    from lct.hf_text import SANA_INSTRUCTION, HFTextEncoder
+    from lct.latents import SampleLayout, check_latent_sample, load_manifest, read_latent_shard
+
+    tiny_dc_ae().save_pretrained(str(tmp_path / "dc"))
+    images = make_image_shards(tmp_path / "img", n_shards=1, per_shard=4, size=(40, 28))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert encode_latents.main(["--input", images, "--output", str(tmp_path / "lat"), "--vae", str(tmp_path / "dc"),
+                                    "--resolution", "32", "--text-kind", "gemma", "--text-model", towers["gemma"],
+                                    "--text-max-length", "20", "--text-states", "--num-workers", "0", "--device", "cpu",
+                                    "--batch-size", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    m = load_manifest(tmp_path / "lat" / "manifest.json")
+    assert (m["text"]["kind"], m["text"]["context_length"], m["vae"]["class"]) == ("gemma", 20, "AutoencoderDC")
+    assert m["text"]["instruction"] == list(SANA_INSTRUCTION) and m["latent_shape"] == [4, 8, 8]
+    enc = HFTextEncoder.from_manifest(m)
+    np.testing.assert_array_equal(np.load(tmp_path / "lat" / "text_null.npy"), enc.null_condition().numpy())
+    layout = SampleLayout.from_manifest(m)
+    for s in read_latent_shard(str(tmp_path / "lat" / "00000.tar")):
+        assert check_latent_sample(s, layout) is None and float(np.abs(s["std"]).max()) == 0.0
+        n = int((s["tokens"][0] != 0).sum())
+        ref = enc(torch.from_numpy(s["tokens"]).long())[0][0, :n]
+        assert s["states"].shape == (1, n, GEMMA_DIM)
+        np.testing.assert_allclose(s["states"][0].astype(np.float32), ref.numpy(), rtol=2e-3, atol=2e-3)
