@@ -148,8 +148,10 @@ class MethodConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: str = Field("DiT-B/2", description="DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 (or /4), or pixart (SPEC 14)")
-    pretrained: str | None = Field(None, description="arch pixart: PixArt pipeline or transformer folder, or hub id")
+    arch: str = Field("DiT-B/2", description="DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 (or /4), pixart (SPEC 14), "
+                      "or the flow models sana, sd3 (SPEC 15)")
+    pretrained: str | None = Field(None, description="arch pixart / sana / sd3: the pipeline or transformer folder, "
+                                   "or hub id")
     hidden_size: int | None = Field(None, ge=8, description="override the preset width (tests, demo)")
     depth: int | None = Field(None, ge=1)
     num_heads: int | None = Field(None, ge=1)
@@ -187,13 +189,15 @@ class DataConfig(Strict):
 
 
 class TextConfig(Strict):
-    kind: Literal["open_clip", "t5", "clip"] | None = Field(None, description="text tower kind; default: the manifest's")
+    kind: Literal["open_clip", "t5", "clip", "gemma", "sd3"] | None = Field(
+        None, description="text tower kind (gemma: Sana's Gemma-2 with its prompt template; sd3: SD3's CLIP-L + "
+                          "CLIP-G + T5-XXL, SPEC 15.3); default: the manifest's")
     model: str | None = Field(None, description="open_clip model name, or a transformers folder / hub id (t5, clip); "
                               "default: the manifest's")
     pretrained: str | None = Field(None, description="open_clip tag or local path; default: the manifest's")
     tokenizer: str | None = Field(None, description="t5/clip: tokenizer folder or hub id; default: beside text.model")
-    max_length: int | None = Field(None, ge=1, description="t5/clip token length (PixArt-alpha 120, PixArt-Sigma 300); "
-                                   "must equal the data's")
+    max_length: int | None = Field(None, ge=1, description="t5/clip/gemma token length (PixArt-alpha 120, PixArt-Sigma "
+                                   "300, Sana 300), sd3: the T5 length; must equal the data's")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="t5/clip compute dtype (on_the_fly); "
                                                           "default: the manifest's")
 
@@ -296,8 +300,9 @@ class EncodeLatentsConfig(Strict):
     output: str = Field(..., description="output directory (latent shards + manifest.json)")
     vae: str = Field("stabilityai/sd-vae-ft-ema", description="AutoencoderKL hub id or local save_pretrained dir")
     resolution: int = Field(256, ge=8, description="center-crop on the long edge, then resize to this")
-    text_kind: Literal["open_clip", "t5", "clip"] = Field("open_clip", description="text tower: open_clip, or a "
-                                                          "transformers T5 encoder / CLIP text model (SPEC 14.3)")
+    text_kind: Literal["open_clip", "t5", "clip", "gemma", "sd3"] = Field(
+        "open_clip", description="text tower: open_clip, or a transformers T5 encoder / CLIP text model (SPEC 14.3), "
+                                 "gemma (Sana), sd3 (an SD3 pipeline's three towers) (SPEC 15.3)")
     text_model: str = Field("ViT-B-32", description="open_clip model name, or (t5, clip) a transformers folder or hub id "
                             "(a pipeline's text_encoder/ is found)")
     text_tokenizer: str | None = Field(None, description="t5/clip: tokenizer folder or hub id; default: beside --text-model")
@@ -593,12 +598,46 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
         fail("method.sigma_data", "latent_norm vae latents have sigma_data 1 (SPEC 14.4); set method.sigma_data=1 "
              "and the noise levels that go with it")
     refuse_pixart(cfg, fail)
+    refuse_flow(cfg, fail)
+
+
+FLOW_TEXT_KINDS = {"sana": "gemma", "sd3": "sd3"}
+
+
+def refuse_flow(cfg: TrainConfig, fail) -> None:
+    """What a pretrained flow model (SPEC 15: Sana, SD3) cannot train with."""
+    mc, m = cfg.model, cfg.method
+    if mc.arch not in FLOW_TEXT_KINDS:
+        return
+    name = {"sana": "Sana", "sd3": "Stable Diffusion 3"}[mc.arch]
+    if not mc.pretrained:
+        fail("model.pretrained", f"model.arch={mc.arch} needs model.pretrained: a {name} pipeline or transformer folder, "
+             "or a hub id such as " + ("Efficient-Large-Model/Sana_600M_512px_diffusers" if mc.arch == "sana"
+                                       else "stabilityai/stable-diffusion-3.5-medium"))
+    if mc.nsln != "none":
+        fail("model.nsln", f"{name}'s attention keeps its own q/k norm; NsLN is not swapped in: set model.nsln=none")
+    if mc.dropout:
+        fail("model.dropout", f"the {name} transformer has no lct dropout; set model.dropout=0")
+    if mc.cond != "text":
+        fail("model.cond", f"{name} is text-conditioned; set model.cond=text")
+    if mc.init_from:
+        fail("model.init_from", f"a {mc.arch} network starts from model.pretrained (resume a run with run.resume)")
+    if cfg.data.latent_norm != "vae":
+        fail("data.latent_norm", f"{name} was trained on its VAE's scaled latents (SPEC 15.4); set data.latent_norm=vae")
+    if cfg.text.kind not in (None, FLOW_TEXT_KINDS[mc.arch]):
+        fail("text.kind", f"{name} reads text kind {FLOW_TEXT_KINDS[mc.arch]}; set text.kind={FLOW_TEXT_KINDS[mc.arch]}")
+    for key, value in zip(("method.sample_boundary_sigma_min", "method.sample_sigma_min"), m.sampling_sigma_mins()):
+        if value:
+            fail(key, f"a {mc.arch} model samples with its stock pipeline, whose Euler step is the sigma_min-0 "
+                 f"consistency function (SPEC 15.7); set {key}=0")
 
 
 def refuse_pixart(cfg: TrainConfig, fail) -> None:
     """What a pretrained PixArt network (SPEC 14) cannot train with."""
     mc = cfg.model
     if mc.arch != "pixart":
+        if mc.arch in FLOW_TEXT_KINDS:
+            return
         if mc.pretrained:
             fail("model.pretrained", "model.pretrained is for model.arch=pixart")
         return

@@ -1,5 +1,6 @@
-"""The diffusers `AutoencoderKL`: loading, posterior encoding, decoding, latent normalisation
-(SPEC 7) and the image preprocessing shared by data prep and eval.
+"""The diffusers autoencoders (`AutoencoderKL`; Sana's `AutoencoderDC`): loading, posterior
+encoding, decoding, latent normalisation (SPEC 7) and the image preprocessing shared by data prep
+and eval.
 
 Image preprocessing (`preprocess_image`), the one definition used by `encode_latents` and eval:
 1. decode with PIL and convert to 8-bit RGB (`to_rgb`: high-bit grayscale, PIL modes `I;16*`
@@ -39,7 +40,11 @@ from lct.errors import UserError
 from lct.latents import latent_stats, load_manifest
 
 _VAE_HINT = ("set --vae (vae.id in a config) to a local folder written by AutoencoderKL.save_pretrained "
-             "(e.g. a download of stabilityai/sd-vae-ft-ema) or to a full pipeline folder with a vae/ subfolder")
+             "(e.g. a download of stabilityai/sd-vae-ft-ema; AutoencoderDC for Sana) or to a full pipeline folder "
+             "with a vae/ subfolder")
+# The diffusers autoencoders lct encodes with, by config `_class_name`: the KL VAEs (SD, SDXL, SD3's
+# 16-channel VAE with shift_factor) and Sana's deterministic deep-compression autoencoder (DC-AE).
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -49,9 +54,9 @@ def _short(err: BaseException) -> str:
 
 
 def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A frozen `AutoencoderKL` in eval mode from a hub id or a local `save_pretrained` folder
-    (or a pipeline folder with a `vae/` subfolder). Missing or unreachable weights raise a
-    `UserError` naming `--vae` / `vae.id`."""
+    """A frozen `AutoencoderKL` or `AutoencoderDC` (by its config's class name) in eval mode from a
+    hub id or a local `save_pretrained` folder (or a pipeline folder with a `vae/` subfolder).
+    Missing or unreachable weights raise a `UserError` naming `--vae` / `vae.id`."""
     kwargs: dict[str, Any] = check_vae_source(id_or_path)  # before the (slow) diffusers import
     s = str(id_or_path)
     path = Path(s).expanduser()
@@ -59,20 +64,27 @@ def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.d
         from lct.hub import resolve_pretrained
 
         src = resolve_pretrained(s, key="--vae (vae.id)", subfolders=("", "vae"), what="VAE")
-    from diffusers import AutoencoderKL
+    import diffusers
 
-    if path.exists():
-        try:
-            vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
-        except Exception as err:  # incomplete folder, wrong class, unreadable weights
-            raise UserError(f"--vae {s}: could not load an AutoencoderKL ({_short(err)}); {_VAE_HINT}") from None
-    else:
-        try:
-            vae = AutoencoderKL.from_pretrained(src.name, torch_dtype=dtype, low_cpu_mem_usage=False, **src.kwargs)
-        except Exception as err:  # a partial download, no weights in the repository
-            raise UserError(f"--vae {s}: could not load the AutoencoderKL from the hub or its cache "
-                            f"({_short(err)}); without network access {_VAE_HINT}") from None
+    name, kw = (str(path), kwargs) if path.exists() else (src.name, src.kwargs)
+    try:
+        cls_name = diffusers.AutoencoderKL.load_config(name, **kw).get("_class_name") or "AutoencoderKL"
+    except Exception as err:
+        raise UserError(f"--vae {s}: unreadable VAE config ({_short(err)}); {_VAE_HINT}") from None
+    if cls_name not in VAE_CLASSES:
+        raise UserError(f"--vae {s}: holds a {cls_name}, not one of {', '.join(VAE_CLASSES)}; {_VAE_HINT}")
+    cls = getattr(diffusers, cls_name)
+    try:
+        vae = cls.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
+    except Exception as err:  # incomplete folder, unreadable weights, a partial download
+        where = "" if path.exists() else " from the hub or its cache"
+        raise UserError(f"--vae {s}: could not load the {cls_name}{where} ({_short(err)}); {_VAE_HINT}") from None
     return vae.to(device=device).eval().requires_grad_(False)
+
+
+def is_deterministic(vae) -> bool:
+    """Whether the autoencoder encodes to one latent (AutoencoderDC) rather than a posterior."""
+    return type(vae).__name__ == "AutoencoderDC"
 
 
 def check_vae_source(id_or_path: str) -> dict:
@@ -100,7 +112,9 @@ def vae_source(id_or_path: str) -> str:
 
 
 def downsample_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg = vae.config
+    levels = cfg.encoder_block_out_channels if is_deterministic(vae) else cfg.block_out_channels
+    return 2 ** (len(levels) - 1)
 
 
 def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
@@ -113,7 +127,8 @@ def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
 def vae_summary(vae, id_or_path: str) -> dict:
     """The manifest's "vae" record: id, class and the config values that shape the latents."""
     cfg = dict(vae.config)
-    keep = ("latent_channels", "block_out_channels", "down_block_types", "layers_per_block", "sample_size",
+    keep = ("latent_channels", "block_out_channels", "encoder_block_out_channels", "down_block_types",
+            "layers_per_block", "sample_size",
             "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv")
     summary = {k: cfg.get(k) for k in keep if k in cfg}
     full = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
@@ -125,9 +140,13 @@ def vae_summary(vae, id_or_path: str) -> dict:
 @torch.no_grad()
 def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) in fp32 of images [B,3,H,W] in [-1, 1] (`latent_dist.mean/std`),
-    computed in the VAE's own dtype on its device."""
+    computed in the VAE's own dtype on its device. A deterministic AutoencoderDC gives its latent
+    and std 0 (sampling `mean + std * eps` is then the latent itself, as Sana trains on it)."""
     p = next(vae.parameters())
-    dist = vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
+    out = vae.encode(images.to(device=p.device, dtype=p.dtype))
+    if is_deterministic(vae):
+        return out.latent.float(), torch.zeros_like(out.latent, dtype=torch.float32)
+    dist = out.latent_dist
     return dist.mean.float(), dist.std.float()
 
 

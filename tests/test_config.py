@@ -135,7 +135,14 @@ def test_train_start_with_missing_data_exits_2(tmp_path):
     assert proc.returncode == 2 and "data.shards" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+# Issue 34 phase 2 wires model.arch sana / sd3 into the trainer; until then their dry runs stop at the
+# unknown arch (strict: this marker must go when they pass).
+FLOW_PENDING = pytest.mark.xfail(reason="model.arch sana/sd3 not yet wired into lct/train.py (issue 34 phase 2)",
+                                 strict=True)
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=FLOW_PENDING) if "_sana_" in c or "_sd35_" in c else c
+                                    for c in CONFIGS])
 def test_dry_run_every_shipped_config(config):
     """Data paths are missing here: --dry-run names each problem a start would meet and exits 2
     (0 where nothing is missing), printing the sizes either way."""

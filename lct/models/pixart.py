@@ -35,10 +35,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lct.errors import ConfigError, UserError
 from lct.models.dit import FP32Linear
+from lct.models.flow import with_null
 from lct.models.vp import VPDenoiser, alphas_cumprod_from_config
 
 # The schedule PixArt-alpha and PixArt-Sigma were trained with (IDDPM "linear": betas 1e-4..0.02,
@@ -111,16 +111,7 @@ class PixArtNet(nn.Module):
         states = text_states.float()
         mask = (torch.ones(b, length, dtype=torch.bool, device=states.device) if text_mask is None
                 else text_mask.to(device=states.device, dtype=torch.bool))
-        if cond_drop is not None:
-            drop = cond_drop.to(device=states.device, dtype=torch.bool)
-            null_len = self.null_text_states.shape[0]
-            if length < null_len:
-                raise ValueError(f"text_states have {length} tokens, fewer than the null condition's {null_len}")
-            null = F.pad(self.null_text_states, (0, 0, 0, length - null_len))
-            null_mask = torch.arange(length, device=states.device) < null_len
-            states = torch.where(drop[:, None, None], null[None].to(states.dtype), states)
-            mask = torch.where(drop[:, None], null_mask[None], mask)
-        return states, mask
+        return with_null(states, mask, cond_drop, self.null_text_states)
 
     def _micro_conditions(self, x, resolution, aspect_ratio) -> dict:
         if not self.transformer.use_additional_conditions:
