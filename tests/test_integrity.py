@@ -106,3 +106,95 @@ def test_resume_never_moves_eval_with_the_rest_of_the_old_run(tmp_path):
     (prev,) = list((run / "previous").iterdir())
     assert (prev / "eval/ckpt6/results.json").is_file() and (prev / "checkpoints").is_dir()
     assert not (run / "eval").exists() and not (run / "checkpoints").exists() and (run / "locks").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# optim.fused: no compiled kernel serves another setting; ZeRO-0
+# ---------------------------------------------------------------------------------------------
+
+RADAM_RUN = '''
+import json, sys
+import torch
+from lct.engine import FusedRAdam
+beta2 = float(sys.argv[1])
+g = torch.Generator().manual_seed(1)
+a = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1000, 37)]
+b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+kw = dict(lr=1e-3, betas=(0.9, beta2), eps=1e-8, weight_decay=1e-4)
+ref, fused = torch.optim.RAdam(a, foreach=True, **kw), FusedRAdam(b, **kw)
+gen = torch.Generator().manual_seed(2)
+for k in range(12):  # rectification starts at step 6 (beta2 0.999) / 5 (0.99)
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn(pa.shape, generator=gen)
+        pb.grad = pa.grad.clone()
+    ref.step()
+    fused.step()
+rel = lambda x, y: float((x - y).norm() / x.norm())
+print("RESULT " + json.dumps({"weights": max(rel(x.detach(), y.detach()) for x, y in zip(a, b)),
+      "exp_avg_sq": max(rel(ref.state[x]["exp_avg_sq"], fused.state[y]["exp_avg_sq"]) for x, y in zip(a, b))}))
+'''
+
+
+@pytest.mark.slow
+def test_fused_radam_kernels_hold_no_hyperparameter_across_runs_on_one_cache(tmp_path):
+    """The probe's reproduction (~35 s: two CPU compiles): a beta2 = 0.99 run, then a 0.999 run,
+    each a fresh process on one inductor cache folder; each equals torch's RAdam with its own beta2
+    (the kernel compiled with 0.99 baked in gave a second moment 10x too large)."""
+    script = tmp_path / "radam_run.py"
+    script.write_text(RADAM_RUN)
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    for beta2 in ("0.99", "0.999", "0.99"):
+        proc = run_cmd([sys.executable, str(script), beta2], env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        assert res["exp_avg_sq"] < 1e-6 and res["weights"] < 1e-6, (beta2, res)
+
+
+ZERO0_PROBE = '''
+import json, sys
+import torch
+from lct.config import load_config
+from lct.dist import DistInfo
+from lct.train import build, preflight, train_step
+
+def make(*overrides):
+    cfg = load_config(sys.argv[1], list(overrides))
+    info = DistInfo.from_env()
+    return build(cfg, info, preflight(cfg, info), monitor=False)
+
+def flat(run):
+    return torch.cat([p.detach().reshape(-1).clone() for p in run.engine.module.parameters()])
+
+def train(run, batches):
+    state = run.state
+    for bs in batches:
+        r = train_step(run, bs, state)
+        assert r.applied
+        state = state.after_step(r.applied, run.cfg.optim.batch_size, 0.0)
+
+ref = make()
+it = iter(ref.loader)
+batches = [[next(it) for _ in range(ref.accum)] for _ in range(8)]
+train(ref, batches)
+fused = make("optim.fused=true")
+train(fused, batches)
+print("RESULT " + json.dumps({"type": type(fused.engine.optimizer).__name__,
+                              "rel": float((flat(fused) - flat(ref)).norm() / flat(ref).norm())}))
+'''
+
+
+@pytest.mark.slow
+def test_fused_radam_under_zero0_equals_torch_radam(tmp_path, latent_data):
+    """`optim.fused` with distributed.zero_stage 0 (DeepSpeed hands the client optimizer the
+    parameters themselves, one kernel each) trains 8 steps (unrectified and rectified) as torch's
+    RAdam does, to fp32 rounding; it crashed at step 1."""
+    from conftest import tiny_train_config
+
+    cfg = tiny_train_config(tmp_path, latent_data, distributed={"zero_stage": 0},
+                            sample={"every": 1000}, val={"every": 1000})
+    script = tmp_path / "probe.py"
+    script.write_text(ZERO0_PROBE)
+    proc = run_cmd([sys.executable, str(script), str(cfg)], env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert res["type"] == "FusedRAdam" and res["rel"] < 1e-6, res
