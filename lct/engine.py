@@ -11,7 +11,10 @@ Library defaults are not neutral, so everything the method depends on is written
   `bf16_trunk` uses DeepSpeed's `torch_autocast` section instead, and the per-sample conditioning
   layers are `FP32Linear`, a class DeepSpeed's autocast does not mark for bf16 communication;
 - fp32 gradient accumulation (`data_types.grad_accum_dtype`) and fp32 gradient reduction
-  (`communication_data_type`) for the reproduction presets.
+  (`communication_data_type`) for the reproduction presets;
+- `zero_optimization.compute_grad_norm: true` (DeepSpeed's default today): with it ZeRO-1/2 skip a
+  step whose all-reduced global gradient norm is not finite, which is how a non-finite loss skips
+  an update (the fp16/bf16 overflow checks are off: lct enables neither).
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     micro, accum = batch_layout(cfg, world_size)
     zero = {"stage": cfg.distributed.zero_stage}
     if cfg.distributed.zero_stage > 0:
+        # compute_grad_norm: ZeRO-1/2 drop a step whose all-reduced global gradient norm is not
+        # finite (fp32 has no overflow check); lct's NaN skip is that check (lct.train.train_step).
         zero.update(reduce_bucket_size=cfg.distributed.allreduce_bucket_size,
                     allgather_bucket_size=cfg.distributed.allreduce_bucket_size,
-                    overlap_comm=False, contiguous_gradients=True)
+                    overlap_comm=False, contiguous_gradients=True, compute_grad_norm=True)
     ds = {
         "train_batch_size": cfg.optim.batch_size,
         "train_micro_batch_size_per_gpu": micro,

@@ -198,3 +198,75 @@ def test_fused_radam_under_zero0_equals_torch_radam(tmp_path, latent_data):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert res["type"] == "FusedRAdam" and res["rel"] < 1e-6, res
+
+
+# ---------------------------------------------------------------------------------------------
+# The NaN skip: DeepSpeed's global-gradient-norm check
+# ---------------------------------------------------------------------------------------------
+
+NAN_PROBE = '''
+import json, os, sys
+import torch
+import lct.engine
+from lct.config import load_config
+from lct.dist import DistInfo
+from lct.train import build, preflight, train_step
+
+os.environ["LCT_FAULT_NAN_LOSS"] = "1:0"  # data step 1: a NaN loss
+
+def run_two_steps(stage, grad_norm_check=True):
+    cfg = load_config(sys.argv[1], [f"distributed.zero_stage={stage}"])
+    info = DistInfo.from_env()
+    resolve = lct.engine.deepspeed_config
+    if not grad_norm_check:  # the control: DeepSpeed's check off, nothing else changed
+        lct.engine.deepspeed_config = lambda *a: (lambda ds: (ds["zero_optimization"].update(compute_grad_norm=False), ds)[1])(resolve(*a))
+    try:
+        run = build(cfg, info, preflight(cfg, info), monitor=False)
+    finally:
+        lct.engine.deepspeed_config = resolve
+    it = iter(run.loader)
+    flat = lambda: torch.cat([p.detach().reshape(-1).clone() for p in run.engine.module.parameters()])
+    state, out = run.state, {"config_says": run.engine._config.zero_config.compute_grad_norm}
+    for k in range(2):
+        before = flat()
+        r = train_step(run, [next(it) for _ in range(run.accum)], state)
+        state = state.after_step(r.applied, cfg.optim.batch_size, 0.0)
+        out[f"applied{k}"] = r.applied
+        out[f"unchanged{k}"] = bool(torch.equal(flat(), before))
+    out["finite"] = bool(torch.isfinite(flat()).all())
+    return out
+
+res = {"zero1": run_two_steps(1), "zero2": run_two_steps(2), "zero2_check_off": run_two_steps(2, False)}
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_deepspeed_config_pins_the_grad_norm_check():
+    from lct.engine import deepspeed_config
+
+    for stage in (1, 2):
+        ds = deepspeed_config(load_config(None, [f"distributed.zero_stage={stage}"]), world_size=1)
+        assert ds["zero_optimization"]["compute_grad_norm"] is True
+
+
+@pytest.mark.slow
+def test_nan_skip_is_deepspeeds_global_grad_norm_check(tmp_path, latent_data):
+    """~40 s: a NaN loss at data step 1 skips that update under ZeRO-1 and ZeRO-2 (weights
+    unchanged, the step reported not applied) because DeepSpeed drops a step whose all-reduced
+    global gradient norm is not finite: with `compute_grad_norm` off and nothing else changed the
+    same step is applied and the weights turn NaN, so this test fails if the check is ever off."""
+    from conftest import tiny_train_config
+
+    cfg = tiny_train_config(tmp_path, latent_data, optim={"batch_size": 8}, sample={"every": 1000},
+                            val={"every": 1000})
+    script = tmp_path / "nan_probe.py"
+    script.write_text(NAN_PROBE)
+    proc = run_cmd([sys.executable, str(script), str(cfg)], env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    for stage in ("zero1", "zero2"):
+        r = res[stage]
+        assert r["config_says"] is True and r["applied0"] and not r["unchanged0"], (stage, r)
+        assert not r["applied1"] and r["unchanged1"] and r["finite"], (stage, r)
+    off = res["zero2_check_off"]
+    assert off["config_says"] is False and off["applied1"] and not off["finite"], off
