@@ -270,3 +270,61 @@ def test_nan_skip_is_deepspeeds_global_grad_norm_check(tmp_path, latent_data):
         assert not r["applied1"] and r["unchanged1"] and r["finite"], (stage, r)
     off = res["zero2_check_off"]
     assert off["config_says"] is False and off["applied1"] and not off["finite"], off
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion term's weight in a sigma_data = 1 latent space (SPEC 14.4)
+# ---------------------------------------------------------------------------------------------
+
+PIXART_CONFIGS = ["configs/ect_pixart_sigma_512.yaml", "configs/ect_pixart_alpha_256.yaml"]
+
+
+def _edm_net(sigma_data: float, w: torch.Tensor):
+    """SPEC 1's scalings around a fixed map F(u) = tanh(u W): f(2x, 2 sigma) at sigma_data 1 is
+    exactly 2 f(x, sigma) at 0.5, so the two spaces hold the same model."""
+
+    def net(x, sigma, **cond):
+        s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        c_skip, c_out = sigma_data**2 / (s**2 + sigma_data**2), sigma_data * s / (s**2 + sigma_data**2).sqrt()
+        u = (x / (s**2 + sigma_data**2).sqrt()).flatten(1)
+        return c_skip * x + c_out * torch.tanh(u @ w).reshape(x.shape)
+
+    return net
+
+
+@pytest.mark.parametrize("config", PIXART_CONFIGS)
+def test_pixart_diffusion_weight_keeps_ilcts_balance(config):
+    """lct's own ECT objective on the same images, noise and model in both spaces: the PixArt
+    config (sigma_data 1, every constant through x -> 2x) and iLCT's setting it was derived from
+    (sigma_data 0.5, diffusion weight 5, SPEC 5). Each term scales by a constant (SPEC 14.4: the
+    Cauchy term halves, the early-step diffusion term does not), so the config's diffusion_weight
+    must halve for the diffusion term's share of the loss to be iLCT's, at every stage."""
+    from lct.objectives import make_objective
+
+    one = load_config(ROOT / config).method
+    half = one.model_copy(update=dict(sigma_data=0.5, p_mean=one.p_mean - float(torch.log(torch.tensor(2.0))),
+                                      ect_b=2 * one.ect_b, c_first=one.c_first / 2, c_scale=one.c_scale / 2,
+                                      diff_sigma_max=one.diff_sigma_max / 2, sigma_max=one.sigma_max / 2,
+                                      tau=[t / 2 for t in one.tau], diffusion_weight=5.0))
+    assert (one.objective, one.distance, one.ect_weight, half.p_mean) == ("ect", "cauchy", "inv_dt", pytest.approx(-1.1))
+    g = torch.Generator().manual_seed(0)
+    b, shape = 256, (4, 8, 8)
+    x = 0.5 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    batch = {"x": x, "z": torch.randn(b, *shape, generator=g, dtype=torch.float64),
+             "n": torch.randn(b, generator=g, dtype=torch.float64)}
+    w = torch.randn(256, 256, generator=g, dtype=torch.float64) / 16
+    shares = []
+    for step in (0, 25_000):  # mapping stage 0 (c_first) and stage 2 (the adaptive fit)
+        out = {}
+        for name, method, scale in (("ilct", half, 1.0), ("config", one, 2.0)):
+            obj = make_objective(method, shape, 80_000)
+            bb = dict(batch, x=scale * batch["x"])
+            plan = obj.plan(bb, step)
+            early = int(plan.early.sum())
+            loss, diag = obj.loss(_edm_net(method.sigma_data, w), bb, plan, early)
+            ct = float(diag.loss.mean())
+            out[name] = (float(loss) - ct) / float(loss)  # the diffusion term's share of the loss
+            assert 0 < early < b
+        shares.append(out)
+        assert out["config"] == pytest.approx(out["ilct"], rel=1e-9), out
+    assert shares[0]["ilct"] != pytest.approx(shares[1]["ilct"], rel=1e-3)  # two different stages
