@@ -328,3 +328,54 @@ def test_pixart_diffusion_weight_keeps_ilcts_balance(config):
         shares.append(out)
         assert out["config"] == pytest.approx(out["ilct"], rel=1e-9), out
     assert shares[0]["ilct"] != pytest.approx(shares[1]["ilct"], rel=1e-3)  # two different stages
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's CPU op: a build folder per environment, one line before a build
+# ---------------------------------------------------------------------------------------------
+
+
+def test_op_build_folder_is_per_environment_and_a_user_setting_wins(monkeypatch, tmp_path):
+    from lct import deepspeed_ops
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    here = deepspeed_ops.extensions_dir()
+    assert os.access(sys.prefix, os.W_OK) and here.is_relative_to(sys.prefix) and torch.__version__ in here.name
+    # A read-only environment: the user's cache, keyed by the environment's path.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(deepspeed_ops.os, "access", lambda *a: False)
+    a = deepspeed_ops.extensions_dir()
+    monkeypatch.setattr(deepspeed_ops.sys, "prefix", str(tmp_path / "other-env"))
+    b = deepspeed_ops.extensions_dir()
+    assert a != b and a.is_relative_to(tmp_path / "cache") and b.is_relative_to(tmp_path / "cache")
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert deepspeed_ops.prepare(local_rank=1) == tmp_path / "mine"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
+def test_one_line_before_the_cpu_op_build_and_none_once_built(monkeypatch, tmp_path, capsys):
+    """On a CPU machine (this one) DeepSpeed JIT-builds its shared-memory op at the first process
+    group: an empty build folder gets one line naming it first; a built op newer than its sources
+    gets none; sources newer than the built op (a DeepSpeed upgrade) get the line again."""
+    from lct import deepspeed_ops
+
+    builder = deepspeed_ops.cpu_op()
+    assert builder is not None and builder.name == "deepspeed_shm_comm"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    deepspeed_ops.prepare(local_rank=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("building DeepSpeed's CPU communication op (deepspeed_shm_comm) in "
+                                               f"{tmp_path / 'ext'}: one time for this environment, about "), err
+    deepspeed_ops.prepare(local_rank=1)  # the other ranks of the node wait on torch's build lock quietly
+    assert capsys.readouterr().err == ""
+    lib = tmp_path / "ext" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"built")
+    newest = max(Path(builder.deepspeed_src_path(p)).stat().st_mtime for p in builder.sources())
+    os.utime(lib, (newest + 10, newest + 10))
+    deepspeed_ops.prepare(local_rank=0)
+    assert capsys.readouterr().err == ""
+    os.utime(lib, (newest - 10, newest - 10))
+    deepspeed_ops.prepare(local_rank=0)
+    assert "building DeepSpeed's CPU communication op" in capsys.readouterr().err
