@@ -379,3 +379,32 @@ def test_one_line_before_the_cpu_op_build_and_none_once_built(monkeypatch, tmp_p
     os.utime(lib, (newest - 10, newest - 10))
     deepspeed_ops.prepare(local_rank=0)
     assert "building DeepSpeed's CPU communication op" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing while writing: DeepSpeed's checkpoint engine
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deepspeeds_checkpoint_engine_writes_are_hashed_as_written(tmp_path):
+    """Inside `hashed_writes`, DeepSpeed's TorchCheckpointEngine.save (what its engine calls for
+    the model and ZeRO files) streams through the hash: the record is the file's sha256, the file
+    loads as DeepSpeed's own would, and the engine is itself again after the block."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from lct.checkpoint import hashed_writes
+    from lct.files import file_sha256
+
+    ce = TorchCheckpointEngine()
+    state = {"module": {"w": torch.randn(300, 7)}, "step": 3}
+    with hashed_writes(SimpleNamespace(checkpoint_engine=ce)) as written:
+        ce.save(state, str(tmp_path / "mp_rank_00_model_states.pt"))
+    rec = written["mp_rank_00_model_states.pt"]
+    assert rec == {"bytes": (tmp_path / "mp_rank_00_model_states.pt").stat().st_size,
+                   "sha256": file_sha256(tmp_path / "mp_rank_00_model_states.pt")}
+    assert torch.equal(ce.load(str(tmp_path / "mp_rank_00_model_states.pt"))["module"]["w"], state["module"]["w"])
+    assert "save" not in vars(ce)
+    ce.save(state, str(tmp_path / "again.pt"))
+    assert "again.pt" not in written
