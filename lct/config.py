@@ -237,8 +237,9 @@ class OptimConfig(Strict):
     micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / world")
     grad_clip: float = Field(0.0, ge=0, description="0 = off (DeepSpeed clips at 1.0 unless told not to)")
     fused: bool = Field(False, description="the optimizer step as one fused kernel per tensor: RAdam compiled "
-                        "(lct.engine.FusedRAdam; ZeRO-1/2 hand it one flat fp32 buffer per group), Adam "
-                        "torch's fused=True; same state and, to fp32 rounding, the same steps as torch's")
+                        "(lct.engine.FusedRAdam; ZeRO-1/2 hand it one flat fp32 buffer per group, ZeRO-0 "
+                        "each parameter; hyperparameters reach the kernel as a tensor, never compiled in), "
+                        "Adam torch's fused=True; same state and, to fp32 rounding, the same steps as torch's")
 
     @field_validator("betas")
     @classmethod

@@ -415,15 +415,22 @@ def test_every_checkpoint_damaged_refuses_in_one_line_never_restarts(tmp_path, l
                       ("step00000002", "mp_rank_00_model_states.pt")):
         FLIPS[name](ckpts / tag / name)
     stats = (run / "stats.jsonl").read_text()
-    for attempt in range(2):
-        proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        line = [l for l in proc.stderr.splitlines() if "no usable checkpoint" in l]
-        assert len(line) == 1 and line[0].endswith("fix one or pass run.resume=never"), proc.stderr[-3000:]
-        assert all(t in line[0] for t in ("step00000002", "step00000004", "step00000006"))
-        assert "Traceback" not in proc.stderr and (run / "stats.jsonl").read_text() == stats
-        assert sorted(p.name for p in (ckpts / "damaged").iterdir()) == ["step00000002", "step00000004", "step00000006"]
-        assert len([l for l in proc.stderr.splitlines() if l.startswith("warning: checkpoint")]) == (3 if attempt == 0 else 0)
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = [l for l in proc.stderr.splitlines() if "no usable checkpoint" in l]
+    assert len(line) == 1 and line[0].endswith("fix one or pass run.resume=never"), proc.stderr[-3000:]
+    assert all(t in line[0] for t in ("step00000002", "step00000004", "step00000006"))
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("warning: checkpoint")]) == 3
+    assert "Traceback" not in proc.stderr and (run / "stats.jsonl").read_text() == stats
+    assert sorted(p.name for p in (ckpts / "damaged").iterdir()) == ["step00000002", "step00000004", "step00000006"]
+    # The next start finds them already set aside: refused the same way, not a new run.
+    from lct.config import load_config
+    from lct.errors import UserError
+    from lct.run import find_resume
+
+    with pytest.raises(UserError, match="step00000002, step00000004, step00000006; set aside in .*; fix one or "
+                                        "pass run.resume=never"):
+        find_resume(load_config(cfg))
 
 
 def test_universal_folders_are_checked_before_reuse(tmp_path, finished_run, capsys):
