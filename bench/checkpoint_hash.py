@@ -5,7 +5,8 @@ resume.
 
 Times, per GB of checkpoint (one fp32 state dict of `--gb` GB, in 64 MB tensors, as DeepSpeed's
 files hold them): `torch.save` to a path (what DeepSpeed does alone), `lct.checkpoint.save_torch`
-(the same bytes through a file object that hashes them as they pass: what a save now does), sha256 of bytes in memory (the CPU cost alone) and `lct.files.file_sha256` of the
+(the same bytes through a file object that hashes them as they pass: what a save now does),
+sha256 of bytes in memory (the CPU cost alone) and `lct.files.file_sha256` of the
 written file (the check before a resume; the file is in the page cache right after writing, so
 this is the CPU-bound figure, not a cold-disk one). Reports the median of `--reps`.
 """

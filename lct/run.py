@@ -244,8 +244,9 @@ def load_resume(engine, ema: PartitionedEMA, ckpt_dir: Path, saved: dict, info: 
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> None:
     """Rank 0, with the run directory locked, before DeepSpeed starts: `run.resume=never` moves a
     previous run's files to `run.dir/previous/<time>/` (its checkpoints would otherwise be what
-    the next automatic resume continues, its eval/ what the new model card shows); what interrupted saves and exports left (checkpoints
-    without COMPLETE, `.NAME.tmpPID` folders) is removed."""
+    the next automatic resume continues, its eval/ what the new model card shows); what
+    interrupted saves and exports left (checkpoints without COMPLETE, `.NAME.tmpPID` folders) is
+    removed."""
     if not info.is_main:
         return
     d = Path(cfg.run.dir)

@@ -46,6 +46,7 @@ def test_other_ema_names_read_as_paths_are_checked_too():
         EvalConfig(checkpoint="r", out="o", ema="../../ema")
 
 
+@pytest.mark.slow
 def test_trainer_refuses_an_escaping_ema_name_before_writing_anything(tmp_path):
     """The probe's reproduction: `../escape` as an EMA name with a pre-filled target folder beside
     run.dir. The start is refused in one line (exit 2) and the folder keeps its file; a config
@@ -143,7 +144,7 @@ def test_fused_radam_kernels_hold_no_hyperparameter_across_runs_on_one_cache(tmp
     script = tmp_path / "radam_run.py"
     script.write_text(RADAM_RUN)
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
-    for beta2 in ("0.99", "0.999", "0.99"):
+    for beta2 in ("0.99", "0.999"):
         proc = run_cmd([sys.executable, str(script), beta2], env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
@@ -218,8 +219,14 @@ def run_two_steps(stage, grad_norm_check=True):
     cfg = load_config(sys.argv[1], [f"distributed.zero_stage={stage}"])
     info = DistInfo.from_env()
     resolve = lct.engine.deepspeed_config
+
+    def check_off(*a):
+        ds = resolve(*a)
+        ds["zero_optimization"]["compute_grad_norm"] = False
+        return ds
+
     if not grad_norm_check:  # the control: DeepSpeed's check off, nothing else changed
-        lct.engine.deepspeed_config = lambda *a: (lambda ds: (ds["zero_optimization"].update(compute_grad_norm=False), ds)[1])(resolve(*a))
+        lct.engine.deepspeed_config = check_off
     try:
         run = build(cfg, info, preflight(cfg, info), monitor=False)
     finally:
@@ -306,7 +313,8 @@ def test_pixart_diffusion_weight_keeps_ilcts_balance(config):
                                       ect_b=2 * one.ect_b, c_first=one.c_first / 2, c_scale=one.c_scale / 2,
                                       diff_sigma_max=one.diff_sigma_max / 2, sigma_max=one.sigma_max / 2,
                                       tau=[t / 2 for t in one.tau], diffusion_weight=5.0))
-    assert (one.objective, one.distance, one.ect_weight, half.p_mean) == ("ect", "cauchy", "inv_dt", pytest.approx(-1.1))
+    assert (one.objective, one.distance, one.ect_weight) == ("ect", "cauchy", "inv_dt")
+    assert half.p_mean == pytest.approx(-1.1)
     g = torch.Generator().manual_seed(0)
     b, shape = 256, (4, 8, 8)
     x = 0.5 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
