@@ -10,6 +10,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m lct.deepspeed_ops
 
 demo: install
 	$(BIN)/python -m lct.demo $(DEMO_ARGS)

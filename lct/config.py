@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -33,6 +34,25 @@ class Strict(BaseModel):
     """Base of every schema section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# Names from a config that become file or folder names (`export/<ema name>/`, read back by
+# `model.init_ema`, `--ema`): a plain identifier, so no name can leave its folder (`..`, `/`, an
+# absolute path) or collide with lct's own entries (`export/stale/`, `.NAME.tmpPID`).
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+RESERVED_NAMES = ("stale",)
+
+
+def plain_name(v: str | None) -> str | None:
+    """`v` if it is a plain identifier that may name a folder, else ValueError (pydantic: one line)."""
+    if v is None:
+        return v
+    if not NAME_RE.match(v):
+        raise ValueError("must be a plain identifier (letters, digits, _ and -, starting with a letter "
+                         "or _, at most 64): it names a folder, export/<name>/")
+    if v in RESERVED_NAMES:
+        raise ValueError(f"{v!r} is reserved (export/{v}/ is lct's own folder); choose another name")
+    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +189,8 @@ class ModelConfig(Strict):
     init_from: str | None = Field(None, description="start from an lct run or export (ECT starts from an edm run)")
     init_ema: str | None = Field(None, description="which EMA of init_from to copy into weights and EMAs (SPEC 2.4)")
 
+    _init_ema = field_validator("init_ema")(plain_name)
+
 
 class DataConfig(Strict):
     shards: str = Field("", description="latent shards: path, brace pattern or URL (encode_latents output)")
@@ -219,8 +241,9 @@ class OptimConfig(Strict):
     micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / world")
     grad_clip: float = Field(0.0, ge=0, description="0 = off (DeepSpeed clips at 1.0 unless told not to)")
     fused: bool = Field(False, description="the optimizer step as one fused kernel per tensor: RAdam compiled "
-                        "(lct.engine.FusedRAdam; ZeRO-1/2 hand it one flat fp32 buffer per group), Adam "
-                        "torch's fused=True; same state and, to fp32 rounding, the same steps as torch's")
+                        "(lct.engine.FusedRAdam; ZeRO-1/2 hand it one flat fp32 buffer per group, ZeRO-0 "
+                        "each parameter; hyperparameters reach the kernel as a tensor, never compiled in), "
+                        "Adam torch's fused=True; same state and, to fp32 rounding, the same steps as torch's")
 
     @field_validator("betas")
     @classmethod
@@ -231,10 +254,12 @@ class OptimConfig(Strict):
 
 
 class EMAEntry(Strict):
-    name: str
+    name: str = Field(..., description="a plain identifier: the EMA's export folder export/<name>/")
     halflife_images: float | None = Field(None, gt=0, description="half-life in training images")
     decay: float | None = Field(None, gt=0, lt=1, description="per-step decay at decay_batch images/step")
     decay_batch: int | None = Field(None, ge=1)
+
+    _name = field_validator("name")(plain_name)
 
     def resolved_halflife(self) -> float:
         if self.halflife_images is not None:
@@ -385,6 +410,8 @@ class EvalConfig(Strict):
     text_pretrained: str | None = Field(None, description="override the export's text tower weights (tag or path)")
     device: str = "auto"
 
+    _ema = field_validator("ema")(plain_name)
+
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML + inheritance + presets + dotted overrides, with source tracking
@@ -419,8 +446,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str
                           source=str(path))
     if path.resolve() in chain:
         raise ConfigError("inheritance cycle through base:", source=str(path))
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save the file as UTF-8",
+                          source=str(path)) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
@@ -515,7 +549,7 @@ def _format_validation(err: ValidationError, schema: type[BaseModel], sources: d
         msg = "required value is missing"
     else:
         got = e0.get("input")
-        expected = "; or ".join(dict.fromkeys(x["msg"] for x in errs))
+        expected = "; or ".join(dict.fromkeys(x["msg"].removeprefix("Value error, ") for x in errs))
         msg = f"got {got!r}: {expected}"
     extra = len(by_key) - 1
     if extra:

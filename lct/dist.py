@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from lct.deepspeed_ops import prepare as prepare_ops
 from lct.errors import UserError
 
 
@@ -86,6 +87,7 @@ def init(info: DistInfo, device: torch.device, timeout_minutes: float, *, deepsp
     if deepspeed:
         import deepspeed as ds
 
+        prepare_ops(info.local_rank)  # this environment's op build folder; one line before a CPU op build
         os.environ.setdefault("RANK", str(info.rank))
         os.environ.setdefault("WORLD_SIZE", str(info.world_size))
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))

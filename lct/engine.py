@@ -11,7 +11,10 @@ Library defaults are not neutral, so everything the method depends on is written
   `bf16_trunk` uses DeepSpeed's `torch_autocast` section instead, and the per-sample conditioning
   layers are `FP32Linear`, a class DeepSpeed's autocast does not mark for bf16 communication;
 - fp32 gradient accumulation (`data_types.grad_accum_dtype`) and fp32 gradient reduction
-  (`communication_data_type`) for the reproduction presets.
+  (`communication_data_type`) for the reproduction presets;
+- `zero_optimization.compute_grad_norm: true` (DeepSpeed's default today): with it ZeRO-1/2 skip a
+  step whose all-reduced global gradient norm is not finite, which is how a non-finite loss skips
+  an update (the fp16/bf16 overflow checks are off: lct enables neither).
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     micro, accum = batch_layout(cfg, world_size)
     zero = {"stage": cfg.distributed.zero_stage}
     if cfg.distributed.zero_stage > 0:
+        # compute_grad_norm: ZeRO-1/2 drop a step whose all-reduced global gradient norm is not
+        # finite (fp32 has no overflow check); lct's NaN skip is that check (lct.train.train_step).
         zero.update(reduce_bucket_size=cfg.distributed.allreduce_bucket_size,
                     allgather_bucket_size=cfg.distributed.allreduce_bucket_size,
-                    overlap_comm=False, contiguous_gradients=True)
+                    overlap_comm=False, contiguous_gradients=True, compute_grad_norm=True)
     ds = {
         "train_batch_size": cfg.optim.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -139,18 +144,49 @@ def radam_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     p.addcmul_(m, torch.reciprocal((v.sqrt() + eps) / rect_size) + unrect_size)
 
 
+def radam_update_hyper_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                        decay: bool) -> None:
+    """`radam_update_` with every number read from the tensor `h` = [rect_size, unrect_size,
+    beta1 (unused), 1 - beta1, beta2, 1 - beta2, eps, weight_decay] (fp32, on p's device; the
+    complements computed on the host in float64, as torch's kernels receive them). Compiled, the
+    kernel holds no hyperparameter, so no cached kernel (inductor's on-disk cache is shared by
+    every run on the machine) can serve another setting; only `decay` (weight decay on or off)
+    changes the graph, and it is part of the graph."""
+    if decay:
+        g = g + p * h[7]
+    m.lerp_(g, h[3])
+    v.mul_(h[4]).add_(g * g * h[5])
+    p.add_(m * (torch.reciprocal((v.sqrt() + h[6]) / h[0]) + h[1]))
+
+
 class FusedRAdam(torch.optim.RAdam):
     """`torch.optim.RAdam` (coupled weight decay; the same hyperparameters, state and state_dict,
-    so checkpoints move freely between the two) whose step is `radam_update_` compiled: one kernel
-    per tensor instead of torch's ~15 foreach passes over the weights. DeepSpeed ZeRO-1/2 give a
-    client optimizer one flat fp32 partition per parameter group, so there a step is one kernel;
-    under ZeRO-0 it is one per parameter. `compiled=False` runs the same function eagerly."""
+    so checkpoints move freely between the two) whose step is one compiled kernel per tensor
+    (`radam_update_hyper_`) instead of torch's ~15 foreach passes over the weights. DeepSpeed
+    ZeRO-1/2 give a client optimizer one flat fp32 partition per parameter group, so there a step
+    is one kernel; under ZeRO-0 it is one per parameter. The hyperparameters and step sizes reach
+    the kernel as a small device tensor (copied without a host sync), never as constants compiled
+    into it. `compiled=False` runs `radam_update_` eagerly (bitwise torch's RAdam)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  compiled: bool = True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=False, foreach=False)
-        self._update = torch.compile(radam_update_, dynamic=True, fullgraph=True) if compiled else radam_update_
+        self.compiled = compiled
+        self._update = (torch.compile(radam_update_hyper_, dynamic=True, fullgraph=True) if compiled
+                        else radam_update_)
+
+    @staticmethod
+    def hyper(step: float, group: dict, device: torch.device) -> torch.Tensor:
+        """[rect_size, unrect_size, beta1, 1 - beta1, beta2, 1 - beta2, eps, wd] of this step, on
+        `device` (from pinned memory, without waiting)."""
+        beta1, beta2 = group["betas"]
+        rect, unrect = radam_step_sizes(step, float(group["lr"]), beta1, beta2)
+        h = torch.tensor([rect, unrect, beta1, 1 - beta1, beta2, 1 - beta2, group["eps"], group["weight_decay"]],
+                         dtype=torch.float32)
+        if device.type == "cuda":
+            return h.pin_memory().to(device, non_blocking=True)
+        return h.to(device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -158,6 +194,8 @@ class FusedRAdam(torch.optim.RAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Under a dispatch mode (FlopCounterMode, profilers) torch.compile cannot run: eagerly.
+        eager = not self.compiled or _get_current_dispatch_mode() is not None
         for group in self.param_groups:
             if group["maximize"] or group["decoupled_weight_decay"] or group["capturable"]:
                 raise ValueError("FusedRAdam: maximize, decoupled_weight_decay and capturable are not supported")
@@ -166,13 +204,26 @@ class FusedRAdam(torch.optim.RAdam):
                 raise ValueError("FusedRAdam: complex parameters are not supported")
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
-            # Under a dispatch mode (FlopCounterMode, profilers) torch.compile cannot run: the same
-            # function eagerly.
-            update = radam_update_ if _get_current_dispatch_mode() is not None else self._update
+            hypers: dict = {}
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
                 t += 1  # a host tensor, as in torch's RAdam: no device sync
-                rect_size, unrect_size = radam_step_sizes(float(t), lr, beta1, beta2)
-                update(p, g, m, v, rect_size, unrect_size, beta1, beta2, group["eps"], group["weight_decay"])
+                if eager:
+                    rect_size, unrect_size = radam_step_sizes(float(t), lr, beta1, beta2)
+                    radam_update_(p, g, m, v, rect_size, unrect_size, beta1, beta2, group["eps"],
+                                  group["weight_decay"])
+                    continue
+                key = (float(t), p.device)  # ZeRO-0: one tensor per parameter, mostly at one step
+                if key not in hypers:
+                    hypers[key] = self.hyper(float(t), group, p.device)
+                if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+                    rect_size, unrect_size = radam_step_sizes(float(t), lr, beta1, beta2)
+                    radam_update_(p, g, m, v, rect_size, unrect_size, beta1, beta2, group["eps"],
+                                  group["weight_decay"])
+                    continue
+                # Flat views: ZeRO-0's parameters of every rank and shape share one kernel (one graph
+                # per shape would pass dynamo's recompile limit at the first step).
+                self._update(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), hypers[key],
+                             group["weight_decay"] != 0)
         return loss
 
 

@@ -117,8 +117,10 @@ def lock_run_dir(cfg: TrainConfig, info: DistInfo) -> FileLock:
 
 def find_resume(cfg: TrainConfig, info: DistInfo | None = None, set_aside: bool = True) -> Path | None:
     """The checkpoint to resume from: `run.resume` auto (the newest complete one that passes
-    `checkpoint.problems`: a damaged one is named in one line, moved to checkpoints/damaged/ by
-    rank 0 when `set_aside`, and the previous one used), never, or a path (which must pass)."""
+    `checkpoint.problems`, content hashes included: a damaged one is named in one line, moved to
+    checkpoints/damaged/ by rank 0 when `set_aside`, and the previous one used; none usable left
+    where there were some is a `UserError`, never a silent start from step 0), never, or a path
+    (which must pass)."""
     mode, trust = cfg.run.resume, cfg.run.trust_checkpoint_code
     if mode == "never":
         return None
@@ -133,10 +135,12 @@ def find_resume(cfg: TrainConfig, info: DistInfo | None = None, set_aside: bool 
         return p.resolve()
     main = info is None or info.is_main
     root = Path(cfg.run.dir) / "checkpoints"
+    damaged = []
     for tag in reversed(ckpt.complete_tags(root)):
         problem = ckpt.problems(root / tag, trust)
         if problem is None:
             return root / tag
+        damaged.append(tag)
         if main:
             where = ""
             if set_aside:
@@ -146,6 +150,12 @@ def find_resume(cfg: TrainConfig, info: DistInfo | None = None, set_aside: bool 
                     pass
             print(f"warning: checkpoint {root / tag} is damaged ({problem}){where}; trying the previous one",
                   file=sys.stderr, flush=True)
+    aside = [t for t in ckpt.damaged_tags(root) if t not in damaged]
+    if damaged or aside:  # a run that had checkpoints never silently starts over from step 0
+        names = ", ".join(damaged + aside)
+        where = f"set aside in {root / ckpt.DAMAGED}" if set_aside or aside else f"in {root}"
+        raise UserError(f"run.dir={cfg.run.dir}: no usable checkpoint left, every one is damaged ({names}; "
+                        f"{where}); fix one or pass run.resume=never")
     return None
 
 
@@ -233,8 +243,9 @@ def load_resume(engine, ema: PartitionedEMA, ckpt_dir: Path, saved: dict, info: 
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> None:
     """Rank 0, with the run directory locked, before DeepSpeed starts: `run.resume=never` moves a
     previous run's files to `run.dir/previous/<time>/` (its checkpoints would otherwise be what
-    the next automatic resume continues); what interrupted saves and exports left (checkpoints
-    without COMPLETE, `.NAME.tmpPID` folders) is removed."""
+    the next automatic resume continues, its eval/ what the new model card shows); what
+    interrupted saves and exports left (checkpoints without COMPLETE, `.NAME.tmpPID` folders) is
+    removed."""
     if not info.is_main:
         return
     d = Path(cfg.run.dir)
@@ -259,8 +270,8 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> None:
 
 
 # What a run writes into run.dir (moved together by run.resume=never).
-RUN_FILES = ("checkpoints", "export", "samples", "tensorboard", "stats.jsonl", "config.yaml", "deepspeed.json",
-             "environment.json")
+RUN_FILES = ("checkpoints", "export", "samples", "tensorboard", "eval", "wandb", "stats.jsonl", "config.yaml",
+             "deepspeed.json", "environment.json")
 
 
 def init_from(model: torch.nn.Module, path: str, ema_name: str | None, info: DistInfo) -> None:
@@ -294,22 +305,23 @@ def save(run: Run, state: TrainState, export_all: bool = False, export: bool = T
     cfg, info, world = run.cfg, run.info, run.info.world_size
     with dist.raised_timeout(world, cfg.run.dist_timeout_minutes * 4, cfg.run.dist_timeout_minutes):
         tag = ckpt.tag_for(state.applied_steps)
-        ckpt_dir = run.ckpt_root / tag
+        ckpt_dir = inside_run_dir(cfg, run.ckpt_root / tag)
         exists = (ckpt_dir / ckpt.COMPLETE).is_file()
         dist.barrier(world)  # every rank has looked before rank 0 may write the marker
         mine = {}
         if not exists:
-            run.engine.save_checkpoint(str(run.ckpt_root), tag=tag, save_latest=False)
-            run.faults.write(state.applied_steps, info.rank, ckpt_dir / f"rng_rank{info.rank}.pt")
-            torch.save(ckpt.rng_state(), ckpt_dir / f"rng_rank{info.rank}.pt")
-            mine = ckpt.rank_files(ckpt_dir, info.rank)
+            with ckpt.hashed_writes(run.engine) as written:  # sha256 of DeepSpeed's files as they are written
+                run.engine.save_checkpoint(str(run.ckpt_root), tag=tag, save_latest=False)
+            rng_file = f"rng_rank{info.rank}.pt"
+            run.faults.write(state.applied_steps, info.rank, ckpt_dir / rng_file)
+            written[rng_file] = ckpt.save_torch(ckpt.rng_state(), ckpt_dir / rng_file)
+            mine = ckpt.rank_files(ckpt_dir, info.rank, written)
         files = {k: v for part in dist.gather_objects(mine, world) for k, v in part.items()}
         emas = {name: run.ema.state_dict_of(name) for name in run.ema.buffers}  # collective
         dist.barrier(world)
         if info.is_main:
             if not exists:
-                ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
-                files["ema.safetensors"] = (ckpt_dir / "ema.safetensors").stat().st_size
+                files["ema.safetensors"] = ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
                 record = {"state": asdict(state), "world_size": world, "files": dict(sorted(files.items())),
                           "config": cfg.model_dump(mode="json"), "time": time.time()}
                 ckpt.mark_complete(ckpt_dir, record, run.ckpt_root)
@@ -325,6 +337,18 @@ def save(run: Run, state: TrainState, export_all: bool = False, export: bool = T
     return ckpt_dir
 
 
+def inside_run_dir(cfg: TrainConfig, path: Path) -> Path:
+    """`path`, if it lies strictly inside run.dir (by its name: `..` and absolute parts resolved,
+    links not followed); else a RuntimeError before anything is written. Every checkpoint and
+    export the trainer writes goes through here; the config schema refuses the names that would
+    fail it (`lct.config.plain_name`), so this failing is a bug, never a user's mistake."""
+    root = os.path.normpath(os.path.abspath(cfg.run.dir))
+    target = os.path.normpath(os.path.abspath(path))
+    if target == root or os.path.commonpath([root, target]) != root:
+        raise RuntimeError(f"refusing to write {path}: it is not inside run.dir={cfg.run.dir}")
+    return Path(path)
+
+
 def export_emas(cfg: TrainConfig, precond: torch.nn.Module, emas: dict, names: list[str], manifest: dict,
                 step: int, images_seen: int, final: bool = False) -> None:
     """export/<name>/ for the named EMAs; at the run's end (`final`) the exports of EMAs the
@@ -332,13 +356,13 @@ def export_emas(cfg: TrainConfig, precond: torch.nn.Module, emas: dict, names: l
     models)."""
     root = Path(cfg.run.dir) / "export"
     for name in names:
-        export_network(precond, emas[name], root / name, cfg=cfg, manifest=manifest_record(cfg, manifest),
-                       ema_name=name, step=step, images_seen=images_seen)
+        export_network(precond, emas[name], inside_run_dir(cfg, root / name), cfg=cfg,
+                       manifest=manifest_record(cfg, manifest), ema_name=name, step=step, images_seen=images_seen)
     if final:
         keep = {e.name for e in cfg.ema.models}
         for name, old_step in exported_steps(root).items():
             if name not in keep:
-                dest = root / "stale" / f"{name}-step{old_step:08d}"
+                dest = inside_run_dir(cfg, root / "stale" / f"{name}-step{old_step:08d}")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(dest, ignore_errors=True)
                 os.replace(root / name, dest)

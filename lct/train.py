@@ -243,8 +243,10 @@ def train_step(run: Run, batches: list[dict], state: TrainState, timer=no_timer)
 
     Nothing here waits on the device: the early-set count is one all-reduce of a device tensor per
     step (only with an early-step term), and a non-finite loss on any rank skips the update through
-    the gradients themselves (`finite_or_nan`), which DeepSpeed reduces and checks anyway (ZeRO-1/2:
-    its overflow check, the step's one host sync; ZeRO-0: `grads_finite` on the reduced gradients)."""
+    the gradients themselves (`finite_or_nan` makes them NaN on every rank once reduced). ZeRO-1/2:
+    DeepSpeed drops a step whose all-reduced global gradient norm is not finite
+    (`zero_optimization.compute_grad_norm`, set in lct.engine; its fp16/bf16 overflow check is off,
+    lct enables neither), the step's one host sync; ZeRO-0: `grads_finite` on the reduced gradients."""
     cfg, engine = run.cfg, run.engine
     lr = learning_rate(cfg, state.applied_steps)
     for g in engine.optimizer.param_groups:

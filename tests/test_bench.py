@@ -140,3 +140,13 @@ def test_demo_probe_tiny(tmp_path):
     assert rows[0]["colour_acc"] == rows[0]["position_acc"] == rows[0]["shape_acc"] == 1.0, rows[0]
     assert all(0.0 <= r["shape_acc"] <= 1.0 for r in rows)
     assert np.load(tmp_path / "ode.npy").shape == (6, 32, 32, 3)
+
+
+def test_checkpoint_hash_bench_tiny(tmp_path):
+    """bench/checkpoint_hash.py runs, and the file it hashes while writing is the file on disk."""
+    proc = run_cmd([sys.executable, str(ROOT / "bench" / "checkpoint_hash.py"), "--gb", "0.02", "--reps", "1",
+                    "--dir", str(tmp_path), "--out", str(tmp_path / "out")], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "checkpoint_hash.json").read_text())
+    assert res["gb"] > 0.01 and res["save_hashed_s_per_gb"] > 0 and res["verify_s_per_gb"] > 0
+    assert res["hash_while_writing_equals_file_hash"] is True

@@ -117,7 +117,7 @@ def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_
 
     cfg = pixart_config(tmp_path, pixart_data)
     c = load_config(cfg)
-    assert (c.method.distance, c.method.c, c.method.ot, c.method.diffusion_weight) == ("cauchy", "adaptive", True, 5.0)
+    assert (c.method.distance, c.method.c, c.method.ot, c.method.diffusion_weight) == ("cauchy", "adaptive", True, 2.5)
     first = run_cmd([*deepspeed_cmd(), "--config", str(cfg)], env=ENV)
     assert first.returncode == 0, first.stderr[-4000:]
     run = tmp_path / "run"

@@ -38,6 +38,16 @@ def state_of(run: Path, tag: str | None = None) -> dict:
     return json.loads((root / tag / "lct_state.json").read_text())["state"]
 
 
+def reseal(ckpt_dir: Path) -> None:
+    """Record the current content of a checkpoint's files in its COMPLETE marker (a test edits a
+    checkpoint on purpose; unsealed, the edit is damage)."""
+    from lct.checkpoint import COMPLETE, format_sums, read_sums
+    from lct.files import file_sha256
+
+    sums = read_sums(ckpt_dir / COMPLETE)
+    (ckpt_dir / COMPLETE).write_text(format_sums({n: file_sha256(ckpt_dir / n) for n in sums}))
+
+
 def model_of(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
 
@@ -131,6 +141,7 @@ def test_damaged_checkpoints_are_found_set_aside_and_the_previous_one_resumes(tm
     rec = json.loads((run / "checkpoints/step00000004/lct_state.json").read_text())
     rec["state"]["train_seconds"] = 1e6  # cumulative training time far past the budget
     (run / "checkpoints/step00000004/lct_state.json").write_text(json.dumps(rec))
+    reseal(run / "checkpoints/step00000004")  # an edit on purpose, not damage
     proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning = [l for l in proc.stderr.splitlines() if "is damaged" in l]
@@ -326,3 +337,160 @@ def test_world_size_2_to_1_to_2_through_universal_checkpoints(tmp_path, latent_d
     wa, wb = model_of(ref / "checkpoints/step00000006"), model_of(run / "checkpoints/step00000006")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes (issue 31): flipped bytes, every checkpoint damaged, universal folders, run.dir
+# ---------------------------------------------------------------------------------------------
+
+
+def flip_tensor_byte(path: Path) -> None:
+    """Flip one byte inside the largest tensor of a torch zip file (same size; it still loads)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def flip_state_digit(path: Path) -> None:
+    """A changed counter in lct_state.json that still parses (same size)."""
+    text = path.read_text()
+    at = text.index('"images_seen": ') + len('"images_seen": ')
+    path.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1:])
+
+
+FLIPS = {
+    "mp_rank_00_model_states.pt": flip_tensor_byte,
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt": flip_tensor_byte,
+    "ema.safetensors": flip_last_byte,
+    "lct_state.json": flip_state_digit,
+    "rng_rank0.pt": flip_tensor_byte,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLIPS))
+def test_flipped_bytes_in_each_kind_of_checkpoint_file_are_damage(tmp_path, finished_run, name):
+    """The probe's silent corruption: a byte flipped inside a file (same size, still loads, weights
+    off) no longer matches the sha256 recorded when it was written; the file is named."""
+    from lct.checkpoint import problems, weights_only_loads
+    from lct.files import file_sha256
+
+    d = tmp_path / "step00000006"
+    shutil.copytree(finished_run / "run" / "checkpoints" / "step00000006", d)
+    assert problems(d) is None
+    before = file_sha256(d / name)
+    size = (d / name).stat().st_size
+    FLIPS[name](d / name)
+    assert (d / name).stat().st_size == size and file_sha256(d / name) != before
+    if name.endswith(".pt"):
+        with weights_only_loads():
+            torch.load(d / name, weights_only=True)  # still loads: only the hash tells
+    problem = problems(d)
+    assert problem is not None and problem.startswith(name) and "sha256" in problem, problem
+
+
+@pytest.mark.slow
+def test_every_checkpoint_damaged_refuses_in_one_line_never_restarts(tmp_path, latent_data, finished_run):
+    """Flipped bytes in every checkpoint (model, optimizer, EMA): the start sets each aside and
+    refuses in one line (exit 2) instead of training from step 0 and exiting 0; so does the next
+    start, with all of them already set aside."""
+    cfg = copy_run(finished_run, tmp_path, latent_data)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for tag, name in (("step00000006", "ema.safetensors"), ("step00000004", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                      ("step00000002", "mp_rank_00_model_states.pt")):
+        FLIPS[name](ckpts / tag / name)
+    stats = (run / "stats.jsonl").read_text()
+    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = [l for l in proc.stderr.splitlines() if "no usable checkpoint" in l]
+    assert len(line) == 1 and line[0].endswith("fix one or pass run.resume=never"), proc.stderr[-3000:]
+    assert all(t in line[0] for t in ("step00000002", "step00000004", "step00000006"))
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("warning: checkpoint")]) == 3
+    assert "Traceback" not in proc.stderr and (run / "stats.jsonl").read_text() == stats
+    assert sorted(p.name for p in (ckpts / "damaged").iterdir()) == ["step00000002", "step00000004", "step00000006"]
+    # The next start finds them already set aside: refused the same way, not a new run.
+    from lct.config import load_config
+    from lct.errors import UserError
+    from lct.run import find_resume
+
+    with pytest.raises(UserError, match="step00000002, step00000004, step00000006; set aside in .*; fix one or "
+                                        "pass run.resume=never"):
+        find_resume(load_config(cfg))
+
+
+def test_universal_folders_are_checked_before_reuse(tmp_path, finished_run, capsys):
+    """`stepN/universal/` (DeepSpeed's world-size-free copy) records the sha256 of its files; one
+    with flipped bytes, a planted pickle (its sum forged to match), or made before lct checked them
+    (an empty COMPLETE) is set aside with one line and converted again, never loaded."""
+    from lct.checkpoint import COMPLETE, read_sums, to_universal, universal_problems
+
+    ckpt = tmp_path / "checkpoints" / "step00000006"
+    shutil.copytree(finished_run / "run" / "checkpoints" / "step00000006", ckpt)
+    out = to_universal(ckpt)
+    sums = read_sums(out / COMPLETE)
+    assert sums and universal_problems(out) is None
+    assert set(sums) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {COMPLETE}
+    big = max((n for n in sums if n.endswith("fp32.pt")), key=lambda n: (out / n).stat().st_size)
+    marker = tmp_path / "pwned"
+
+    def flipped():
+        flip_tensor_byte(out / big)
+
+    def planted():
+        torch.save({"param": Evil(marker)}, out / big)
+        reseal(out)  # a careful forger fixes the sum too
+
+    def old_format():
+        (out / COMPLETE).write_text("")
+
+    for damage, why in ((flipped, "does not match the sha256"), (planted, "posix.system"),
+                        (old_format, "lists no sha256 sums")):
+        damage()
+        capsys.readouterr()
+        assert to_universal(ckpt) == out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and "converting" in err[0], err
+        assert universal_problems(out) is None
+    aside = sorted(p.name for p in (tmp_path / "checkpoints" / "damaged").iterdir())
+    assert aside == ["step00000006-universal", "step00000006-universal.1", "step00000006-universal.2"]
+    assert not marker.exists()
+
+
+def test_an_ema_name_past_the_schema_cannot_write_outside_run_dir(tmp_path, latent_data, finished_run):
+    """The one guard of every checkpoint and export path: an EMA name that got past the schema
+    (`../escape`, as the probe's config had it) raises before anything is written, and the folder
+    it named, pre-filled, survives (the export's atomic replace used to remove it)."""
+    from lct.checkpoint import load_ema_file
+    from lct.config import load_config
+    from lct.dist import DistInfo
+    from lct.run import export_emas
+    from lct.models.build import build_network
+    from lct.preflight import preflight
+
+    cfg = load_config(copy_run(finished_run, tmp_path, latent_data))
+    start = preflight(cfg, DistInfo(), monitor=False)
+    net = build_network(cfg, start.desc, start.manifest)
+    ema = load_ema_file(tmp_path / "run/checkpoints/step00000006/ema.safetensors")["ema"]
+    target = tmp_path / "escape"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    bad = "../../escape"
+    cfg.ema.models[0].__dict__["name"] = bad  # past the schema's validation
+    with pytest.raises(RuntimeError, match="not inside run.dir"):
+        export_emas(cfg, net, {bad: ema}, [bad], start.manifest, 6, 48)
+    assert (target / "keep.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["keep.txt"]
