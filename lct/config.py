@@ -364,7 +364,13 @@ class EvalConfig(Strict):
                                     "default: the model's tau, the Karras levels for k > 2 (SPEC 9)")
     guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off; finite, >= 0); a consistency "
                                   "model tolerates only mild guidance, w close to 1 (3 ruins the shapes demo)")
-    metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes")
+    metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes, prdc (precision/recall/density/"
+                               "coverage against --ref-images, added beside any caption-accuracy metric), or none "
+                               "(samples only)")
+    metric: list[str] = Field([], description="your own metrics: module:Name or path/to/file.py:Name, a class "
+                              "following lct.metrics.Metric built as Name(ctx) (README, 'Your own metric')")
+    metric_arg: list[str] = Field([], description="KEY=VALUE options for the --metric metrics (ctx.options)")
+    prdc_k: int = Field(5, ge=1, description="k of the k-NN balls of precision/recall/density/coverage")
     ref_stats: str | None = Field(None, description="reference FID statistics .npz")
     ref_images: str | None = Field(None, description="reference images (shards pattern or folder) to compute stats")
     out: str = Field(..., description="output directory")

@@ -312,7 +312,9 @@ FIX = {"fid": f"set --fid-weights PATH (a local copy of torch-fidelity's {FID_WE
               "or pytorch-fid's pt_inception-2015-12-05-6726825d.pth: the same file)",
        "clip": "set --clip-pretrained PATH (a local open_clip checkpoint of --clip-model), or run online once",
        "fid_ref": "pass --ref-stats FILE.npz or --ref-images PATTERN (reference images: shards or a folder)",
-       "shapes": "use the held-out captions.jsonl of data_prep/make_shapes.py, or drop shapes from --metrics"}
+       "shapes": "use the held-out captions.jsonl of data_prep/make_shapes.py, or drop shapes from --metrics",
+       "prdc": "pass --ref-images PATTERN (real images of the same kind, e.g. the held-out shards)",
+       "user": "see the metric's documentation (its --metric-arg options)"}
 
 
 class Unavailable(UserError):
@@ -488,11 +490,26 @@ def reference_stats(cfg, info: DistInfo, device, model, fid_sha: str, resolution
     if info.is_main:
         print(f"[eval] reference statistics: computing from {len(entries)} images in {len(files)} file(s) "
               f"at {resolution}px (cached at {cache})", flush=True)
+    rows = ref_image_rows(entries, cfg.batch_size, info, device, resolution,
+                          lambda x: fid_features(model, x, batch_size=cfg.batch_size).float(), 2048, "reference")
+    stats = FIDStats.from_features(rows.double(), meta)
+    if info.is_main:
+        stats.save(cache)
+        rec["sha256"] = file_sha256(cache)
+    rec.update(n=stats.n, meta=stats.meta)
+    dist.barrier(info.world_size)
+    return stats, rec
+
+
+def ref_image_rows(entries: list, batch_size: int, info: DistInfo, device, resolution: int, features,
+                   width: int, desc: str) -> torch.Tensor:
+    """`features(uint8 [B,3,R,R])` of the reference images `entries` (from `list_ref_images`),
+    sharded over the ranks like the samples and gathered in index order (every rank gets them)."""
     tars: dict = {}
     idx, feats, problem = [], [], None
-    bar = tqdm(total=len(entries), desc="reference", unit="img", dynamic_ncols=True, disable=not info.is_main)
+    bar = tqdm(total=len(entries), desc=desc, unit="img", dynamic_ncols=True, disable=not info.is_main)
     try:
-        for batch in dist.rank_batches(len(entries), cfg.batch_size, info.rank, info.world_size):
+        for batch in dist.rank_batches(len(entries), batch_size, info.rank, info.world_size):
             try:
                 ims = []
                 for i in batch:
@@ -505,7 +522,7 @@ def reference_stats(cfg, info: DistInfo, device, model, fid_sha: str, resolution
                 problem = (f"--ref-images: could not read an image of {entries[batch[0]][0]} "
                            f"({type(err).__name__}: {str(err)[:200]})")
                 break
-            feats.append(fid_features(model, torch.stack(ims), batch_size=cfg.batch_size).float())
+            feats.append(features(torch.stack(ims)))
             idx += batch
             bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
     finally:
@@ -515,14 +532,7 @@ def reference_stats(cfg, info: DistInfo, device, model, fid_sha: str, resolution
     problems = [p for p in dist.gather_objects(problem, info.world_size) if p]
     if problems:
         raise UserError(problems[0])
-    rows = dist.gather_rows(idx, torch.cat(feats) if feats else None, 2048, info.world_size, device)
-    stats = FIDStats.from_features(rows.double(), meta)
-    if info.is_main:
-        stats.save(cache)
-        rec["sha256"] = file_sha256(cache)
-    rec.update(n=stats.n, meta=stats.meta)
-    dist.barrier(info.world_size)
-    return stats, rec
+    return dist.gather_rows(idx, torch.cat(feats) if feats else None, width, info.world_size, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,6 +622,7 @@ class Shapes:
     ceiling: dict | None
     name: str = "shapes"
     width: int = len(SCORE_FIELDS)
+    caption_accuracy: bool = True
 
     def rows(self, images, metric_images, captions):
         return torch.tensor([score_image(a, c) for a, c in zip(images, captions)], dtype=torch.float64)
@@ -632,6 +643,146 @@ class Shapes:
             parts.append(f"{who.replace('_', ' ')}: colour {c['colour_acc']:.3f}, position {c['position_acc']:.3f}, "
                          f"shape {c['shape_acc']:.3f}")
         return "; ".join(parts)
+
+
+@dataclass
+class PRDC:
+    """Precision, recall, density and coverage of the samples against real reference images
+    (`lct.prdc`: Kynkaanniemi et al. 2019, Naeem et al. 2020) in a seeded random-VGG16 feature
+    space: the diversity figure reported beside every caption-accuracy figure."""
+
+    embed: Any
+    ref: torch.Tensor
+    record: dict
+    k: int = 5
+    name: str = "prdc"
+    width: int = 512
+
+    def rows(self, images, metric_images, captions):
+        return self.embed(metric_images).float()
+
+    def result(self, rows, out_dir, main):
+        from lct.prdc import CITATION, prdc
+
+        m = prdc(self.ref, rows, self.k)
+        return {"metric": "prdc", "value": m["coverage"], **m,
+                "label": f"precision/recall ({CITATION}), k {self.k}, {self.ref.shape[0]} real images; "
+                         f"value = coverage; spread = mean pairwise distance of the samples over the real images'",
+                "model": self.record}
+
+    def line(self, key, m):
+        return (f"{key} [vs {m['n_real']} real]: precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+                f"density {m['density']:.3f}, coverage {m['coverage']:.3f}, spread {m['spread']:.3f}")
+
+
+def setup_prdc(cfg, info, device, resolution, captions, gen) -> PRDC:
+    from lct.prdc import RandomVGG16
+
+    k = getattr(cfg, "prdc_k", 5)
+    if len(captions) <= k:
+        raise Unavailable(f"precision/recall needs more than k = {k} samples, --num-samples is {len(captions)}",
+                          FIX["prdc"])
+    if cfg.ref_images is None:
+        raise Unavailable("no reference images for precision/recall/coverage", FIX["prdc"])
+    try:
+        entries = list_ref_images(ref_files(cfg.ref_images))
+    except UserError as err:
+        raise Unavailable(str(err), FIX["prdc"]) from None
+    if len(entries) <= k:
+        raise Unavailable(f"--ref-images {cfg.ref_images}: {len(entries)} image(s); precision/recall needs more "
+                          f"than k = {k}", FIX["prdc"])
+    if len(entries) > len(captions):  # as many real as generated images (Naeem et al.): a seeded subset
+        keep = np.sort(np.random.default_rng(0).choice(len(entries), len(captions), replace=False))
+        entries = [entries[int(i)] for i in keep]
+    embed = RandomVGG16(resolution, device)
+    ref = ref_image_rows(entries, cfg.batch_size, info, device, resolution, lambda x: embed(x).float(),
+                         embed.width, "reference (prdc)").double()
+    record = {"name": embed.label, "weights": None, "weights_sha256": None, "k": k,
+              "reference": {"pattern": cfg.ref_images, "n": len(entries)}}
+    return PRDC(embed, ref, record, k)
+
+
+# --------------------------------------------------------------------------------------------
+# User metrics: --metric module:Name (or path/to/file.py:Name)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricContext:
+    """What a user metric's constructor gets (`Name(ctx)`, README "Your own metric"): the captions
+    being sampled in index order (`records` adds `key`/`image_id` where the caption file has them),
+    the size of `metric_images` (`resolution`), the device, this rank (`info`), the batch size and
+    the `--metric-arg KEY=VALUE` options. Raise `lct.metrics.Unavailable(reason, fix)` (or any
+    `UserError`) when the metric cannot run here: it is reported as skipped, the samples are still
+    written. Set `caption_accuracy = True` on a metric that scores how well images follow their
+    captions: eval then reports precision/recall/coverage beside it (`prdc`)."""
+
+    captions: list[str]
+    records: list[dict]
+    resolution: int
+    device: torch.device
+    info: DistInfo
+    batch_size: int = 32
+    options: dict[str, str] = field(default_factory=dict)
+
+
+METRIC_PARTS = ("name", "width", "record", "rows", "result", "line")
+
+
+def parse_metric_args(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--metric-arg {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def resolve_user_metric(spec: str):
+    """The constructor named by `module:Name` (an importable module) or `path/to/file.py:Name`;
+    a bad spec is a `UserError` naming --metric (before any sampling)."""
+    import importlib
+    import importlib.util
+
+    mod_part, sep, attr = str(spec).rpartition(":")
+    if not sep or not mod_part or not attr.isidentifier():
+        raise UserError(f"--metric {spec}: expected module:Name or path/to/file.py:Name")
+    try:
+        if mod_part.endswith(".py") or os.sep in mod_part:
+            path = Path(mod_part).expanduser()
+            if not path.is_file():
+                raise UserError(f"--metric {spec}: file {path} not found")
+            name = "lct_user_metric_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_part)
+    except UserError:
+        raise
+    except Exception as err:  # ImportError, SyntaxError, errors at import time
+        raise UserError(f"--metric {spec}: could not import {mod_part} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"--metric {spec}: {mod_part} has no callable {attr}")
+    return factory
+
+
+def build_user_metric(spec: str, factory, ctx: MetricContext, taken: set[str]):
+    """`factory(ctx)`, checked against the Metric protocol."""
+    metric = factory(ctx)
+    missing = [a for a in METRIC_PARTS if not hasattr(metric, a)]
+    if missing:
+        raise UserError(f"--metric {spec}: {type(metric).__name__} lacks {', '.join(missing)} of lct.metrics.Metric")
+    if not isinstance(metric.name, str) or not metric.name.isidentifier() or metric.name in taken:
+        raise UserError(f"--metric {spec}: name {metric.name!r} must be an identifier other than {sorted(taken)}")
+    return metric
+
+
+def is_caption_accuracy(metric) -> bool:
+    return bool(getattr(metric, "caption_accuracy", False))
 
 
 def metric_images(u8: np.ndarray, res: int) -> torch.Tensor:
@@ -705,21 +856,45 @@ def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device
             for k, v in rows.items()}
 
 
-SETUP = {"fid": setup_fid, "clip": setup_clip, "shapes": setup_shapes}
+SETUP = {"fid": setup_fid, "clip": setup_clip, "shapes": setup_shapes, "prdc": setup_prdc}
 
 
-def setup_metrics(cfg, info: DistInfo, device, resolution: int, captions: list[str], gen) -> tuple[list, dict]:
-    """(metrics that run, {name: skipped record} for those that cannot) of `cfg.metrics`; a metric
-    runs only where every rank could set it up."""
+def setup_metrics(cfg, info: DistInfo, device, resolution: int, captions: list[str], gen,
+                  records: list[dict] | None = None, user: dict | None = None) -> tuple[list, dict]:
+    """(metrics that run, {name: skipped record} for those that cannot) of `cfg.metrics` and the
+    user metrics `user` ({--metric spec: constructor}); a metric runs only where every rank could
+    set it up. `prdc` is added beside any caption-accuracy metric."""
     ready, skipped = {}, {}
-    for name in dict.fromkeys(cfg.metrics):
+    names = [m for m in dict.fromkeys(cfg.metrics) if m != "none"]
+    for name in names:
+        if name == "prdc":
+            continue  # last: it is added beside the caption-accuracy metrics
         try:
             ready[name] = SETUP[name](cfg, info, device, resolution, captions, gen)
         except UserError as err:
             skipped[name] = {"skipped": True, "reason": str(err), "fix": getattr(err, "fix", FIX[name])}
+    ctx = MetricContext(list(captions), list(records or [{"caption": c} for c in captions]), resolution,
+                        torch.device(device), info, cfg.batch_size, parse_metric_args(getattr(cfg, "metric_arg", None)))
+    for spec, factory in (user or {}).items():
+        try:
+            m = build_user_metric(spec, factory, ctx, set(SETUP) | set(ready))
+            ready[m.name] = m
+        except UserError as err:
+            key = spec.rpartition(":")[2]
+            skipped[key] = {"skipped": True, "reason": str(err), "fix": getattr(err, "fix", FIX["user"]),
+                            "metric": spec}
+        except Exception as err:  # a bug in the user's metric: named, the samples are still written
+            key = spec.rpartition(":")[2]
+            skipped[key] = {"skipped": True, "reason": f"{spec} failed to set up: {type(err).__name__}: {err}",
+                            "fix": "fix the metric's code", "metric": spec}
+    if "prdc" in names or any(is_caption_accuracy(m) for m in ready.values()):
+        try:
+            ready["prdc"] = setup_prdc(cfg, info, device, resolution, captions, gen)
+        except UserError as err:
+            skipped["prdc"] = {"skipped": True, "reason": str(err), "fix": getattr(err, "fix", FIX["prdc"])}
     everywhere = set.intersection(*[set(r) for r in dist.gather_objects(list(ready), info.world_size)])
     for name in list(ready):
         if name not in everywhere:
             del ready[name]
-            skipped[name] = {"skipped": True, "reason": "not available on every rank", "fix": FIX[name]}
+            skipped[name] = {"skipped": True, "reason": "not available on every rank", "fix": FIX.get(name, FIX["user"])}
     return list(ready.values()), skipped
