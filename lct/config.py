@@ -350,6 +350,8 @@ class TrainVAEConfig(Strict):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA with bf16 support, else fp32")
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores this process may use")
+    min_psnr: float = Field(30.0, description="warn when the held-out PSNR (dB) is below this: README's rule of "
+                            "thumb per kind of data (shapes 35, digits 30)")
     overwrite: bool = Field(False, description="retrain when --output holds a VAE trained with another config")
     progress: bool = Field(True, description="tqdm progress bar")
 

@@ -689,7 +689,7 @@ def loop(run: Run, started: float | None = None) -> int:
             exit_code = EXIT_SIGTERM if int(sig) == signal.SIGTERM else EXIT_SIGINT
             if info.is_main:
                 print(f"received {signal.Signals(int(sig)).name}: checkpoint {saved_at} (step {k}) saved on "
-                      f"every rank; exiting with {exit_code}", file=sys.stderr, flush=True)
+                      f"every rank; exiting with {exit_code}; re-run the same command to continue from it", file=sys.stderr, flush=True)
             break
         if time_up:
             if info.is_main:
