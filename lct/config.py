@@ -697,7 +697,7 @@ def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
         if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+            parser.add_argument(flag, dest=name, nargs="+", action="extend", default=None, help=help_)  # repeatable
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_)
     if extra:
