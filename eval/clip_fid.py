@@ -13,7 +13,7 @@ precision/recall/coverage, your own metrics (`--metric module:Name`).
 
 The protocol (captions, reference statistics, preprocessing, feature models, metric names), the
 settings swept, what is written where and how ranks share the work: README, "Evaluation protocol".
-The metrics themselves: `lct.metrics` (`Metric`, `setup_metrics`).
+The metrics themselves: `lct.metrics` (`Metric`, `setup_metrics`); their feature models: `lct.features`.
 """
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
@@ -38,7 +38,8 @@ from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
 from lct.grids import caption_grid, save_png, to_uint8
-from lct.metrics import FID_WEIGHTS_SHA256, SETUP, metric_images, parse_metric_args, resolve_user_metric, setup_metrics
+from lct.features import FID_WEIGHTS_SHA256
+from lct.metrics import SETUP, metric_images, parse_metric_args, resolve_user_metric, setup_metrics
 from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get_protocol, metric_name,
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title

@@ -17,9 +17,16 @@ The Metric protocol (`lct.metrics.Metric`) in five parts: `name`, `width`, `reco
 `rows(images, metric_images, captions)` per batch, `result(rows, out_dir, main)` once per setting
 over all rows in sample order, `line(key, m)` for the console; built as `DigitAccuracy(ctx)` with
 an `lct.metrics.MetricContext`.
+
+As a script it scores a folder that `python -m lct.sample` or eval wrote (PNGs + captions.jsonl):
+
+    python eval/digits_metric.py --classifier data/digits/classifier.safetensors --samples samples/
 """
 
-from __future__ import annotations
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+
 
 import json
 import re
@@ -185,3 +192,36 @@ def _sha256(path: Path) -> str:
     from lct.files import file_sha256
 
     return file_sha256(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from PIL import Image
+
+    from lct.dist import DistInfo
+    from lct.errors import UserError
+    from lct.protocols import read_captions
+
+    p = argparse.ArgumentParser(prog="eval/digits_metric.py",
+                                description="Digit accuracy of a samples folder (PNGs + captions.jsonl with file, caption).")
+    p.add_argument("--classifier", required=True, help="classifier.safetensors of data_prep/make_digits.py")
+    p.add_argument("--samples", required=True, help="a folder written by python -m lct.sample or eval/clip_fid.py")
+    args = p.parse_args(argv)
+    folder = Path(args.samples)
+    if not (folder / "captions.jsonl").is_file():
+        raise UserError(f"--samples {folder}: no captions.jsonl (a folder of lct.sample or eval/clip_fid.py)")
+    rows = [json.loads(l) for l in (folder / "captions.jsonl").read_text().splitlines() if l.strip()]
+    caps = [r["caption"] for r in read_captions(folder / "captions.jsonl")]
+    ctx = MetricContext(caps, rows, 0, torch.device("cpu"), DistInfo(), options={"classifier": args.classifier})
+    metric = DigitAccuracy(ctx)
+    images = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
+    m = metric.result(metric.rows(images, None, caps), folder, True)
+    print(metric.line(f"digits{len(rows)}", m))
+    return 0
+
+
+if __name__ == "__main__":
+    from lct.errors import cli_main
+
+    cli_main(main)

@@ -37,14 +37,12 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lct.stages import header, launcher, run
+
 
 # Full demo and the CI-sized one. Training steps come from configs/demo_edm.yaml (3600) and
 # configs/demo.yaml (600) unless set here: the full demo takes 19 min on 2 CPU cores (README), the
@@ -61,24 +59,6 @@ SIZES = {
 # (shape read right on 0.76 of its held-out reconstructions, and the DiT reaches that ceiling);
 # with 8 it keeps 0.89 and the 1-step samples' shape goes from 0.76 to 0.81 (README, issue 24).
 VAE_ARCH = ["--downsample", "4", "--latent-channels", "8"]
-
-
-def header(title: str) -> None:
-    print(f"\n{'=' * 100}\n== {title}\n{'=' * 100}", flush=True)
-
-
-def run(cmd: list[str], env: dict | None = None, cwd: Path | str = ROOT) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        print(f"demo: stage failed (exit {proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
-        sys.exit(proc.returncode)
-
-
-def launcher(num_ranks: int) -> list[str]:
-    """The real DeepSpeed launcher: GPUs when there are some, else CPU ranks (gloo)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-            "--master_port", str(29500 + os.getpid() % 1000)]
 
 
 def main(argv=None) -> int:
@@ -125,7 +105,8 @@ def main(argv=None) -> int:
     train_shards = ",".join(str(s) for s in sorted(shapes.glob("*.tar")))
     heldout_shards = ",".join(str(s) for s in sorted((shapes / "heldout").glob("*.tar")))
     cmd = [py, "data_prep/train_vae.py", "--input", train_shards, "--heldout", heldout_shards,
-           "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device]
+           "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device,
+           "--min-psnr", "35"]  # README, "How good a VAE is enough": small shapes lose their colour below
     if size["vae_steps"]:
         cmd += ["--steps", str(size["vae_steps"])]
     run(cmd, env)

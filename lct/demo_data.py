@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lct.stages import ROOT
 HELDOUT_FRACTION, HELDOUT_MAX = 0.1, 500
 
 # Sizes per machine. cpu: the shapes demo's measured recipe (README: 19 min on 2 cores for 8,000
@@ -160,12 +160,12 @@ def absolute(pattern: str) -> str:
 
 
 def run_data(args, parser) -> int:
-    from lct import demo
+    from lct import stages
+    from lct.stages import header, launcher
 
     def run(cmd, env=None):  # the user's relative paths (--metric file.py, --metric-arg) mean their folder
-        demo.run(cmd, env, cwd=os.getcwd())
+        stages.run(cmd, env, cwd=os.getcwd())
 
-    header, launcher = demo.header, demo.launcher
     check_inputs(args)
     args.data = absolute(args.data)
     args.heldout = absolute(args.heldout) if args.heldout else None
@@ -260,7 +260,7 @@ def run_data(args, parser) -> int:
 
 
 def summarize(out: Path, vae: str, ev: Path, times: dict, plan: dict, kind: str) -> dict:
-    from lct.demo import header
+    from lct.stages import header
 
     header("demo summary")
     vae_json = Path(vae) / "train_vae.json"
@@ -286,12 +286,9 @@ def summarize(out: Path, vae: str, ev: Path, times: dict, plan: dict, kind: str)
     for r in rows:
         print(f"  {r['steps']}-step (NFE {r['nfe']}){'':8}" + "".join(
             f"{r[c]:12.3f}" if isinstance(r.get(c), float) else f"{str(r.get(c)):>12}" for c in cols))
-    for r in rows:
-        for k, v in r.items():
-            if k.endswith("_ceiling"):
-                print(f"  {k[:-8]}: real held-out images score {v.get('real_heldout_accuracy', v)}")
-                break
-        break
+    for k, v in (rows[0] if rows else {}).items():
+        if k.endswith("_ceiling") and isinstance(v.get("real_heldout_accuracy"), float):
+            print(f"  {k[:-8]}: the real held-out images score {v['real_heldout_accuracy']:.3f}")
     print("precision/recall/density/coverage: Kynkaanniemi et al. 2019, Naeem et al. 2020 (random-VGG16 features, "
           "k 5) against the held-out images; spread 1 = as varied as they are")
     for r in rows:

@@ -163,7 +163,7 @@ def test_tau_and_guidance_sweeps(export_dir, shapes_captions, tmp_path):
 
 
 class FrechetSpy:
-    """Records the calls of `lct.metrics.frechet_distance`; computes each distinct input once (the
+    """Records the calls of `lct.features.frechet_distance`; computes each distinct input once (the
     2048 x 2048 eigenvalue problem takes 10-25 s on a loaded 2-core machine)."""
 
     def __init__(self, real):
@@ -181,11 +181,11 @@ class FrechetSpy:
 
 @pytest.mark.slow
 def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weights, tmp_path, capsys, monkeypatch):
-    import lct.metrics
-    from lct.metrics import FIDStats
+    import lct.features
+    from lct.features import FIDStats
 
-    spy = FrechetSpy(lct.metrics.frechet_distance)
-    monkeypatch.setattr(lct.metrics, "frechet_distance", spy)
+    spy = FrechetSpy(lct.features.frechet_distance)
+    monkeypatch.setattr(lct.features, "frechet_distance", spy)
     pattern = make_image_shards(tmp_path / "ref", n_shards=2, per_shard=2, size=(40, 28))
     n = 3
     # The default protocol with other captions and fewer samples: runs, labelled as a deviation.
@@ -345,7 +345,7 @@ def test_fid_weights_sha256_and_the_pytorch_fid_layout(fid_weights, tmp_path, mo
     as it is; anything else is loaded weights-only and marked unverified."""
     import torchvision
 
-    from lct import metrics
+    from lct import features as metrics
 
     model = metrics.load_fid_inception(fid_weights)
     sha = hashlib.sha256(fid_weights.read_bytes()).hexdigest()
