@@ -635,31 +635,32 @@ def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | N
     rank 0). `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch);
     `manifest`: the data's, where it can be read; `cuda`: whether a GPU is there (None: unknown, no
     device warnings)."""
-    m, warn = cfg.method, {}
+    m, warn = cfg.method, {}  # id -> message; a config lists the ids it has weighed in run.accept_warnings
     if m.objective == "ect" and m.c == "adaptive":
         warn["adaptive_c_ect"] = ("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
-                    "(SPEC 4), not a published rule")
+                                  "(SPEC 4), not a published rule")
     if m.ot and m.objective != "edm":
         mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
-            warn["ot_small_group"] = (f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+            warn["ot_small_group"] = f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)"
     if manifest is not None and cfg.data.flip and not manifest.get("flip"):
         warn["flip_without_copies"] = ("data.flip is true but the latents were encoded without flipped copies "
-                    "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
-                    "re-encode with --flip")
+                                       "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
+                                       "re-encode with --flip")
     images = cfg.run.total_steps * cfg.optim.batch_size
-    for e in cfg.ema.models:
-        if e.resolved_halflife() > images:
-            warn["ema_longer_than_run"] = (f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer "
-                        f"than the run ({images:,} images = run.total_steps x optim.batch_size), so it stays "
-                        "close to the early weights; use halflife_images of a few percent of the run")
+    long = [e for e in cfg.ema.models if e.resolved_halflife() > images]
+    if long:
+        warn["ema_longer_than_run"] = "; ".join(
+            f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer than the run "
+            f"({images:,} images = run.total_steps x optim.batch_size), so it stays close to the early weights"
+            for e in long) + "; use halflife_images of a few percent of the run"
     if cuda is False:
         if cfg.model.compile:
             warn["compile_cpu"] = ("model.compile is on but there is no GPU: torch.compile on the CPU spends minutes "
-                        "compiling for little gain; set model.compile: false")
+                                   "compiling for little gain; set model.compile: false")
         if cfg.precision == "bf16_trunk":
             warn["bf16_cpu"] = ("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
-                        "approximate; set precision: fp32")
+                                "approximate; set precision: fp32")
     return [f"{text} [{key}: if weighed, list it in run.accept_warnings]" for key, text in warn.items()
             if key not in cfg.run.accept_warnings]
 
