@@ -198,7 +198,7 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
         for m in metrics:
             if m.name not in failed:
                 try:
-                    rows[m.name].append(m.rows(u8, x, caps).reshape(len(batch), m.width))
+                    rows[m.name].append(torch.as_tensor(m.rows(u8, x, caps)).reshape(len(batch), m.width))
                     continue
                 except Exception as err:  # a metric's bug never costs the samples: named, then skipped
                     failed[m.name] = f"failed while scoring: {type(err).__name__}: {str(err)[:300]}"
