@@ -302,6 +302,20 @@ def test_make_digits_shards_classifier_and_metric(tmp_path, capsys):
     with pytest.raises(Unavailable, match="name one digit"):
         DigitAccuracy(MetricContext(["a cat"] * 4, [], 16, torch.device("cpu"), DistInfo(), options=ctx.options))
 
+    # As a script, on a samples folder as lct.sample writes it (PNGs + captions.jsonl).
+    from lct.eval import digits_metric
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, (a, c) in enumerate(zip(imgs[:20], ctx.captions[:20])):
+        Image.fromarray(a).save(folder / f"{i:06d}.png")
+    (folder / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i:06d}.png", "caption": c}) + "\n"
+                                                   for i, c in enumerate(ctx.captions[:20])))
+    capsys.readouterr()
+    assert digits_metric.main(["--classifier", str(out / "classifier.safetensors"), "--samples", str(folder)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("digits20: digit accuracy ") and "chance 0.100" in line
+
 
 # ------------------------------------------------------------------------------------------ smaller items
 
