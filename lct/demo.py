@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     ev = out / "eval"
     run([py, "eval/clip_fid.py", "--checkpoint", str(ct_dir), "--protocol", "custom",
          "--captions", str(shapes / "heldout" / "captions.jsonl"), "--num-samples", str(size["eval_samples"]),
-         "--steps", "1", "2", "--metrics", "shapes", "--device", device, "--batch-size", "100", "--out", str(ev)],
+         "--steps", "1", "2", "--metrics", "shapes", "--ref-images", heldout_shards,  # and prdc beside it
+         "--device", device, "--batch-size", "100", "--out", str(ev)],
         env)
     times["eval"] = time.time() - t
     times["total"] = time.time() - t_all
@@ -172,6 +173,9 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
                          "chance_shape": m["chance_shape"],
                          "grid": str(ev / s["dir"] / "grid.png") if not Path(s["dir"]).is_absolute()
                          else str(Path(s["dir"]) / "grid.png")})
+            p = next((v for k, v in s["metrics"].items() if k.startswith("prdc") and "value" in v), None)
+            if p:
+                rows[-1]["diversity"] = {k: p[k] for k in ("precision", "recall", "density", "coverage", "spread")}
     ceiling = {k: {**{a: v[a] for a in keys}, "by_size": v["by_size"], "n": v["n"]}
                for k, v in (results.get("shapes_ceiling") or {}).items()}
     print(f"VAE held-out PSNR: {vae_info.get('heldout_psnr', vae_info.get('psnr', 'n/a'))} dB")
@@ -186,6 +190,12 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
     if rows:
         r = rows[0]
         print(f"  {'chance':<30} {r['chance_colour']:8.3f} {r['chance_position']:9.3f} {r['chance_shape']:7.3f}")
+    for r in rows:
+        if r.get("diversity"):
+            d = r["diversity"]
+            print(f"{r['steps']}-step samples against the held-out images: precision {d['precision']:.3f}, recall "
+                  f"{d['recall']:.3f}, density {d['density']:.3f}, coverage {d['coverage']:.3f}, spread {d['spread']:.3f} "
+                  "(Kynkaanniemi et al. 2019, Naeem et al. 2020; random-VGG16 features)")
     for r in rows:
         print(f"{r['steps']}-step grid: {r['grid']}")
     print("\nstage times:")
