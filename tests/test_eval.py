@@ -477,7 +477,8 @@ def _free_port() -> int:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions, tmp_path):
-    common = ["--steps", "2", "--metrics", "shapes", "--batch-size", "2"]
+    ref = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=N, size=16)  # prdc's real images
+    common = ["--steps", "2", "--metrics", "shapes", "--batch-size", "2", "--ref-images", ref]
     one = tmp_path / "one"
     assert clip_fid.main(base_args(export_dir, shapes_captions, one, *common)) == 0
     two = tmp_path / "two"
@@ -494,6 +495,8 @@ def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions
     assert s1["name"] == s2["name"]
     for k in ("colour_acc", "position_acc", "both_acc", "n", "no_shape"):
         assert s1["metrics"][f"shapes{N}"][k] == s2["metrics"][f"shapes{N}"][k]
+    for k in ("precision", "recall", "density", "coverage", "spread"):
+        assert s1["metrics"][f"prdc{N}"][k] == pytest.approx(s2["metrics"][f"prdc{N}"][k], abs=1e-9), k
     d1, d2 = one / s1["name"], two / s2["name"]
     for i in range(N):
         assert (d1 / f"{i:06d}.png").read_bytes() == (d2 / f"{i:06d}.png").read_bytes(), i
