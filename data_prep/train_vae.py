@@ -26,7 +26,9 @@ a given seed and thread count when stopped by `--steps` (a time budget stops whe
 
 Outputs: `save_pretrained(DIR)` plus `DIR/train_vae.json` (config, architecture, steps, time,
 final losses, a 20-point loss curve, held-out PSNR, mean posterior std, latent shape and per-channel
-latent statistics), written to `.DIR.tmpPID` beside it and renamed into place. A re-run whose
+latent statistics, `psnr_ok` against `--min-psnr`) and `DIR/reconstructions.png` (8 held-out images
+above their reconstructions, each with its PSNR; a warning names it when the held-out PSNR is below
+`--min-psnr`, README "How good a VAE is enough"), written to `.DIR.tmpPID` beside it and renamed into place. A re-run whose
 output folder is complete and was trained with the same config (all options but --output,
 --overwrite, --progress, --device and --threads) skips training and says so; one with another
 config is refused (exit 2, naming the differing options) unless `--overwrite`, which retrains and
