@@ -5,7 +5,7 @@
 
 The path is the one `eval/clip_fid.py` runs per batch (through `lct.pipeline.LCTPipeline`, which
 reproduces it bit for bit): `lct.samplers.consistency_sample` on the parameterised DiT (text states of 77 tokens), `lct.vae.decode` in fp32, uint8 conversion and
-`lct.metrics.fid_features` (torch-fidelity's FID Inception, here with random weights, which
+`lct.features.fid_features` (torch-fidelity's FID Inception, here with random weights, which
 costs the same). Weights are random: none can be downloaded, and timing does not depend on them.
 """
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from lct.config import load_config
     from lct.engine import set_precision
     from lct.grids import to_uint8
-    from lct.metrics import fid_features, load_fid_inception
+    from lct.features import fid_features, load_fid_inception
     from lct.models import Precond, build_dit
     from lct.samplers import consistency_sample
     from lct.vae import decode

@@ -26,7 +26,9 @@ a given seed and thread count when stopped by `--steps` (a time budget stops whe
 
 Outputs: `save_pretrained(DIR)` plus `DIR/train_vae.json` (config, architecture, steps, time,
 final losses, a 20-point loss curve, held-out PSNR, mean posterior std, latent shape and per-channel
-latent statistics), written to `.DIR.tmpPID` beside it and renamed into place. A re-run whose
+latent statistics, `psnr_ok` against `--min-psnr`) and `DIR/reconstructions.png` (8 held-out images
+above their reconstructions, each with its PSNR; a warning names it when the held-out PSNR is below
+`--min-psnr`, README "How good a VAE is enough"), written to `.DIR.tmpPID` beside it and renamed into place. A re-run whose
 output folder is complete and was trained with the same config (all options but --output,
 --overwrite, --progress, --device and --threads) skips training and says so; one with another
 config is refused (exit 2, naming the differing options) unless `--overwrite`, which retrains and
@@ -83,6 +85,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -92,9 +95,10 @@ from lct.errors import UserError, cli_main
 from lct.files import atomic_dir, output_dir_problem, write_json
 
 FORMAT_VERSION = 1
+GRID_IMAGES = 8  # held-out images (top row) and their reconstructions (bottom row) in reconstructions.png
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 # Options that do not change what is trained: a re-run that differs only in these still skips.
-NON_RESULT_KEYS = ("output", "overwrite", "progress", "device", "threads")
+NON_RESULT_KEYS = ("output", "overwrite", "progress", "device", "threads", "min_psnr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,11 +235,15 @@ def evaluate(vae, images_u8, device, use_bf16: bool, batch_size: int = 250) -> d
             dist = vae.encode(x).latent_dist
             y = vae.decode(dist.mean).sample.float().clamp(-1, 1)
             psnrs.append(psnr_from_mse(((y - x) ** 2).mean(dim=(1, 2, 3)).double().cpu()))
+            if i == 0:
+                first = (x[:GRID_IMAGES].float().cpu(), y[:GRID_IMAGES].cpu())
             stds.append(dist.std.float().cpu())
             means.append(dist.mean.float().cpu())
     vae.train()
     std, mean = torch.cat(stds), torch.cat(means)
-    return {"psnr": float(torch.cat(psnrs).mean()), "num_images": int(len(images_u8)),
+    per_image = torch.cat(psnrs)
+    return {"psnr": float(per_image.mean()), "num_images": int(len(images_u8)),
+            "psnr_min": float(per_image.min()), "grid": (*first, per_image[:GRID_IMAGES].tolist()),
             "posterior_std_mean": float(std.mean()),
             "latent_shape": list(mean.shape[1:]),
             "latent_mean_channel_mean": [round(float(v), 5) for v in mean.mean(dim=(0, 2, 3))],
@@ -266,8 +274,12 @@ def train(cfg: TrainVAEConfig, train_u8, device, use_bf16: bool) -> tuple[object
     perm, pos = torch.randperm(n, generator=gen), 0
     losses, recs, kls = [], [], []
     stop = "steps"
-    bar = tqdm(total=cfg.steps, desc="train_vae", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    # miniters=1: tqdm's dynamic miniters stop redrawing when steps slow down (a loaded machine), which
+    # froze the bar on one "left" value; the time left is from the last 50 steps' pace.
+    bar = tqdm(total=cfg.steps, desc="train_vae", unit="step", disable=not cfg.progress, dynamic_ncols=True,
+               miniters=1, mininterval=0.5)
     t0 = time.perf_counter()
+    marks: list[tuple[int, float]] = []
     step = 0
     for step in range(cfg.steps):
         elapsed = time.perf_counter() - t0
@@ -309,7 +321,10 @@ def train(cfg: TrainVAEConfig, train_u8, device, use_bf16: bool) -> tuple[object
         if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
             mse = (err.detach() ** 2).mean().item()  # the bar's PSNR, whatever --loss is
             el = time.perf_counter() - t0
-            left = (cfg.steps - step - 1) * el / (step + 1)
+            marks = (marks + [(step, el)])[-6:]
+            (s0, e0), (s1, e1) = marks[0], marks[-1]
+            pace = (e1 - e0) / (s1 - s0) if s1 > s0 else el / (step + 1)
+            left = (cfg.steps - step - 1) * pace
             if budget is not None:
                 left = min(left, budget - el)
             bar.set_postfix_str(f"loss {sum(losses[-10:]) / len(losses[-10:]):.4f} "
@@ -375,11 +390,26 @@ def remove_stale_temporaries(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_atomic(vae, record: dict, out: Path) -> None:
+def reconstruction_grid(grid):
+    """Held-out images (top row) above their reconstructions (bottom row, with PSNR)."""
+    from lct.grids import caption_grid, to_uint8
+
+    x, y, psnrs = grid
+    n = x.shape[0]
+    tiles = list(to_uint8(x)) + list(to_uint8(y))
+    captions = [f"held-out {i}" for i in range(n)] + [f"recon. {p:.1f} dB" for p in psnrs]
+    return caption_grid(tiles, captions, cols=n, title="held-out images (top) and reconstructions (bottom)")
+
+
+def save_atomic(vae, record: dict, out: Path, grid=None) -> None:
     """save_pretrained into a temporary folder beside `out`, write train_vae.json last, then swap
     it in (`lct.files.atomic_dir`: a crash leaves the old folder or the new one, never half)."""
+    from lct.grids import save_png
+
     with atomic_dir(out) as tmp:
         vae.save_pretrained(str(tmp), safe_serialization=True)
+        if grid is not None:
+            save_png(reconstruction_grid(grid), tmp / "reconstructions.png")
         write_json(tmp / "train_vae.json", record)
 
 
@@ -404,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             psnr = prev.get("heldout_psnr")
             print(f"train_vae: {out} already holds a VAE trained with this config (held-out PSNR "
                   f"{'n/a' if psnr is None else f'{psnr:.2f} dB'}); skipping training", flush=True)
+            if psnr is not None and psnr < cfg.min_psnr:
+                print(f"warning: held-out PSNR {psnr:.1f} dB is below --min-psnr {cfg.min_psnr:g} dB (README, 'How "
+                      "good a VAE is enough')", file=sys.stderr, flush=True)
             return 0
         if not cfg.overwrite:
             had = prev.get("config", {})
@@ -442,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vae, rec = train(cfg, train_u8, device, use_bf16)
     heldout = evaluate(vae, held, device, use_bf16) if len(held) else None
+    grid = heldout.pop("grid") if heldout else None
     vae = vae.float().cpu().eval()
     record = {"format": FORMAT_VERSION, "config": wanted,
               "vae_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()},
@@ -453,19 +487,26 @@ def main(argv: list[str] | None = None) -> int:
               "latent_shape": [cfg.latent_channels, cfg.resolution // cfg.downsample,
                                cfg.resolution // cfg.downsample],
               "heldout_psnr": round(heldout["psnr"], 3) if heldout else None,
+              "min_psnr": cfg.min_psnr, "psnr_ok": (heldout["psnr"] >= cfg.min_psnr) if heldout else None,
               "posterior_std_mean": heldout["posterior_std_mean"] if heldout else None,
               "heldout": heldout,
               "psnr_definition": "mean over held-out images of 10*log10(255^2/MSE), pixels mapped "
                                  "[-1,1] -> [0,255] as (x+1)*127.5 without rounding, reconstruction = "
                                  "decode(posterior mean) clamped to [-1,1]"}
-    save_atomic(vae, record, out)
+    save_atomic(vae, record, out, grid)
     total = time.perf_counter() - t_start
     psnr = f"{heldout['psnr']:.2f} dB" if heldout else "n/a (no held-out images)"
     print(f"train_vae: {rec['steps']} steps (stopped by {rec['stopped_by']}) in {rec['train_seconds']:.1f}s, "
           f"{total:.1f}s in all; held-out PSNR {psnr}; final loss {rec['final_loss']:.4f} (rec "
           f"{rec['final_rec_loss']:.4f}, KL {rec['final_kl']:.1f}); mean posterior std "
           f"{record['posterior_std_mean'] if heldout else float('nan'):.4f}; latent "
-          f"{'x'.join(map(str, record['latent_shape']))} -> {out}", flush=True)
+          f"{'x'.join(map(str, record['latent_shape']))} -> {out} (reconstructions.png: held-out images and "
+          "their reconstructions)", flush=True)
+    if heldout and heldout["psnr"] < cfg.min_psnr:
+        print(f"warning: held-out PSNR {heldout['psnr']:.1f} dB is below --min-psnr {cfg.min_psnr:g} dB, the rule of "
+              "thumb for this kind of data (README, 'How good a VAE is enough'): the generator cannot draw what "
+              f"the VAE loses. Look at {out / 'reconstructions.png'}; train longer (--steps {2 * cfg.steps}) or with "
+              "more --latent-channels", file=sys.stderr, flush=True)
     return 0
 
 

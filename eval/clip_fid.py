@@ -1,15 +1,19 @@
-"""Samples a model in 1, 2 or k steps and scores them: FID, CLIP score, the shapes metric.
+"""Samples a model in 1, 2 or k steps and scores them: FID, CLIP score, the shapes metric,
+precision/recall/coverage, your own metrics (`--metric module:Name`).
 
     python eval/clip_fid.py --checkpoint runs/lct_coco --steps 1 2 --fid-weights weights-inception-2015-12-05-6726825d.pth \\
         --ref-images 'data/coco/val2014/{00000..00008}.tar' --out eval_out/lct_coco
     python eval/clip_fid.py --protocol custom --checkpoint runs/shapes --captions data/shapes/heldout/captions.jsonl \\
         --steps 1 2 --metrics shapes --out eval_out/shapes
+    python eval/clip_fid.py --protocol custom --checkpoint runs/digits --captions data/digits/heldout/captions.jsonl \
+        --ref-images 'data/digits/heldout/*.tar' --metrics none --metric lct.eval.digits_metric:DigitAccuracy \
+        --metric-arg classifier=data/digits/classifier.safetensors --guidance 1 1.5 2 --out eval_out/digits
     torchrun --nproc_per_node 8 eval/clip_fid.py ...            # same samples and numbers, 8x faster
     python eval/clip_fid.py --make-captions --coco-annotations annotations/captions_val2014.json
 
 The protocol (captions, reference statistics, preprocessing, feature models, metric names), the
 settings swept, what is written where and how ranks share the work: README, "Evaluation protocol".
-The metrics themselves: `lct.metrics` (`Metric`, `setup_metrics`).
+The metrics themselves: `lct.metrics` (`Metric`, `setup_metrics`); their feature models: `lct.features`.
 """
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
@@ -34,7 +38,8 @@ from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
 from lct.grids import caption_grid, save_png, to_uint8
-from lct.metrics import FID_WEIGHTS_SHA256, SETUP, metric_images, setup_metrics
+from lct.features import FID_WEIGHTS_SHA256
+from lct.metrics import SETUP, metric_images, parse_metric_args, resolve_user_metric, setup_metrics
 from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get_protocol, metric_name,
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title
@@ -179,6 +184,7 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
     idx: list[int] = []
     rows: dict[str, list] = {m.name: [] for m in metrics}
     grid: dict[int, np.ndarray] = {}
+    failed: dict[str, str] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=s.name, unit="img", dynamic_ncols=True, disable=not info.is_main)
     for batch in dist.rank_batches(n, cfg.batch_size, info.rank, info.world_size):
@@ -190,7 +196,13 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
                 grid[i] = a
         x = metric_images(u8, res)
         for m in metrics:
-            rows[m.name].append(m.rows(u8, x, caps))
+            if m.name not in failed:
+                try:
+                    rows[m.name].append(torch.as_tensor(m.rows(u8, x, caps)).reshape(len(batch), m.width))
+                    continue
+                except Exception as err:  # a metric's bug never costs the samples: named, then skipped
+                    failed[m.name] = f"failed while scoring: {type(err).__name__}: {str(err)[:300]}"
+            rows[m.name].append(torch.zeros(len(batch), m.width))  # keeps the ranks' gathers the same size
         idx += batch
         bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
     bar.close()
@@ -199,7 +211,16 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
     tiles = {k: v for g in dist.gather_objects(grid, info.world_size) for k, v in g.items()}
     dist.barrier(info.world_size)
     seconds = time.perf_counter() - t0  # not the final reductions (covariance, Frechet distance)
-    results = {m.name: m.result(gathered[m.name], d, info.is_main) for m in metrics}
+    for part in dist.gather_objects(failed, info.world_size):
+        failed = {**part, **failed}
+    results = {}
+    for m in metrics:
+        try:
+            results[m.name] = ({"skipped": True, "reason": failed[m.name], "fix": "fix the metric's code"}
+                               if m.name in failed else m.result(gathered[m.name], d, info.is_main))
+        except Exception as err:  # as above: the samples and the other metrics survive
+            results[m.name] = {"skipped": True, "reason": f"failed in result(): {type(err).__name__}: {str(err)[:300]}",
+                               "fix": "fix the metric's code"}
     throughput = {"samples_per_s": n / seconds if seconds > 0 else None, "seconds": seconds, "samples": n,
                   "world_size": info.world_size, "device": str(device), "includes": THROUGHPUT_INCLUDES}
     return results, tiles, throughput
@@ -219,17 +240,41 @@ def write_setting(s: Setting, cfg: EvalConfig, records: list[dict], d: Path, til
 
 
 def summary_line(s: Setting, metrics: dict) -> str:
-    parts = [f"{key}: skipped" if m.get("skipped") else metrics[m["metric"]].line(key, m)
-             for key, m in s.metrics.items()]
+    def part(key, m):
+        if m.get("skipped"):
+            return f"{key}: skipped"
+        try:
+            return metrics[m["metric"]].line(key, m)
+        except Exception:  # a user metric's line(): the value is in results.json all the same
+            return f"{key} {m.get('value')}"
+
+    parts = [part(key, m) for key, m in s.metrics.items()] or ["samples only (no metric ran)"]
     tp = s.throughput.get("samples_per_s")
     return f"{s.name} (NFE {s.nfe}): " + "; ".join(parts) + (f" | {tp:.2f} samples/s" if tp else "")
 
 
+def sweep_table(settings: list[Setting]) -> list[str]:
+    """One row per setting (a --steps/--tau/--guidance sweep at a glance): each metric's value."""
+    keys = list(dict.fromkeys(k for s in settings for k, m in s.metrics.items() if not m.get("skipped")))
+    if len(settings) < 2 or not keys:
+        return []
+    width = max(len(s.name) for s in settings) + 2
+    lines = ["setting".ljust(width) + "NFE  " + "".join(k.rjust(max(10, len(k) + 2)) for k in keys)]
+    for s in settings:
+        vals = [s.metrics.get(k, {}).get("value") for k in keys]
+        lines.append(s.name.ljust(width) + f"{s.nfe:<5d}" + "".join(
+            ("-" if v is None else f"{v:.4f}").rjust(max(10, len(k) + 2)) for k, v in zip(keys, vals)))
+    return lines
+
+
 def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
     proto = get_protocol(cfg.protocol)
-    unknown = [m for m in cfg.metrics if m not in SETUP]
-    if unknown or not cfg.metrics:
-        raise UserError(f"--metrics {','.join(cfg.metrics)}: unknown {unknown} (known: {', '.join(SETUP)})")
+    unknown = [m for m in cfg.metrics if m not in SETUP and m != "none"]
+    if unknown or not (cfg.metrics or cfg.metric):
+        hint = "; your own metrics go in --metric module:Name" if any(":" in m for m in unknown) else ""
+        raise UserError(f"--metrics {','.join(cfg.metrics)}: unknown {unknown} (known: {', '.join(SETUP)}, none){hint}")
+    parse_metric_args(cfg.metric_arg)
+    user = {spec: resolve_user_metric(spec) for spec in dict.fromkeys(cfg.metric)}  # bad specs: refused now
     check_settings(cfg)
     out = check_out_dir(cfg.out, "--out")
     records, cap_rec, deviations = load_captions(cfg, proto)
@@ -249,9 +294,9 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
         if res != gen_res:
             log(info, f"generated images are {gen_res}px: resized to the protocol's {res}px for the metrics "
                       "(center crop + bicubic, as the reference images)")
-        log(info, f"protocol {proto.name}: {n} samples, {len(settings)} setting(s), metrics {','.join(cfg.metrics)}, "
-                  f"{info.world_size} rank(s) on {device}")
-        metrics, skipped = setup_metrics(cfg, info, device, res, captions, gen)
+        log(info, f"protocol {proto.name}: {n} samples, {len(settings)} setting(s), metrics "
+                  f"{','.join([*cfg.metrics, *cfg.metric])}, {info.world_size} rank(s) on {device}")
+        metrics, skipped = setup_metrics(cfg, info, device, res, captions, gen, records, user)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         by_name = {m.name: m for m in metrics}
@@ -279,24 +324,26 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
                            "rule": "center crop of the long edge + PIL bicubic (lct.vae.preprocess_image_uint8)"},
             "models": {**{m.name: m.record for m in metrics}, **skipped}, "reference": ref_rec, "skipped": skipped,
             **({"shapes_ceiling": shapes.ceiling} if shapes and shapes.ceiling else {}), "settings": [], "summary": {}}
-        if not metrics:
+        for k, st in skipped.items():  # the samples are written all the same
             if info.is_main:
-                write_json(out / "results.json", result)
-                reasons = "; ".join(f"{k}: {st['reason']} (fix: {st['fix']})" for k, st in skipped.items())
-                print(f"error (clip_fid): no metric could run, nothing evaluated: {reasons}", file=sys.stderr, flush=True)
-            return 2
-        for k, st in skipped.items():
-            log(info, f"{k}: skipped: {st['reason']} (fix: {st['fix']})")
+                print(f"[eval] {k}: skipped: {st['reason']} (fix: {st['fix']})", file=sys.stderr, flush=True)
+        if not metrics and info.is_main:
+            print("[eval] no metric can run: writing the samples, captions.jsonl and grids only", file=sys.stderr,
+                  flush=True)
         for s in settings:
             d = out / s.name
             values, tiles, s.throughput = run_setting(s, cfg, info, device, gen, metrics, records, d, res)
             base = {"n": n, "setting": s.name, "steps": s.steps, "tau": s.tau, "guidance": s.guidance, "nfe": s.nfe,
                     **common}
-            s.metrics = {**{metric_name(k, n): {**v, **base} for k, v in values.items()}, **skipped}
+            s.metrics = {**{metric_name(k, n): {**v, **base, "metric": k} for k, v in values.items() if not v.get("skipped")},
+                         **{k: v for k, v in values.items() if v.get("skipped")}, **skipped}
+            for k, v in values.items():
+                if v.get("skipped"):
+                    log(info, f"{k}: skipped for {s.name}: {v['reason']}")
             result["settings"].append({"name": s.name, "steps": s.steps, "tau": s.tau, "guidance": s.guidance,
                                        "nfe": s.nfe, "dir": str(d.resolve()), "metrics": s.metrics,
                                        "throughput": s.throughput})
-            result["summary"][s.name] = {k: (None if m.get("skipped") else m["value"]) for k, m in s.metrics.items()}
+            result["summary"][s.name] = {k: (None if m.get("skipped") else m.get("value")) for k, m in s.metrics.items()}
             if info.is_main:
                 write_setting(s, cfg, records, d, tiles)
                 log(info, summary_line(s, by_name))
@@ -307,6 +354,8 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
                                 "includes": THROUGHPUT_INCLUDES}
         if info.is_main:
             write_json(out / "results.json", result)
+            for line in sweep_table(settings):
+                log(info, line)
             log(info, f"eval throughput {result['throughput']['samples_per_s']:.2f} samples/s "
                       f"({info.world_size} rank(s)); results in {out / 'results.json'}")
         dist.barrier(info.world_size)

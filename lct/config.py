@@ -114,6 +114,8 @@ class RunConfig(Strict):
     dist_timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout (raised around sampling and saving)")
     tensorboard: bool = True
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
+    accept_warnings: list[str] = Field([], description="ids of config warnings this config has weighed and keeps "
+                                       "(each warning line names its id), e.g. [adaptive_c_ect, ot_small_group]")
     wandb_project: str = "lct"
 
 
@@ -378,6 +380,8 @@ class TrainVAEConfig(Strict):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA with bf16 support, else fp32")
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores this process may use")
+    min_psnr: float = Field(30.0, description="warn when the held-out PSNR (dB) is below this: README's rule of "
+                            "thumb per kind of data (shapes 35, digits 30)")
     overwrite: bool = Field(False, description="retrain when --output holds a VAE trained with another config")
     progress: bool = Field(True, description="tqdm progress bar")
 
@@ -394,7 +398,13 @@ class EvalConfig(Strict):
                                     "default: the model's tau, the Karras levels for k > 2 (SPEC 9)")
     guidance: list[float] = Field([1.0], description="CFG weights to sweep (1 = off; finite, >= 0); a consistency "
                                   "model tolerates only mild guidance, w close to 1 (3 ruins the shapes demo)")
-    metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes")
+    metrics: list[str] = Field(["fid", "clip"], description="fid, clip, shapes, prdc (precision/recall/density/"
+                               "coverage against --ref-images, added beside any caption-accuracy metric), or none "
+                               "(samples only)")
+    metric: list[str] = Field([], description="your own metrics: module:Name or path/to/file.py:Name, a class "
+                              "following lct.metrics.Metric built as Name(ctx) (README, 'Your own metric')")
+    metric_arg: list[str] = Field([], description="KEY=VALUE options for the --metric metrics (ctx.options)")
+    prdc_k: int = Field(5, ge=1, description="k of the k-NN balls of precision/recall/density/coverage")
     ref_stats: str | None = Field(None, description="reference FID statistics .npz")
     ref_images: str | None = Field(None, description="reference images (shards pattern or folder) to compute stats")
     out: str = Field(..., description="output directory")
@@ -698,32 +708,34 @@ def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | N
     rank 0). `world_size`: the ranks the batch is split over (OT couples each rank's micro-batch);
     `manifest`: the data's, where it can be read; `cuda`: whether a GPU is there (None: unknown, no
     device warnings)."""
-    m, warn = cfg.method, []
+    m, warn = cfg.method, {}  # id -> message; a config lists the ids it has weighed in run.accept_warnings
     if m.objective == "ect" and m.c == "adaptive":
-        warn.append("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
-                    "(SPEC 4), not a published rule")
+        warn["adaptive_c_ect"] = ("method.c=adaptive with the ECT mapping uses lct's stage-to-intervals extension "
+                                  "(SPEC 4), not a published rule")
     if m.ot and m.objective != "edm":
         mb = cfg.optim.micro_batch_size or max(1, cfg.optim.batch_size // world_size)
         if mb < OT_MIN_GROUP:
-            warn.append(f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)")
+            warn["ot_small_group"] = f"OT coupling over micro-batches of {mb} per rank (< {OT_MIN_GROUP}) pairs little (SPEC 6)"
     if manifest is not None and cfg.data.flip and not manifest.get("flip"):
-        warn.append("data.flip is true but the latents were encoded without flipped copies "
-                    "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
-                    "re-encode with --flip")
+        warn["flip_without_copies"] = ("data.flip is true but the latents were encoded without flipped copies "
+                                       "(encode_latents.py --flip), so no sample is flipped; set data.flip: false, or "
+                                       "re-encode with --flip")
     images = cfg.run.total_steps * cfg.optim.batch_size
-    for e in cfg.ema.models:
-        if e.resolved_halflife() > images:
-            warn.append(f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer "
-                        f"than the run ({images:,} images = run.total_steps x optim.batch_size), so it stays "
-                        "close to the early weights; use halflife_images of a few percent of the run")
+    long = [e for e in cfg.ema.models if e.resolved_halflife() > images]
+    if long:
+        warn["ema_longer_than_run"] = "; ".join(
+            f"ema.models {e.name!r}: a half-life of {e.resolved_halflife():,.0f} images is longer than the run "
+            f"({images:,} images = run.total_steps x optim.batch_size), so it stays close to the early weights"
+            for e in long) + "; use halflife_images of a few percent of the run"
     if cuda is False:
         if cfg.model.compile:
-            warn.append("model.compile is on but there is no GPU: torch.compile on the CPU spends minutes "
-                        "compiling for little gain; set model.compile: false")
+            warn["compile_cpu"] = ("model.compile is on but there is no GPU: torch.compile on the CPU spends minutes "
+                                   "compiling for little gain; set model.compile: false")
         if cfg.precision == "bf16_trunk":
-            warn.append("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
-                        "approximate; set precision: fp32")
-    return warn
+            warn["bf16_cpu"] = ("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
+                                "approximate; set precision: fp32")
+    return [f"{text} [{key}: if weighed, list it in run.accept_warnings]" for key, text in warn.items()
+            if key not in cfg.run.accept_warnings]
 
 
 def config_to_dict(cfg: BaseModel) -> dict:
@@ -759,7 +771,7 @@ def cli_config(schema: type[BaseModel], argv: list[str] | None, prog: str,
         if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+            parser.add_argument(flag, dest=name, nargs="+", action="extend", default=None, help=help_)  # repeatable
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_)
     if extra:

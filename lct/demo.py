@@ -17,6 +17,14 @@ From nothing to captioned 1- and 2-step samples on a 2-core CPU, with no model h
    and on the VAE's reconstructions of them (the ceilings).
 
 Each stage resumes: a second run reuses what exists. `--quick` is the shortened run CI uses.
+
+`python -m lct.demo --data 'SHARDS' [--heldout 'SHARDS'] [--vae ID|PATH | --train-vae]` runs the
+same recipe on your image-text shards (img2dataset layout), sized for the machine it finds
+(`PLANS`: CPU, one GPU, several): a held-out split when --heldout is not given, a VAE fitted to
+your images (or yours), latents, the EDM start and the consistency stage with
+configs/custom_small_edm.yaml and configs/custom_small_ect.yaml, then 1- and 2-step samples of the
+held-out captions scored with precision/recall/coverage against the held-out images and, with
+`--metric module:Name`, your caption-accuracy metric. `lct.demo_data` holds it.
 """
 
 from __future__ import annotations
@@ -29,14 +37,12 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lct.stages import header, launcher, run
+
 
 # Full demo and the CI-sized one. Training steps come from configs/demo_edm.yaml (3600) and
 # configs/demo.yaml (600) unless set here: the full demo takes 19 min on 2 CPU cores (README), the
@@ -55,35 +61,24 @@ SIZES = {
 VAE_ARCH = ["--downsample", "4", "--latent-channels", "8"]
 
 
-def header(title: str) -> None:
-    print(f"\n{'=' * 100}\n== {title}\n{'=' * 100}", flush=True)
-
-
-def run(cmd: list[str], env: dict | None = None) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        print(f"demo: stage failed (exit {proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
-        sys.exit(proc.returncode)
-
-
-def launcher(num_ranks: int) -> list[str]:
-    """The real DeepSpeed launcher: GPUs when there are some, else CPU ranks (gloo)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-            "--master_port", str(29500 + os.getpid() % 1000)]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lct.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out", help="working directory (default: ./demo_out)")
+    p.add_argument("--out", default=None, help="working directory (default: ./demo_out, with --data ./demo_data_out)")
     p.add_argument("--quick", action="store_true", help="the shortened demo CI runs")
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: GPUs, else 2 CPU ranks)")
+    from lct.demo_data import add_arguments, run_data
+
+    add_arguments(p)
     args = p.parse_args(argv)
+    if args.data is not None:
+        return run_data(args, p)
+    if args.heldout or args.vae or args.train_vae or args.metric or args.metric_arg:
+        p.error("--heldout, --vae, --train-vae, --metric and --metric-arg go with --data SHARDS")
 
     import torch
 
     size = SIZES["quick" if args.quick else "full"]
-    out = Path(args.out).resolve()
+    out = Path(args.out or "demo_out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
     ranks = args.ranks or (gpus if gpus else 2)
@@ -110,7 +105,8 @@ def main(argv=None) -> int:
     train_shards = ",".join(str(s) for s in sorted(shapes.glob("*.tar")))
     heldout_shards = ",".join(str(s) for s in sorted((shapes / "heldout").glob("*.tar")))
     cmd = [py, "data_prep/train_vae.py", "--input", train_shards, "--heldout", heldout_shards,
-           "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device]
+           "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device,
+           "--min-psnr", "35"]  # README, "How good a VAE is enough": small shapes lose their colour below
     if size["vae_steps"]:
         cmd += ["--steps", str(size["vae_steps"])]
     run(cmd, env)
@@ -151,7 +147,8 @@ def main(argv=None) -> int:
     ev = out / "eval"
     run([py, "eval/clip_fid.py", "--checkpoint", str(ct_dir), "--protocol", "custom",
          "--captions", str(shapes / "heldout" / "captions.jsonl"), "--num-samples", str(size["eval_samples"]),
-         "--steps", "1", "2", "--metrics", "shapes", "--device", device, "--batch-size", "100", "--out", str(ev)],
+         "--steps", "1", "2", "--metrics", "shapes", "--ref-images", heldout_shards,  # and prdc beside it
+         "--device", device, "--batch-size", "100", "--out", str(ev)],
         env)
     times["eval"] = time.time() - t
     times["total"] = time.time() - t_all
@@ -176,6 +173,9 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
                          "chance_shape": m["chance_shape"],
                          "grid": str(ev / s["dir"] / "grid.png") if not Path(s["dir"]).is_absolute()
                          else str(Path(s["dir"]) / "grid.png")})
+            p = next((v for k, v in s["metrics"].items() if k.startswith("prdc") and "value" in v), None)
+            if p:
+                rows[-1]["diversity"] = {k: p[k] for k in ("precision", "recall", "density", "coverage", "spread")}
     ceiling = {k: {**{a: v[a] for a in keys}, "by_size": v["by_size"], "n": v["n"]}
                for k, v in (results.get("shapes_ceiling") or {}).items()}
     print(f"VAE held-out PSNR: {vae_info.get('heldout_psnr', vae_info.get('psnr', 'n/a'))} dB")
@@ -190,6 +190,12 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
     if rows:
         r = rows[0]
         print(f"  {'chance':<30} {r['chance_colour']:8.3f} {r['chance_position']:9.3f} {r['chance_shape']:7.3f}")
+    for r in rows:
+        if r.get("diversity"):
+            d = r["diversity"]
+            print(f"{r['steps']}-step samples against the held-out images: precision {d['precision']:.3f}, recall "
+                  f"{d['recall']:.3f}, density {d['density']:.3f}, coverage {d['coverage']:.3f}, spread {d['spread']:.3f} "
+                  "(Kynkaanniemi et al. 2019, Naeem et al. 2020; random-VGG16 features)")
     for r in rows:
         print(f"{r['steps']}-step grid: {r['grid']}")
     print("\nstage times:")

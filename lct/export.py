@@ -227,8 +227,33 @@ def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: 
         "resolution": manifest.get("resolution"),
         "manifest_path": manifest.get("manifest_path"),
         "eval": latest_eval(Path(cfg.run.dir) / "eval"),
+        "example_prompt": example_prompt(cfg),
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def example_prompt(cfg) -> str | None:
+    """A prompt from the run's own data for the model card: the first sample prompt, else the
+    first caption of the first (validation) latent shard; None for unconditional models."""
+    if cfg.model.cond != "text":
+        return None
+    if cfg.sample.prompts:
+        return cfg.sample.prompts[0]
+    try:
+        if cfg.sample.prompts_file:
+            return next(l.strip() for l in Path(cfg.sample.prompts_file).read_text().splitlines() if l.strip())
+        import tarfile
+
+        from lct.data import expand_urls
+
+        with tarfile.open(expand_urls(cfg.data.val_shards or cfg.data.shards)[0], "r:") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".json"):
+                    caps = json.loads(tar.extractfile(m).read()).get("captions") or []
+                    return str(caps[0]) if caps else None
+    except Exception:  # StopIteration, unreadable or remote shards: the card says "your prompt"
+        return None
+    return None
 
 
 def _jsonable(x):

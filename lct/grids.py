@@ -78,6 +78,13 @@ def to_uint8_nchw(images: Any, value_range: tuple[float, float] | None = None) -
     return torch.from_numpy(images_to_uint8(images, value_range)).permute(0, 3, 1, 2).contiguous()
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (FreeType)
+    except (TypeError, ValueError, OSError):
+        return None
+
+
 def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str], cols: int | None = None,
                  cell: int | None = None, title: str | None = None) -> Image.Image:
     """A grid of uint8 HxWx3 images, each with its caption underneath (wrapped)."""
@@ -94,8 +101,8 @@ def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str], cols: in
     title_h = 18 if title else 0
     grid = Image.new("RGB", (cols * (cell + 4) + 4, title_h + rows * (int(h * scale) + text_h + 4) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 3), title, fill="black", font=font)
+    if title:  # 12 px: the default 10 px face draws a space 2 px wide ("step600")
+        draw.text((4, 3), title, fill="black", font=_font(12) or font)
     for i, (img, lines) in enumerate(zip(images, wrapped)):
         r, c = divmod(i, cols)
         x0 = 4 + c * (cell + 4)

@@ -97,7 +97,9 @@ def _fmt(x) -> str:
 
 
 def _example_prompt(pipe) -> str:
-    return "a red bus on a city street" if pipe.transformer.config.cond == "text" else ""
+    if pipe.transformer.config.cond != "text":
+        return ""
+    return str((pipe.config.training or {}).get("example_prompt") or "your prompt").replace('"', "'")
 
 
 def _text_line(pipe) -> str:

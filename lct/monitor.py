@@ -362,7 +362,7 @@ class Monitor:
                         by_index[i] = img
                 order = sorted(by_index)
                 grid = caption_grid([by_index[i] for i in order], [self.prompts[i] for i in order],
-                                    title=f"step {step}, {steps}-step, EMA {cfg.ema.sample}")
+                                    title=f"{steps}-step samples of EMA '{cfg.ema.sample}' at training step {step:,}")
                 path = self.run_dir / "samples" / f"step{step:08d}_{steps}step.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(grid, path)

@@ -124,6 +124,10 @@ class LCTPipeline(DiffusionPipeline):
         shim = Path(str(pretrained_model_name_or_path)) / SHIM_FILE
         if shim.is_file() and shim.read_text() == SHIM:
             kwargs.setdefault("trust_remote_code", True)
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():  # what diffusers falls back to, without its "accelerate was not found" per component
+            kwargs.setdefault("low_cpu_mem_usage", False)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from lct.coco import read_caption_annotations
 from lct.errors import UserError
 from lct.files import read_text
-from lct.metrics import CLIP_MODEL, CLIP_PRETRAINED, FID_MODEL, PREPROCESS
+from lct.features import CLIP_MODEL, CLIP_PRETRAINED, FID_MODEL, PREPROCESS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS_DIR = REPO_ROOT / "eval" / "captions"

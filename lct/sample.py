@@ -4,7 +4,7 @@
     python -m lct.sample --checkpoint runs/lct_coco/export/ema --prompts prompts.txt --steps 1 --out out/
 
 Writes one PNG per sample, `captions.jsonl` (file, caption, seed, index, steps, tau, guidance, nfe)
-and `grid.png`. Samples through the export's diffusers pipeline (`lct.pipeline.LCTPipeline`, either
+and `grid.png` (the first `GRID_SIZE` samples). Samples through the export's diffusers pipeline (`lct.pipeline.LCTPipeline`, either
 export format): `pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=w, seed=seed,
 sample_indices=...)` gives the same images; `--vae` / `--text-pretrained` replace the recorded VAE /
 text-tower weights (for example a local copy). The same seed gives the same images on any device
@@ -34,6 +34,7 @@ from lct.files import check_out_dir, file_sha256, read_text, write_atomic
 from lct.grids import caption_grid, save_png, to_uint8
 from lct.samplers import nfe
 
+GRID_SIZE = 16  # samples in grid.png (README: "the first 16"); every sample has its own PNG
 GUIDANCE_HELP = ("classifier-free guidance weight w (1 = off, SPEC 9); a consistency model tolerates only "
                  "mild guidance, w close to 1 (w = 3 already ruins the shapes demo's colours): sweep it with eval")
 TAU_HELP = ("intermediate sigmas, steps - 1 values, decreasing, in (0, sigma_max); default: the model's tau "
@@ -169,14 +170,15 @@ def main(argv=None) -> int:
         for i, c, img in zip(idx, caps, imgs):
             name = f"{i:06d}.png"
             Image.fromarray(img).save(out / name)
-            tiles.append(img)
+            if len(tiles) < GRID_SIZE:
+                tiles.append(img)
             records.append({"file": name, "caption": c, "seed": args.seed, "index": i, "steps": args.steps,
                             "tau": taus, "guidance": args.guidance, "nfe": nfe(args.steps, args.guidance)})
     write_atomic(out / "captions.jsonl", "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
                                                  for r in records))
-    save_png(caption_grid(tiles, [r["caption"] for r in records],
+    save_png(caption_grid(tiles, [r["caption"] for r in records[:GRID_SIZE]],
                           title=grid_title(args.steps, taus, args.guidance, args.seed)), out / "grid.png")
-    print(f"wrote {len(records)} images, captions.jsonl and grid.png to {out}")
+    print(f"wrote {len(records)} images, captions.jsonl and grid.png (the first {len(tiles)}) to {out}")
     return 0
 
 

@@ -136,7 +136,7 @@ class Stopper:
                   f"{run_dir / 'checkpoints'} is kept.", file=sys.stderr, flush=True)
         elif stop.reason == "signal":
             print(f"received {signal.Signals(stop.signal).name}: checkpoint {saved_at} (step {k}) saved on "
-                  f"every rank; exiting with {stop.code}", file=sys.stderr, flush=True)
+                  f"every rank; exiting with {stop.code}; re-run the same command to continue from it", file=sys.stderr, flush=True)
         elif stop.reason == "budget":
             print(f"time budget of {cfg.run.time_budget_minutes} min for this invocation reached: checkpoint "
                   f"{saved_at} (step {k}) saved; re-run the same command to continue", file=sys.stderr, flush=True)

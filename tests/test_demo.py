@@ -58,6 +58,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert r["position_acc"] > 5 * r["chance_position"], r
         assert 0.0 <= r["shape_acc"] <= 1.0 and r["chance_shape"] == 0.25, r
         assert set(r["by_size"]) == {"small", "large"} and all("shape_acc" in v for v in r["by_size"].values()), r
+        d = r["diversity"]  # precision/recall/coverage beside the accuracies (issue 32)
+        assert all(0.0 <= d[k] <= 1.0 for k in ("precision", "recall", "coverage")) and d["spread"] > 0, d
     # The shape word is measured too, beside its ceilings: the held-out captions' own renders are
     # read right (1.0 on 500 held-out renders) and the VAE keeps colour and position. The quick
     # demo's samples are not asserted on shape: its short VAE keeps the outline of few small shapes

@@ -106,7 +106,9 @@ def test_shapes_metric_end_to_end(export_dir, shapes_captions, tmp_path, capsys)
                                "rule": r["resolution"]["rule"]}
     names = [s["name"] for s in r["settings"]]
     assert names == ["steps1_g1", "steps2_tau0.369315_g1"]
-    assert r["skipped"] == {} and r["models"]["shapes"]["weights"] is None
+    # precision/recall is added beside the caption-accuracy metric; without --ref-images it is named as skipped
+    assert set(r["skipped"]) == {"prdc"} and "--ref-images" in r["skipped"]["prdc"]["fix"]
+    assert r["models"]["shapes"]["weights"] is None
     for s, steps in zip(r["settings"], (1, 2)):
         m = s["metrics"][f"shapes{N}"]
         assert m["metric"] == "shapes" and m["n"] == N and m["steps"] == steps and m["nfe"] == steps
@@ -118,7 +120,7 @@ def test_shapes_metric_end_to_end(export_dir, shapes_captions, tmp_path, capsys)
         assert m["value"] == m["both_acc"]
         assert m["protocol"] == "custom" and m["checkpoint_step"] == 123 and m["checkpoint_ema"] == "ema"
         assert m["captions_sha256"] == sha and m["checkpoint"] == str(export_dir.resolve())
-        assert r["summary"][s["name"]] == {f"shapes{N}": m["value"]}
+        assert r["summary"][s["name"]] == {f"shapes{N}": m["value"], "prdc": None}
         assert s["throughput"]["samples_per_s"] > 0 and s["throughput"]["world_size"] == 1
         d = out / s["name"]
         pngs = sorted(p.name for p in d.glob("*.png") if p.name != "grid.png")
@@ -161,7 +163,7 @@ def test_tau_and_guidance_sweeps(export_dir, shapes_captions, tmp_path):
 
 
 class FrechetSpy:
-    """Records the calls of `lct.metrics.frechet_distance`; computes each distinct input once (the
+    """Records the calls of `lct.features.frechet_distance`; computes each distinct input once (the
     2048 x 2048 eigenvalue problem takes 10-25 s on a loaded 2-core machine)."""
 
     def __init__(self, real):
@@ -179,11 +181,11 @@ class FrechetSpy:
 
 @pytest.mark.slow
 def test_fid_reference_cache_and_ref_stats(export_dir, shapes_captions, fid_weights, tmp_path, capsys, monkeypatch):
-    import lct.metrics
-    from lct.metrics import FIDStats
+    import lct.features
+    from lct.features import FIDStats
 
-    spy = FrechetSpy(lct.metrics.frechet_distance)
-    monkeypatch.setattr(lct.metrics, "frechet_distance", spy)
+    spy = FrechetSpy(lct.features.frechet_distance)
+    monkeypatch.setattr(lct.features, "frechet_distance", spy)
     pattern = make_image_shards(tmp_path / "ref", n_shards=2, per_shard=2, size=(40, 28))
     n = 3
     # The default protocol with other captions and fewer samples: runs, labelled as a deviation.
@@ -269,13 +271,15 @@ def test_missing_weights_are_skipped_with_reason(export_dir, shapes_captions, tm
     out = tmp_path / "none"
     rc = clip_fid.main(base_args(export_dir, shapes_captions, out, "--steps", "1", "--metrics", "fid",
                                  "--ref-images", pattern, n=2))
-    assert rc == 2
+    assert rc == 0  # no metric could run: the samples and captions are written all the same
     err = capsys.readouterr().err
-    assert "no metric could run" in err and "--fid-weights" in err
+    assert "no metric can run" in err and "fid: skipped" in err and "--fid-weights" in err
     r = results(out)
     fid = r["skipped"]["fid"]
     assert fid["skipped"] is True and "downloads are off" in fid["reason"] and "--fid-weights" in fid["fix"]
-    assert r["settings"] == [] and not (out / "steps1_g1").exists()
+    assert [s["name"] for s in r["settings"]] == ["steps1_g1"] and r["summary"]["steps1_g1"] == {"fid": None}
+    assert sorted(p.name for p in (out / "steps1_g1").iterdir()) == ["000000.png", "000001.png", "captions.jsonl",
+                                                                     "grid.png"]
 
     out = tmp_path / "some"
     rc = clip_fid.main(base_args(export_dir, shapes_captions, out, "--steps", "1", "--metrics", "fid,clip,shapes",
@@ -287,7 +291,8 @@ def test_missing_weights_are_skipped_with_reason(export_dir, shapes_captions, tm
     assert ms["clip"]["skipped"] and "--clip-pretrained" in ms["clip"]["fix"]
     assert "ViT-g-14" in ms["clip"]["reason"]
     assert ms["shapes2"]["n"] == 2 and r["summary"]["steps1_g1"]["fid"] is None
-    assert set(r["skipped"]) == {"fid", "clip"} and r["models"]["clip"]["skipped"]
+    assert set(r["skipped"]) == {"fid", "clip", "prdc"} and r["models"]["clip"]["skipped"]
+    assert "more than k = 5 samples" in r["skipped"]["prdc"]["reason"]
 
     # FID without any reference: skipped too, with the flags to set.
     rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "noref", "--steps", "1",
@@ -319,7 +324,7 @@ def test_malicious_weight_pickles_never_run(export_dir, shapes_captions, tmp_pat
     pattern = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=2, size=16)
     rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o1", "--steps", "1", "--metrics", "fid",
                                  "--ref-images", pattern, "--fid-weights", str(evil), n=2))
-    assert rc == 2 and not marker.exists()
+    assert rc == 0 and not marker.exists()
     reason = results(tmp_path / "o1")["skipped"]["fid"]["reason"]
     assert "--fid-weights" in reason and "refused" in reason and "io.open" in reason
     rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o2", "--steps", "1", "--metrics",
@@ -340,7 +345,7 @@ def test_fid_weights_sha256_and_the_pytorch_fid_layout(fid_weights, tmp_path, mo
     as it is; anything else is loaded weights-only and marked unverified."""
     import torchvision
 
-    from lct import metrics
+    from lct import features as metrics
 
     model = metrics.load_fid_inception(fid_weights)
     sha = hashlib.sha256(fid_weights.read_bytes()).hexdigest()
@@ -386,7 +391,7 @@ def test_shapes_label_counts_and_refuses_other_captions(export_dir, tmp_path, ca
     few = tmp_path / "few.txt"
     few.write_text("a red circle in the top left\na photo of a bus\ntwo dogs\na cat on a sofa\n")
     rc = clip_fid.main(base_args(export_dir, few, tmp_path / "o2", "--steps", "1", "--metrics", "shapes", n=4))
-    assert rc == 2
+    assert rc == 0 and (tmp_path / "o2" / "steps1_g1" / "captions.jsonl").is_file()
     reason = results(tmp_path / "o2")["skipped"]["shapes"]["reason"]
     assert "only 1 of 4 captions state a shapes colour and position" in reason
 
@@ -420,7 +425,7 @@ def test_bad_files_are_refused_in_one_line(export_dir, shapes_captions, fid_weig
     rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "r", "--metrics", "fid", "--ref-stats",
                                  str(notnpz), "--fid-weights", str(fid_weights), n=2))
     fid = results(tmp_path / "r")["skipped"]["fid"]
-    assert rc == 2 and "is not an FID statistics .npz" in fid["reason"] and "--ref-stats" in fid["fix"]
+    assert rc == 0 and "is not an FID statistics .npz" in fid["reason"] and "--ref-stats" in fid["fix"]
 
     bad = tmp_path / "caps.txt"
     bad.write_bytes(b"a red circle\n\xff\xfe\n")
@@ -472,7 +477,8 @@ def _free_port() -> int:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions, tmp_path):
-    common = ["--steps", "2", "--metrics", "shapes", "--batch-size", "2"]
+    ref = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=N, size=16)  # prdc's real images
+    common = ["--steps", "2", "--metrics", "shapes", "--batch-size", "2", "--ref-images", ref]
     one = tmp_path / "one"
     assert clip_fid.main(base_args(export_dir, shapes_captions, one, *common)) == 0
     two = tmp_path / "two"
@@ -489,6 +495,8 @@ def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions
     assert s1["name"] == s2["name"]
     for k in ("colour_acc", "position_acc", "both_acc", "n", "no_shape"):
         assert s1["metrics"][f"shapes{N}"][k] == s2["metrics"][f"shapes{N}"][k]
+    for k in ("precision", "recall", "density", "coverage", "spread"):
+        assert s1["metrics"][f"prdc{N}"][k] == pytest.approx(s2["metrics"][f"prdc{N}"][k], abs=1e-9), k
     d1, d2 = one / s1["name"], two / s2["name"]
     for i in range(N):
         assert (d1 / f"{i:06d}.png").read_bytes() == (d2 / f"{i:06d}.png").read_bytes(), i

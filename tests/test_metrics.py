@@ -1,4 +1,4 @@
-"""lct.metrics: Frechet distance, FID statistics and Inception features (random weights), CLIP score."""
+"""lct.features: Frechet distance, FID statistics and Inception features (random weights), CLIP score."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lct import metrics as M
+from lct import features as M
 from lct.errors import UserError
 
 
@@ -317,7 +317,7 @@ def test_import_lct_metrics_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, lct.metrics, lct.shapes; "
+    code = ("import sys, lct.metrics, lct.features, lct.shapes; "
             "print(any(m in sys.modules for m in ('open_clip', 'torch_fidelity', 'torchmetrics')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
