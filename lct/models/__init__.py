@@ -5,13 +5,9 @@ Importing `lct.models` imports torch and diffusers (TextDiT subclasses ModelMixi
 alone imports neither.
 """
 
-from lct.models.dit import (
+from lct.models.dit import NSLN_KINDS, AffineLayerNorm, FP32Linear, NonScalingLayerNorm, TextDiT
+from lct.models.presets import (
     DIT_PRESETS,
-    NSLN_KINDS,
-    AffineLayerNorm,
-    FP32Linear,
-    NonScalingLayerNorm,
-    TextDiT,
     build_dit,
     count_parameters,
     dit_kwargs,
