@@ -125,6 +125,19 @@ def with_latent_config(vae, latents: dict | None):
     return out
 
 
+def pipeline_latent_norm(pipe):
+    """SPEC 7's normalisation (`lct.vae.LatentNorm`) of a pipeline, read back from its VAE config."""
+    from lct.vae import LatentNorm
+
+    cfg = pipe.vae.config
+    if getattr(cfg, "latents_mean", None) is None:
+        return LatentNorm.from_vae(cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+    mean, std = np.asarray(cfg.latents_mean, dtype=np.float64), np.asarray(cfg.latents_std, dtype=np.float64)
+    if mean.size != pipe.latent_shape[0]:  # per element
+        mean, std = mean.reshape(pipe.latent_shape), std.reshape(pipe.latent_shape)
+    return LatentNorm(mean, std)
+
+
 def training_pipeline(net, cfg, manifest: dict, *, vae=None, text_encoder=None, tokenizer=None,
                       vae_source: str | None = None, text_source: dict | None = None):
     """An `LCTPipeline` around a network being trained (`net`: the TextDiT), sampling with the

@@ -350,6 +350,24 @@ class Monitor:
             self._pipe = (model, pipe)
         return self._pipe[1]
 
+    def grid_inputs(self, model, indices: list[int]) -> dict:
+        """The pipeline's inputs for the prompts `indices`: their text condition from the run's text
+        tower (captions as given), lct's per-sample noise (`sample.seed`, the prompt's index)."""
+        from lct.pipeline import LCTPipeline
+
+        cfg = self.cfg
+        if cfg.model.cond != "text":
+            return {"prompt": [""] * len(indices), "seed": cfg.sample.seed, "sample_indices": indices}
+        cond = self.condition([self.prompts[i] for i in indices])
+        if cfg.model.arch == "pixart":
+            from lct.export_pixart import caption_embeds, null_condition, text_length
+
+            null = null_condition(model, text_length(model, self.manifest))
+            return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
+                    "generator": LCTPipeline.sample_generators(cfg.sample.seed, indices)}
+        return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
+                "pooled_prompt_embeds": cond["pooled"], "seed": cfg.sample.seed, "sample_indices": indices}
+
     @torch.no_grad()
     def grids(self, model, step: int, logger) -> list[Path]:
         """1-, 2-, k-step grids (`sample.steps`) of the fixed prompts through `pipeline(model)` with
@@ -361,14 +379,8 @@ class Monitor:
         for steps in cfg.sample.steps:
             images = np.zeros((0,), dtype=np.uint8)
             if mine:
-                if cfg.model.cond == "text":
-                    cond = self.condition([self.prompts[i] for i in mine])
-                    inputs = {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
-                              "pooled_prompt_embeds": cond["pooled"]}
-                else:
-                    inputs = {"prompt": [""] * len(mine)}
-                out = pipe(**inputs, num_inference_steps=steps, guidance_scale=cfg.sample.guidance,
-                           seed=cfg.sample.seed, sample_indices=mine, output_type="np").images
+                out = pipe(**self.grid_inputs(model, mine), num_inference_steps=steps,
+                           guidance_scale=cfg.sample.guidance, output_type="np").images
                 images = (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil: the PIL images' pixels
             parts = dist.gather_objects((mine, images), info.world_size)
             if info.is_main:

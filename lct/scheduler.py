@@ -40,7 +40,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .consistency import karras_sigmas, time_embed_input
+from .consistency import alphas_cumprod, karras_sigmas, sigma_to_timestep, time_embed_input, vp_log_sigmas, vp_scalings
 
 # SPEC 9's default Karras grid, in sigma_data 0.5 units.
 KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
@@ -114,14 +114,14 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
 
     def default_taus(self, num_inference_steps: int) -> list[float]:
         """The model's taus, or SPEC 9's Karras levels for more steps than it records."""
-        return default_taus(int(num_inference_steps), self.config.taus, float(self.config.sigma_max),
+        return default_taus(int(num_inference_steps), self.config.taus, float(self.init_noise_sigma),
                             float(self.config.sigma_data))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       sigmas: Sequence[float] | None = None, taus: Sequence[float] | None = None) -> None:
         """The levels of `num_inference_steps` steps (`default_taus`), or given: `sigmas` (all k
         levels, the first sigma_max, diffusers' convention) or `taus` (the k - 1 intermediate ones)."""
-        smax = float(self.config.sigma_max)
+        smax = float(self.init_noise_sigma)
         if sigmas is not None:
             if taus is not None:
                 raise ValueError("set_timesteps takes sigmas or taus, not both")
@@ -139,9 +139,12 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         self.levels = [smax] + check_taus(taus, smax)
         self.num_inference_steps = len(self.levels)
         self.sigmas = torch.tensor(self.levels + [0.0], dtype=torch.float32)
-        self.timesteps = time_embed_input(torch.tensor(self.levels, dtype=torch.float32),
-                                          float(self.config.time_embed_scale)).to(device)
+        self.timesteps = self.time_inputs(torch.tensor(self.levels, dtype=torch.float32)).to(device)
         self._step_index = 0
+
+    def time_inputs(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The network's time input at fp32 levels: `time_embed_scale * ln(sigma) / 4` (SPEC 1)."""
+        return time_embed_input(sigmas, float(self.config.time_embed_scale))
 
     @property
     def step_index(self) -> int:
@@ -159,7 +162,9 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         with z drawn by `generator` (a list: one generator per sample)."""
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output {list(model_output.shape)} must be f for the sample {list(sample.shape)}")
-        f = model_output.float()
+        return self._renoise(model_output.float(), generator, return_dict)
+
+    def _renoise(self, f: torch.Tensor, generator, return_dict: bool):
         nxt = self._step_index + 1
         if nxt < len(self.levels):
             tau, smin = self.levels[nxt], self.noise_sigma_min
@@ -175,6 +180,60 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return len(self.levels)
+
+
+class LCTVPScheduler(LCTScheduler):
+    """SPEC 9's consistency sampling of a consistency-tuned VP / DDPM noise predictor (PixArt, SPEC
+    14) for diffusers' PixArt pipelines, at the exact levels (not the nearest integer timestep).
+
+    Latents stay in lct's variance-exploding coordinates (`x + sigma z`, starting from
+    `init_noise_sigma` = sigma_max times the unit noise); `timesteps` are the model's continuous
+    timesteps t(sigma) of the levels (SPEC 14.1), `scale_model_input` the VP input scaling
+    1 / sqrt(sigma^2 + 1), and `step` turns the pipeline's (guided) model output, epsilon or v,
+    into f (SPEC 14.2, the boundary at `sigma_min`) and re-noises it to the next level as
+    `LCTScheduler.step` does. Config: the model's beta table (diffusers' names), `prediction_type`,
+    `sigma_min` (of the scalings), `sample_sigma_min` (noise floor; None = sigma_min), `sigma_max`
+    (None: the table's top level, where the pretrained model starts its own samplers), `sigma_data`
+    (1 in the model's own latent space, SPEC 14.4) and `taus`."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Sequence[float] | None = None,
+                 prediction_type: str = "epsilon", sigma_min: float = 0.0, sigma_max: float | None = None,
+                 sample_sigma_min: float | None = None, sigma_data: float = 1.0, taus: Sequence[float] = ()):
+        vp_scalings(torch.ones(1), prediction_type)  # refuses another prediction type
+        self.log_sigmas = vp_log_sigmas(alphas_cumprod(dict(self.config)))  # float64, ascending in t
+        self.init_noise_sigma = float(sigma_max) if sigma_max is not None else float(self.log_sigmas[-1].exp())
+        self.set_timesteps(1)
+
+    def time_inputs(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The model's continuous timesteps of fp32 levels (SPEC 14.1), fp32."""
+        return sigma_to_timestep(sigmas, self.log_sigmas)
+
+    def _sigma(self, sample: torch.Tensor) -> torch.Tensor:
+        return torch.full((sample.shape[0],), self.levels[self._step_index], dtype=torch.float32, device=sample.device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = x / sqrt(sigma^2 + 1): the VP input of lct's noisy latent at the current level."""
+        _, _, c_in = vp_scalings(self._sigma(sample), self.config.prediction_type)
+        return (c_in.view(-1, *([1] * (sample.ndim - 1))) * sample.float()).to(sample.dtype)
+
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor | None, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             return_dict: bool = True) -> LCTSchedulerOutput | tuple:
+        """f = c_skip x + c_out F (SPEC 14.2) of the model output F at the current level, then
+        `LCTScheduler`'s re-noising; the sample comes back in its own dtype."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output {list(model_output.shape)} must match the sample {list(sample.shape)} "
+                             "(the pipeline drops learned-variance channels)")
+        c_skip, c_out, _ = vp_scalings(self._sigma(sample), self.config.prediction_type, float(self.config.sigma_min))
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        f = c_skip.view(shape) * sample.float() + c_out.view(shape) * model_output.float()
+        prev, f = self._renoise(f, generator, False)
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev, f)
+        return LCTSchedulerOutput(prev_sample=prev, denoised=f)
 
 
 def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = None,
