@@ -747,9 +747,19 @@ def parse_args(argv):
                                                     "under RUN_DIR/eval/)")
     p.add_argument("--boundary-sigma-min", type=float, default=None, metavar="S",
                    help="sigma_min of the scalings when sampling (default: as recorded); ECT's evaluation: 0.003")
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="the weights' license for the model card: a hub license id (apache-2.0, cc-by-4.0, "
+                        "openrail++, ...); with --license-link, the name of another license")
+    p.add_argument("--license-link", default=None, metavar="URL", help="link to the text of a --license not on the hub's list")
+    p.add_argument("--dataset", action="append", default=[], metavar="ID",
+                   help="a hub dataset id the model was trained on, for the card's `datasets` (repeatable)")
     p.add_argument("--sample-sigma-min", type=float, default=None, metavar="S",
                    help="sigma_min of the noise between steps, sqrt(tau^2 - S^2) (default: as recorded); ECT's: 0")
     args = p.parse_args(argv)
+    if args.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", args.license):
+        p.error(f"--license {args.license}: a hub license id is lower case letters, digits, '.', '+', '-'")
+    if args.license_link and not args.license:
+        p.error("--license-link needs --license NAME")
     for flag, v in (("--boundary-sigma-min", args.boundary_sigma_min), ("--sample-sigma-min", args.sample_sigma_min)):
         if v is not None and not (v >= 0 and v < 1):  # also refuses nan
             p.error(f"{flag} {v}: must lie in [0, 1) (a noise level below every sampling level)")
@@ -793,6 +803,14 @@ def main(argv=None) -> int:
         method["sample_boundary_sigma_min"] = pipe.scheduler.config.sigma_min
         method["sample_sigma_min"] = pipe.scheduler.noise_sigma_min
         record["method"] = method
+    card = dict(record.get("card") or {})
+    if args.license:
+        card.update({"license": None, "license_name": args.license, "license_link": args.license_link}
+                    if args.license_link else {"license": args.license, "license_name": None, "license_link": None})
+    if args.dataset:
+        card["datasets"] = list(dict.fromkeys(args.dataset))
+    if card:
+        record["card"] = card
     pipe.training_record = record
     if args.copy_all:
         pipe.register_to_config(vae_source=None, text_source=None, vae_latents=None)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from lct.errors import UserError
-from lct.export import (REMAKE_HINT, LoadError, _first_line, _text_component, _vae_component, quiet_loading,
+from lct.export import (REMAKE_HINT, LoadError, _first_line, _known, _text_component, _vae_component, quiet_loading,
                         resolve_export, training_record)
 from lct.files import atomic_dir
 from lct.model_card import META, card_header, license_lines
@@ -51,7 +51,7 @@ PIXART_KNOWN = {"transformer": ("diffusers", {"PixArtTransformer2DModel"}),
                 "scheduler": ("lct_scheduler", {"LCTVPScheduler"}),  # exports before lct-export/3: LCMScheduler
                 "vae": ("diffusers", {"AutoencoderKL"}),
                 "text_encoder": ("transformers", {"T5EncoderModel"}),
-                "tokenizer": ("transformers", {"T5Tokenizer", "T5TokenizerFast"})}
+                "tokenizer": ("transformers", None)}  # any transformers tokenizer class
 
 
 def pixart_scheduler(model, method):
@@ -60,10 +60,13 @@ def pixart_scheduler(model, method):
     from lct.scheduler import LCTVPScheduler
 
     cfg = getattr(model, "scheduler_config", None) or {}
-    boundary, noise = method.sampling_sigma_mins()
-    return LCTVPScheduler(**{k: cfg[k] for k in SCHEDULER_KEYS if cfg.get(k) is not None}, sigma_min=boundary,
-                          sample_sigma_min=noise, sigma_max=method.sigma_max, sigma_data=method.sigma_data,
-                          taus=list(method.tau))
+    # The boundary of the scalings is the denoiser's own (training's) sigma_min, as the grids have
+    # always sampled a SPEC 14 denoiser: the ect preset's evaluation boundary 0.003 is in sigma_data
+    # 0.5 units and for EDM-style scalings (SPEC 2.4), not for a VP model (SPEC 14.2, 14.4).
+    return LCTVPScheduler(**{k: cfg[k] for k in SCHEDULER_KEYS if cfg.get(k) is not None},
+                          sigma_min=float(getattr(model, "sigma_min", method.sigma_min)),
+                          sample_sigma_min=method.sampling_sigma_mins()[1], sigma_max=method.sigma_max,
+                          sigma_data=method.sigma_data, taus=list(method.tau))
 
 
 def pipeline_class(text_length: int):
@@ -97,7 +100,7 @@ def caption_embeds(pipe, states: torch.Tensor, mask: torch.Tensor, null: dict[st
     """The PixArt pipeline's text inputs for token states of the captions as given (lct's text
     tower or the recipe's T5 call) and the trained null condition, batched."""
     b = states.shape[0]
-    return {"prompt_embeds": states, "prompt_attention_mask": mask.long(),
+    return {"prompt_embeds": states, "prompt_attention_mask": mask.long(), "negative_prompt": None,
             "negative_prompt_embeds": null["negative_prompt_embeds"].to(states).expand(b, -1, -1),
             "negative_prompt_attention_mask": null["negative_prompt_attention_mask"].to(states.device).expand(b, -1),
             "use_resolution_binning": False, "max_sequence_length": states.shape[1]}
@@ -167,8 +170,9 @@ def pixart_card(pipeline: str, record: dict, length: int, scheduler) -> str:
         "",
         "The tuned sampler: 2 steps at the tuned levels, the caption as lct tuned on it (diffusers' PixArt "
         "pipelines lower-case a `prompt`; pass `prompt_embeds` as below to keep its case), and classifier-free "
-        "guidance against the trained null condition (`null_condition.safetensors`; guidance_scale 1 = off, "
-        "a consistency model takes only mild guidance).",
+        "guidance against the trained null condition (`null_condition.safetensors`, with `negative_prompt=None`: the "
+        "pipeline's default negative prompt is \"\"; guidance_scale 1 = off, a consistency model takes only mild "
+        "guidance).",
         "",
         "```python",
         "import torch",
@@ -182,7 +186,7 @@ def pixart_card(pipeline: str, record: dict, length: int, scheduler) -> str:
         "truncation=True, add_special_tokens=True, return_tensors=\"pt\")",
         "with torch.no_grad():",
         "    embeds = pipe.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]",
-        "image = pipe(prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask,",
+        "image = pipe(prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask, negative_prompt=None,",
         "             negative_prompt_embeds=null[\"negative_prompt_embeds\"],",
         "             negative_prompt_attention_mask=null[\"negative_prompt_attention_mask\"],",
         f"             guidance_scale=1.5, num_inference_steps={steps}, max_sequence_length={length},",
@@ -231,7 +235,7 @@ def load_pixart_export(path: str | os.PathLike, *, vae: str | None = None, text_
         known = PIXART_KNOWN.get(name)
         if (name, lib, cls) == ("scheduler", "diffusers", "LCMScheduler"):
             continue
-        if not known or lib != known[0] or cls not in known[1]:
+        if not known or lib != known[0] or not (cls in known[1] if known[1] else _known("tokenizer", lib, cls)):
             raise LoadError(f"{d / 'model_index.json'}: component {name!r} names {lib}.{cls} ({d / name / f'{lib}.py'}), "
                             "which lct does not load: exports are data to lct, and no code of the folder runs")
     try:

@@ -108,7 +108,7 @@ def model_card(pipe, folder: str | Path | None = None) -> str:
         "import torch",
         "from diffusers import DiffusionPipeline",
         "",
-        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\", trust_remote_code=True, torch_dtype=torch.bfloat16)",
+        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\", trust_remote_code=True, dtype=torch.bfloat16)",
         f"image = pipe({call}num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images[0]",
         "```",
         "",

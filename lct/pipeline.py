@@ -90,7 +90,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from lct.pipeline import LCTPipeline  # pip install lct-consistency: loads the folder as data
 
-        >>> pipe = LCTPipeline.from_pretrained("runs/lct_coco/export/ema", torch_dtype=torch.bfloat16)
+        >>> pipe = LCTPipeline.from_pretrained("runs/lct_coco/export/ema", dtype=torch.bfloat16)
         >>> image = pipe("a red bus on a city street", num_inference_steps=2,
         ...              generator=torch.Generator().manual_seed(0)).images[0]
 
