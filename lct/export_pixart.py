@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from lct.errors import UserError
-from lct.export import (REMAKE_HINT, LoadError, _first_line, _known, _text_component, _vae_component, quiet_loading,
-                        resolve_export, training_record)
+from lct.export_common import (REMAKE_HINT, LoadError, _first_line, _text_component, _vae_component,
+                               is_tokenizer_class, quiet_loading, resolve_export, training_record)
 from lct.files import atomic_dir
 from lct.model_card import META, card_header, license_lines
 
@@ -235,7 +235,7 @@ def load_pixart_export(path: str | os.PathLike, *, vae: str | None = None, text_
         known = PIXART_KNOWN.get(name)
         if (name, lib, cls) == ("scheduler", "diffusers", "LCMScheduler"):
             continue
-        if not known or lib != known[0] or not (cls in known[1] if known[1] else _known("tokenizer", lib, cls)):
+        if not known or lib != known[0] or not (cls in known[1] if known[1] else is_tokenizer_class(lib, cls)):
             raise LoadError(f"{d / 'model_index.json'}: component {name!r} names {lib}.{cls} ({d / name / f'{lib}.py'}), "
                             "which lct does not load: exports are data to lct, and no code of the folder runs")
     try:

@@ -367,7 +367,9 @@ def test_hub_or_large_components_are_referenced_not_copied(tmp_path, monkeypatch
 
     precond, cfg, manifest = tiny_parts(tmp_path / "w")
     state = {k: v.detach().clone() for k, v in precond.state_dict().items()}
-    monkeypatch.setattr(ex, "CARRY_MAX_BYTES", 0)
+    from lct import export_common
+
+    monkeypatch.setattr(export_common, "CARRY_MAX_BYTES", 0)
     out = ex.export_network(precond, state, tmp_path / "ref", cfg=cfg, manifest=manifest, ema_name="ema", step=1)
     index = json.loads((out / "model_index.json").read_text())
     assert index["vae"] == [None, None] and index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
