@@ -1,9 +1,12 @@
 """`LCTPipeline`: a trained lct model as a diffusers text-to-image pipeline (SPEC 9 sampling, SPEC 7
 decoding), following diffusers' text-to-image conventions.
 
-    from lct.pipeline import LCTPipeline                 # lct installed: no code from the folder runs
-    pipe = LCTPipeline.from_pretrained("runs/lct_coco/export/ema")
-    image = pipe("a red bus on a street", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    >>> from lct.pipeline import LCTPipeline             # lct installed: no code from the folder runs
+    >>> pipe = LCTPipeline.from_pretrained("runs/lct_coco/export/ema")
+    >>> image = pipe("a red bus", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+
+(Code samples in this file carry `>>>`: diffusers scans the files it runs for import lines and
+would ask users of an export to install "lct".)
 
 Without lct, `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs the copies of
 this file, `transformer/lct_dit.py` and `scheduler/lct_scheduler.py` that the folder carries (it needs

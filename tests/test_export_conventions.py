@@ -318,6 +318,32 @@ print("ok")
     assert np.array_equal(np.load(tmp_path / "out.npy"), ours)  # the folder's code is lct's: same images
 
 
+def test_export_code_is_lcts_source_copied_as_it_is_and_the_index_holds_no_record(export):
+    """The community-components layout: the pipeline module at the root, each custom component's
+    module in its folder, with what they import relatively; byte for byte lct's own files. The
+    latent statistics live in the VAE config, the training record only in lct_export.json."""
+    lct_dir = ROOT / "lct"
+    for copy, src in (("pipeline.py", "pipeline.py"), ("consistency.py", "consistency.py"), ("tokens.py", "tokens.py"),
+                      ("transformer/lct_dit.py", "models/dit.py"), ("scheduler/lct_scheduler.py", "scheduler.py"),
+                      ("scheduler/consistency.py", "consistency.py")):
+        assert (export / copy).read_bytes() == (lct_dir / src).read_bytes(), copy
+    for module in ("pipeline.py", "consistency.py", "tokens.py", "transformer/lct_dit.py", "scheduler/lct_scheduler.py"):
+        # diffusers' check_imports reads these lines (docstrings too) and asks users to install what is missing
+        text = (export / module).read_text()  # with diffusers' own patterns (dynamic_modules_utils.check_imports)
+        imports = re.findall(r"^\s*import\s+(\S+)\s*$", text, flags=re.M) + \
+            re.findall(r"^\s*from\s+(\S+)\s+import", text, flags=re.M)
+        assert {i.split(".")[0] for i in imports if not i.startswith(".")} <= {"__future__", "torch", "diffusers",
+                                                          "transformers", "safetensors", "numpy", "contextlib", "math", "typing",
+                                                          "hashlib", "html", "importlib", "inspect", "json", "os",
+                                                          "shutil", "struct", "tempfile", "pathlib", "dataclasses",
+                                                          "warnings", "huggingface_hub", "ot", "scipy"}, module
+    index = json.loads((export / "model_index.json").read_text())
+    assert not {"training", "latent_mean", "latent_std"} & set(index)
+    vae = json.loads((export / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] == 0.5 and len(vae["latents_mean"]) == len(vae["latents_std"]) == 4
+    assert json.loads((export / "lct_export.json").read_text())["format"] == "lct-export/3"
+
+
 def test_no_absolute_path_in_an_export(export, tmp_path):
     from lct.pipeline import LCTPipeline
 
