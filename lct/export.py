@@ -210,6 +210,9 @@ def check_export_index(d: Path, index: dict) -> None:
     where = d / INDEX
     cls = index.get("_class_name")
     name = cls[1] if isinstance(cls, (list, tuple)) and len(cls) == 2 else cls
+    if name in ("PixArtSigmaPipeline", "PixArtAlphaPipeline"):
+        raise LoadError(f"{where}: a tuned PixArt export ({name}): load it with lct.export_pixart.load_pixart_export "
+                        "or its model card's recipe (lct.sample and eval/clip_fid.py read LCTPipeline exports)")
     if name != PIPELINE_CLASS:
         raise LoadError(f"{where}: pipeline class {cls!r} is not lct's {PIPELINE_CLASS}; lct loads its own exports "
                         "(diffusers loads other pipelines)")

@@ -359,6 +359,7 @@ def test_no_absolute_path_in_an_export(export, tmp_path):
                     assert not [s for s in strings if s.startswith("/") and len(s) > 1], f
 
 
+@pytest.mark.slow
 def test_open_clip_text_encoder_without_lct_is_one_line(tmp_path):
     """An export whose tower cannot take transformers' CLIP form (a LayerScale tower) carries
     lct's OpenCLIPTextModel: without lct, loading stops at one line naming the install command."""
@@ -378,6 +379,39 @@ def test_open_clip_text_encoder_without_lct_is_one_line(tmp_path):
                  env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("ImportError:") and "pip install lct-consistency" in last, proc.stderr[-2000:]
+
+
+def test_exports_of_the_previous_format_still_load_and_sample_the_same(export, pipe, tmp_path):
+    """lct-export/2 (statistics and record in model_index.json, lct's module names, a one-line shim
+    as pipeline.py, the VAE's own config): lct's loader converts it, samples the same images, and
+    `python -m lct.export` rewrites it in today's layout. The shim is never imported."""
+    from lct.export import main as export_main
+    from lct.pipeline import LCTPipeline
+
+    old = tmp_path / "old"
+    shutil.copytree(export, old)
+    for f in ("pipeline.py", "consistency.py", "tokens.py", "transformer/lct_dit.py", "scheduler/lct_scheduler.py",
+              "scheduler/consistency.py"):
+        (old / f).unlink()
+    (old / "pipeline.py").write_text("from lct.pipeline import LCTPipeline  # noqa: F401\n" + EVIL)
+    vae = json.loads((old / "vae" / "config.json").read_text())
+    index = json.loads((old / "model_index.json").read_text())
+    record = json.loads((old / "lct_export.json").read_text())
+    index.update(transformer=["lct.models.dit", "TextDiT"], scheduler=["lct.scheduler", "LCTScheduler"],
+                 latent_mean=vae.pop("latents_mean"), latent_std=vae.pop("latents_std"), latent_norm_kind="channel",
+                 training={**record, "format": "lct-export/2"})
+    for k in ("vae_latents",):
+        index.pop(k)
+    vae["scaling_factor"] = 0.18215
+    (old / "vae" / "config.json").write_text(json.dumps(vae))
+    (old / "model_index.json").write_text(json.dumps(index))
+    (old / "lct_export.json").write_text(json.dumps({**record, "format": "lct-export/2"}))
+    loaded = LCTPipeline.from_pretrained(str(old))
+    loaded.set_progress_bar_config(disable=True)
+    assert np.abs(run(loaded).images - run(pipe).images).max() < 1e-6
+    assert export_main([str(old), "--out", str(tmp_path / "new")]) == 0
+    assert json.loads((tmp_path / "new" / "model_index.json").read_text())["transformer"] == ["lct_dit", "TextDiT"]
+    assert json.loads((tmp_path / "new" / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
