@@ -309,7 +309,7 @@ class LCTPipeline(DiffusionPipeline):
         card, record = self.model_card, self.training_record
         src = Path(str(self.config.get("_name_or_path") or ""))
         if card is None and (src / CARD).is_file() and (src / META).is_file():  # loaded by diffusers from an export
-            card, record = (src / CARD).read_text(), json.loads((src / META).read_text())
+            card, record = (src / CARD).read_text(), localize(json.loads((src / META).read_text()), src)
         if card is not None:
             (d / CARD).write_text(card)
         if record is not None:
