@@ -531,6 +531,15 @@ class TextDiT(ModelMixin, ConfigMixin):
         if self.pos_embed.is_floating_point() and self.pos_embed.dtype != torch.float32:
             self.pos_embed = self.pos_embed.float()
 
+    def _trunk_dtype(self) -> torch.dtype:
+        """The trunk's compute dtype, what `self.dtype` says, read off one trunk layer (`self.dtype`
+        walks every module: measurable per forward in fp32 / TF32 training): its layerwise-casting
+        compute dtype where diffusers' hook is on, else its weights' dtype."""
+        layer = self.blocks[0].mlp.fc1
+        registry = getattr(layer, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        return hook.compute_dtype if hook is not None else layer.weight.dtype
+
     def set_use_memory_efficient_attention_xformers(self, valid: bool = True, attention_op=None) -> None:
         """diffusers' xformers switch (`pipe.enable_xformers_memory_efficient_attention()`): the
         attention backend of every block (the config's `attention` is what training used)."""
@@ -610,7 +619,7 @@ class TextDiT(ModelMixin, ConfigMixin):
         # Without autocast the trunk computes in its own dtype (bf16 weights, or layerwise casting's
         # compute dtype); fp32 inputs are cast at its entries. Under autocast, autocast casts.
         autocast = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
-        dt = None if autocast else self.dtype
+        dt = None if autocast else self._trunk_dtype()
         x = x if dt is None else x.to(self.x_embedder.weight.dtype)  # not layerwise-cast: its own dtype
         h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + self.pos_embed.float()  # [B, T, hidden], fp32
         c = self.t_embedder(e.reshape(b) if e.numel() == b else e.expand(b))
