@@ -37,14 +37,22 @@ def heun_ode(pipe, captions: list[str], indices, *, steps: int, seed: int, sigma
     i = torch.arange(steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()
+    from lct.consistency import consistency_function
+
     device = pipe._execution_device
-    cond = pipe.encode_prompt(captions, device) if pipe.transformer.config.cond == "text" else {}
+    cond = {}
+    if pipe.transformer.config.cond == "text":
+        states, mask, pooled = pipe.encode_prompt(captions, device)[:3]
+        cond = {"text_states": states, "text_mask": mask, "pooled": pooled}
     cond["cond_drop"] = torch.zeros(len(captions), dtype=torch.bool, device=device)
-    x = sigma_max * pipe._noise(seed, list(indices), 0, None, device)
+    x = sigma_max * pipe.prepare_latents(len(captions), device, pipe.sample_generators(seed, indices), None) \
+        / pipe.scheduler.init_noise_sigma
+    m = pipe.scheduler.config
 
     def d(x, s):
         sig = torch.full((x.shape[0],), s, device=device)
-        denoised = pipe.scheduler.precondition_outputs(x, pipe._network(x, sig, cond), sig)
+        denoised = consistency_function(pipe.transformer, x, sig, sigma_data=m.sigma_data, sigma_min=m.sigma_min,
+                                        time_embed_scale=m.time_embed_scale, **cond)
         return (x - denoised) / s
 
     for k in range(steps):
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
                 out.append(to_uint8(gen.pipe.decode_latents(lat)))
             else:
                 taus = None if tau is None else [tau]
-                out.append(to_uint8(gen.images([caps[i] for i in idx], idx, a.seed, k, taus)))
+                out.append(gen.images([caps[i] for i in idx], idx, a.seed, k, taus))
         u8 = np.concatenate(out)
         if a.save and n_set == 0:
             np.save(a.save, u8)

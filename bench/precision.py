@@ -134,7 +134,9 @@ def load_data(latents: str | None, pipe, num: int, seed: int) -> tuple[torch.Ten
 
     urls = expand_urls(latents) if not Path(latents).is_dir() else sorted(str(p) for p in Path(latents).glob("*.tar"))
     samples = InMemoryLatents(urls).samples[:num]
-    norm = pipe.latent_norm()
+    from lct.export import pipeline_latent_norm
+
+    norm = pipeline_latent_norm(pipe)
     xs, caps = [], []
     for i, smp in enumerate(samples):
         eps = philox(seed, 1, i).standard_normal(smp["mean"].shape, dtype=np.float32)
@@ -198,14 +200,17 @@ def main(argv=None) -> int:
     stages = ict_stages(s1=args.s1) + ect_stages(args.ect_stages)
     rows = []
     for name, pipe in nets:
-        method = dict(pipe.config.training["method"])
+        method = dict((pipe.training_record or {})["method"])
         net = pipe.transformer.to(device).eval()
         x, caps = load_data(args.latents, pipe, args.num, args.seed)
         z = torch.from_numpy(philox(args.seed, 2).standard_normal(tuple(x.shape), dtype=np.float32))
-        cond = {k: v.cpu() for k, v in pipe.encode_prompt(caps, "cpu").items()} if pipe.transformer.config.cond == "text" else {}
+        cond = {}
+        if pipe.transformer.config.cond == "text":
+            states, mask, pooled = pipe.encode_prompt(caps, "cpu")[:3]
+            cond = {"text_states": states.cpu(), "text_mask": mask.cpu(), "pooled": pooled.cpu()}
         cond["cond_drop"] = torch.zeros(x.shape[0], dtype=torch.bool)
         for st in stages:
-            row = {"network": name, "step": pipe.config.training.get("step"),
+            row = {"network": name, "step": (pipe.training_record or {}).get("step"),
                    "objective": method.get("objective"), **evaluate(net, method, x, z, cond, st, modes, device)}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -53,15 +53,17 @@ def modulate_addcmul(x, shift, scale):
 class BlockAddcmul(D.DiTBlock):
     """DiTBlock.forward with each gated residual x + gate * out as one addcmul (and modulate too)."""
 
-    def forward(self, x, c, text=None, text_mask=None):
+    def forward(self, x, c, text=None, text_mask=None, dtype=None):
         mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate_addcmul(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1),
+                          self.attn(D._to(modulate_addcmul(self.norm1(x), shift_msa, scale_msa), dtype)))
         if self.cross_attn is not None:
             shift_ca, scale_ca, gate_ca = mod[6:]
-            ca = self.cross_attn(modulate_addcmul(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+            ca = self.cross_attn(D._to(modulate_addcmul(self.norm_ca(x), shift_ca, scale_ca), dtype), text, text_mask)
             x = torch.addcmul(x, gate_ca.unsqueeze(1), ca)
-        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate_addcmul(self.norm2(x), shift_mlp, scale_mlp)))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1),
+                             self.mlp(D._to(modulate_addcmul(self.norm2(x), shift_mlp, scale_mlp), dtype)))
 
 
 class FinalAddcmul(D.FinalLayer):

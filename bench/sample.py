@@ -3,8 +3,9 @@
     python bench/sample.py --arch DiT-B/2 --batch 64 --out OUT     # GPU, 256 px, SD-VAE architecture
     python bench/sample.py --tiny                                   # CPU smoke run (CI)
 
-The path is the one `eval/clip_fid.py` runs per batch (through `lct.pipeline.LCTPipeline`, which
-reproduces it bit for bit): `lct.samplers.consistency_sample` on the parameterised DiT (text states of 77 tokens), `lct.vae.decode` in fp32, uint8 conversion and
+The path is the one `eval/clip_fid.py` runs per batch: `lct.pipeline.LCTPipeline` (SPEC 9 on the
+parameterised DiT, text states of 77 tokens; `--precision bf16_trunk`: the trunk's weights in bf16
+as `torch_dtype=torch.bfloat16` gives them), the VAE decode in fp32, uint8 conversion and
 `lct.features.fid_features` (torch-fidelity's FID Inception, here with random weights, which
 costs the same). Weights are random: none can be downloaded, and timing does not depend on them.
 """
@@ -55,13 +56,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from diffusers import AutoencoderKL
 
+    import numpy as np
+
     from lct.config import load_config
     from lct.engine import set_precision
-    from lct.grids import to_uint8
     from lct.features import fid_features, load_fid_inception
-    from lct.models import Precond, build_dit
-    from lct.samplers import consistency_sample
-    from lct.vae import decode
+    from lct.models import build_dit
+    from lct.pipeline import LCTPipeline
+    from lct.scheduler import LCTScheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     set_precision(args.precision)
@@ -70,10 +72,9 @@ def main(argv=None) -> int:
                                                if args.tiny else [])
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
-    net = build_dit(cfg.model, lat, text_dim=512, text_len=77, pooled_dim=512)
-    model = Precond(net).to(device).eval()
+    net = build_dit(cfg.model, lat, text_dim=512, text_len=77, pooled_dim=512).eval()
     with torch.no_grad():
-        for q in model.parameters():
+        for q in net.parameters():
             q.add_(0.02 * torch.randn_like(q))
     if args.tiny:
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -81,18 +82,20 @@ def main(argv=None) -> int:
     else:
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256)
-    vae = vae.to(device).eval()
+    pipe = LCTPipeline(net, LCTScheduler(), vae.eval()).to(device)
+    if args.precision == "bf16_trunk":
+        pipe.transformer.to(torch.bfloat16)  # SPEC 1.1's per-sample layers stay fp32 (TextDiT.to)
+    pipe.set_progress_bar_config(disable=True)
     inception = load_fid_inception(random_inception(Path(tempfile.mkdtemp()) / "inception.pth"), device)
     b = args.batch if not args.tiny else 4
     cond = {"text_states": torch.randn(b, 77, 512, device=device), "text_mask": torch.ones(b, 77, dtype=torch.bool,
                                                                                             device=device),
             "pooled": torch.randn(b, 512, device=device)}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16_trunk")
-
     def one_batch(i):
-        with autocast:
-            x = consistency_sample(model, cond, range(i * b, (i + 1) * b), lat, seed=0, device=device)
-        images = to_uint8(decode(vae, x))
+        out = pipe(prompt_embeds=cond["text_states"], prompt_attention_mask=cond["text_mask"],
+                   pooled_prompt_embeds=cond["pooled"], seed=0, sample_indices=range(i * b, (i + 1) * b),
+                   output_type="np").images
+        images = (out * 255).round().astype(np.uint8)
         return fid_features(inception, images, batch_size=b)
 
     one_batch(0)

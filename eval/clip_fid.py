@@ -37,13 +37,13 @@ from lct import dist
 from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
-from lct.grids import caption_grid, save_png, to_uint8
+from lct.grids import caption_grid, save_png
 from lct.features import FID_WEIGHTS_SHA256
 from lct.metrics import SETUP, metric_images, parse_metric_args, resolve_user_metric, setup_metrics
 from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get_protocol, metric_name,
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title
-from lct.samplers import nfe
+from lct.scheduler import nfe
 from lct.vae import downsample_factor
 
 RESULTS_FORMAT = "lct-eval/1"
@@ -189,7 +189,7 @@ def run_setting(s: Setting, cfg: EvalConfig, info: dist.DistInfo, device, gen: G
     bar = tqdm(total=n, desc=s.name, unit="img", dynamic_ncols=True, disable=not info.is_main)
     for batch in dist.rank_batches(n, cfg.batch_size, info.rank, info.world_size):
         caps = [caps_all[i] for i in batch]
-        u8 = to_uint8(gen.images(caps, batch, cfg.seed, s.steps, s.tau, s.guidance))
+        u8 = gen.images(caps, batch, cfg.seed, s.steps, s.tau, s.guidance)  # uint8, the pipeline's pixels
         for i, a in zip(batch, u8):
             Image.fromarray(a).save(d / f"{i:06d}.png")
             if i < GRID_SIZE:

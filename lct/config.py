@@ -623,7 +623,7 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
     if cfg.model.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             fail("model.attention", "xformers is not installed: `pip install xformers` "
-                 "(or `pip install 'lct[xformers]'`), or use model.attention=sdpa")
+                 "(or `pip install 'lct-consistency[xformers]'`), or use model.attention=sdpa")
     if cfg.model.cond == "class" and cfg.model.num_classes < 1:
         fail("model.num_classes", "class-label mode needs model.num_classes >= 1")
     names = [e.name for e in cfg.ema.models]

@@ -61,6 +61,8 @@ __all__ = [
     "early_set_ict", "early_set_ect", "edm_weight", "diffusion_term",
     # 6 OT coupling
     "ot_cost_matrix", "ot_permutation", "ot_couple",
+    # 14 VP / DDPM noise predictors
+    "alphas_cumprod", "vp_log_sigmas", "sigma_to_timestep", "vp_scalings", "VP_PREDICTION_TYPES",
 ]
 
 
@@ -572,9 +574,9 @@ def ot_permutation(x: Tensor, z: Tensor) -> Tensor:
     perm = np.asarray(plan).argmax(axis=1)
     is_perm = np.array_equal(np.sort(perm), np.arange(n))
     if not is_perm or log.get("warning") is not None or log.get("result_code", 1) != 1:
-        from scipy.optimize import linear_sum_assignment
+        import scipy.optimize  # POT's own dependency (exports carry this file: no bare from-import for them to flag)
 
-        rows, perm = linear_sum_assignment(cost)
+        rows, perm = scipy.optimize.linear_sum_assignment(cost)
         assert np.array_equal(rows, np.arange(n))
     perm_t = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
     assert torch.equal(torch.sort(perm_t).values, torch.arange(n)), "OT plan is not a permutation"
@@ -590,3 +592,75 @@ def ot_couple(x: Tensor, z: Tensor) -> Tensor:
     caption's latent while at sampling it does not (how much it lowers the pair cost: SPEC 6)."""
     perm = ot_permutation(x, z)
     return z[perm.to(z.device)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. VP / DDPM noise predictors as lct denoisers (PixArt): the formulas of lct.models.vp.VPDenoiser
+# and of the PixArt exports' sampler (lct.scheduler.LCTVPScheduler)
+# ----------------------------------------------------------------------------------------------
+
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def alphas_cumprod(config: dict) -> np.ndarray:
+    """float64 `abar_t`, t = 0..T-1, from a diffusers scheduler config (SPEC 14.1).
+
+    "linear" and "scaled_linear" betas and `trained_betas` are recomputed in float64 (diffusers
+    builds them in float32; the PixArt/IDDPM training code used float64); other schedules take
+    diffusers' own table, upcast. Zero-terminal-SNR schedules are refused (ValueError)."""
+    cfg = dict(config)
+    n = int(cfg.get("num_train_timesteps", 1000))
+    b0, b1 = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
+    schedule = cfg.get("beta_schedule", "linear")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("rescale_betas_zero_snr makes abar_(T-1) = 0 (sigma_max infinite); not supported")
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(b0, b1, n, dtype=np.float64)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2
+    else:
+        from diffusers import DDPMScheduler  # diffusers' own table for its other schedules
+
+        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
+        return DDPMScheduler(**keep).alphas_cumprod.double().numpy()
+    return np.cumprod(1.0 - betas)
+
+
+def vp_log_sigmas(abar) -> Tensor:
+    """ln sigma_t = 0.5 ln((1 - abar_t) / abar_t), float64, ascending in t (SPEC 14.1)."""
+    a = torch.as_tensor(np.asarray(abar, dtype=np.float64), device="cpu")  # also under a meta-device build
+    if a.ndim != 1 or a.numel() < 2 or not bool(((a > 0) & (a < 1)).all()) or not bool((a[1:] < a[:-1]).all()):
+        raise ValueError("alphas_cumprod must be a strictly decreasing 1-D table in (0, 1)")
+    return 0.5 * torch.log((1.0 - a) / a)
+
+
+def sigma_to_timestep(sigma: Tensor, log_sigmas: Tensor) -> Tensor:
+    """Continuous timestep of noise level sigma (SPEC 14.1; k-diffusion's `DiscreteSchedule.sigma_to_t`).
+
+    With knots `l_i = ln sigma_i` (ascending): `t = i + (ln sigma - l_i) / (l_(i+1) - l_i)` for
+    `l_i <= ln sigma <= l_(i+1)`; t = 0 below the table, t = T - 1 above it. At a knot, t = i."""
+    ls = log_sigmas.to(device=sigma.device, dtype=sigma.dtype)
+    log_sigma = torch.log(sigma.clamp_min(torch.finfo(sigma.dtype).tiny))
+    low = (torch.searchsorted(ls, log_sigma.contiguous(), right=True) - 1).clamp(0, ls.numel() - 2)
+    lo, hi = ls[low], ls[low + 1]
+    w = ((log_sigma - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return low.to(sigma.dtype) + w
+
+
+def vp_scalings(sigma: Tensor, prediction_type: str, sigma_min: float = 0.0):
+    """(c_skip, c_out, c_in) that turn the model's output F into the denoised latent (SPEC 14.2).
+
+    epsilon:      c_skip = 1, c_out = -(sigma - sigma_min)
+    v_prediction: SPEC 1's scalings with sigma_data = 1 and F = -v: c_skip = 1 / ((sigma - sigma_min)^2 + 1),
+                  c_out = -(sigma - sigma_min) / sqrt(sigma^2 + 1)
+    c_in = 1 / sqrt(sigma^2 + 1) (the VP input scaling sqrt(abar_t)) for both. sigma_min = 0 is the
+    pretrained model's own denoiser exactly; sigma_min > 0 makes f(x, sigma_min) = x."""
+    c_in = torch.rsqrt(sigma * sigma + 1.0)
+    if prediction_type == "epsilon":
+        return torch.ones_like(sigma), -(sigma - sigma_min), c_in
+    if prediction_type == "v_prediction":
+        c_skip, c_out, _ = scalings(sigma, sigma_data=1.0, sigma_min=sigma_min)
+        return c_skip, -c_out, c_in
+    raise ValueError(f"prediction_type {prediction_type!r}: expected one of {', '.join(VP_PREDICTION_TYPES)}")

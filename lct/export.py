@@ -1,28 +1,39 @@
-"""Exported models: an EMA of the network as a diffusers pipeline folder (`lct.pipeline.LCTPipeline`).
+"""Exported models: an EMA of the network as a diffusers pipeline folder (`lct.pipeline.LCTPipeline`),
+and lct's loader of such folders.
 
     export/<ema>/
-      model_index.json    components + the latent statistics (SPEC 7) + the training record
-      pipeline.py         one line importing lct.pipeline (diffusers' custom-pipeline route)
-      transformer/        TextDiT (config.json + safetensors, the EMA weights)
-      scheduler/          LCTScheduler: sigma_min (the scalings' boundary when sampling: the
-                          training value unless method.sample_boundary_sigma_min), sample_sigma_min, sigma_max,
-                          sigma_data, time_embed_scale, taus (SPEC 1, 9)
-      vae/                AutoencoderKL, when the data's VAE is a local folder <= CARRY_MAX_BYTES
-      text_encoder/ tokenizer/   CLIPTextModelWithProjection + CLIPTokenizer where the open_clip
-                          tower maps onto them, else lct's OpenCLIPTextModel (no tokenizer/); when
-                          its weights file is local and <= CARRY_MAX_BYTES
+      model_index.json    the components (diffusers' community-components layout), the text kind,
+                          and the sources of components referenced instead of copied
+      pipeline.py         lct/pipeline.py as it is, with consistency.py and tokens.py (what it imports)
+      transformer/        TextDiT: config.json + safetensors (the EMA weights) and lct_dit.py (lct/models/dit.py)
+      scheduler/          LCTScheduler: scheduler_config.json (SPEC 1, 9: sigma_min of the scalings when
+                          sampling, sample_sigma_min, sigma_max, sigma_data, time_embed_scale, taus) and
+                          lct_scheduler.py + consistency.py (lct/scheduler.py, lct/consistency.py)
+      vae/                AutoencoderKL with SPEC 7's statistics in its config (latents_mean, latents_std,
+                          scaling_factor 0.5), when the data's VAE is a local folder <= CARRY_MAX_BYTES
+      text_encoder/ tokenizer/   CLIPTextModelWithProjection + CLIPTokenizer where the open_clip tower
+                          maps onto them; a transformers tower (T5, CLIP) of the data as it is; else
+                          lct's OpenCLIPTextModel (text_encoder/lct_openclip_text.py, needs lct; no tokenizer/)
       README.md           the model card (hub YAML header)
-      lct_export.json     lct's record (format lct-export/2): ema, step, method, data, config
+      lct_export.json     lct's training record (format lct-export/3): ema, step, method, data, config, eval
 
-A hub VAE, an open_clip pretrained tag or a large local file is referenced (`vae_source`,
-`text_source` in model_index.json) instead of copied into every EMA export at every checkpoint;
-the pipeline loads the reference when it is built. `python -m lct.export SRC --out DIR
---copy-all` writes a self-contained folder (for an upload), refreshes the model card with the
-run's latest eval, and converts exports written before pipelines (format lct-export/1: TextDiT
-weights beside lct_export.json), which `lct.pipeline.load_pipeline` also reads directly.
+No file of an export holds an absolute path: local paths are written relative to the export
+folder (`lct.pipeline.portable`). A hub VAE, an open_clip pretrained tag or a large local file is
+referenced (`vae_source` + `vae_latents`, `text_source` in model_index.json) instead of copied into
+every EMA export at every checkpoint; lct's loader fills it in. `python -m lct.export SRC --out DIR
+--copy-all` writes a self-contained folder (for an upload), refreshes the model card with the run's
+latest eval, and converts exports of older formats (lct-export/1: TextDiT weights beside
+lct_export.json; lct-export/2: statistics and record in model_index.json, a one-line shim as
+pipeline.py), which `load_pipeline` also reads directly.
 
     python -m lct.export runs/lct_coco --out hub/lct_coco --copy-all
-    huggingface-cli upload USER/lct-coco hub/lct_coco .      # a plain folder upload
+    hf upload USER/lct-coco hub/lct_coco .      # a plain folder upload (or pipe.push_to_hub)
+
+Loading (`load_pipeline`, what `LCTPipeline.from_pretrained`, `lct.sample`, `eval/clip_fid.py` and
+`python -m lct.export` use; what every export kind shares is `lct.export_common`): exports are data. The loader reads model_index.json, refuses in one
+line a folder that names any module it does not know (KNOWN), and builds each component from lct's
+own classes (TextDiT, LCTScheduler, OpenCLIPTextModel) or diffusers' / transformers' by name; it
+never imports a Python file of the folder and never enables `trust_remote_code`.
 
 The model card lists the run's latest eval: the newest `results.json` under `RUN_DIR/eval/`
 (write eval there: `eval/clip_fid.py --checkpoint RUN_DIR --out RUN_DIR/eval/NAME`), or the file
@@ -38,9 +49,10 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import argparse
-import contextlib
+import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +60,25 @@ import numpy as np
 import torch
 
 from lct.errors import UserError, cli_main
+from lct.export_common import (CARRY_MAX_BYTES, INDEX, REMAKE_HINT, LoadError, _first_line, _is_export,  # noqa: F401
+                               _text_component, _vae_component, check_network_weights, eval_summary, is_tokenizer_class,
+                               latest_eval, load_network_weights, quiet_loading, resolve_export, resolve_text,
+                               text_component, training_record, weight_files)
 from lct.files import atomic_dir, output_dir_problem
-from lct.model_card import EXPORT_FORMAT, META
+from lct.model_card import EXPORT_FORMAT, META, model_card
 
 LEGACY_FORMAT = "lct-export/1"
-INDEX = "model_index.json"
-CARRY_MAX_BYTES = 200 * 2**20  # a VAE or text tower at most this large is copied into each export
-REMAKE_HINT = ("the trainer writes exports at every checkpoint (lct/train.py); `python -m lct.export RUN_DIR "
-               "--out DIR` rewrites one from a run directory or an older export")
+COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer")
+# What lct's loader loads, by component: lct's own classes under the module names an export gives
+# them (the file in the component's folder; lct-export/2 named lct's modules), and diffusers' /
+# transformers' classes by name. Anything else in model_index.json is refused.
+OWN = {"transformer": ({"lct_dit", "lct.models.dit"}, "TextDiT"),
+       "scheduler": ({"lct_scheduler", "lct.scheduler"}, "LCTScheduler"),
+       "text_encoder": ({"lct_openclip_text", "lct.openclip_text", "lct.pipeline_text"}, "OpenCLIPTextModel")}
+LIBRARY = {"vae": ("diffusers", {"AutoencoderKL"}),
+           "text_encoder": ("transformers", {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}),
+           "tokenizer": ("transformers", None)}  # any transformers tokenizer class
+PIPELINE_CLASS = "LCTPipeline"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,17 +86,82 @@ REMAKE_HINT = ("the trainer writes exports at every checkpoint (lct/train.py); `
 # ----------------------------------------------------------------------------------------------
 
 
+def scheduler_for(method):
+    """The `LCTScheduler` of a method config: SPEC 1's scalings with the sampling boundary, the
+    noise floor between steps, sigma_max, sigma_data, the time input and the taus (SPEC 2.4, 9)."""
+    from lct.scheduler import LCTScheduler
+
+    boundary, sample_sigma_min = method.sampling_sigma_mins()
+    return LCTScheduler(sigma_min=boundary, sigma_max=method.sigma_max, sigma_data=method.sigma_data,
+                        time_embed_scale=method.time_embed_scale, sample_sigma_min=sample_sigma_min,
+                        taus=list(method.tau))
+
+
+def latent_config(manifest: dict, kind: str) -> dict:
+    """SPEC 7's normalisation in the VAE config's terms (diffusers' `latents_mean`, `latents_std`,
+    `scaling_factor`, `shift_factor`): `x = (raw - mean) / std * 0.5` is `scaling_factor` 0.5 with the
+    data's statistics (per channel, or per element flattened C*H*W); `vae` keeps the VAE's own
+    `scaling_factor` / `shift_factor` (SPEC 14.4) and no statistics."""
+    from lct.latents import latent_stats
+
+    if kind == "vae":
+        cfg = (manifest.get("vae") or {}).get("config") or {}
+        return {"latents_mean": None, "latents_std": None, "scaling_factor": cfg.get("scaling_factor"),
+                "shift_factor": cfg.get("shift_factor")}
+    mean, std = latent_stats(manifest, kind)  # [C,1,1] or [C,h,w]: flattened, C or C*h*w values
+    return {"latents_mean": np.asarray(mean, dtype=np.float64).reshape(-1).tolist(),
+            "latents_std": np.asarray(std, dtype=np.float64).reshape(-1).tolist(), "scaling_factor": 0.5,
+            "shift_factor": None}
+
+
+def with_latent_config(vae, latents: dict | None):
+    """A shallow copy of `vae` whose config carries `latents` (its weights shared, the given module
+    unchanged: the trainer's VAE or a cached component)."""
+    if vae is None or not latents:
+        return vae
+    out = copy.copy(vae)
+    out.register_to_config(**latents)
+    return out
+
+
+def pipeline_latent_norm(pipe):
+    """SPEC 7's normalisation (`lct.vae.LatentNorm`) of a pipeline, read back from its VAE config."""
+    from lct.vae import LatentNorm
+
+    cfg = pipe.vae.config
+    if getattr(cfg, "latents_mean", None) is None:
+        return LatentNorm.from_vae(cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+    mean, std = np.asarray(cfg.latents_mean, dtype=np.float64), np.asarray(cfg.latents_std, dtype=np.float64)
+    if mean.size != pipe.latent_shape[0]:  # per element
+        mean, std = mean.reshape(pipe.latent_shape), std.reshape(pipe.latent_shape)
+    return LatentNorm(mean, std)
+
+
+def training_pipeline(net, cfg, manifest: dict, *, vae=None, text_encoder=None, tokenizer=None,
+                      vae_source: str | None = None, text_source: dict | None = None):
+    """An `LCTPipeline` around a network being trained (`net`: the TextDiT), sampling with the
+    method's scheduler and decoding with the data's normalisation: what the exporter saves and
+    what the trainer's sample grids run (in memory, around the EMA)."""
+    from lct.pipeline import LCTPipeline
+
+    latents = latent_config(manifest, cfg.data.latent_norm)
+    text_rec = manifest.get("text") or {}
+    return LCTPipeline(net, scheduler_for(cfg.method), with_latent_config(vae, latents), text_encoder, tokenizer,
+                       text_kind=text_rec.get("kind", "open_clip"),
+                       text_max_length=text_rec.get("context_length") if text_rec.get("kind") else None,
+                       vae_source=vae_source, text_source=text_source,
+                       vae_latents=latents if vae_source else None)
+
+
 def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
                    cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None = None) -> Path:
     """Write EMA weights of `precond.net` as a pipeline folder (module docstring), atomically."""
-    from lct.latents import latent_stats
-    from lct.pipeline import LCTPipeline, references_unresolved
-    from lct.scheduler import LCTScheduler
-
-    net = precond.net
     if cfg.model.arch == "pixart":
+        from lct.export_pixart import export_pixart
+
         return export_pixart(precond, ema_state, out_dir, cfg=cfg, manifest=manifest, ema_name=ema_name, step=step,
                              images_seen=images_seen)
+    net = precond.net
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
         cpu_net = type(net).from_config(net.config)
     prefix = "net."
@@ -82,282 +170,22 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
     frozen = {n for n, p in cpu_net.named_parameters() if not p.requires_grad} | set(dict(cpu_net.named_buffers()))
     if unexpected or [m for m in missing if m not in frozen]:
         raise RuntimeError(f"EMA does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    cpu_net.eval()
-    m = cfg.method
-    boundary_sigma_min, sample_sigma_min = m.sampling_sigma_mins()
-    scheduler = LCTScheduler(sigma_min=boundary_sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
-                             time_embed_scale=m.time_embed_scale, sample_sigma_min=sample_sigma_min,
-                             taus=list(m.tau))
-    norm = cfg.data.latent_norm
-    mean, std = (None, None) if norm == "vae" else latent_stats(manifest, norm)
     vae, vae_source = _vae_component(manifest.get("vae"))
     text_encoder = tokenizer = text_source = None
-    text_rec = manifest.get("text") or {}
     if cfg.model.cond == "text":
         text_encoder, tokenizer, text_source = _text_component(manifest)
-    record = training_record(cfg, manifest, ema_name, step, images_seen)
-    with references_unresolved():
-        pipe = LCTPipeline(cpu_net, scheduler, vae, text_encoder, tokenizer,
-                           latent_mean=None if mean is None else np.asarray(mean, dtype=np.float64).tolist(),
-                           latent_std=None if std is None else np.asarray(std, dtype=np.float64).tolist(),
-                           latent_norm_kind=norm,
-                           vae_source=vae_source, text_source=text_source, training=record,
-                           text_kind=text_rec.get("kind", "open_clip"),
-                           text_max_length=text_rec.get("context_length") if text_rec.get("kind") else None)
-    out_dir = Path(out_dir)
+    pipe = training_pipeline(cpu_net.eval(), cfg, manifest, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             vae_source=vae_source, text_source=text_source)
+    pipe.training_record = training_record(cfg, manifest, ema_name, step, images_seen)
+    return write_export(pipe, Path(out_dir))
+
+
+def write_export(pipe, out_dir: Path) -> Path:
+    """`pipe.save_pretrained` into `out_dir` atomically, with lct's model card of its training record."""
     with atomic_dir(out_dir) as tmp:
+        pipe.model_card = model_card(pipe, tmp)
         pipe.save_pretrained(tmp)
     return out_dir
-
-
-PIXART_NULL = "null_condition.safetensors"
-
-
-def pixart_scheduler(scheduler_config: dict):
-    """SPEC 9's 1/2/k-step sampling of a tuned PixArt (an epsilon / v predictor still, SPEC 14.2) as
-    diffusers' `LCMScheduler` on the model's own beta table: each step predicts x0 and re-noises it
-    to the next timestep (`timesteps=[999, t(tau)]`). `timestep_scaling` 1e4 makes LCM's
-    boundary-condition skip vanish (c_skip < 1e-7 for t >= 1): the denoised latent is the model's."""
-    from diffusers import LCMScheduler
-
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    return LCMScheduler(**{k: scheduler_config[k] for k in keep if scheduler_config.get(k) is not None},
-                        timestep_scaling=1e4, set_alpha_to_one=True, clip_sample=False, original_inference_steps=1000)
-
-
-def pixart_timesteps(model, taus) -> list[int]:
-    """The integer timesteps of SPEC 9's sampling levels: 999 (sigma_max), then t(tau) rounded."""
-    from lct.models.vp import sigma_to_timestep
-
-    t = sigma_to_timestep(torch.tensor(list(taus), dtype=torch.float64), model.log_sigmas.double().cpu())
-    return [int(model.log_sigmas.numel() - 1)] + [int(round(float(v))) for v in t]
-
-
-def export_pixart(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *, cfg, manifest: dict,
-                  ema_name: str, step: int, images_seen: int | None = None) -> Path:
-    """A tuned PixArt as a diffusers `PixArtSigmaPipeline` folder (PixArt-alpha's text length 120:
-    `PixArtAlphaPipeline`): transformer/ with the EMA weights, scheduler/ (`pixart_scheduler`), the
-    data's VAE and T5 tower when local and small (else referenced in lct_export.json: pass them to
-    `from_pretrained`), and the trained null condition (`null_condition.safetensors`:
-    `negative_prompt_embeds` [1, L, D] and `negative_prompt_attention_mask` [1, L], for guidance)."""
-    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from safetensors.torch import save_file
-
-    net = model.net  # PixArtNet
-    with torch.random.fork_rng(devices=[]):
-        transformer = PixArtTransformer2DModel.from_config(net.transformer.config)
-    prefix = "net.transformer."
-    state = {k[len(prefix):]: v for k, v in ema_state.items() if k.startswith(prefix)}
-    transformer.load_state_dict(state, strict=True)
-    null = ema_state["net.null_text_states"].float()
-    text = manifest.get("text") or {}
-    length = int(text.get("context_length") or null.shape[0])
-    vae, vae_source = _vae_component(manifest.get("vae"))
-    text_encoder, tokenizer, text_source = _text_component(manifest)
-    cls = PixArtAlphaPipeline if length == 120 else PixArtSigmaPipeline
-    scheduler = pixart_scheduler(getattr(model, "scheduler_config", None) or {})
-    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer.eval(),
-               scheduler=scheduler)
-    record = training_record(cfg, manifest, ema_name, step, images_seen)
-    record.update(pipeline=cls.__name__, vae_source=vae_source, text_source=text_source,
-                  timesteps={f"{n}_step": pixart_timesteps(model, cfg.method.tau[: n - 1]) for n in (1, 2)},
-                  max_sequence_length=length, null_condition=PIXART_NULL,
-                  sampling=("pipe(prompt, timesteps=record['timesteps']['1_step'], guidance_scale=1.0, "
-                            f"max_sequence_length={length}, use_resolution_binning=False); guidance > 1 with "
-                            "negative_prompt_embeds / negative_prompt_attention_mask from null_condition.safetensors"))
-    embeds = torch.nn.functional.pad(null, (0, 0, 0, max(0, length - null.shape[0])))[None]
-    mask = (torch.arange(embeds.shape[1]) < null.shape[0]).long()[None]
-    with atomic_dir(Path(out_dir)) as tmp:
-        pipe.save_pretrained(tmp)
-        save_file({"negative_prompt_embeds": embeds.contiguous(), "negative_prompt_attention_mask": mask},
-                  str(Path(tmp) / PIXART_NULL))
-        (Path(tmp) / META).write_text(json.dumps(_jsonable(record), indent=1) + "\n")
-    return Path(out_dir)
-
-
-def load_pixart_export(path: str | os.PathLike, *, vae: str | None = None, text_encoder: str | None = None):
-    """(pipeline, null condition dict) of an `export_pixart` folder; components it references (a hub
-    VAE or T5 tower) are loaded from `vae` / `text_encoder` or from the recorded sources."""
-    import diffusers
-    from safetensors.torch import load_file
-
-    d = Path(path)
-    record = json.loads((d / META).read_text())
-    kw: dict[str, Any] = {}
-    if vae or record.get("vae_source"):
-        from lct.vae import load_vae
-
-        kw["vae"] = load_vae(vae or record["vae_source"], "cpu", torch.float32)
-    if text_encoder or record.get("text_source"):
-        from lct.hf_text import HFTextEncoder
-
-        src = text_encoder or ((record.get("text_source") or {}).get("source") or {}).get("id")
-        enc = HFTextEncoder.load(src, max_length=record["max_sequence_length"], key="--text-encoder")
-        kw.update(text_encoder=enc.model, tokenizer=enc.hf_tokenizer)
-    try:
-        with quiet_loading():
-            pipe = getattr(diffusers, record["pipeline"]).from_pretrained(str(d), **kw)
-    except Exception as err:
-        msg = str(err).strip().splitlines()
-        raise UserError(f"{d}: could not be loaded as a {record['pipeline']} "
-                        f"({(msg[0] if msg else type(err).__name__)[:300]}); {REMAKE_HINT}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, load_file(str(d / PIXART_NULL))
-
-
-def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None) -> dict:
-    """What the model card and lct's tools read (model_index.json `training`, lct_export.json)."""
-    m = cfg.method
-    ema = next((e for e in cfg.ema.models if e.name == ema_name), None)
-    return {
-        "format": EXPORT_FORMAT,
-        "ema": ema_name,
-        "ema_halflife_images": ema.resolved_halflife() if ema is not None else None,
-        "step": int(step),
-        "images_seen": int(images_seen) if images_seen is not None else int(step) * int(cfg.optim.batch_size),
-        "method": {"preset": m.preset, "objective": m.objective, "sigma_min": m.sigma_min,
-                   "sample_boundary_sigma_min": m.sampling_sigma_mins()[0],
-                   "sample_sigma_min": m.sampling_sigma_mins()[1],
-                   "sigma_max": m.sigma_max, "sigma_data": m.sigma_data,
-                   "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
-        "model": {"cond": cfg.model.cond, "arch": cfg.model.arch},
-        "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"])},
-        "vae": _jsonable(manifest.get("vae")),
-        "text": _jsonable(manifest.get("text")),
-        "resolution": manifest.get("resolution"),
-        "manifest_path": manifest.get("manifest_path"),
-        "eval": latest_eval(Path(cfg.run.dir) / "eval"),
-        "example_prompt": example_prompt(cfg),
-        "config": cfg.model_dump(mode="json"),
-    }
-
-
-def example_prompt(cfg) -> str | None:
-    """A prompt from the run's own data for the model card: the first sample prompt, else the
-    first caption of the first (validation) latent shard; None for unconditional models."""
-    if cfg.model.cond != "text":
-        return None
-    if cfg.sample.prompts:
-        return cfg.sample.prompts[0]
-    try:
-        if cfg.sample.prompts_file:
-            return next(l.strip() for l in Path(cfg.sample.prompts_file).read_text().splitlines() if l.strip())
-        import tarfile
-
-        from lct.data import expand_urls
-
-        with tarfile.open(expand_urls(cfg.data.val_shards or cfg.data.shards)[0], "r:") as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    caps = json.loads(tar.extractfile(m).read()).get("captions") or []
-                    return str(caps[0]) if caps else None
-    except Exception:  # StopIteration, unreadable or remote shards: the card says "your prompt"
-        return None
-    return None
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str)) if x is not None else None
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-_COMPONENT_CACHE: dict = {}  # per process: the trainer exports the same VAE / tower at every checkpoint
-
-
-def _cached(kind: str, key, build):
-    """The latest component of each kind ("vae", "text"), rebuilt when its source files change."""
-    hit = _COMPONENT_CACHE.get(kind)
-    if hit is None or hit[0] != key:
-        _COMPONENT_CACHE[kind] = hit = (key, build())
-    return hit[1]
-
-
-def _vae_component(vae: dict | None):
-    """(AutoencoderKL, None) for a small local VAE folder, else (None, its id or path)."""
-    src = Path(str((vae or {}).get("id") or ""))
-    if not vae or not vae.get("id"):
-        return None, None
-    if not src.is_dir() or _size(src) > CARRY_MAX_BYTES:
-        return None, str(vae["id"])
-    from lct.vae import load_vae
-
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
-    return _cached("vae", (str(src), stamp), lambda: load_vae(str(src), "cpu", torch.float32)), None
-
-
-def _text_component(manifest: dict):
-    """(text_encoder, tokenizer, None) for a local text tower <= CARRY_MAX_BYTES, else (None, None,
-    the manifest's text record: loaded when the pipeline is). open_clip towers take the form of
-    `text_component`; transformers towers (T5, CLIP: `lct.hf_text`) are copied as they are."""
-    from lct.hf_text import is_hf_record
-    from lct.text import is_random, load_tower
-
-    rec = manifest.get("text") or {}
-    if not rec:
-        raise UserError("the data's manifest records no text model; re-run data_prep/encode_latents.py")
-    base = {"text": rec, "_dir": str(Path(str(manifest.get("manifest_path") or ".")).parent)}
-    if is_hf_record(rec):
-        src = Path(str((rec.get("source") or {}).get("id") or ""))
-        if not src.is_dir() or _size(src) > CARRY_MAX_BYTES:
-            return None, None, _jsonable(rec)
-        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.rglob("*")) if f.is_file())
-
-        def build_hf():
-            enc = load_tower(base)
-            return enc.model, enc.hf_tokenizer
-
-        enc, tok = _cached("text", stamp, build_hf)
-        return enc, tok, None
-    pre = rec.get("pretrained")
-    local = None
-    if pre and not is_random(pre):
-        for cand in (Path(str(pre)), Path(base["_dir"]) / str(rec.get("pretrained_relative") or "")):
-            if cand.is_file():
-                local = cand
-                break
-    if local is None or _size(local) > CARRY_MAX_BYTES:
-        return None, None, _jsonable(rec)
-    stamp = (str(local), local.stat().st_size, local.stat().st_mtime_ns)
-    enc, tok = _cached("text", stamp, lambda: text_component(load_tower(base)))
-    return enc, tok, None
-
-
-def text_component(encoder):
-    """(CLIPTextModelWithProjection, CLIPTokenizer) where the open_clip tower maps onto them
-    exactly (`lct.pipeline_text.to_clip_text_model`), else (OpenCLIPTextModel, None)."""
-    from lct.pipeline_text import OpenCLIPTextModel, to_clip_text_model
-
-    form = to_clip_text_model(encoder)
-    if isinstance(form, str):
-        return OpenCLIPTextModel.from_encoder(encoder), None
-    return form
-
-
-def latest_eval(folder: Path) -> dict | None:
-    """The newest eval `results.json` under `folder` (recursively), summarised for the card."""
-    files = sorted(Path(folder).rglob("results.json"), key=lambda f: f.stat().st_mtime) if Path(folder).is_dir() else []
-    return eval_summary(files[-1]) if files else None
-
-
-def eval_summary(path: Path) -> dict:
-    try:
-        r = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"--results {path}: not a readable eval results.json ({err})") from None
-    ck = r.get("checkpoint") or {}
-    return {"path": str(Path(path).resolve()), "time": r.get("time"), "protocol": (r.get("protocol") or {}).get("name"),
-            "conforms": (r.get("protocol") or {}).get("conforms"), "num_samples": r.get("num_samples"),
-            "checkpoint_step": ck.get("step"), "checkpoint_ema": ck.get("ema"),
-            "settings": [{"name": s.get("name"), "steps": s.get("steps"), "tau": s.get("tau"),
-                          "guidance": s.get("guidance"), "nfe": s.get("nfe"),
-                          "metrics": {k: v.get("value") for k, v in (s.get("metrics") or {}).items()
-                                      if isinstance(v, dict) and not v.get("skipped")}}
-                         for s in r.get("settings") or []]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,190 +193,221 @@ def eval_summary(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """No per-component progress bars or 'install accelerate' notes while lct's tools load a pipeline."""
-    import diffusers.utils.logging as dlog
-
-    level, bars = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    try:
-        import transformers.utils.logging as tlog
-    except ImportError:
-        tlog = None
-    if tlog is not None:
-        t_level, t_bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-        if bars:
-            dlog.enable_progress_bar()
-        if tlog is not None:
-            tlog.set_verbosity(t_level)
-            if t_bars:
-                tlog.enable_progress_bar()
+def _known(name: str, library, class_name) -> bool:
+    own = OWN.get(name)
+    if own and library in own[0] and class_name == own[1]:
+        return True
+    spec = LIBRARY.get(name)
+    if not spec or library != spec[0] or not isinstance(class_name, str):
+        return False
+    return class_name in spec[1] if spec[1] is not None else is_tokenizer_class(library, class_name)
 
 
-def check_pipeline_folder(d: Path) -> None:
-    """One line naming the first missing file of a pipeline folder and the command that makes it."""
-    index_file = d / "model_index.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{index_file}: unreadable ({err}); {REMAKE_HINT}") from None
-    weights = {"transformer": ("diffusion_pytorch_model.safetensors",), "vae": ("diffusion_pytorch_model.safetensors",),
-               "text_encoder": ("model.safetensors", "diffusion_pytorch_model.safetensors"),
-               "tokenizer": ("tokenizer.json",), "scheduler": ()}
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+def check_export_index(d: Path, index: dict) -> None:
+    """One line naming the file where model_index.json names a pipeline or a component lct does
+    not load (`OWN`, `LIBRARY`: lct never imports a module of the folder), or a component's files
+    are missing."""
+    where = d / INDEX
+    cls = index.get("_class_name")
+    name = cls[1] if isinstance(cls, (list, tuple)) and len(cls) == 2 else cls
+    if name in ("PixArtSigmaPipeline", "PixArtAlphaPipeline"):
+        raise LoadError(f"{where}: a tuned PixArt export ({name}): load it with lct.export_pixart.load_pixart_export "
+                        "or its model card's recipe (lct.sample and eval/clip_fid.py read LCTPipeline exports)")
+    if name != PIPELINE_CLASS:
+        raise LoadError(f"{where}: pipeline class {cls!r} is not lct's {PIPELINE_CLASS}; lct loads its own exports "
+                        "(diffusers loads other pipelines)")
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list) or len(value) != 2:
             continue
-        cfg = "scheduler_config.json" if name == "scheduler" else (
-            "tokenizer_config.json" if name == "tokenizer" else "config.json")
-        for f in (cfg, *weights.get(name, ())[:1]):
-            alts = [f] if f == cfg else list(weights[name])
-            if not any((d / name / a).is_file() for a in alts):
-                raise UserError(f"{d / name / alts[0]} is missing (component {name!r} of model_index.json); "
-                                f"{REMAKE_HINT}")
+        library, class_name = value
+        if key not in COMPONENTS:
+            raise LoadError(f"{where}: component {key!r} ({library}.{class_name}) is not one of LCTPipeline's "
+                            f"({', '.join(COMPONENTS)}); lct reads exports as data and loads nothing else")
+        if library is None:
+            continue
+        if not _known(key, library, class_name):
+            raise LoadError(f"{where}: component {key!r} names {library}.{class_name} ({d / key / f'{library}.py'}), "
+                            "which lct does not load: exports are data to lct (its TextDiT, LCTScheduler and "
+                            "OpenCLIPTextModel, diffusers' AutoencoderKL, transformers' text towers and tokenizers), "
+                            "and no code of the folder runs")
+        files = {"scheduler": ["scheduler_config.json"], "tokenizer": ["tokenizer_config.json"]}.get(key, ["config.json"])
+        for f in files:
+            if not (d / key / f).is_file():
+                raise LoadError(f"{d / key / f} is missing (component {key!r} of model_index.json); {REMAKE_HINT}")
+        if key in ("transformer", "vae", "text_encoder") and not any(
+                p.suffix in (".safetensors", ".bin") for p in (d / key).iterdir()):
+            raise LoadError(f"{d / key / 'diffusion_pytorch_model.safetensors'} is missing (component {key!r} of "
+                            f"model_index.json); {REMAKE_HINT}")
 
 
-def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae: str | None = None,
-                  text_pretrained: str | None = None, device: str | torch.device | None = None):
-    """The pipeline of an export or run directory (`export/<ema>/`), in either format: a
-    pipeline folder (model_index.json) or an export written before pipelines
-    (`lct_export.json` format lct-export/1 beside the TextDiT weights). `vae` / `text_pretrained`
-    replace the recorded VAE / text-tower weights (e.g. a local copy). Returns an `LCTPipeline`."""
-    from lct.pipeline import LCTPipeline, resolve_text
+def _load_component(d: Path, name: str, library: str, class_name: str, dtype, variant: str | None):
+    """A component of an export by lct's class for it, or diffusers' / transformers' class by name."""
+    if name == "transformer":
+        from lct.models.dit import TextDiT
 
-    d = resolve_export(path, ema)
-    overrides: dict[str, Any] = {}
-    if (d / "model_index.json").is_file():
-        check_pipeline_folder(d)
-        index = json.loads((d / "model_index.json").read_text())
-        if vae:
-            from lct.vae import load_vae
+        return TextDiT.from_pretrained(str(d), subfolder=name, torch_dtype=dtype, variant=variant)
+    if name == "scheduler":
+        from lct.scheduler import LCTScheduler
 
-            overrides["vae"] = load_vae(vae, "cpu", torch.float32)
-        if text_pretrained and index.get("text_source") is None and (index.get("text_encoder") or [None])[0] is None:
-            raise UserError("--text-pretrained: this export records no text tower")
-        if text_pretrained:
-            rec = index.get("text_source") or (index.get("training") or {}).get("text")
-            if not rec:
-                raise UserError("--text-pretrained: the export does not record which open_clip model its text tower is")
-            overrides["text_encoder"], overrides["tokenizer"] = resolve_text(rec, text_pretrained)
+        return LCTScheduler.from_pretrained(str(d), subfolder=name)
+    if name == "vae":
+        from diffusers import AutoencoderKL
+        from diffusers.utils import is_accelerate_available
+
+        return AutoencoderKL.from_pretrained(str(d), subfolder=name, torch_dtype=dtype, variant=variant,
+                                             low_cpu_mem_usage=is_accelerate_available()).eval()
+    if name == "text_encoder" and class_name == OWN["text_encoder"][1]:
+        from lct.openclip_text import OpenCLIPTextModel
+
+        return OpenCLIPTextModel.from_pretrained(str(d), subfolder=name, torch_dtype=dtype)
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    if name == "tokenizer":
+        return cls.from_pretrained(str(d / name))
+    return cls.from_pretrained(str(d / name), dtype=dtype, variant=variant).eval()
+
+
+def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae=None, text_pretrained: str | None = None,
+                  device: str | torch.device | None = None, **kwargs):
+    """The `LCTPipeline` of an export (a folder or hub id) or run directory (`export/<ema>/`), in
+    any format (module docstring): exports are data, loaded by class, never a file's code.
+
+    `vae` / `text_pretrained` replace the recorded VAE / text-tower weights (a path or id, e.g. a
+    local copy; `vae` may also be a module); `transformer=`, `scheduler=`, `text_encoder=`,
+    `tokenizer=` pass components as diffusers' loader takes them. diffusers' loading options:
+    `torch_dtype` / `dtype` (a dtype, or {"component": dtype, "default": dtype}), `variant`,
+    `device_map` (a device: the components are moved there), and for hub ids `revision`, `token`,
+    `cache_dir`, `local_files_only`. `trust_remote_code` changes nothing: no folder code runs."""
+    from lct.pipeline import LCTPipeline, localize
+    from diffusers.utils import logging as dlogging
+
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = torch_dtype if dtype is None else dtype
+    variant, device_map = kwargs.pop("variant", None), kwargs.pop("device_map", None)
+    hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only", "force_download",
+                                      "proxies") if k in kwargs}
+    passed = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
+    for k in ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors"):
+        kwargs.pop(k, None)
+    if kwargs.get("custom_pipeline") is not None:
+        raise LoadError("custom_pipeline: lct's loader builds LCTPipeline only; use DiffusionPipeline.from_pretrained")
+    kwargs.pop("custom_pipeline", None)
+    if kwargs:
+        raise TypeError(f"load_pipeline got unexpected arguments {sorted(kwargs)}")
+    if vae is not None and not isinstance(vae, (str, os.PathLike)):
+        passed["vae"], vae = vae, None
+    d = resolve_export(path, ema, **hub)
+    if not (d / INDEX).is_file():
+        with quiet_loading():
+            return pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
+    try:
+        index = json.loads((d / INDEX).read_text())
+    except (OSError, ValueError) as err:
+        raise LoadError(f"{d / INDEX}: unreadable ({_first_line(err)}); {REMAKE_HINT}") from None
+    check_export_index(d, index)
+    if variant is not None:
+        have = {n for n in COMPONENTS if (d / n).is_dir() and any(variant in f.name.split(".")[1:-1] for f in (d / n).iterdir())}
+        if not have:
+            raise LoadError(f"You are trying to load the model files of the `variant={variant}`, but no such modeling "
+                            f"files are available in {d}.")
+    else:
+        have = set()
+    log = dlogging.get_logger("diffusers.pipelines.pipeline_utils")
+    comp: dict[str, Any] = {}
+    for name in COMPONENTS:
+        library, class_name = index.get(name) or [None, None]
+        if name in passed:
+            comp[name] = passed[name]
+            continue
+        if library is None:
+            comp[name] = None
+            continue
+        dt = dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
         try:
-            with quiet_loading():
-                pipe = LCTPipeline.from_pretrained(str(d), **overrides)
+            comp[name] = _load_component(d, name, library, class_name, dt, variant if name in have else None)
         except UserError:
             raise
         except Exception as err:  # a truncated weight file, a config from another version
-            msg = str(err).strip().splitlines()
-            raise UserError(f"{d}: could not be loaded as a pipeline ({(msg[0] if msg else type(err).__name__)[:300]}); "
-                            f"{REMAKE_HINT}") from None
-    else:
-        with quiet_loading():
-            pipe = pipeline_from_legacy(d, vae=vae, text_pretrained=text_pretrained)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device is not None else pipe
+            raise LoadError(f"{d / name}: could not be loaded as {class_name} ({_first_line(err)}); {REMAKE_HINT}") from None
+        log.info(f"Loaded {name} as {class_name} from `{name}` subfolder of {path}.")
+    latents = index.get("vae_latents") or _legacy_latents(index)
+    vae_source, text_source = localize(index.get("vae_source"), d), localize(index.get("text_source"), d)
+    if vae or (comp["vae"] is None and vae_source and "vae" not in passed):
+        from lct.vae import load_vae
+
+        if latents is None and (d / "vae" / "config.json").is_file():
+            vcfg = json.loads((d / "vae" / "config.json").read_text())
+            latents = {k: vcfg.get(k) for k in ("latents_mean", "latents_std", "scaling_factor", "shift_factor")}
+        comp["vae"] = load_vae(vae or vae_source, "cpu", torch.float32)
+        vae_source = None if vae else vae_source
+    if latents is not None and comp["vae"] is not None and "vae" not in passed:
+        comp["vae"] = with_latent_config(comp["vae"], latents)
+    cond_text = (json.loads((d / "transformer" / "config.json").read_text()).get("cond", "text")
+                 if (d / "transformer" / "config.json").is_file() else "text")
+    record = _read_record(d, index)
+    if text_pretrained:
+        rec = text_source or (record or {}).get("text")
+        if not rec:
+            raise UserError("--text-pretrained: this export records no text tower")
+        comp["text_encoder"], comp["tokenizer"] = resolve_text(rec, text_pretrained, d)
+        text_source = None
+    elif comp["text_encoder"] is None and text_source and cond_text == "text" and "text_encoder" not in passed:
+        comp["text_encoder"], comp["tokenizer"] = resolve_text(text_source, None, d)
+    pipe = LCTPipeline(**comp, text_kind=index.get("text_kind") or "open_clip",
+                       text_max_length=index.get("text_max_length"), vae_source=vae_source, text_source=text_source,
+                       vae_latents=latents if vae_source else None)
+    pipe.training_record = record
+    pipe.model_card = (d / "README.md").read_text() if (d / "README.md").is_file() else None
+    target = device_map if device_map is not None else device
+    return pipe.to(target) if target is not None else pipe
 
 
-def _is_export(p: Path) -> bool:
-    return (p / INDEX).is_file() or (p / META).is_file()
+def _legacy_latents(index: dict) -> dict | None:
+    """The VAE config statistics of an lct-export/2 model_index.json (pipeline config `latent_mean`,
+    `latent_std`, `latent_norm_kind`)."""
+    kind = index.get("latent_norm_kind")
+    if kind == "vae":
+        return {"latents_mean": None, "latents_std": None}
+    if index.get("latent_mean") is None:
+        return None
+    return {"latents_mean": np.asarray(index["latent_mean"], dtype=np.float64).reshape(-1).tolist(),
+            "latents_std": np.asarray(index["latent_std"], dtype=np.float64).reshape(-1).tolist(),
+            "scaling_factor": 0.5, "shift_factor": None}
 
 
-def resolve_export(path: str | os.PathLike, ema: str | None = None) -> Path:
-    """An export directory from an export or run directory (`export/<ema>/`, default the run's
-    sample EMA)."""
-    p = Path(path)
-    if _is_export(p):
-        return p
-    exports = p / "export"
-    if exports.is_dir():
-        name = ema
-        if name is None:
-            cfg_file = p / "config.yaml"
-            if cfg_file.is_file():
-                import yaml
+def _read_record(d: Path, index: dict) -> dict | None:
+    """The training record (lct_export.json; lct-export/2 kept it in model_index.json), its paths
+    made absolute again where they exist."""
+    from lct.pipeline import localize
 
-                name = (yaml.safe_load(cfg_file.read_text()).get("ema") or {}).get("sample")
-        candidates = [exports / name] if name else sorted(exports.iterdir())
-        for c in candidates:
-            if _is_export(c):
-                return c
-        raise UserError(f"{p}: no export for EMA {name!r} (have: {[c.name for c in exports.iterdir()]}); "
-                        "exports are written at each checkpoint")
-    if p.is_dir() and any(p.iterdir()):
-        raise UserError(f"{p / INDEX} is missing: {p} is neither an lct export nor a run directory with export/; "
-                        f"{REMAKE_HINT}")
-    raise UserError(f"{p}: no such export or run directory (pass --checkpoint RUN_DIR or RUN_DIR/export/<ema>)")
-
-
-def load_network_weights(path: str | os.PathLike, ema: str | None = None) -> dict[str, torch.Tensor]:
-    """State dict of an exported network (for `model.init_from`), from either export format."""
-    from safetensors.torch import load_file
-
-    d = resolve_export(path, ema)
-    folder = d / "transformer" if (d / INDEX).is_file() else d
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no safetensors weights; {REMAKE_HINT}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
+    record = None
+    if (d / META).is_file():
         try:
-            state.update(load_file(str(f)))
-        except Exception as err:  # a truncated or overwritten weight file (safetensors' own errors)
-            raise UserError(f"{f}: unreadable weights ({_first_line(err)}); {REMAKE_HINT}") from None
-    return state
-
-
-def check_network_weights(path: str | os.PathLike, ema: str | None = None) -> Path:
-    """The export `path` names (a run or export directory), its network weight files present and
-    whole (safetensors headers read and every tensor's bytes inside the file), without loading
-    them; `UserError` otherwise. Returns the export directory."""
-    from safetensors import safe_open
-
-    d = resolve_export(path, ema)
-    files = weight_files(d)
-    if not files:
-        raise UserError(f"{d}: no safetensors weights of the network; {REMAKE_HINT}")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    sf.get_slice(key)
-        except Exception as err:
-            raise UserError(f"{f}: unreadable weights ({_first_line(err)}); {REMAKE_HINT}") from None
-    return d
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
-
-
-def weight_files(d: Path) -> list[Path]:
-    """The network's weight files of an export (either format)."""
-    folder = d / "transformer" if (d / INDEX).is_file() else d
-    return sorted(folder.glob("*.safetensors"))
+            record = json.loads((d / META).read_text())
+        except (OSError, ValueError) as err:
+            raise LoadError(f"{d / META}: unreadable ({_first_line(err)}); {REMAKE_HINT}") from None
+    if isinstance(index.get("training"), dict):  # lct-export/2
+        record = {**index["training"], "format": EXPORT_FORMAT}
+    if record is not None:
+        record = {**record, "format": EXPORT_FORMAT, "layout": "diffusers pipeline (model_index.json)"}
+    return localize(record, d)
 
 
 def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str | None = None):
     """An `LCTPipeline` from an export written before pipelines (lct-export/1); what it
     referenced from outside the folder stays referenced when it is saved."""
-    from lct.models import TextDiT
+    from lct.models.dit import TextDiT
+    from lct.openclip_text import OpenCLIPTextModel
     from lct.pipeline import LCTPipeline
-    from lct.pipeline_text import OpenCLIPTextModel
     from lct.scheduler import LCTScheduler
     from lct.vae import load_vae
 
     meta = json.loads((d / META).read_text())
     if meta.get("format") != LEGACY_FORMAT:
-        raise UserError(f"{d / META}: unknown export format {meta.get('format')!r} and no {INDEX}; {REMAKE_HINT}")
+        raise LoadError(f"{d / META}: unknown export format {meta.get('format')!r} and no {INDEX}; {REMAKE_HINT}")
     if not any(d.glob("*.safetensors")) or not (d / "config.json").is_file():
-        raise UserError(f"{d}: config.json or the network's safetensors file is missing; {REMAKE_HINT}")
+        raise LoadError(f"{d}: config.json or the network's safetensors file is missing; {REMAKE_HINT}")
     net = TextDiT.from_pretrained(str(d)).eval()
     m = meta["method"]
     scheduler = LCTScheduler(sigma_min=m["sigma_min"], sigma_max=m["sigma_max"], sigma_data=m["sigma_data"],
@@ -559,8 +418,11 @@ def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str |
     vae_id = vae or (str(d / rec["id_relative"]) if copied else rec.get("id"))
     if not vae_id:
         raise UserError("the export records no VAE; pass --vae ID_OR_PATH")
-    vae_model = load_vae(vae_id, "cpu", torch.float32)
-    text_encoder = tokenizer = None
+    lat = meta["latent"]
+    latents = _legacy_latents({"latent_norm_kind": lat.get("norm", "channel"), "latent_mean": lat["mean"],
+                               "latent_std": lat["std"]})
+    vae_model = with_latent_config(load_vae(vae_id, "cpu", torch.float32), latents)
+    text_encoder = text_source = None
     text_rec = meta.get("text") or {}
     text_copied = bool(text_rec.get("pretrained_relative")) and (d / text_rec["pretrained_relative"]).is_file()
     if meta["model"]["cond"] == "text":
@@ -569,18 +431,15 @@ def pipeline_from_legacy(d: Path, vae: str | None = None, text_pretrained: str |
         # open_clip's own tower, as lct.sample ran it: an old export samples the same images.
         enc = TextEncoder.from_manifest({"text": text_rec, "_dir": str(d)}, pretrained=text_pretrained)
         text_encoder = OpenCLIPTextModel.from_encoder(enc)
-    lat = meta["latent"]
-    training = {k: v for k, v in meta.items() if k != "format"} | {"format": EXPORT_FORMAT, "converted_from": LEGACY_FORMAT}
-    training.setdefault("images_seen", None)
-    training.setdefault("eval", None)
-    pipe = LCTPipeline(net, scheduler, vae_model, text_encoder, tokenizer, latent_mean=lat["mean"],
-                       latent_std=lat["std"], training=training, latent_norm_kind=lat.get("norm", "channel"))
-    if not copied and not vae:
-        pipe._referenced.add("vae")
-        pipe.register_to_config(vae_source=vae_id)
-    if meta["model"]["cond"] == "text" and not text_copied and not text_pretrained:
-        pipe._referenced.add("text_encoder")
-        pipe.register_to_config(text_source=text_rec)
+        if not text_copied and not text_pretrained:
+            text_source = text_rec
+    referenced = not copied and not vae
+    pipe = LCTPipeline(net, scheduler, vae_model, text_encoder, None, vae_source=vae_id if referenced else None,
+                       text_source=text_source, vae_latents=latents if referenced else None)
+    record = {k: v for k, v in meta.items() if k != "format"} | {"format": EXPORT_FORMAT, "converted_from": LEGACY_FORMAT}
+    record.setdefault("images_seen", None)
+    record.setdefault("eval", None)
+    pipe.training_record = record
     return pipe
 
 
@@ -602,9 +461,19 @@ def parse_args(argv):
                                                     "under RUN_DIR/eval/)")
     p.add_argument("--boundary-sigma-min", type=float, default=None, metavar="S",
                    help="sigma_min of the scalings when sampling (default: as recorded); ECT's evaluation: 0.003")
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="the weights' license for the model card: a hub license id (apache-2.0, cc-by-4.0, "
+                        "openrail++, ...); with --license-link, the name of another license")
+    p.add_argument("--license-link", default=None, metavar="URL", help="link to the text of a --license not on the hub's list")
+    p.add_argument("--dataset", action="append", default=[], metavar="ID",
+                   help="a hub dataset id the model was trained on, for the card's `datasets` (repeatable)")
     p.add_argument("--sample-sigma-min", type=float, default=None, metavar="S",
                    help="sigma_min of the noise between steps, sqrt(tau^2 - S^2) (default: as recorded); ECT's: 0")
     args = p.parse_args(argv)
+    if args.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", args.license):
+        p.error(f"--license {args.license}: a hub license id is lower case letters, digits, '.', '+', '-'")
+    if args.license_link and not args.license:
+        p.error("--license-link needs --license NAME")
     for flag, v in (("--boundary-sigma-min", args.boundary_sigma_min), ("--sample-sigma-min", args.sample_sigma_min)):
         if v is not None and not (v >= 0 and v < 1):  # also refuses nan
             p.error(f"{flag} {v}: must lie in [0, 1) (a noise level below every sampling level)")
@@ -625,29 +494,42 @@ def main(argv=None) -> int:
                         "the pipeline would replace; give a new or empty folder")
     if args.results and not Path(args.results).is_file():
         raise UserError(f"--results {args.results}: file not found")
-    pipe = load_pipeline(src)
-    training = dict(pipe.config.training or {})
+    if (src / INDEX).is_file() and json.loads((src / INDEX).read_text()).get("_class_name") in (
+            "PixArtSigmaPipeline", "PixArtAlphaPipeline"):
+        raise UserError(f"{src}: a PixArt export is a stock diffusers pipeline folder already; copy it as it is")
+    with quiet_loading():
+        pipe = load_pipeline(src)
+    record = dict(pipe.training_record or {})
     if args.results:
-        training["eval"] = eval_summary(Path(args.results))
+        record["eval"] = eval_summary(Path(args.results))
     else:
-        run_dir = Path(str((training.get("config") or {}).get("run", {}).get("dir") or ""))
+        run_dir = Path(str((record.get("config") or {}).get("run", {}).get("dir") or ""))
+        if not run_dir.is_dir() and src.parent.name == "export":  # a run's export/<ema>/
+            run_dir = src.parent.parent
         found = latest_eval(run_dir / "eval") if str(run_dir) not in ("", ".") else None
-        training["eval"] = found or training.get("eval")
+        record["eval"] = found or record.get("eval")
     if args.boundary_sigma_min is not None or args.sample_sigma_min is not None:
         from lct.scheduler import with_sampling_sigma_min
 
         pipe.register_modules(scheduler=with_sampling_sigma_min(pipe.scheduler, args.boundary_sigma_min,
                                                                 args.sample_sigma_min))
-        method = dict(training.get("method") or {})
+        method = dict(record.get("method") or {})
         method["sample_boundary_sigma_min"] = pipe.scheduler.config.sigma_min
         method["sample_sigma_min"] = pipe.scheduler.noise_sigma_min
-        training["method"] = method
-    pipe.register_to_config(training=training)
+        record["method"] = method
+    card = dict(record.get("card") or {})
+    if args.license:
+        card.update({"license": None, "license_name": args.license, "license_link": args.license_link}
+                    if args.license_link else {"license": args.license, "license_name": None, "license_link": None})
+    if args.dataset:
+        card["datasets"] = list(dict.fromkeys(args.dataset))
+    if card:
+        record["card"] = card
+    pipe.training_record = record
     if args.copy_all:
-        pipe.copy_referenced()
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp)
-    refs = sorted(pipe._referenced)
+        pipe.register_to_config(vae_source=None, text_source=None, vae_latents=None)
+    write_export(pipe, out)
+    refs = [n for n, k in (("vae", "vae_source"), ("text tower", "text_source")) if pipe.config[k] is not None]
     print(f"wrote the pipeline folder {out}" + (f" (referenced, not copied: {', '.join(refs)}; --copy-all copies them)"
                                                  if refs else ""))
     return 0

@@ -191,7 +191,7 @@ def load_fid_inception(weights_path: str | os.PathLike | None = None,
         from torch_fidelity import feature_extractor_inceptionv3 as tfi
     except ImportError:
         raise UserError("FID needs torch-fidelity: `pip install torch-fidelity` "
-                        "(or `pip install 'lct[eval]'`)") from None
+                        "(or `pip install 'lct-consistency[eval]'`)") from None
     path = fid_weights_file(weights_path, rank0=True)
     state, sha = safe_state_dict(path, "--fid-weights")
     buf = io.BytesIO()

@@ -5,8 +5,10 @@
 - `LossMeter`: the training loss per sigma bucket between log steps (summed on the device) and the
   `stats.jsonl` record of a log step; `Progress`: tqdm on rank 0 with throughput and ETA.
 - `Monitor`: every `sample.every` applied steps, 1- and 2-step sample grids from the named EMA
-  (`ema.sample`, in eval mode) with fixed prompts and seeds, sharded across ranks, gathered on
-  rank 0, decoded with the run's VAE in fp32, captioned, written to `samples/` and TensorBoard.
+  (`ema.sample`, in eval mode) with fixed prompts and seeds, sampled by the pipeline users run
+  (`LCTPipeline` in memory around the EMA: SPEC 9 has one implementation), sharded across ranks,
+  gathered on rank 0, decoded with the run's VAE in fp32, captioned, written to `samples/` and
+  TensorBoard.
   Every `val.every` steps, a fixed validation batch (held-out latents, fixed noise, fixed draws of
   the objective's plan, fixed captions) gives the EMA's consistency distance per sigma bucket and
   its denoising reconstruction error: numbers comparable across steps within a stage.
@@ -15,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import sys
@@ -27,16 +28,15 @@ import torch
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.consistency import consistency_function, mean_sq
+from lct.consistency import mean_sq
 from lct.data import SKIP_REASONS, InMemoryLatents, SkipTally, expand_urls, posterior_latent, skip_record
 from lct.files import write_atomic
-from lct.grids import caption_grid, save_png, to_uint8
+from lct.grids import caption_grid, save_png
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
-from lct.samplers import consistency_sample
 from lct.text import load_tower, text_condition
 from lct.tokens import padding_mask
-from lct.vae import LatentNorm, latents_to_images, load_vae
+from lct.vae import LatentNorm, load_vae
 
 
 class RunLogger:
@@ -234,6 +234,7 @@ class Monitor:
         self.norm = LatentNorm.from_manifest(manifest, cfg.data.latent_norm)
         self.objective = make_objective(cfg.method, desc.latent_shape, cfg.run.total_steps)
         self._model = None
+        self._pipe = None  # (model, the pipeline around it)
         self._vae = vae.to(device) if vae is not None else None
         self._text = text.to(device) if text is not None else None
         self.prompts = self.load_prompts()
@@ -332,28 +333,54 @@ class Monitor:
             if do_grid:
                 self.grids(model, step, logger)
 
+    def pipeline(self, model):
+        """The pipeline users run, in memory around the sample EMA `model` (built once: the EMA copy
+        is updated in place): `LCTPipeline` for a TextDiT, the PixArt export's pipeline for PixArt."""
+        if self._pipe is None or self._pipe[0] is not model:
+            if self.cfg.model.arch == "pixart":
+                from lct.export_pixart import training_pixart_pipeline
+
+                pipe = training_pixart_pipeline(model, self.cfg, self.manifest, vae=self.vae())
+            else:
+                from lct.export import training_pipeline
+
+                pipe = training_pipeline(model.net, self.cfg, self.manifest, vae=self.vae())
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = (model, pipe)
+        return self._pipe[1]
+
+    def grid_inputs(self, model, indices: list[int]) -> dict:
+        """The pipeline's inputs for the prompts `indices`: their text condition from the run's text
+        tower (captions as given), lct's per-sample noise (`sample.seed`, the prompt's index)."""
+        from lct.pipeline import LCTPipeline
+
+        cfg = self.cfg
+        if cfg.model.cond != "text":
+            return {"prompt": [""] * len(indices), "seed": cfg.sample.seed, "sample_indices": indices}
+        cond = self.condition([self.prompts[i] for i in indices])
+        if cfg.model.arch == "pixart":
+            from lct.export_pixart import caption_embeds, null_condition, text_length
+
+            null = null_condition(model, text_length(model, self.manifest))
+            return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
+                    "generator": LCTPipeline.sample_generators(cfg.sample.seed, indices)}
+        return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
+                "pooled_prompt_embeds": cond["pooled"], "seed": cfg.sample.seed, "sample_indices": indices}
+
     @torch.no_grad()
     def grids(self, model, step: int, logger) -> list[Path]:
+        """1-, 2-, k-step grids (`sample.steps`) of the fixed prompts through `pipeline(model)` with
+        lct's per-sample noise (`sample.seed`, the prompt's index), sharded across ranks."""
         cfg, info = self.cfg, self.info
-        m = cfg.method
         mine = list(range(info.rank, len(self.prompts), info.world_size))
-        boundary, sample_sigma_min = m.sampling_sigma_mins()
-        # Sample with the exports' scalings (SPEC 2.4); a SPEC 14 denoiser (PixArt) keeps its own.
-        if hasattr(model, "sigma_data") and boundary != getattr(model, "sigma_min", boundary):
-            model = functools.partial(consistency_function, model.net, sigma_data=model.sigma_data,
-                                      sigma_min=boundary, time_embed_scale=model.time_embed_scale)
+        pipe = self.pipeline(model)
         written = []
         for steps in cfg.sample.steps:
-            taus = list(m.tau[: steps - 1]) if steps > 1 else []
-            if steps > 1 and len(taus) < steps - 1:
-                continue
             images = np.zeros((0,), dtype=np.uint8)
             if mine:
-                cond = self.condition([self.prompts[i] for i in mine])
-                lat = consistency_sample(model, cond, mine, self.desc.latent_shape, seed=cfg.sample.seed,
-                                         sigma_max=m.sigma_max, sigma_min=sample_sigma_min, taus=taus,
-                                         guidance=cfg.sample.guidance, device=self.device)
-                images = to_uint8(latents_to_images(self.vae(), self.norm, lat))
+                out = pipe(**self.grid_inputs(model, mine), num_inference_steps=steps,
+                           guidance_scale=cfg.sample.guidance, output_type="np").images
+                images = (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil: the PIL images' pixels
             parts = dist.gather_objects((mine, images), info.world_size)
             if info.is_main:
                 by_index = {}

@@ -1,112 +1,28 @@
-"""The text encoder of an exported pipeline, in one of two forms.
+"""The text encoder of an exported pipeline: transformers' CLIP form of an open_clip tower.
 
-- transformers' `CLIPTextModelWithProjection` + `CLIPTokenizer` (`to_clip_text_model`), where the
-  open_clip tower maps onto it exactly: an OpenAI-style text transformer (pre-LN blocks, causal
-  mask, no LayerScale, exact or quick GELU, EOT pooling, projection without bias), open_clip's
-  `SimpleTokenizer` (its bundled BPE vocab becomes the CLIPTokenizer's, built offline). The
-  mapping is checked structurally (every weight mapped) and numerically (token states and pooled
-  feature of probe captions within `CLIP_ATOL`) before it is used. Code without lct loads these
-  two folders with transformers alone. `last_hidden_state` is open_clip's state after
-  `ln_final`, `text_embeds` is `encode_text`'s pooled feature; the padding mask is open_clip's
-  (`lct.text.padding_mask`). Tokens: open_clip cleans captions with ftfy + html.unescape before
-  its BPE, which a `tokenizers` normaliser cannot do, so the pipeline applies open_clip's cleaning
-  (`clean_prompt`) first; the CLIPTokenizer alone differs on HTML entities and full-width
-  characters.
-- a transformers tower of the data (T5, CLIP: `lct.hf_text`) is the pipeline's text encoder and
-  tokenizer as it is (pipeline config `text_kind`, `text_max_length`).
-- `OpenCLIPTextModel` (lct's own diffusers component) for every other open_clip tower (LayerScale towers
-  such as the demo's `lct-tiny-text-c32`, HF-hub towers): the open_clip text tower and its
-  tokenizer, rebuilt from the recorded open_clip config; it tokenizes itself (`tokenizer` is
-  null in model_index.json).
-
-Both give `(states [B,L,D], mask [B,L], pooled [B,P])` through `encode_text`.
+`to_clip_text_model` gives `CLIPTextModelWithProjection` + `CLIPTokenizer` where the open_clip tower
+maps onto them exactly: an OpenAI-style text transformer (pre-LN blocks, causal mask, no
+LayerScale, exact or quick GELU, EOT pooling, projection without bias), open_clip's
+`SimpleTokenizer` (its bundled BPE vocab becomes the CLIPTokenizer's, built offline). The mapping is
+checked structurally (every weight mapped) and numerically (token states and pooled feature of
+probe captions within `CLIP_ATOL`) before it is used. Code without lct loads these two folders
+with transformers alone. `last_hidden_state` is open_clip's state after `ln_final`, `text_embeds`
+is `encode_text`'s pooled feature; the padding mask is open_clip's (`lct.tokens.padding_mask`).
+Tokens: open_clip cleans captions with ftfy + html.unescape before its BPE, which a `tokenizers`
+normaliser cannot do, so the pipeline applies open_clip's cleaning (`lct.pipeline.clean_prompt`)
+first. Every other open_clip tower becomes `lct.openclip_text.OpenCLIPTextModel`; a transformers
+tower of the data (T5, CLIP: `lct.hf_text`) is the pipeline's text encoder as it is.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
 
-from lct.text import text_condition
-from lct.tokens import padding_mask
+from lct.pipeline import clip_token_ids, encode_text
 
 CLIP_ATOL = 1e-4  # fp32 token states of two implementations of the same tower (measured: ~1e-6)
 PROBES = ["a photo of a cat", "", "A red bus on a street, at night; résumé & café 😀", "Tom &amp; Jerry ＡＢＣ",
           "<|endoftext|> x<|startoftext|>y <end_of_text> it's", "two small blue squares at the top left " * 9]
-
-
-def clean_prompt(text: str) -> str:
-    """open_clip's caption cleaning (ftfy, html.unescape, whitespace, lower case)."""
-    from open_clip.tokenizer import _clean_lower
-
-    return _clean_lower(text)
-
-
-class OpenCLIPTextModel(ModelMixin, ConfigMixin):
-    """An open_clip text tower as a diffusers component (`save_pretrained` / `from_pretrained`):
-    `model_name` and `model_config` are the open_clip model and config the data prep recorded."""
-
-    @register_to_config
-    def __init__(self, model_name: str, model_config: dict | None = None):
-        super().__init__()
-        import logging
-
-        from lct.text import TextEncoder
-
-        quiet = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # open_clip's "no pretrained weights": the weights come next
-        try:
-            self.encoder = TextEncoder.load(model_name, None, "cpu", model_config=model_config)
-        finally:
-            logging.disable(quiet)
-
-    @classmethod
-    def from_encoder(cls, encoder) -> "OpenCLIPTextModel":
-        """The component holding the weights of a loaded `lct.text.TextEncoder`."""
-        model = cls(encoder.model, encoder.model_config)
-        model.encoder.text.load_state_dict(encoder.text.state_dict())
-        return model.to(encoder.device)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # The tower is built (a forward on a probe) in __init__: no meta-device initialisation.
-        kwargs["low_cpu_mem_usage"] = False
-        kwargs.pop("device_map", None)
-        return super().from_pretrained(*args, **kwargs)
-
-    @property
-    def context_length(self) -> int:
-        return self.encoder.context_length
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.encoder.tokenize(prompts)
-
-    def forward(self, tokens: torch.Tensor):
-        return self.encoder(tokens)
-
-
-def clip_token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """open_clip's token ids [B, context_length] through a CLIPTokenizer: cleaned as open_clip
-    cleans, truncated to keep EOT last, padded with id 0 as open_clip pads (the tokenizer's own
-    pad token is EOT, as OpenAI's CLIP tokenizer on the hub: id 0 is "!", a real token)."""
-    length = tokenizer.model_max_length
-    rows = tokenizer([clean_prompt(p) for p in prompts], truncation=True, max_length=length)["input_ids"]
-    out = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def encode_text(text_encoder, tokenizer, prompts: list[str], device) -> dict:
-    """The network's text condition {text_states, text_mask, pooled} of an open_clip tower
-    (`OpenCLIPTextModel` or its CLIP form) for `prompts`."""
-    if isinstance(text_encoder, OpenCLIPTextModel):
-        return text_condition(text_encoder, text_encoder.tokenize(prompts).to(device))
-    ids = clip_token_ids(tokenizer, prompts).to(device)
-    out = text_encoder(input_ids=ids)
-    states, pooled = out.last_hidden_state.float(), out.text_embeds.float()
-    return {"text_states": states, "text_mask": padding_mask(ids, tokenizer.eos_token_id), "pooled": pooled}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +142,10 @@ def check_clip_form(encoder, model, tokenizer, prompts: list[str] = PROBES) -> s
     if not torch.equal(ids, hf_ids):
         return "CLIPTokenizer's token ids differ from open_clip's"
     states, mask, pooled = encoder(ids)
-    got = encode_text(model, tokenizer, prompts, dev)
-    if not torch.equal(mask, got["text_mask"]):
+    got_states, got_mask, got_pooled = encode_text(model, tokenizer, prompts, dev)
+    if not torch.equal(mask, got_mask):
         return "padding masks differ"
-    for name, a, b in (("token states", states, got["text_states"]), ("pooled", pooled, got["pooled"])):
+    for name, a, b in (("token states", states, got_states), ("pooled", pooled, got_pooled)):
         err = (a - b).abs().max().item()
         if not err <= CLIP_ATOL:
             return f"{name} differ by {err:.3g} (> {CLIP_ATOL})"

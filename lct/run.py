@@ -433,7 +433,7 @@ def environment_record(world_size: int) -> dict:
 
     versions = {}
     for pkg in ("torch", "deepspeed", "diffusers", "open_clip_torch", "webdataset", "POT", "numpy",
-                "einops", "pydantic", "lct"):
+                "einops", "pydantic", "lct-consistency"):  # lct's distribution name
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -4,11 +4,11 @@
     python -m lct.sample --checkpoint runs/lct_coco/export/ema --prompts prompts.txt --steps 1 --out out/
 
 Writes one PNG per sample, `captions.jsonl` (file, caption, seed, index, steps, tau, guidance, nfe)
-and `grid.png` (the first `GRID_SIZE` samples). Samples through the export's diffusers pipeline (`lct.pipeline.LCTPipeline`, either
-export format): `pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=w, seed=seed,
-sample_indices=...)` gives the same images; `--vae` / `--text-pretrained` replace the recorded VAE /
-text-tower weights (for example a local copy). The same seed gives the same images on any device
-count and batch size (noise keyed per sample).
+and `grid.png` (the first `GRID_SIZE` samples). Samples through the export's diffusers pipeline (`lct.pipeline.LCTPipeline`, loaded
+by lct's loader: no code from the folder runs): `pipe(captions, num_inference_steps=steps, tau=taus,
+guidance_scale=w, seed=seed, sample_indices=...)` gives the same images; `--vae` /
+`--text-pretrained` replace the recorded VAE / text-tower weights (for example a local copy). The
+same seed gives the same images on any device count and batch size (noise keyed per sample).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -31,8 +32,8 @@ from tqdm import tqdm
 from lct.dist import pick_device
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, read_text, write_atomic
-from lct.grids import caption_grid, save_png, to_uint8
-from lct.samplers import nfe
+from lct.grids import caption_grid, save_png
+from lct.scheduler import nfe
 
 GRID_SIZE = 16  # samples in grid.png (README: "the first 16"); every sample has its own PNG
 GUIDANCE_HELP = ("classifier-free guidance weight w (1 = off, SPEC 9); a consistency model tolerates only "
@@ -94,11 +95,13 @@ class Generator:
 
     def __init__(self, checkpoint: str, device: torch.device, ema: str | None = None,
                  vae: str | None = None, text_pretrained: str | None = None):
-        from lct.export import load_pipeline, resolve_export
+        from lct.export import load_pipeline, quiet_loading, resolve_export
         from lct.model_card import export_meta
 
         self.path = resolve_export(checkpoint, ema)
-        self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)
+        with quiet_loading():
+            self.pipe = load_pipeline(self.path, vae=vae, text_pretrained=text_pretrained, device=device)
+        self.pipe.set_progress_bar_config(disable=True)
         self.meta, self.device = export_meta(self.pipe), device
         self.vae = self.pipe.vae
         if ema is not None and self.meta.get("ema") not in (None, ema):
@@ -138,17 +141,17 @@ class Generator:
 
     @torch.no_grad()
     def images(self, captions: list[str], indices: list[int], seed: int, steps: int,
-               taus: list[float] | None = None, guidance: float = 1.0) -> torch.Tensor:
-        """Images in [-1, 1], [B,3,H,W], for the global sample `indices`."""
+               taus: list[float] | None = None, guidance: float = 1.0) -> np.ndarray:
+        """uint8 images [B,H,W,3] for the global sample `indices`: the pipeline's PIL images' pixels."""
         taus = self.default_taus(steps) if taus is None else list(taus)
         if len(taus) != steps - 1:
             raise UserError(f"--steps {steps} needs {steps - 1} tau value(s), got {taus}")
         try:
-            lat = self.pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=guidance, seed=seed,
-                            sample_indices=indices, output_type="latent").images
+            out = self.pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=guidance, seed=seed,
+                            sample_indices=indices, output_type="np").images
         except ValueError as err:  # taus not decreasing, above sigma_max
             raise UserError(f"--tau: {err}") from None
-        return self.pipe.decode_latents(lat)
+        return (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
 
 
 def main(argv=None) -> int:
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", unit="batch"):
         caps = prompts[start:start + args.batch_size]
         idx = list(range(start, start + len(caps)))
-        imgs = to_uint8(gen.images(caps, idx, args.seed, args.steps, taus, args.guidance))
+        imgs = gen.images(caps, idx, args.seed, args.steps, taus, args.guidance)
         for i, c, img in zip(idx, caps, imgs):
             name = f"{i:06d}.png"
             Image.fromarray(img).save(out / name)

@@ -1,30 +1,31 @@
-"""`LCTScheduler`: consistency sampling in 1, 2 or k steps (SPEC 9) as a diffusers scheduler.
+"""`LCTScheduler`: SPEC 9's consistency sampling as a diffusers scheduler, and the sampling levels.
 
-    x_0 = sigma_max z                                       (init_noise_sigma = sigma_max)
-    f   = c_skip(s) x + c_out(s) F(c_in(s) x, e(s), cond)    at each level s = sigma_max, tau_1, ...
-    x   = f + sqrt(tau_next^2 - sample_sigma_min^2) z'       between levels; the last f is the sample
+    levels   sigma_max = s_0 > s_1 > ... > s_(k-1)          (s_i = the taus: `config.taus`, or given)
+    x_0      = s_0 z                                          (`init_noise_sigma` times the unit noise)
+    f_i      = f(x_i, s_i)                                    the pipeline: `lct.consistency.consistency_function`
+    x_(i+1)  = f_i + sqrt(s_(i+1)^2 - sample_sigma_min^2) z_(i+1)    `step`; the last f is the sample
 
-with SPEC 1's scalings (`lct.consistency.scalings`, boundary sigma_min) and time input
-`e = time_embed_scale * ln(sigma) / 4` (`lct.consistency.time_embed_input`; 250 ln sigma by
-default). Classifier-free guidance combines the consistency function's outputs,
-`f_w = f_null + w (f_c - f_null)` (SPEC 9), so `step` takes the 2B network outputs of a guided
-evaluation and combines them itself.
+`step(model_output, timestep, sample, generator, return_dict)` has diffusers' signature; its
+`model_output` is the consistency function's output f at the current level (guided by the pipeline
+where guidance is on), so the step is the re-noising alone. `timesteps` are the network's time
+inputs `e = time_embed_scale * ln(sigma) / 4` (SPEC 1, fp32), `sigmas` the levels and a final 0.
+
+Default levels (`default_taus`, SPEC 9): the model's recorded taus when it records k - 1 of them
+(the 2-step tau), otherwise the k - 1 interior levels of the (k + 1)-point Karras grid (rho 7,
+sigma_min 0.002, sigma_max 80 in sigma_data 0.5 units; other sigma_data scale it as SPEC 14.4
+does): the multistep levels of the consistency-model codebases iCT and iLCT build on
+(`get_sigmas_karras(steps + 1, ...)`). The recorded sampling sigma_min of a model (ECT's 0.003
+boundary, its 0 noise floor) plays no part in them.
 
 Why not diffusers' `CMStochasticIterativeScheduler` (checked against diffusers 0.42.1): its
-boundary scalings and its `sqrt(sigma_next^2 - sigma_min^2)` noise are SPEC 1/9's, but
-- intermediate levels are integer indices into a `num_train_timesteps` Karras grid: iLCT's tau
-  0.36931547704 is index 440 of 641, but any other tau (a `--tau` sweep, ECT's 0.821) is not
-  expressible, and the levels are rounded to fp32 before the noise coefficient is computed;
-- one `sigma_min` serves both the boundary scalings and the noise: lct records the training
-  sigma_min (0 for ECT: plain EDM scalings) and a separate sampling sigma_min;
-- the time input is hard-wired to 250 ln(sigma + 1e-44) in float64 (lct: `time_embed_scale`
-  is a config key, computed in fp32 as in training, SPEC 1.1);
-- it clamps the denoised latents to [-1, 1] by default (lct's normalised latents are not images);
-- `step` draws its noise from one generator for the whole batch, so a sample's noise depends on
-  the batch it is in; lct keys the noise per sample index (`lct.rng.sampling_noise`), which
-  `step(noise=...)` accepts here;
-- no classifier-free guidance on the consistency function's output.
-So this scheduler reproduces `lct.samplers.consistency_sample` bit for bit instead.
+boundary scalings and its `sqrt(sigma_next^2 - sigma_min^2)` noise are SPEC 1/9's, but its levels
+are integer indices into a `num_train_timesteps` Karras grid (iLCT's tau 0.36931547704 is index 440
+of 641; ECT's 0.821 or a `--tau` sweep is not expressible), one sigma_min serves the scalings and
+the noise (lct records the training boundary and a separate sampling floor), its time input is
+hard-wired to 250 ln(sigma + 1e-44) in float64, and it clamps denoised latents to [-1, 1].
+
+This file imports only torch and diffusers (and, relatively, `consistency.py`): exports carry it
+as their `scheduler/lct_scheduler.py` beside that file.
 """
 
 from __future__ import annotations
@@ -35,38 +36,67 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks it up here)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from lct.consistency import scalings, time_embed_input
-from lct.samplers import default_taus
+from .consistency import alphas_cumprod, karras_sigmas, sigma_to_timestep, time_embed_input, vp_log_sigmas, vp_scalings
+
+# SPEC 9's default Karras grid, in sigma_data 0.5 units.
+KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
+
+
+def nfe(steps: int, guidance: float) -> int:
+    """Network evaluations per sample (a guided step costs 2, SPEC 9)."""
+    return steps * (1 if guidance == 1.0 else 2)
+
+
+def karras_taus(steps: int, sigma_min: float = KARRAS_SIGMA_MIN, sigma_max: float = KARRAS_SIGMA_MAX,
+                rho: float = KARRAS_RHO) -> list[float]:
+    """The k - 1 interior levels of the (k + 1)-point Karras grid, decreasing (SPEC 9)."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least 1 step, got {steps}")
+    levels = karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0).tolist()
+    return [float(t) for t in levels[1:-1]]
+
+
+def default_taus(steps: int, recorded: Sequence[float] = (), sigma_max: float = KARRAS_SIGMA_MAX,
+                 sigma_data: float = 0.5) -> list[float]:
+    """The intermediate levels of k-step sampling when none are given (SPEC 9): the model's
+    `recorded` taus when there are k - 1 of them, else `karras_taus(k)` on [0.002, sigma_max]
+    (0.002 scaled by sigma_data / 0.5, SPEC 14.4)."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least 1 step, got {steps}")
+    recorded = [float(t) for t in recorded]
+    if steps - 1 <= len(recorded):
+        return recorded[: steps - 1]
+    return karras_taus(steps, KARRAS_SIGMA_MIN * sigma_data / 0.5, sigma_max)
+
+
+def check_taus(taus: Sequence[float], sigma_max: float) -> list[float]:
+    """Intermediate levels must be finite, positive, decreasing and below sigma_max (SPEC 9)."""
+    taus = [float(t) for t in taus]
+    if any(not math.isfinite(t) or t <= 0 for t in taus) or any(b >= a for a, b in zip([sigma_max] + taus, taus)):
+        raise ValueError(f"taus must be positive, decreasing and below sigma_max {sigma_max:g}: {taus}")
+    return taus
 
 
 @dataclass
 class LCTSchedulerOutput(BaseOutput):
     """`prev_sample`: the input of the next step (the sample after the last step);
-    `denoised`: f(x, sigma) of this step (guided where guidance is on)."""
+    `denoised`: f of this step (the `model_output` it was given)."""
 
     prev_sample: torch.Tensor
     denoised: torch.Tensor
 
 
-def check_taus(taus: Sequence[float], sigma_max: float) -> list[float]:
-    """Intermediate levels must be positive, decreasing and below sigma_max (SPEC 9)."""
-    taus = [float(t) for t in taus]
-    if any(t <= 0 for t in taus) or any(b >= a for a, b in zip([sigma_max] + taus, taus)):
-        raise ValueError(f"taus must be positive, decreasing and below sigma_max {sigma_max}: {taus}")
-    return taus
-
-
 class LCTScheduler(SchedulerMixin, ConfigMixin):
     """SPEC 9 consistency sampling (see the module docstring).
 
-    Config: `sigma_min` (the boundary of SPEC 1's scalings, the training value), `sigma_max`,
-    `sigma_data`, `time_embed_scale`, `sample_sigma_min` (the sigma_min of the noise between
-    steps; None = `sigma_min`), `taus` (the model's default intermediate levels: 2-step tau first).
-    """
+    Config: `sigma_min` (the boundary of SPEC 1's scalings when sampling: the training value, or
+    the method's `sample_boundary_sigma_min`), `sigma_max`, `sigma_data`, `time_embed_scale`,
+    `sample_sigma_min` (the noise floor between steps; None = `sigma_min`), `taus` (the model's
+    default intermediate levels: the 2-step tau first)."""
 
     order = 1
 
@@ -83,87 +113,64 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         return float(self.config.sigma_min if s is None else s)
 
     def default_taus(self, num_inference_steps: int) -> list[float]:
-        """The model's taus, or the Karras levels for more steps than it records (SPEC 9)."""
-        return default_taus(int(num_inference_steps), self.config.taus, float(self.config.sigma_min),
-                            float(self.config.sigma_max))
+        """The model's taus, or SPEC 9's Karras levels for more steps than it records."""
+        return default_taus(int(num_inference_steps), self.config.taus, float(self.init_noise_sigma),
+                            float(self.config.sigma_data))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      taus: Sequence[float] | None = None) -> None:
-        """Levels `[sigma_max, *taus]`; `taus` default to the model's (`config.taus`). With
-        `taus` given, `num_inference_steps` may be omitted (it is len(taus) + 1)."""
+                      sigmas: Sequence[float] | None = None, taus: Sequence[float] | None = None) -> None:
+        """The levels of `num_inference_steps` steps (`default_taus`), or given: `sigmas` (all k
+        levels, the first sigma_max, diffusers' convention) or `taus` (the k - 1 intermediate ones)."""
+        smax = float(self.init_noise_sigma)
+        if sigmas is not None:
+            if taus is not None:
+                raise ValueError("set_timesteps takes sigmas or taus, not both")
+            sigmas = [float(s) for s in sigmas]
+            if not sigmas or sigmas[0] != smax:
+                raise ValueError(f"sigmas must start at the model's sigma_max {smax:g} (SPEC 9 samples from pure "
+                                 f"noise), got {sigmas[:3]}")
+            taus = sigmas[1:]
         if taus is None:
             if num_inference_steps is None:
-                raise ValueError("set_timesteps needs num_inference_steps or taus")
+                raise ValueError("set_timesteps needs num_inference_steps, sigmas or taus")
             taus = self.default_taus(int(num_inference_steps))
         elif num_inference_steps is not None and len(taus) != num_inference_steps - 1:
             raise ValueError(f"{num_inference_steps} steps need {num_inference_steps - 1} tau value(s), got {list(taus)}")
-        self.levels = [float(self.config.sigma_max)] + check_taus(taus, float(self.config.sigma_max))
+        self.levels = [smax] + check_taus(taus, smax)
         self.num_inference_steps = len(self.levels)
-        # sigmas: the levels and the final 0 (the sample); timesteps: the network's time input.
         self.sigmas = torch.tensor(self.levels + [0.0], dtype=torch.float32)
-        self.timesteps = time_embed_input(torch.tensor(self.levels, dtype=torch.float32),
-                                          float(self.config.time_embed_scale)).to(device)
+        self.timesteps = self.time_inputs(torch.tensor(self.levels, dtype=torch.float32)).to(device)
         self._step_index = 0
+
+    def time_inputs(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The network's time input at fp32 levels: `time_embed_scale * ln(sigma) / 4` (SPEC 1)."""
+        return time_embed_input(sigmas, float(self.config.time_embed_scale))
 
     @property
     def step_index(self) -> int:
         return self._step_index
 
-    # -------------------------------------------------------------- SPEC 1, per sample (fp32)
-
-    def sigma(self, batch: int, device: torch.device | str, step_index: int | None = None) -> torch.Tensor:
-        """The current level as a per-sample fp32 vector [batch]."""
-        level = self.levels[self._step_index if step_index is None else step_index]
-        return torch.full((batch,), level, device=device, dtype=torch.float32)
-
-    def precondition_inputs(self, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """c_in(sigma) x: what the network F receives."""
-        _, _, c_in = scalings(sigma, self.config.sigma_data, self.config.sigma_min)
-        return _bcast(c_in, sample) * sample
-
-    def precondition_noise(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The network's time input e = time_embed_scale * ln(sigma) / 4 (fp32)."""
-        return time_embed_input(sigma, float(self.config.time_embed_scale))
-
-    def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """f = c_skip(sigma) x + c_out(sigma) F: the consistency function's output (fp32)."""
-        c_skip, c_out, _ = scalings(sigma, self.config.sigma_data, self.config.sigma_min)
-        return _bcast(c_skip, sample) * sample + _bcast(c_out, sample) * model_output.to(sample.dtype)
-
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """diffusers' name for `precondition_inputs` at the current level."""
-        return self.precondition_inputs(sample, self.sigma(sample.shape[0], sample.device))
+        """The sample as it is: the pipeline's network call (SPEC 1's consistency function) scales it."""
+        return sample
 
-    # -------------------------------------------------------------- SPEC 9
-
-    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor | None, sample: torch.Tensor, *,
-             guidance_scale: float = 1.0, noise: torch.Tensor | None = None,
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor | None, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None,
              return_dict: bool = True) -> LCTSchedulerOutput | tuple:
-        """One consistency step at the current level.
+        """One consistency step at the current level: `model_output` is f(sample, sigma) (fp32);
+        unless this is the last step, `prev_sample = f + sqrt(tau_next^2 - sample_sigma_min^2) z`
+        with z drawn by `generator` (a list: one generator per sample)."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output {list(model_output.shape)} must be f for the sample {list(sample.shape)}")
+        return self._renoise(model_output.float(), generator, return_dict)
 
-        `sample` [B,...] is the noisy input x (fp32); `model_output` is F of the network: [B,...],
-        or [2B,...] for a guided step (rows B.. evaluated with the null or negative condition at
-        the same x), then `f = f_null + guidance_scale (f_c - f_null)`. Unless this is the last
-        step, `prev_sample = f + sqrt(tau_next^2 - sample_sigma_min^2) * noise`, with `noise`
-        [B,...] given (lct's per-sample keyed noise) or drawn with `generator`."""
-        b = sample.shape[0]
-        guided = model_output.shape[0] == 2 * b
-        if not guided and model_output.shape[0] != b:
-            raise ValueError(f"model_output has {model_output.shape[0]} rows for {b} samples (B or 2B)")
-        x = torch.cat([sample, sample]) if guided else sample
-        f = self.precondition_outputs(x, model_output, self.sigma(x.shape[0], x.device))
-        if guided:
-            f_c, f_null = f[:b], f[b:]
-            f = f_null + guidance_scale * (f_c - f_null)
+    def _renoise(self, f: torch.Tensor, generator, return_dict: bool):
         nxt = self._step_index + 1
         if nxt < len(self.levels):
-            tau = self.levels[nxt]
-            if noise is None:
-                noise = randn_tensor(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-            smin = self.noise_sigma_min
+            tau, smin = self.levels[nxt], self.noise_sigma_min
+            z = randn_tensor(f.shape, generator=generator, device=f.device, dtype=torch.float32)
             # sqrt(tau^2 - sigma_min^2): the boundary-conditioned model maps sigma_min to identity.
-            prev = f + math.sqrt(max(tau * tau - smin * smin, 0.0)) * noise.to(f.device, f.dtype)
+            prev = f + math.sqrt(max(tau * tau - smin * smin, 0.0)) * z
         else:
             prev = f
         self._step_index = nxt
@@ -175,6 +182,60 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
         return len(self.levels)
 
 
+class LCTVPScheduler(LCTScheduler):
+    """SPEC 9's consistency sampling of a consistency-tuned VP / DDPM noise predictor (PixArt, SPEC
+    14) for diffusers' PixArt pipelines, at the exact levels (not the nearest integer timestep).
+
+    Latents stay in lct's variance-exploding coordinates (`x + sigma z`, starting from
+    `init_noise_sigma` = sigma_max times the unit noise); `timesteps` are the model's continuous
+    timesteps t(sigma) of the levels (SPEC 14.1), `scale_model_input` the VP input scaling
+    1 / sqrt(sigma^2 + 1), and `step` turns the pipeline's (guided) model output, epsilon or v,
+    into f (SPEC 14.2, the boundary at `sigma_min`) and re-noises it to the next level as
+    `LCTScheduler.step` does. Config: the model's beta table (diffusers' names), `prediction_type`,
+    `sigma_min` (of the scalings), `sample_sigma_min` (noise floor; None = sigma_min), `sigma_max`
+    (None: the table's top level, where the pretrained model starts its own samplers), `sigma_data`
+    (1 in the model's own latent space, SPEC 14.4) and `taus`."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Sequence[float] | None = None,
+                 prediction_type: str = "epsilon", sigma_min: float = 0.0, sigma_max: float | None = None,
+                 sample_sigma_min: float | None = None, sigma_data: float = 1.0, taus: Sequence[float] = ()):
+        vp_scalings(torch.ones(1), prediction_type)  # refuses another prediction type
+        self.log_sigmas = vp_log_sigmas(alphas_cumprod(dict(self.config)))  # float64, ascending in t
+        self.init_noise_sigma = float(sigma_max) if sigma_max is not None else float(self.log_sigmas[-1].exp())
+        self.set_timesteps(1)
+
+    def time_inputs(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The model's continuous timesteps of fp32 levels (SPEC 14.1), fp32."""
+        return sigma_to_timestep(sigmas, self.log_sigmas)
+
+    def _sigma(self, sample: torch.Tensor) -> torch.Tensor:
+        return torch.full((sample.shape[0],), self.levels[self._step_index], dtype=torch.float32, device=sample.device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = x / sqrt(sigma^2 + 1): the VP input of lct's noisy latent at the current level."""
+        _, _, c_in = vp_scalings(self._sigma(sample), self.config.prediction_type)
+        return (c_in.view(-1, *([1] * (sample.ndim - 1))) * sample.float()).to(sample.dtype)
+
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor | None, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             return_dict: bool = True) -> LCTSchedulerOutput | tuple:
+        """f = c_skip x + c_out F (SPEC 14.2) of the model output F at the current level, then
+        `LCTScheduler`'s re-noising; the sample comes back in its own dtype."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output {list(model_output.shape)} must match the sample {list(sample.shape)} "
+                             "(the pipeline drops learned-variance channels)")
+        c_skip, c_out, _ = vp_scalings(self._sigma(sample), self.config.prediction_type, float(self.config.sigma_min))
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        f = c_skip.view(shape) * sample.float() + c_out.view(shape) * model_output.float()
+        prev, f = self._renoise(f, generator, False)
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev, f)
+        return LCTSchedulerOutput(prev_sample=prev, denoised=f)
+
+
 def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = None,
                             sample_sigma_min: float | None = None) -> LCTScheduler:
     """A copy of `scheduler` with another boundary of the scalings (`sigma_min`) and/or noise
@@ -184,8 +245,4 @@ def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = N
                if v is not None}
     if any(v < 0 for v in changes.values()):
         raise ValueError(f"sampling sigma_min values must be >= 0: {changes}")
-    return LCTScheduler.from_config({**scheduler.config, **changes})
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view((-1,) + (1,) * (like.ndim - 1))
+    return type(scheduler).from_config({**scheduler.config, **changes})

@@ -14,6 +14,7 @@ VAE (`vae/`, downsampling 4: 32 x 32 images) and the seeded random tiny text tow
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -173,27 +174,47 @@ def legacy_parts(export_dir) -> dict:
 
 
 def reference_images(parts: dict, captions, indices, *, seed: int, steps: int, taus=None, guidance: float = 1.0):
-    """(uint8 [B,H,W,3] images, latents) as `python -m lct.sample` made them before pipelines:
-    `lct.samplers.consistency_sample` (SPEC 9) on `Precond(TextDiT)` with the open_clip tower's
-    condition (or `parts["condition"](captions)`), `lct.vae.decode` of the de-normalised latents (SPEC 7), `lct.grids.to_uint8`."""
+    """(uint8 [B,H,W,3] images, latents) by SPEC 9 written out here, independently of the pipeline:
+    `Precond(TextDiT)` (the consistency function that trains) with the open_clip tower's condition
+    (or `parts["condition"](captions)`: a pipeline's (states, mask, pooled)), the per-sample noise of
+    `LCTPipeline.sample_generators`, guidance on f against the learned null in one batched call,
+    `x + sqrt(tau^2 - sigma_min^2) z` between steps, SPEC 7's de-normalisation (`LatentNorm`),
+    `lct.vae.decode`, diffusers' image post-processing."""
     import torch
+    from diffusers.image_processor import VaeImageProcessor
 
-    from lct.grids import to_uint8
-    from lct.samplers import consistency_sample
+    from lct.pipeline import LCTPipeline
     from lct.vae import decode
 
-    if "condition" in parts:  # e.g. a pipeline's encode_prompt
-        cond = parts["condition"](list(captions))
+    if "condition" in parts:
+        states, mask, pooled = parts["condition"](list(captions))
     else:
         enc = parts["text"]
         with torch.no_grad():
             states, mask, pooled = enc(enc.tokenize(list(captions)))
-        cond = {"text_states": states, "text_mask": mask, "pooled": pooled}
     taus = list(parts["tau"][: steps - 1]) if taus is None else list(taus)
-    lat = consistency_sample(parts["precond"], cond, list(indices), parts["shape"], seed=seed,
-                             sigma_max=parts["sigma_max"], sigma_min=parts["sample_sigma_min"], taus=taus,
-                             guidance=guidance, device="cpu")
-    return to_uint8(decode(parts["vae"], parts["norm"].denormalize(lat))), lat
+    b, shape, net = len(indices), tuple(parts["shape"]), parts["precond"]
+    gens = LCTPipeline.sample_generators(seed, indices)
+    noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
+    off, on = torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)
+
+    def f(x, level):
+        with torch.no_grad():
+            if guidance == 1.0:
+                return net(x, torch.full((b,), level), text_states=states, text_mask=mask, pooled=pooled, cond_drop=off)
+            two = net(torch.cat([x, x]), torch.full((2 * b,), level), text_states=torch.cat([states, states]),
+                      text_mask=torch.cat([mask, mask]), pooled=torch.cat([pooled, pooled]),
+                      cond_drop=torch.cat([off, on]))
+            return two[b:] + guidance * (two[:b] - two[b:])
+
+    smax, smin = parts["sigma_max"], parts["sample_sigma_min"]
+    x = f(smax * noise(), smax)
+    for tau in taus:
+        x = f(x + math.sqrt(max(tau * tau - smin * smin, 0.0)) * noise(), tau)
+    with torch.no_grad():
+        img = decode(parts["vae"], parts["norm"].denormalize(x))
+    u8 = (VaeImageProcessor().postprocess(img, output_type="np") * 255).round().astype("uint8")
+    return u8, x
 
 
 def module_tiny_export(tmp_path_factory) -> Path:

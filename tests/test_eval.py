@@ -454,7 +454,7 @@ def test_bad_files_are_refused_in_one_line(export_dir, shapes_captions, fid_weig
 
 
 def test_k_step_default_levels_and_the_one_step_grid(export_dir, shapes_captions, tmp_path):
-    from lct.samplers import karras_taus
+    from lct.scheduler import karras_taus
 
     rc = clip_fid.main(base_args(export_dir, shapes_captions, tmp_path / "o", "--steps", "3", "--metrics", "shapes",
                                  n=2))

@@ -73,7 +73,9 @@ def test_builder_overrides_and_unknown_arch():
     assert (model.config.hidden_size, len(model.blocks), model.config.num_heads, model.config.patch_size) == (48, 3, 6, 2)
     with pytest.raises(ConfigError, match=r"model\.arch.*did you mean 'DiT-B/2'"):
         build_dit(ModelConfig(arch="DiT-b/2"), (4, 32, 32))
-    with pytest.raises(ConfigError, match="model.num_heads"):
+    with pytest.raises(ConfigError, match="model.num_heads"):  # the builder: the trainer's one-line refusal
+        build_dit(ModelConfig(arch="DiT-S/2", hidden_size=32, num_heads=5), (4, 8, 8))
+    with pytest.raises(ValueError, match="model.num_heads"):  # the class itself (no lct imports: exports carry it)
         TextDiT(**{**TINY, "num_heads": 5})
     m = build_dit(ModelConfig(arch="DiT-S/2", hidden_size=32, depth=1, num_heads=4, checkpointing=True), (4, 8, 8),
                   text_dim=24, text_len=6, pooled_dim=12)
@@ -245,7 +247,7 @@ def test_layernorm_is_the_affine_qk_norm_of_the_authors_dit_baseline():
 
 
 def test_unknown_nsln_is_refused():
-    with pytest.raises(ConfigError, match="model.nsln"):
+    with pytest.raises(ValueError, match="model.nsln"):
         make(nsln="groupnorm")
 
 
@@ -512,6 +514,8 @@ def _has_xformers() -> bool:
 @pytest.mark.skipif(_has_xformers(), reason="xformers is installed")
 def test_xformers_missing_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model\.attention.*pip install xformers"):
+        build_dit(ModelConfig(arch="DiT-S/2", hidden_size=32, depth=1, num_heads=4, attention="xformers"), (4, 8, 8))
+    with pytest.raises(ValueError, match=r"model\.attention.*pip install xformers"):
         make(attention="xformers")
 
 

@@ -11,7 +11,6 @@ from lct import consistency as C
 from lct.config import load_config
 from lct.models import Precond, TextDiT
 from lct.objectives import ECTObjective, make_objective, teacher_pass
-from lct.samplers import consistency_sample, guided, nfe
 
 
 def method(*overrides):
@@ -169,27 +168,42 @@ def test_spec13_ilct_toy_through_objective(scale, expected):
 
 
 def test_sampler_steps_guidance_and_determinism():
+    """SPEC 9 through the one sampler (LCTPipeline: what the trainer's grids, lct.sample and eval
+    run) on a tiny TextDiT given its text condition: keyed per-sample noise, levels, guidance."""
+    from lct.pipeline import LCTPipeline
+    from lct.scheduler import LCTScheduler, nfe
+
     model = tiny_dit(0.0).eval()
+    pipe = LCTPipeline(model.net, LCTScheduler(sigma_min=0.002, sigma_max=80.0, taus=[0.8]))
+    pipe.set_progress_bar_config(disable=True)
     cond = {k: v for k, v in text_cond().items() if k != "cond_drop"}
-    kw = dict(shape=(4, 8, 8), seed=7, sigma_max=80.0, sigma_min=0.002)
-    one = consistency_sample(model, cond, [0, 1, 2], **kw)
+    emb = dict(prompt_embeds=cond["text_states"], prompt_attention_mask=cond["text_mask"],
+               pooled_prompt_embeds=cond["pooled"])
+
+    def run(rows=slice(None), **kw):
+        e = {k: v[rows] for k, v in emb.items()}
+        return pipe(**e, output_type="latent", **{"seed": 7, **kw}).images
+
+    one = run()
     assert one.shape == (3, 4, 8, 8) and one.dtype == torch.float32
-    assert torch.equal(one, consistency_sample(model, cond, [0, 1, 2], **kw))
+    assert torch.equal(one, run())
     # A sample does not depend on its batch: index 1 alone equals index 1 in the batch.
-    alone = consistency_sample(model, {k: v[1:2] for k, v in cond.items()}, [1], **kw)
+    alone = run(slice(1, 2), sample_indices=[1])
     assert torch.allclose(alone, one[1:2], atol=1e-6)
-    assert not torch.equal(one, consistency_sample(model, cond, [0, 1, 2], **{**kw, "seed": 8}))
-    two = consistency_sample(model, cond, [0, 1, 2], taus=[0.8], **kw)
-    assert not torch.equal(one, two)
-    with pytest.raises(ValueError):
-        consistency_sample(model, cond, [0], taus=[0.5, 0.8], **kw)
-    # Guidance: f_null + w (f_c - f_null), batched; w = 1 equals the plain conditional call.
-    x = torch.randn(3, 4, 8, 8)
-    s = torch.full((3,), 2.0)
-    f_c = model(x, s, **cond, cond_drop=torch.zeros(3, dtype=torch.bool))
+    assert not torch.equal(one, run(seed=8))
+    two = run(num_inference_steps=2)
+    assert not torch.equal(one, two) and torch.equal(two, run(tau=[0.8]))
+    with pytest.raises(ValueError, match="decreasing"):
+        run(tau=[0.5, 0.8])
+    # 1 step is f(sigma_max z) of the network call that trains (Precond = consistency_function).
+    z = torch.stack([torch.randn(4, 8, 8, generator=g) for g in pipe.sample_generators(7, range(3))])
+    drop = torch.zeros(3, dtype=torch.bool)
+    assert torch.equal(one, model(80.0 * z, torch.full((3,), 80.0), **cond, cond_drop=drop))
+    # Guidance: f_null + w (f_c - f_null) on the learned null; w = 1 is the plain conditional call.
+    x, s = 80.0 * z, torch.full((3,), 80.0)
+    f_c = model(x, s, **cond, cond_drop=drop)
     f_n = model(x, s, **cond, cond_drop=torch.ones(3, dtype=torch.bool))
-    assert torch.allclose(guided(model, x, s, cond, 3.0), f_n + 3.0 * (f_c - f_n), atol=1e-5)
-    assert torch.allclose(guided(model, x, s, cond, 1.0), f_c, atol=1e-6)
+    assert torch.allclose(run(guidance_scale=3.0), f_n + 3.0 * (f_c - f_n), atol=1e-5)
     assert nfe(2, 1.0) == 2 and nfe(2, 3.0) == 4
 
 

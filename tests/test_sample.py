@@ -12,8 +12,7 @@ from helpers_export import module_tiny_export
 
 from lct.errors import UserError
 from lct.sample import grid_title, main
-from lct.samplers import default_taus, karras_taus
-from lct.scheduler import LCTScheduler
+from lct.scheduler import LCTScheduler, default_taus, karras_taus
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,19 @@ def test_default_k_step_levels_are_the_karras_grid_spec9():
     assert sched.levels == [80.0, *karras_taus(3)]
     with pytest.raises(ValueError, match="at least 1 step"):
         default_taus(0)
+
+
+@pytest.mark.parametrize("boundary, noise", [(0.003, 0.0), (0.0, 0.0), (0.002, 0.002)])
+def test_default_levels_do_not_follow_the_recorded_sampling_sigma_min(boundary, noise):
+    """Issue 31 item 15: SPEC 9's default levels are the Karras grid on [0.002, sigma_max] whatever
+    sampling sigma_min a model records (ECT: boundary 0.003 and noise floor 0; ect_imagenet: 0; they
+    used to give [10.68, 0.625, 0.0049] for 4 steps with 0)."""
+    sched = LCTScheduler(sigma_min=boundary, sample_sigma_min=noise, taus=[0.821])
+    assert sched.default_taus(4) == pytest.approx([17.52783196464411, 2.515218976147159, 0.16975275626876413])
+    assert sched.default_taus(2) == [0.821]
+    # sigma_data 1 (SPEC 14.4: every level doubles) doubles the grid's 0.002 with sigma_max.
+    assert LCTScheduler(sigma_max=160.0, sigma_data=1.0, taus=[]).default_taus(4) == pytest.approx(
+        [2 * t for t in karras_taus(4)])
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,17 +8,20 @@ only, `TextDiT` and the PixArt names import diffusers. `import lct` alone import
 
 from __future__ import annotations
 
-_DIT = ("AffineLayerNorm", "DIT_PRESETS", "FP32Linear", "NSLN_KINDS", "NonScalingLayerNorm", "TextDiT", "build_dit",
-        "count_parameters", "dit_kwargs", "load_state_dict_checked", "split_parameter_count")
+_DIT = ("AffineLayerNorm", "FP32Linear", "NSLN_KINDS", "NonScalingLayerNorm", "TextDiT")
+_PRESETS = ("DIT_PRESETS", "build_dit", "count_parameters", "dit_kwargs", "load_state_dict_checked",
+            "split_parameter_count")
 _PIXART = ("PIXART_ARCHS", "PixArtNet", "build_pixart", "load_pixart", "wrap_pixart")
 _BUILD = ("ARCHITECTURES", "Architecture", "build_network", "register")
 
-__all__ = sorted([*_DIT, *_PIXART, *_BUILD, "Precond", "VPDenoiser"])
+__all__ = sorted([*_DIT, *_PRESETS, *_PIXART, *_BUILD, "Precond", "VPDenoiser"])
 
 
 def __getattr__(name: str):
     if name in _DIT:
         from lct.models import dit as module
+    elif name in _PRESETS:
+        from lct.models import presets as module
     elif name in _PIXART:
         from lct.models import pixart as module
     elif name in _BUILD:

@@ -1,9 +1,9 @@
 """TextDiT: a text-conditioned DiT for latent consistency models, in one file.
 
-The network F of SPEC 1 (`Precond` in `lct/models/precond.py` wraps it): DiT (Peebles & Xie 2023,
-facebookresearch/DiT `models.py`) with adaLN-Zero blocks, plus cross-attention to text tokens
-(as PixArt-alpha), a pooled-text vector added to the conditioning vector, a learned null condition
-(SPEC 9) and the non-scaling LayerNorm of iLCT (SPEC 8).
+The network F of SPEC 1 (`lct.consistency.consistency_function` / `Precond` wrap it): DiT
+(Peebles & Xie 2023, facebookresearch/DiT `models.py`) with adaLN-Zero blocks, plus
+cross-attention to text tokens (as PixArt-alpha), a pooled-text vector added to the conditioning
+vector, a learned null condition (SPEC 9) and the non-scaling LayerNorm of iLCT (SPEC 8).
 
     F = TextDiT(...)(x_in [B,C,H,W], e [B] fp32, text_states=, text_mask=, pooled=, class_labels=,
                      cond_drop=)  ->  [B,C,H,W] fp32
@@ -22,19 +22,27 @@ Rows are ordered as DiT's six (shift/scale/gate msa, shift/scale/gate mlp), then
 cross-attention rows, so the first 6*hidden rows are exactly a DiT block's modulation.
 
 Precision (SPEC 1.1): the per-sample layers (time-embedding sinusoids and MLP, pooled-text MLP,
-every adaLN modulation linear, the final projection) are `FP32Linear`s that run with autocast
-disabled on fp32 inputs; only the per-token trunk (patch embedding, attention, MLP, text
-projection) follows the caller's autocast. The residual stream stays fp32 (fp32 gates times the
-trunk's outputs), and the output is fp32.
+every adaLN modulation linear, the final projection), the q/k and text norms and the null
+condition are fp32 and compute in fp32 (`_keep_in_fp32_modules`: diffusers keeps them fp32 under
+`from_pretrained(torch_dtype=...)`, and `to(dtype)` here does too); only the per-token trunk
+(patch embedding, attention, MLP, text projection) follows the caller's autocast (training) or,
+without autocast, runs in the trunk's own dtype (`model.dtype`: bf16 weights after
+`torch_dtype=torch.bfloat16`, or the compute dtype of diffusers' layerwise casting). The residual
+stream stays fp32 (fp32 gates times the trunk's outputs), and the output is fp32.
 
-Presets: widths/depths/heads of the DiT paper (Table 1). `count_parameters` and
-`split_parameter_count` count a model as the paper counted DiT ("trunk") plus what text
-conditioning adds ("extra"); the counts of every preset are tabulated in README.md ("Model sizes").
+Attention is this file's own (`attention`: torch SDPA or xformers, SPEC 8's norms on q and k), not
+diffusers' `Attention` processors: those have no non-scaling LayerNorm and their q/k/v layout
+would change every checkpoint's state dict. `set_use_memory_efficient_attention_xformers` switches
+the backend; diffusers' attention slicing, processors and attention backends do not apply.
+
+This file imports only torch and diffusers: exports carry it as their `transformer/lct_dit.py`, so
+that `DiffusionPipeline.from_pretrained(export, trust_remote_code=True)` runs without lct. The
+presets, the builder from a `ModelConfig` and the parameter counts are `lct.models.presets`.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import math
 import warnings
 from typing import Any, Mapping
@@ -44,29 +52,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import is_accelerate_available
 from torch.utils.checkpoint import checkpoint
 
-from lct.config import ModelConfig
-from lct.errors import ConfigError, UserError
-from lct.consistency import autocast_off
-
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
-    "DiT-S/4": dict(hidden_size=384, depth=12, num_heads=6, patch_size=4),
-    "DiT-B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
-    "DiT-B/4": dict(hidden_size=768, depth=12, num_heads=12, patch_size=4),
-    "DiT-L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
-    "DiT-L/4": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=4),
-    "DiT-XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
-    "DiT-XL/4": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=4),
-}
-
-XFORMERS_HINT = ("xformers is not installed: `pip install xformers` (or `pip install 'lct[xformers]'`), "
+XFORMERS_HINT = ("xformers is not installed: `pip install xformers` (or `pip install 'lct-consistency[xformers]'`), "
                  "or use model.attention=sdpa")
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def autocast_off(device: torch.device):
+    """A context that disables autocast on `device` (a no-op where autocast does not exist, e.g.
+    the meta device of parameter counts). The same helper as `lct.consistency.autocast_off`,
+    restated here so that this file stands alone in an export."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`x` in the trunk's dtype (a no-op for None: under autocast, or already that dtype)."""
+    return x if dtype is None else x.to(dtype)
 
 
 #################################################################################
@@ -328,15 +337,16 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(hidden_size, self.num_mod * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dtype`: the trunk's compute dtype without autocast (None under autocast, which casts)."""
         mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)  # fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(_to(modulate(self.norm1(x), shift_msa, scale_msa), dtype))
         if self.cross_attn is not None:
             shift_ca, scale_ca, gate_ca = mod[6:]
-            ca = self.cross_attn(modulate(self.norm_ca(x), shift_ca, scale_ca), text, text_mask)
+            ca = self.cross_attn(_to(modulate(self.norm_ca(x), shift_ca, scale_ca), dtype), text, text_mask)
             x = x + gate_ca.unsqueeze(1) * ca
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(_to(modulate(self.norm2(x), shift_mlp, scale_mlp), dtype))
         return x
 
 
@@ -388,6 +398,14 @@ class TextDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
+    # SPEC 1.1: per-sample layers, the q/k and text norms and the null condition stay fp32 under any
+    # torch_dtype (diffusers matches these names against parameter-name components).
+    _keep_in_fp32_modules = ["t_embedder", "pooled_embedder", "class_embedder", "adaLN_modulation", "final_layer",
+                             "q_norm", "k_norm", "text_norm", "null_text_states", "null_pooled"]
+    # Layerwise casting (fp8 storage) leaves these alone: the above, and the patch embedding as
+    # diffusers leaves every model's ("patch_embed").
+    _skip_layerwise_casting_patterns = ["x_embedder", "t_embedder", "pooled_embedder", "class_embedder",
+                                        "adaLN_modulation", "final_layer", "norm"]
 
     @register_to_config
     def __init__(
@@ -411,7 +429,9 @@ class TextDiT(ModelMixin, ConfigMixin):
         attention: str = "sdpa",
     ):
         super().__init__()
-        _validate(locals())
+        problem = config_problem(locals())
+        if problem:
+            raise ValueError(f"TextDiT: {problem[0]}: {problem[1]}")
         self.cond = cond
         self.in_channels = in_channels
         self.out_ch = out_channels or in_channels
@@ -474,6 +494,69 @@ class TextDiT(ModelMixin, ConfigMixin):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
+    # ------------------------------------------------------------------ diffusers conventions
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader. Without accelerate (`low_cpu_mem_usage` unavailable) diffusers refuses
+        every model that declares `_keep_in_fp32_modules`; then the stored weights are loaded as
+        they are and `torch_dtype` / `dtype` is applied by `to`, which keeps those modules fp32:
+        the same model as diffusers' own path gives."""
+        if is_accelerate_available() or kwargs.get("low_cpu_mem_usage") or kwargs.get("device_map") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        kwargs.pop("torch_dtype", None)
+        kwargs["low_cpu_mem_usage"] = False
+        keep = cls._keep_in_fp32_modules
+        cls._keep_in_fp32_modules = None
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            cls._keep_in_fp32_modules = keep
+        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+    def to(self, *args, **kwargs):
+        """`torch.nn.Module.to`; the modules of `_keep_in_fp32_modules` and the positional embedding
+        stay fp32 whatever dtype the rest takes (SPEC 1.1), so `pipe.to(torch.bfloat16)` gives what
+        `torch_dtype=torch.bfloat16` gives."""
+        out = super().to(*args, **kwargs)
+        self._keep_fp32()
+        return out
+
+    def _keep_fp32(self) -> None:
+        keep = set(self._keep_in_fp32_modules or ())
+        for name, p in self.named_parameters():
+            if p.is_floating_point() and p.dtype != torch.float32 and keep.intersection(name.split(".")):
+                p.data = p.data.float()
+        if self.pos_embed.is_floating_point() and self.pos_embed.dtype != torch.float32:
+            self.pos_embed = self.pos_embed.float()
+
+    def _trunk_dtype(self) -> torch.dtype:
+        """The trunk's compute dtype, what `self.dtype` says, read off one trunk layer (`self.dtype`
+        walks every module: measurable per forward in fp32 / TF32 training): its layerwise-casting
+        compute dtype where diffusers' hook is on, else its weights' dtype."""
+        layer = self.blocks[0].mlp.fc1
+        registry = getattr(layer, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        return hook.compute_dtype if hook is not None else layer.weight.dtype
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool = True, attention_op=None) -> None:
+        """diffusers' xformers switch (`pipe.enable_xformers_memory_efficient_attention()`): the
+        attention backend of every block (the config's `attention` is what training used)."""
+        if valid:
+            problem = config_problem({**self.config, "attention": "xformers"})
+            if problem:
+                raise ValueError(problem[1])
+        backend = "xformers" if valid else "sdpa"
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+
+    def set_attention_backend(self, backend: str) -> None:
+        raise ValueError(f"TextDiT runs its own attention (torch SDPA or xformers, with SPEC 8's q/k norms), not "
+                         f"diffusers' attention processors: backend {backend!r} does not apply; "
+                         "use enable_xformers_memory_efficient_attention() for xformers")
+
     def compile_blocks(self, **kwargs: Any) -> None:
         """`torch.compile` each block in place (parameter names unchanged); kwargs go to compile."""
         for block in self.blocks:
@@ -533,13 +616,18 @@ class TextDiT(ModelMixin, ConfigMixin):
         if (ch, hgt, wid) != expected:
             raise ValueError(f"TextDiT expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], "
                              f"got {list(x.shape)}")
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, hidden], fp32 sum
+        # Without autocast the trunk computes in its own dtype (bf16 weights, or layerwise casting's
+        # compute dtype); fp32 inputs are cast at its entries. Under autocast, autocast casts.
+        autocast = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+        dt = None if autocast else self._trunk_dtype()
+        x = x if dt is None else x.to(self.x_embedder.weight.dtype)  # not layerwise-cast: its own dtype
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + self.pos_embed.float()  # [B, T, hidden], fp32
         c = self.t_embedder(e.reshape(b) if e.numel() == b else e.expand(b))
         text = mask = None
         if self.cond == "text":
             text_states, mask, pooled = self._text_condition(text_states, text_mask, pooled, cond_drop)
             # Once per forward, shared by all blocks; the norm runs in fp32 (CUDA autocast does too).
-            text = self.text_norm(self.text_proj(text_states).float())
+            text = _to(self.text_norm(self.text_proj(_to(text_states, dt)).float()), dt)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(pooled)
         elif self.cond == "class":
@@ -552,128 +640,33 @@ class TextDiT(ModelMixin, ConfigMixin):
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # use_reentrant=False re-runs the block with the saved RNG state: same dropout masks.
-                h = checkpoint(block, h, c, text, mask, use_reentrant=False)
+                h = checkpoint(block, h, c, text, mask, dt, use_reentrant=False)
             else:
-                h = block(h, c, text, mask)
+                h = block(h, c, text, mask, dt)
         return self.unpatchify(self.final_layer(h, c)).float()
 
 
-def _validate(args: Mapping[str, Any]) -> None:
-    """What the config schema cannot check: the installed attention backend and the sizes that must
-    divide each other (values of the config's keys are checked by pydantic, `lct.config`)."""
-
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(msg, key=key)
-
+def config_problem(args: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(config key, what is wrong) for TextDiT arguments that cannot build a network, else None:
+    the installed attention backend and the sizes that must divide each other (the values of the
+    config's keys are checked by its schema). `lct.models.presets.dit_kwargs` raises it as the
+    trainer's one-line ConfigError; the constructor raises it as a ValueError."""
     if args["nsln"] not in NSLN_KINDS:
-        fail("model.nsln", f"{args['nsln']!r} is not one of {', '.join(NSLN_KINDS)}")
+        return "model.nsln", f"{args['nsln']!r} is not one of {', '.join(NSLN_KINDS)}"
+    if args["attention"] not in ("sdpa", "xformers"):
+        return "model.attention", f"{args['attention']!r} is not one of sdpa, xformers"
     if args["attention"] == "xformers":
         try:
             import xformers.ops  # noqa: F401
         except ImportError:
-            fail("model.attention", XFORMERS_HINT)
+            return "model.attention", XFORMERS_HINT
     hidden, heads, p = args["hidden_size"], args["num_heads"], args["patch_size"]
     if hidden % heads:
-        fail("model.num_heads", f"hidden_size {hidden} is not divisible by num_heads {heads}")
+        return "model.num_heads", f"hidden_size {hidden} is not divisible by num_heads {heads}"
     if hidden % 4:
-        fail("model.hidden_size", f"{hidden} must be a multiple of 4 (2-D sin-cos positional embedding)")
+        return "model.hidden_size", f"{hidden} must be a multiple of 4 (2-D sin-cos positional embedding)"
     if args["input_height"] % p or args["input_width"] % p:
-        fail("model.patch_size", f"latent {args['input_height']}x{args['input_width']} is not divisible by patch {p}")
+        return "model.patch_size", f"latent {args['input_height']}x{args['input_width']} is not divisible by patch {p}"
     if args["cond"] == "text" and (args["text_dim"] < 1 or args["text_len"] < 1 or args["pooled_dim"] < 0):
-        fail("model.cond", "text mode needs text_dim >= 1, text_len >= 1 and pooled_dim >= 0")
-
-
-#################################################################################
-#                      Builder, parameter counts, checked loading               #
-#################################################################################
-
-
-def dit_kwargs(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77,
-               pooled_dim: int = 512) -> dict[str, Any]:
-    """TextDiT constructor arguments from a `ModelConfig` (preset + overrides) and the data shapes."""
-    if model_cfg.arch not in DIT_PRESETS:
-        lower = {k.lower(): k for k in DIT_PRESETS}
-        close = difflib.get_close_matches(model_cfg.arch.lower(), list(lower), n=1)
-        hint = f"; did you mean '{lower[close[0]]}'?" if close else ""
-        raise ConfigError(f"unknown arch {model_cfg.arch!r}{hint} (known: {', '.join(DIT_PRESETS)})", key="model.arch")
-    arch = dict(DIT_PRESETS[model_cfg.arch])
-    for key in ("hidden_size", "depth", "num_heads", "patch_size"):
-        if getattr(model_cfg, key) is not None:
-            arch[key] = getattr(model_cfg, key)
-    c, h, w = (int(v) for v in latent_shape)
-    return dict(in_channels=c, input_height=h, input_width=w, mlp_ratio=model_cfg.mlp_ratio, cond=model_cfg.cond,
-                num_classes=model_cfg.num_classes, text_dim=text_dim, text_len=text_len, pooled_dim=pooled_dim,
-                dropout=model_cfg.dropout, nsln=model_cfg.nsln, attention=model_cfg.attention, **arch)
-
-
-def build_dit(model_cfg, latent_shape, text_dim: int = 512, text_len: int = 77, pooled_dim: int = 512) -> TextDiT:
-    """TextDiT for `model_cfg` (lct.config.ModelConfig) and latents [C, H, W]; applies the preset,
-    the hidden_size/depth/num_heads/patch_size overrides, checkpointing and compile."""
-    model = TextDiT(**dit_kwargs(model_cfg, latent_shape, text_dim, text_len, pooled_dim))
-    if model_cfg.checkpointing:
-        model.enable_gradient_checkpointing()
-    if model_cfg.compile:
-        model.compile_blocks()
-    return model
-
-
-def split_parameter_count(model: nn.Module) -> dict[str, int]:
-    """{'trunk', 'extra', 'total'}: trunk = what the DiT paper counts for a DiT of this size,
-    extra = text conditioning (cross-attention, extra adaLN rows, text projection and norm,
-    pooled MLP, null condition) and the q/k norms' parameters (NsLN betas, LayerNorm gammas and betas). Other networks count as all trunk."""
-    if not isinstance(model, TextDiT):
-        total = sum(p.numel() for p in model.parameters())
-        return {"trunk": total, "extra": 0, "total": total}
-    trunk = extra = 0
-    hidden = model.config.hidden_size
-    for name, p in model.named_parameters():
-        n = p.numel()
-        if (name.startswith(("text_proj.", "text_norm.", "pooled_embedder.", "null_")) or ".cross_attn." in name
-                or (".attn." in name and "_norm." in name)):
-            extra += n
-        elif name.startswith("blocks.") and "adaLN_modulation" in name and p.shape[0] == 9 * hidden:
-            per_row = n // p.shape[0]
-            trunk += 6 * hidden * per_row
-            extra += 3 * hidden * per_row
-        else:
-            trunk += n
-    return {"trunk": trunk, "extra": extra, "total": trunk + extra}
-
-
-def count_parameters(model_or_cfg=None, latent_shape=(4, 32, 32), text_dim: int = 512, text_len: int = 77,
-                     pooled_dim: int = 512, **overrides: Any) -> dict[str, int]:
-    """{'trunk', 'extra', 'total'} parameter counts (see `split_parameter_count`).
-
-    Given a TextDiT (e.g. one built under `with torch.device("meta")`), counts it. Given a
-    `ModelConfig` (or None for the defaults), builds what `build_dit` would on the meta device (no
-    memory); `overrides` replace TextDiT arguments (e.g. out_channels=8, cond='class')."""
-    if isinstance(model_or_cfg, nn.Module):
-        return split_parameter_count(model_or_cfg)
-    kwargs = dit_kwargs(model_or_cfg or ModelConfig(), latent_shape, text_dim, text_len, pooled_dim)
-    kwargs.update(overrides)
-    with torch.device("meta"):
-        model = TextDiT(**kwargs)
-    return split_parameter_count(model)
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                            source: str = "state dict") -> None:
-    """Load `state_dict` strictly; on any mismatch raise `UserError` naming the missing, unexpected
-    and shape-mismatched keys (e.g. ECT starting from an lct `edm` checkpoint of another arch)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-
-        def listing(title: str, items: list[str]) -> str:
-            more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
-            return f"{title} ({len(items)}): {', '.join(items[:8])}{more}" if items else ""
-
-        parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
-                 listing("shape mismatches", shapes)]
-        raise UserError(f"{source} does not fit the model ({type(model).__name__}): "
-                        + "; ".join(p for p in parts if p)
-                        + ". Check that model.arch, the overrides, model.cond and model.nsln match the checkpoint's")
-    model.load_state_dict(state_dict, strict=True)
+        return "model.cond", "text mode needs text_dim >= 1, text_len >= 1 and pooled_dim >= 0"
+    return None
