@@ -1,12 +1,15 @@
-"""Fault injection for the trainer's fault-tolerance tests (off unless the variables are set).
+"""Fault injection for the fault-tolerance tests of the trainer and the data prep (off unless the
+variables are set).
 
     LCT_FAULT_NAN_LOSS="3:1,5:0"   loss of data step 3 on rank 1 (and step 5 on rank 0) becomes NaN
     LCT_FAULT_INF_GRAD="4:0"       data step 4 on rank 0: finite loss, infinite gradient
     LCT_FAULT_EXIT_AFTER_SAVE="6"  hard exit (status 137, like SIGKILL) right after the checkpoint
                                    of applied step 6 is complete: a crash between steps
+    LCT_FAULT_EXIT_MID_SHARD="1"   data_prep/encode_latents.py: hard exit (137) in the middle of a
+                                   shard once 1 shard is complete: a crash while a shard is half written
 
-The trainer calls these at fixed points, so tests exercise the real code paths (DeepSpeed's
-overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
+The trainer and the data prep call these at fixed points, so tests exercise the real code paths
+(DeepSpeed's overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class Faults:
         self.inf_grad = _pairs("LCT_FAULT_INF_GRAD")
         v = os.environ.get("LCT_FAULT_EXIT_AFTER_SAVE")
         self.exit_after_save = int(v) if v else None
+        v = os.environ.get("LCT_FAULT_EXIT_MID_SHARD")
+        self.exit_mid_shard = int(v) if v else None
 
     def loss(self, loss: torch.Tensor, data_step: int, rank: int) -> torch.Tensor:
         if (data_step, rank) in self.nan_loss:
@@ -50,4 +55,12 @@ class Faults:
 
     def after_save(self, applied_step: int) -> None:
         if self.exit_after_save is not None and applied_step == self.exit_after_save:
+            os._exit(137)
+
+    def mid_shard(self, shards_done: int, writers: list) -> None:
+        """After each batch of the data prep: exit once `shards_done` shards are complete and an open
+        shard writer holds samples, its bytes flushed (the temporary file a kill leaves)."""
+        if self.exit_mid_shard is not None and shards_done >= self.exit_mid_shard and any(w.count for w in writers):
+            for w in writers:
+                w.flush()
             os._exit(137)
