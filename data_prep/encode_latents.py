@@ -3,6 +3,7 @@
     python data_prep/encode_latents.py --input 'data/coco/{00000..00008}.tar' --output data/coco-lat \\
         --vae /models/sd-vae-ft-ema --resolution 256 --text-model ViT-B-32 \\
         --text-pretrained /models/open_clip_vit_b32_laion2b.bin [--flip] [--text-states]
+    python data_prep/encode_latents.py ... --buckets pixart_512          # aspect-ratio buckets
     torchrun --nproc-per-node 8 data_prep/encode_latents.py ...        # one process per GPU
     python data_prep/encode_latents.py ... --merge-only                  # re-merge manifest.json
 
@@ -23,6 +24,14 @@ image (`--flip`), and with `--text-states` the fp16 token states [K,L,D] and poo
 VAE precision: fp32 (TF32 matmuls/convolutions on GPU) by default; `--precision bf16|fp16` runs
 the VAE in half precision and re-encodes a batch in fp32 when it produces a non-finite value
 (counted as `fp32_fallback_batches`).
+
+Aspect-ratio buckets (`--buckets NAME|FILE`, `lct.buckets`): instead of the square crop, each
+image goes to the bucket of the table whose aspect ratio is nearest to its own, is resized
+(bicubic) to cover it and centre-cropped (PixArt's multi-scale data), and its latents are stored
+at that bucket's shape; flips, text and every check are as above. The sample's json names its
+bucket and crop fraction; the records and the manifest hold the table, the counts per bucket,
+each sample's bucket and a crop summary (`lct.latents`: "Bucketed data"); statistics are per
+channel. A worker batches samples of one bucket; the writer keeps the input order.
 
 Output (`--output DIR`): `<name>.tar` for input shard `<name>.tar|.tar.gz|.tgz` with the input's
 keys in the input's order; `records/<name>.json` + `records/<name>.stats.npz` per shard (float64
@@ -90,13 +99,15 @@ from lct.faults import Faults
 from lct.files import atomic_file, output_dir_problem
 from lct.hf_text import HFTextEncoder
 from lct.hub import resolve_pretrained
-from lct.image_shards import make_loader, shard_name
+from lct.buckets import BucketTable, load_table
+from lct.image_shards import Decoding, make_loader, shard_name
 from lct.latent_writer import ShardWriter, fp16_problem, job_digest
 from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, encode_latent_sample, merge_manifest,
                          read_shard_record, record_paths, write_json_atomic)
 from lct.shards import FileLock
 from lct.text import RANDOM, TOWER_DIR, TextEncoder, check_text_source, is_random
-from lct.vae import check_vae_source, encode_posterior, latent_shape, load_vae, to_unit_range, vae_source, vae_summary
+from lct.vae import (check_vae_source, downsample_factor, encode_posterior, latent_shape, load_vae, to_unit_range,
+                     vae_source, vae_summary)
 
 DESCRIPTION = (
     "Encode img2dataset-style webdataset shards ({key}.jpg|png|webp + .txt/.json captions) into latent shards: "
@@ -106,9 +117,12 @@ DESCRIPTION = (
     "SLURM_NTASKS; rank r takes shards r, r+W, ...). Resumable: complete shards (records/<name>.json) are "
     "skipped, partial ones redone. Corrupt images and caption-less samples are skipped and counted; an input "
     "shard without any sample fails the job after the others (or is recorded with --skip-empty-shards). "
-    "--text-pretrained random saves a seeded random text tower in OUTPUT/text_tower/.")
+    "--text-pretrained random saves a seeded random text tower in OUTPUT/text_tower/. --buckets puts each image "
+    "into the aspect-ratio bucket nearest to its own (PixArt's tables or a YAML list of [height, width]).")
 PREPROCESS = ("RGB, center crop of the long edge, PIL bicubic resize, x/127.5-1 (lct.vae.preprocess_image); "
               "no EXIF rotation")
+PREPROCESS_BUCKETS = ("RGB, the bucket of nearest aspect ratio, PIL bicubic resize to cover it, centre crop, x/127.5-1 "
+                      "(lct.buckets.resize_crop); no EXIF rotation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,9 +244,11 @@ def finish_batch(enc: Encoder, p: dict) -> int:
             extra.update(states=np.ascontiguousarray(states))
             if "pooled" in h:
                 extra.update(pooled=h["pooled"][offsets[i]:offsets[i + 1]])
+        if "bucket" in item:
+            extra.update(bucket=w.buckets.names[item["bucket"]], crop=item["crops"][i])
         members = encode_latent_sample(key, mean=h["mean"][i], std=h["std"][i], tokens=item["tokens"][i],
                                        captions=item["captions"][i], meta=item["meta"][i], **extra)
-        w.add(members, h["mean"][i], h["std"][i])
+        w.add(members, h["mean"][i], h["std"][i], item["pos"][i], item.get("bucket"), extra.get("crop"))
     return b
 
 
@@ -241,11 +257,11 @@ def finish_batch(enc: Encoder, p: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def job_options(cfg: EncodeLatentsConfig) -> dict:
+def job_options(cfg: EncodeLatentsConfig, table: BucketTable | None = None) -> dict:
     """The settings a rerun must repeat (checked before any model is loaded)."""
     hf = cfg.text_kind != "open_clip"
     random = not hf and is_random(cfg.text_pretrained)
-    opts = {"vae": vae_source(cfg.vae), "resolution": cfg.resolution, "flip": cfg.flip,
+    opts = {"vae": vae_source(cfg.vae), "resolution": table.base if table else cfg.resolution, "flip": cfg.flip,
             "precision": cfg.precision, "text_model": cfg.text_model,
             "text_pretrained": None if hf else RANDOM if random else cfg.text_pretrained,
             "seed": cfg.seed if random else None, "text_states": cfg.text_states,
@@ -253,7 +269,20 @@ def job_options(cfg: EncodeLatentsConfig) -> dict:
     if hf:  # a transformers tower (T5, CLIP): lct.hf_text
         opts.update(text_kind=cfg.text_kind, text_tokenizer=cfg.text_tokenizer,
                     text_max_length=cfg.text_max_length, text_dtype=cfg.text_dtype)
+    if table is not None:  # square data keeps its job.json byte for byte
+        opts["buckets"] = {"source": table.source, "sizes": [[b.height, b.width] for b in table.buckets]}
     return opts
+
+
+def bucket_table(cfg: EncodeLatentsConfig) -> BucketTable | None:
+    """--buckets read and checked (before any work); an explicit --resolution must be its base."""
+    if not cfg.buckets:
+        return None
+    table = load_table(cfg.buckets)
+    if "resolution" in cfg.model_fields_set and cfg.resolution != table.base:
+        raise UserError(f"--resolution {cfg.resolution} and --buckets {cfg.buckets} (base resolution {table.base}) "
+                        "disagree: with --buckets the table sets the sizes; drop --resolution")
+    return table
 
 
 def max_captions(cfg: EncodeLatentsConfig) -> int:
@@ -371,6 +400,13 @@ def merge(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, requ
     if t.get("states"):
         sb = t["states_bytes"]
         extra = f", text states {sb['total'] / 1e6:.1f} MB ({sb['per_sample'] / 1e3:.1f} kB/sample)"
+    if manifest.get("buckets"):
+        b = manifest["buckets"]
+        used = sum(1 for v in b["counts"].values() if v)
+        top = b["most_common"]
+        extra += (f"; buckets: {used} of {len(b['table'])} used, most common {top} "
+                  f"({b['counts'][top] / max(manifest['num_samples'], 1):.0%}), crop mean {b['crop']['mean']:.1%}, "
+                  f"max {b['crop']['max']:.1%}")
     log(rank, f"wrote {out / MANIFEST}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
               f"skipped: {fmt_skips(manifest['skipped'])}, {manifest['output_bytes'] / 1e6:.1f} MB{extra}")
     return manifest
@@ -392,7 +428,8 @@ class Job:
     names: list[str]
     todo: list[int]                 # input shard indices this rank encodes (not yet recorded)
     enc: Encoder
-    shape: tuple[int, int, int]     # latent shape
+    shape: tuple[int, int, int]     # latent shape (bucketed data: the base bucket's)
+    table: BucketTable | None       # --buckets
     job_id: str
     faults: Faults
     writers: dict[int, ShardWriter] = field(default_factory=dict)
@@ -426,7 +463,7 @@ class Job:
                 self.ignored.add(idx)
                 return None
             self.writers[idx] = ShardWriter(self.out, name, self.urls[idx], self.shape, self.job_id, lock,
-                                            self.rank, self.world)
+                                            self.rank, self.world, self.table)
         return self.writers[idx]
 
     def drain(self) -> None:
@@ -491,12 +528,13 @@ def load_text(cfg: EncodeLatentsConfig, device: torch.device):
     return None if is_random(cfg.text_pretrained) else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
 
 
-def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str], names: list[str]) -> Job:
+def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str], names: list[str],
+            table: BucketTable | None) -> Job:
     """Settings checked against an earlier job's (before loading anything), models loaded,
     job.json (and a random text tower) made under the job lock, this rank's shards listed."""
     rank = info.rank
     out.mkdir(parents=True, exist_ok=True)
-    options = job_options(cfg)
+    options = job_options(cfg, table)
     job_lock = FileLock(out / JOB_LOCK)  # held while job.json (and a random text tower) is checked or made
     with job_lock:
         check_job(out, None, options, rank)  # other settings: refuse before loading anything
@@ -511,7 +549,13 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     vae = load_vae(cfg.vae, device, torch.float32)
-    shape = latent_shape(vae, cfg.resolution)
+    if table is not None:
+        table.check_divisible(downsample_factor(vae), "the VAE's downsampling factor")
+        base = table.buckets[table.base_index]
+        shape = (int(vae.config.latent_channels), base.height // downsample_factor(vae),
+                 base.width // downsample_factor(vae))
+    else:
+        shape = latent_shape(vae, cfg.resolution)
     text = load_text(cfg, device)
     with job_lock:
         old = check_job(out, None, options, rank)
@@ -526,29 +570,35 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
             trec.update(states_layout="trimmed" if cfg.text_states else None, null_file=TEXT_NULL)
             with atomic_file(out / TEXT_NULL) as f:
                 np.save(f, text.null_condition().numpy().astype(np.float32), allow_pickle=False)
-        header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": cfg.resolution,
-                  "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip, "preprocess": PREPROCESS,
+        header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": options["resolution"],
+                  "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip,
+                  "preprocess": PREPROCESS_BUCKETS if table else PREPROCESS,
                   "vae": {**vae_summary(vae, cfg.vae), "precision": cfg.precision},
                   "text": trec, "options": options}
+        if table is not None:
+            header["buckets"] = table.record(shape[0], downsample_factor(vae))
         if check_job(out, header, options, rank) is None:
             write_json_atomic(out / JOB, header)
 
     mine = [i for i in range(len(urls)) if i % info.world_size == rank]
     todo = [i for i in mine if read_shard_record(out, names[i]) is None]
+    what = (f"{len(table)} aspect-ratio buckets of {table.source}, base {list(shape)}" if table
+            else f"latents {list(shape)}")
     log(rank, f"{len(urls)} input shards, world {info.world_size}: {len(mine)} for this rank, "
               f"{len(mine) - len(todo)} already complete, {len(todo)} to encode on {device} "
-              f"(VAE {cfg.precision}, latents {list(shape)})")
+              f"(VAE {cfg.precision}, {what})")
     return Job(cfg=cfg, rank=rank, world=info.world_size, out=out, urls=urls, names=names, todo=todo,
-               enc=Encoder(vae, text, device, cfg.precision), shape=tuple(shape), job_id=job_digest(header),
-               faults=Faults())
+               enc=Encoder(vae, text, device, cfg.precision), shape=tuple(shape), table=table,
+               job_id=job_digest(header), faults=Faults())
 
 
 def encode(job: Job) -> None:
     """Encode and write this rank's shards: DataLoader workers decode whole shards while this
     process runs the VAE on one batch and writes the previous one."""
     cfg, enc = job.cfg, job.enc
-    loader = make_loader([(i, job.urls[i]) for i in job.todo], cfg.resolution, enc.text.tokenizer,
-                         max_captions(cfg), cfg.batch_size, cfg.num_workers, enc.device.type == "cuda")
+    dec = Decoding(cfg.resolution, enc.text.tokenizer, max_captions(cfg), job.table)
+    loader = make_loader([(i, job.urls[i]) for i in job.todo], dec, cfg.batch_size, cfg.num_workers,
+                         enc.device.type == "cuda")
     job.t0 = time.time()
     job.bar = tqdm(total=None, unit="img", desc=f"encode rank {job.rank}", disable=job.rank != 0,
                    dynamic_ncols=True, mininterval=2.0, smoothing=0.05)
@@ -619,10 +669,10 @@ def finish(job: Job) -> dict:
             "record_paths": [str(record_paths(job.out, n)[0]) for n in job.names]}
 
 
-def merge_only(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int) -> dict:
+def merge_only(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, table: BucketTable | None) -> dict:
     """--merge-only: the manifest from the records of a complete job (refused while one is missing)."""
     out.mkdir(parents=True, exist_ok=True)
-    if check_job(out, None, job_options(cfg), rank, replace=False) is None:
+    if check_job(out, None, job_options(cfg, table), rank, replace=False) is None:
         raise UserError(f"{out}: no {JOB}; run without --merge-only first")
     return {"manifest": merge(cfg, out, names, rank, required=True), "images": 0}
 
@@ -630,10 +680,11 @@ def merge_only(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int)
 def run(cfg: EncodeLatentsConfig) -> dict:
     """Encode this rank's shards, then merge if complete. Returns a summary dict."""
     info = DistInfo.from_env()
+    table = bucket_table(cfg)
     out, urls, names = inputs(cfg)
     if cfg.merge_only:
-        return merge_only(cfg, out, names, info.rank)
-    job = prepare(cfg, info, out, urls, names)
+        return merge_only(cfg, out, names, info.rank, table)
+    job = prepare(cfg, info, out, urls, names, table)
     encode(job)
     return finish(job)
 

@@ -526,6 +526,11 @@ class DataDescription:
 def describe_data(manifest: dict | None) -> DataDescription:
     if manifest is None:
         return DataDescription()
+    table = (manifest.get("buckets") or {}).get("table") or []
+    if len(table) > 1:  # the per-step bucket draw (issue 33, trainer side) is not built yet
+        raise UserError(f"{manifest.get('_path', 'data.manifest')}: latents in {len(table)} aspect-ratio buckets "
+                        "(encode_latents.py --buckets) cannot be trained by this lct yet; encode without --buckets "
+                        "(or with a one-bucket table)")
     t = manifest.get("text") or {}
     return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
                            int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)

@@ -15,16 +15,19 @@ import functools
 import json
 import os
 import re
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lct.buckets import BucketTable, resize_crop
 from lct.data import die_with_parent
 from lct.errors import UserError
 from lct.shards import ShardError, tar_samples
-from lct.vae import open_image, preprocess_image_uint8
+from lct.vae import open_image, preprocess_image_uint8, to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -71,7 +74,19 @@ def sample_captions(meta: dict, txt: bytes | None, max_captions: int) -> tuple[l
     return caps[:max_captions], (None if caps else "missing_caption")
 
 
-def decode_input_sample(raw: dict, resolution: int, tokenizer, max_captions: int):
+@dataclass(frozen=True)
+class Decoding:
+    """How a worker turns a raw input sample into an item (picklable): a square `resolution`
+    (`lct.vae.preprocess_image_uint8`) or, with `buckets`, the image's aspect-ratio bucket
+    (`lct.buckets.resize_crop`)."""
+
+    resolution: int
+    tokenizer: Any
+    max_captions: int
+    buckets: BucketTable | None = None
+
+
+def decode_input_sample(raw: dict, dec: Decoding):
     """(item, None) or (None, skip reason) for one raw input sample."""
     meta = {}
     if raw.get("json") is not None:
@@ -84,26 +99,36 @@ def decode_input_sample(raw: dict, resolution: int, tokenizer, max_captions: int
     ext = next((e for e in IMAGE_EXTS if raw.get(e) is not None), None)
     if ext is None:
         return None, "missing_image"
-    captions, reason = sample_captions(meta, raw.get("txt"), max_captions)
+    captions, reason = sample_captions(meta, raw.get("txt"), dec.max_captions)
     if reason:
         return None, reason
+    item = {"key": raw["__key__"]}
     try:
-        image = preprocess_image_uint8(open_image(raw[ext]), resolution)
+        if dec.buckets is None:
+            item["image"] = preprocess_image_uint8(open_image(raw[ext]), dec.resolution)
+        else:
+            img = to_rgb(open_image(raw[ext]))
+            item["bucket"] = dec.buckets.assign(img.height, img.width)
+            item["image"], item["crop"] = resize_crop(img, dec.buckets.buckets[item["bucket"]])
     except Exception:  # PIL raises many kinds for corrupt, truncated or exotic files
         return None, "corrupt_image"
-    tokens = tokenizer(captions).numpy().astype(np.int32)
-    return {"key": raw["__key__"], "image": image, "tokens": tokens, "captions": captions, "meta": meta}, None
+    tokens = dec.tokenizer(captions).numpy().astype(np.int32)
+    return {**item, "tokens": tokens, "captions": captions, "meta": meta}, None
 
 
 def _identity(x):
     return x
 
 
-def shard_batches(jobs, resolution: int, tokenizer, max_captions: int, batch_size: int,
-                  worker: int = 0, workers: int = 1):
+def shard_batches(jobs, dec: Decoding, batch_size: int, worker: int = 0, workers: int = 1):
     """Batches of decoded samples of whole shards (shard j goes to worker j mod workers), in shard
     order, then an end marker per shard with its skip counts and read errors (`lct.shards`: a
-    shard without its end-of-archive marker is a read error; a repeated key is `duplicate_key`)."""
+    shard without its end-of-archive marker is a read error; a repeated key is `duplicate_key`).
+    Each item has its position among the shard's kept samples (`pos`). Square data: batches of
+    consecutive samples. Bucketed data: a batch holds one bucket's samples; a bucket's batch goes
+    out when full, or early once its oldest sample is `window` samples behind, so the writer,
+    which writes in input order, waits for at most about `window` samples."""
+    window = 4 * batch_size
     for j, (idx, url) in enumerate(jobs):
         if j % workers != worker:
             continue
@@ -113,37 +138,47 @@ def shard_batches(jobs, resolution: int, tokenizer, max_captions: int, batch_siz
         def count(reason, skipped=skipped):
             skipped[reason] = skipped.get(reason, 0) + 1
 
-        buf: list[dict] = []
-        seen = 0
+        bufs: dict[int, list[dict]] = {}  # by bucket (square data: one buffer)
+        seen = kept = 0
         try:
             for raw in tar_samples(open_url(url), on_duplicate=lambda key: count("duplicate_key")):
                 seen += 1
-                item, reason = decode_input_sample(raw, resolution, tokenizer, max_captions)
+                item, reason = decode_input_sample(raw, dec)
                 if reason:
                     count(reason)
                     continue
+                item["pos"] = kept
+                kept += 1
+                buf = bufs.setdefault(item.get("bucket", 0), [])
                 buf.append(item)
                 if len(buf) == batch_size:
-                    yield _batch(idx, buf)
-                    buf = []
+                    yield _batch(idx, bufs.pop(item.get("bucket", 0)))
+                while bufs:
+                    oldest = min(bufs, key=lambda b: bufs[b][0]["pos"])
+                    if kept - bufs[oldest][0]["pos"] < window:
+                        break
+                    yield _batch(idx, bufs.pop(oldest))
         except ShardError as err:  # the shard fails as a whole and is redone by a rerun
             errors.append(str(err))
-        if buf:
-            yield _batch(idx, buf)
+        for b in sorted(bufs, key=lambda b: bufs[b][0]["pos"]):
+            yield _batch(idx, bufs[b])
         yield {"shard": idx, "done": True, "skipped": skipped, "errors": errors, "seen": seen}
 
 
 def _batch(idx: int, items: list[dict]) -> dict:
-    return {"shard": idx, "done": False, "keys": [i["key"] for i in items],
-            "images": torch.stack([i["image"] for i in items]), "tokens": [i["tokens"] for i in items],
-            "captions": [i["captions"] for i in items], "meta": [i["meta"] for i in items]}
+    batch = {"shard": idx, "done": False, "keys": [i["key"] for i in items], "pos": [i["pos"] for i in items],
+             "images": torch.stack([i["image"] for i in items]), "tokens": [i["tokens"] for i in items],
+             "captions": [i["captions"] for i in items], "meta": [i["meta"] for i in items]}
+    if "bucket" in items[0]:
+        batch.update(bucket=items[0]["bucket"], crops=[i["crop"] for i in items])
+    return batch
 
 
 class ShardImages(IterableDataset):
     """The DataLoader's dataset: worker w of n decodes the shards j with j mod n == w."""
 
-    def __init__(self, jobs, resolution, tokenizer, max_captions, batch_size):
-        self.args = (jobs, resolution, tokenizer, max_captions, batch_size)
+    def __init__(self, jobs, dec: Decoding, batch_size: int):
+        self.args = (jobs, dec, batch_size)
 
     def __iter__(self):
         info = get_worker_info()
@@ -151,10 +186,10 @@ class ShardImages(IterableDataset):
         return shard_batches(*self.args, worker=w, workers=n)
 
 
-def make_loader(jobs, resolution, tokenizer, max_captions, batch_size, num_workers, pin_memory):
+def make_loader(jobs, dec: Decoding, batch_size: int, num_workers: int, pin_memory: bool):
     """A DataLoader over `jobs` [(index, url)] whose workers decode whole shards (and die with
     this process, however it dies: `lct.data.die_with_parent`)."""
     workers = min(num_workers, len(jobs))
     kw = {"prefetch_factor": 4, "worker_init_fn": functools.partial(die_with_parent, os.getpid())} if workers else {}
-    return DataLoader(ShardImages(jobs, resolution, tokenizer, max_captions, batch_size), batch_size=None,
+    return DataLoader(ShardImages(jobs, dec, batch_size), batch_size=None,
                       num_workers=workers, collate_fn=_identity, pin_memory=pin_memory, **kw)

@@ -10,11 +10,13 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 
+from lct.buckets import CROP_BINS, BucketTable
 from lct.errors import UserError
-from lct.latents import FP16_MAX, JOB, StatsAccumulator, write_shard_record
+from lct.latents import FP16_MAX, JOB, ChannelStats, StatsAccumulator, write_shard_record
 from lct.shards import ShardError, tar_samples
 
 
@@ -39,10 +41,13 @@ def to_fp16(t, what: str, name: str, keys: list[str]):
 class ShardWriter:
     """One output shard, written under its lock (`records/<name>.lock`, `lct.shards.FileLock`) to a
     temporary file of this process (`<name>.tar.<host>-<pid>.tmp`), read back and checked, renamed
-    to `<name>.tar`, then recorded; the lock is released and removed last."""
+    to `<name>.tar`, then recorded; the lock is released and removed last. Samples are written in
+    input order: one that arrives ahead of an earlier one (bucketed batches) waits for it.
+    Bucketed data (`buckets`): per-bucket channel statistics, and the record lists each sample's
+    bucket, the count per bucket and the crop fractions."""
 
     def __init__(self, out: Path, name: str, url: str, latent_shape, job_id: str, lock, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, buckets: BucketTable | None = None):
         self.out, self.name, self.url, self.job_id, self.lock = out, name, url, job_id, lock
         self.rank, self.world = rank, world
         self.final = out / f"{name}.tar"
@@ -51,7 +56,11 @@ class ShardWriter:
         self.tmp = out / f"{name}.tar.{socket.gethostname()}-{os.getpid()}.tmp"
         self.stream = open(self.tmp, "wb")
         self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0, user="lct", group="lct", mode=0o644)
-        self.stats = StatsAccumulator(latent_shape)
+        self.buckets = buckets
+        self.stats = ChannelStats(len(buckets), latent_shape[0]) if buckets else StatsAccumulator(latent_shape)
+        self.sample_buckets: list[int] = []
+        self.crops: list[float] = []
+        self.waiting: dict[int, tuple] = {}  # position -> a sample that arrived before an earlier one
         self.keys: list[str] = []
         self.text_bytes = 0
         self.fallbacks = 0
@@ -60,9 +69,22 @@ class ShardWriter:
     def count(self) -> int:
         return len(self.keys)
 
-    def add(self, members: dict, mean16, std16) -> None:
+    def add(self, members: dict, mean16, std16, pos: int | None = None, bucket: int | None = None,
+            crop: float | None = None) -> None:
+        """The sample at position `pos` of the shard's kept samples (default: the next one); it is
+        written once every earlier one is."""
+        self.waiting[self.count + len(self.waiting) if pos is None else pos] = (members, mean16, std16, bucket, crop)
+        while self.count in self.waiting:
+            self._write(*self.waiting.pop(self.count))
+
+    def _write(self, members: dict, mean16, std16, bucket: int | None, crop: float | None) -> None:
         self.writer.write(members)
-        self.stats.add(mean16, std16)
+        if self.buckets is not None:
+            self.stats.add(bucket, mean16, std16)
+            self.sample_buckets.append(bucket)
+            self.crops.append(crop)
+        else:
+            self.stats.add(mean16, std16)
         self.keys.append(members["__key__"])
         self.text_bytes += len(members.get("states.npy", b"")) + len(members.get("pooled.npy", b""))
         self.lock.heartbeat()
@@ -70,6 +92,21 @@ class ShardWriter:
     def flush(self) -> None:
         """Push the bytes written so far to the temporary file (what a kill leaves behind)."""
         self.stream.flush()
+
+    def bucket_record(self) -> dict:
+        """The record's bucket fields: counts per bucket, each sample's bucket, crop sums."""
+        names = self.buckets.names
+        counts = np.bincount(np.asarray(self.sample_buckets, dtype=np.int64), minlength=len(names))
+        crop_sum = np.zeros(len(names))
+        hist = [0] * (len(CROP_BINS) + 1)
+        for b, c in zip(self.sample_buckets, self.crops):
+            crop_sum[b] += c
+            hist[next((i for i, e in enumerate(CROP_BINS) if c <= e), len(CROP_BINS))] += 1
+        return {"bucket_counts": {n: int(k) for n, k in zip(names, counts) if k},
+                "sample_buckets": list(self.sample_buckets),
+                "crop": {"edges": list(CROP_BINS), "counts": hist, "sum": float(sum(self.crops)),
+                         "max": float(max(self.crops, default=0.0)),
+                         "bucket_sum": {n: float(v) for n, v, k in zip(names, crop_sum, counts) if k}}}
 
     def abort(self) -> None:
         try:
@@ -103,6 +140,11 @@ class ShardWriter:
                "skipped": dict(sorted(skipped.items())), "text_state_bytes": self.text_bytes,
                "fp32_fallback_batches": self.fallbacks, "job": self.job_id, "rank": self.rank,
                "world_size": self.world}
+        if self.waiting:
+            raise RuntimeError(f"shard {self.name}: samples at positions {sorted(self.waiting)[:3]} arrived but "
+                               f"position {self.count} never did")
+        if self.buckets is not None:
+            rec.update(self.bucket_record())
         if self.count == 0:
             self.writer.close()
             self.stream.close()

@@ -51,6 +51,7 @@ class Stream(enum.IntEnum):
     VAE_HELDOUT = 17      # data_prep/train_vae.py: the held-out split
     EVAL_INIT = 18        # eval/clip_fid.py: the torch generator while the pipeline is built
     BENCH = 19            # bench/ scripts' own synthetic inputs
+    SHAPES_CANVAS = 20    # data_prep/make_shapes.py --aspects: the canvas of sample i of a split
 
 
 # The fields of each stream, in key order (documentation and an arity check).
@@ -74,6 +75,7 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.VAE_HELDOUT: ("seed",),
     Stream.EVAL_INIT: ("seed",),
     Stream.BENCH: ("seed", "part", "index"),
+    Stream.SHAPES_CANVAS: ("seed", "split", "index"),
 }
 
 _U32, _U64 = 1 << 32, 1 << 64
