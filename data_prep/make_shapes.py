@@ -159,16 +159,15 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
             for i in range(first, last):
                 key = _key(s, i - first, width)
                 spec, caps = shapes.make_spec(seed, split, i, num_captions)
-                width, height = sample_canvas(seed, split, i, size, aspects)
+                cw, ch = sample_canvas(seed, split, i, size, aspects)
                 meta = {"key": key, "caption": caps[0], "captions": caps, "spec": spec.to_dict(),
-                        "seed": [seed, shapes.SPLITS[split], i], "split": split,
-                        "width": width, "height": height}
+                        "seed": [seed, shapes.SPLITS[split], i], "split": split, "width": cw, "height": ch}
                 lines.append(caps[0])
                 records.append({k: meta[k] for k in ("key", "caption", "captions", "spec")})
                 if aspects:
-                    records[-1]["canvas"] = [width, height]
+                    records[-1]["canvas"] = [cw, ch]
                 if writer is not None:
-                    img = shapes.render(spec, size if not aspects else (width, height))
+                    img = shapes.render(spec, size if not aspects else (cw, ch))
                     writer.write({"__key__": key, "png": _png_bytes(img), "txt": caps[0].encode(),
                                   "json": json.dumps(meta, sort_keys=True).encode()})
                     bar.update(1)

@@ -21,9 +21,9 @@ width, ties to the first in table order: PixArt's `get_closest_ratio`
 Geometry (`cover_crop`, `resize_crop`), as PixArt's multi-scale training data
 (`InternalDataMS.getdata`: `T.Resize(resize_size, BICUBIC)` then `T.CenterCrop(closest_size)`):
 scale the image by s = max(H / h, W / w) so that it covers the H x W bucket, the other side
-truncated to an integer (computed in integers here: PixArt's float `int(w * H / h)` can fall one
-pixel short when the ratio is exact, and torchvision would then pad with black), resize with PIL
-bicubic, then crop the centre with torchvision's `center_crop` offsets (`round((h' - H) / 2)`,
+truncated to an integer (in integer arithmetic here; PixArt's float `int(w * H / h)` gives the
+same for sides below 2^26), resize with PIL bicubic (what torchvision's `Resize` does to a PIL
+image), then crop the centre with torchvision's `center_crop` (offsets `round((h' - H) / 2)`,
 `round((w' - W) / 2)`). The crop fraction is the share of the resized image's area cut off,
 1 - H W / (h' w').
 """
@@ -138,7 +138,8 @@ def _from_file(path: Path) -> BucketTable:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{flag}: cannot read the bucket table ({type(err).__name__}: {str(err)[:120]})") from None
+        detail = " ".join(str(err).split())[:160]
+        raise UserError(f"{flag}: cannot read the bucket table ({type(err).__name__}: {detail})") from None
     if isinstance(data, dict):
         data = data.get("buckets")
     pairs = []

@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT
 from helpers_data import (TINY_TEXT_MODEL, cut_points, expected_keys, make_image_shards, make_tiny_vae,
-                          hold_lock, read_latent_dir, tar_members, tiny_encode_args, write_tar)
+                          hold_lock, read_latent_dir, run_forked, tar_members, tiny_encode_args, write_tar)
 from lct.errors import UserError
 
 SCRIPT = str(ROOT / "data_prep" / "encode_latents.py")
@@ -196,35 +196,6 @@ def test_fp16_range_error_names_the_sample():
 # ----------------------------------------------------------------------------------------------
 # Resume, ranks, CLI
 # ----------------------------------------------------------------------------------------------
-
-
-def run_forked(argv, envs: list[dict], timeout: float = 120) -> list[int]:
-    """Run encode_latents' main in forked child processes, one per env dict, concurrently (no
-    import cost; each is an independent process reading its own RANK/WORLD_SIZE); returns their
-    exit codes."""
-    import multiprocessing as mp
-
-    def target(env):
-        os.environ.update(env)
-        torch.set_num_threads(1)
-        try:
-            code = encode(argv)
-        except BaseException as err:
-            print(f"forked encode_latents failed: {err!r}", file=sys.stderr, flush=True)
-            os._exit(1)
-        os._exit(code or 0)
-
-    procs = [mp.get_context("fork").Process(target=target, args=(env,)) for env in envs]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-            raise AssertionError("forked encode_latents timed out")
-    return [p.exitcode for p in procs]
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
