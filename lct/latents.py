@@ -32,6 +32,7 @@ summed over every position, float64, added sample by sample in shard order (`Cha
 merged in sorted shard order, then over the buckets in table order. The manifest's `buckets`
 holds the table (name, size, ratio key, latent shape), `counts` per bucket, the crop summary,
 and each shard entry its `bucket_counts` and `sample_buckets` (bucket index per sample, in order).
+Its format is `lct-latents/2`, so an lct that reads only square data refuses it in one line.
 
 Output directory of `data_prep/encode_latents.py`:
 
@@ -68,6 +69,7 @@ from lct.files import atomic_file, write_json
 from lct.shards import tar_samples
 
 FORMAT = "lct-latents/1"
+FORMAT_BUCKETED = "lct-latents/2"  # --buckets: per-bucket shapes and statistics (an older lct refuses it in one line)
 MANIFEST = "manifest.json"
 JOB = "job.json"
 RECORDS = "records"
@@ -499,7 +501,7 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
     text_bytes = sum(int(r.get("text_state_bytes") or 0) for r in records.values())
     manifest = dict(header)
     manifest.update({
-        "format": FORMAT,
+        "format": FORMAT_BUCKETED if bucketed else FORMAT,
         "num_samples": n_samples,
         "num_shards": sum(1 for s in shards if s["file"]),
         "skipped": dict(sorted(skipped.items())),
@@ -574,8 +576,8 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     if not (isinstance(fmt, str) and fmt.startswith("lct-latents/")):
         raise UserError(f"{s}: not a latent manifest (format {fmt!r}); point at the output of "
                         "data_prep/encode_latents.py")
-    if fmt != FORMAT:
-        raise UserError(f"{s}: latent format {fmt} is not supported by this lct (reads {FORMAT}); "
+    if fmt not in (FORMAT, FORMAT_BUCKETED):
+        raise UserError(f"{s}: latent format {fmt} is not supported by this lct (reads {FORMAT}, {FORMAT_BUCKETED}); "
                         "re-encode the data or update lct")
     missing = [k for k in ("latent_shape", "stats", "vae", "text") if k not in m]
     if missing:

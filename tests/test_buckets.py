@@ -19,6 +19,7 @@ from conftest import ROOT
 from helpers_data import make_tiny_vae, read_latent_dir, run_forked, square_golden_inputs, tiny_encode_args
 from lct.buckets import PIXART_TABLES, Bucket, BucketTable, cover_crop, load_table, resize_crop
 from lct.errors import UserError
+from lct.latents import load_manifest
 
 GOLDEN = ROOT / "tests" / "data" / "square_golden.json"
 ASPECTS = [(5, 3), (1, 1), (3, 5)]
@@ -255,6 +256,8 @@ def test_bucketed_manifest_records(aspect_data):
     assert b["most_common"] == max(want, key=lambda n: (want[n], -list(want).index(n)))
     assert b["crop"]["max"] == 0.0 and b["crop"]["share"]["<= 0"] == 1.0  # canvases of the buckets' ratios
     assert m["latent_shape"] == [4, 8, 8] and m["resolution"] == 32 and m["options"]["buckets"]["source"] == "shapes_32"
+    assert m["format"] == "lct-latents/2"  # an lct without buckets refuses it in one line instead of misreading it
+    assert load_manifest(out)["buckets"]["counts"] == b["counts"]
     assert m["preprocess"].startswith("RGB, the bucket of nearest aspect ratio")
     samples = read_latent_dir(out)
     names = [t["name"] for t in b["table"]]
