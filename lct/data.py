@@ -24,8 +24,8 @@ statistics (SPEC 7), and the OT coupling
 Checks: `train_shard_urls` holds `data.shards` against the manifest's shard list (missing or
 resized shards are refused, unlisted tars left out with a warning). Every sample is read with
 `lct.shards` (a shard cut short is `unreadable_shard`) and checked against the manifest's
-`SampleLayout` before any draw, so a wrong shape is never broadcast and a NaN never reaches the
-OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
+`SampleLayout` before any draw (bucketed data: each sample against its own bucket's latent
+shape), so a wrong shape is never broadcast and a NaN never reaches the OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
 `skipped`, summed by `SkipTally` for stats.jsonl) and named once. Shards without any usable
 sample raise the same `UserError` in both modes (stream mode would otherwise resample forever).
 """
