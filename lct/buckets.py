@@ -159,7 +159,7 @@ def _from_file(path: Path) -> BucketTable:
             raise UserError(f"{flag}: buckets {seen[b.ratio]} and {b.name} have the same aspect ratio; a table "
                             "holds one size per ratio")
         seen[b.ratio] = b.name
-    return BucketTable(buckets, str(path))
+    return BucketTable(buckets, str(path.resolve()))  # a rerun from another folder is the same job
 
 
 def load_table(spec: str) -> BucketTable:
