@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lct import consistency as C  # noqa: E402
-from lct.rng import philox  # noqa: E402
+from lct.rng import Stream, philox  # noqa: E402
 
 
 def ict_stages(s0: int = 10, s1: int = 1280) -> list[dict]:
@@ -128,7 +128,7 @@ def load_data(latents: str | None, pipe, num: int, seed: int) -> tuple[torch.Ten
     first captions; without `latents`, N(0, 0.5^2) latents and empty captions."""
     shape = tuple(pipe.latent_shape)
     if latents is None:
-        g = philox(seed, 0)
+        g = philox(Stream.BENCH, seed, 0, 0)
         return torch.from_numpy(0.5 * g.standard_normal((num, *shape), dtype=np.float32)), [""] * num
     from lct.data import InMemoryLatents, expand_urls
 
@@ -139,7 +139,7 @@ def load_data(latents: str | None, pipe, num: int, seed: int) -> tuple[torch.Ten
     norm = pipeline_latent_norm(pipe)
     xs, caps = [], []
     for i, smp in enumerate(samples):
-        eps = philox(seed, 1, i).standard_normal(smp["mean"].shape, dtype=np.float32)
+        eps = philox(Stream.BENCH, seed, 1, i).standard_normal(smp["mean"].shape, dtype=np.float32)
         xs.append(norm.normalize(smp["mean"].astype(np.float32) + smp["std"].astype(np.float32) * eps))
         caps.append((smp.get("captions") or [""])[0])
     return torch.from_numpy(np.stack(xs)).float(), caps
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         method = dict((pipe.training_record or {})["method"])
         net = pipe.transformer.to(device).eval()
         x, caps = load_data(args.latents, pipe, args.num, args.seed)
-        z = torch.from_numpy(philox(args.seed, 2).standard_normal(tuple(x.shape), dtype=np.float32))
+        z = torch.from_numpy(philox(Stream.BENCH, args.seed, 2, 0).standard_normal(tuple(x.shape), dtype=np.float32))
         cond = {}
         if pipe.transformer.config.cond == "text":
             states, mask, pooled = pipe.encode_prompt(caps, "cpu")[:3]

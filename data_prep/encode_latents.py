@@ -3,6 +3,7 @@
     python data_prep/encode_latents.py --input 'data/coco/{00000..00008}.tar' --output data/coco-lat \\
         --vae /models/sd-vae-ft-ema --resolution 256 --text-model ViT-B-32 \\
         --text-pretrained /models/open_clip_vit_b32_laion2b.bin [--flip] [--text-states]
+    python data_prep/encode_latents.py ... --buckets pixart_512          # aspect-ratio buckets
     torchrun --nproc-per-node 8 data_prep/encode_latents.py ...        # one process per GPU
     python data_prep/encode_latents.py ... --merge-only                  # re-merge manifest.json
 
@@ -23,6 +24,14 @@ image (`--flip`), and with `--text-states` the fp16 token states [K,L,D] and poo
 VAE precision: fp32 (TF32 matmuls/convolutions on GPU) by default; `--precision bf16|fp16` runs
 the VAE in half precision and re-encodes a batch in fp32 when it produces a non-finite value
 (counted as `fp32_fallback_batches`).
+
+Aspect-ratio buckets (`--buckets NAME|FILE`, `lct.buckets`): instead of the square crop, each
+image goes to the bucket of the table whose aspect ratio is nearest to its own, is resized
+(bicubic) to cover it and centre-cropped (PixArt's multi-scale data), and its latents are stored
+at that bucket's shape; flips, text and every check are as above. The sample's json names its
+bucket and crop fraction; the records and the manifest hold the table, the counts per bucket,
+each sample's bucket and a crop summary (`lct.latents`: "Bucketed data"); statistics are per
+channel. A worker batches samples of one bucket; the writer keeps the input order.
 
 Output (`--output DIR`): `<name>.tar` for input shard `<name>.tar|.tar.gz|.tgz` with the input's
 keys in the input's order; `records/<name>.json` + `records/<name>.stats.npz` per shard (float64
@@ -69,20 +78,36 @@ same way but is never recorded: fix or remove it and re-run.
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo root, not this folder, first on sys.path
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import hashlib
+import copy
 import json
-import os
-import re
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.utils.data import IterableDataset, get_worker_info
+import numpy as np
+import torch
+from tqdm import tqdm
 
+from lct import dist
 from lct.config import EncodeLatentsConfig, cli_config
+from lct.data import existing_shards
 from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main
-from lct.files import output_dir_problem
+from lct.faults import Faults
+from lct.files import atomic_file, output_dir_problem
+from lct.hf_text import HFTextEncoder
+from lct.hub import resolve_pretrained
+from lct.buckets import BucketTable, load_table
+from lct.image_shards import Decoding, make_loader, shard_name
+from lct.latent_writer import ShardWriter, fp16_problem, job_digest
+from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, encode_latent_sample, merge_manifest,
+                         read_shard_record, record_paths, write_json_atomic)
+from lct.shards import FileLock
+from lct.text import RANDOM, TOWER_DIR, TextEncoder, check_text_source, is_random
+from lct.vae import (check_vae_source, downsample_factor, encode_posterior, latent_shape, load_vae, to_unit_range,
+                     vae_source, vae_summary)
 
 DESCRIPTION = (
     "Encode img2dataset-style webdataset shards ({key}.jpg|png|webp + .txt/.json captions) into latent shards: "
@@ -92,172 +117,16 @@ DESCRIPTION = (
     "SLURM_NTASKS; rank r takes shards r, r+W, ...). Resumable: complete shards (records/<name>.json) are "
     "skipped, partial ones redone. Corrupt images and caption-less samples are skipped and counted; an input "
     "shard without any sample fails the job after the others (or is recorded with --skip-empty-shards). "
-    "--text-pretrained random saves a seeded random text tower in OUTPUT/text_tower/.")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CRASH_ENV = "LCT_TEST_CRASH_AFTER_SHARDS"  # test hook: die mid-shard after this many shards
+    "--text-pretrained random saves a seeded random text tower in OUTPUT/text_tower/. --buckets puts each image "
+    "into the aspect-ratio bucket nearest to its own (PixArt's tables or a YAML list of [height, width]).")
 PREPROCESS = ("RGB, center crop of the long edge, PIL bicubic resize, x/127.5-1 (lct.vae.preprocess_image); "
               "no EXIF rotation")
+PREPROCESS_BUCKETS = ("RGB, the bucket of nearest aspect ratio, PIL bicubic resize to cover it, centre crop, x/127.5-1 "
+                      "(lct.buckets.resize_crop); no EXIF rotation")
 
 
 # ----------------------------------------------------------------------------------------------
-# Shard lists and names
-# ----------------------------------------------------------------------------------------------
-
-
-def open_url(url: str) -> str:
-    """The URL webdataset opens (s3:// through the aws CLI)."""
-    return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
-
-
-def shard_name(url: str) -> str:
-    """Output name of an input shard: its basename without .tar/.tar.gz/.tgz."""
-    s = url
-    if s.startswith("pipe:"):
-        words = s[5:].split()
-        tars = [w for w in words if re.search(r"\.(tar|tgz|tar\.gz)$", w)]
-        s = tars[-1] if tars else (words[-1] if words else "")
-    if "://" in s:
-        from urllib.parse import urlparse
-
-        s = urlparse(s).path
-    base = os.path.basename(s.rstrip("/"))
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-            break
-    if not base or base.startswith("."):
-        raise UserError(f"--input: cannot name an output shard after {url!r}")
-    return base
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and preprocessing (DataLoader workers)
-# ----------------------------------------------------------------------------------------------
-
-
-def sample_captions(meta: dict, txt: bytes | None, max_captions: int) -> tuple[list[str], str | None]:
-    """(captions, None) of an img2dataset sample: json `captions`, else json `caption`, else the
-    txt; whitespace is normalised, empty ones dropped, the first `max_captions` kept. Without a
-    caption: ([], "missing_caption"), or ([], "caption_not_utf8") when the txt is not UTF-8."""
-    def clean(caps):
-        return [c for c in (" ".join(x.split()) for x in caps if isinstance(x, str)) if c]
-
-    caps = clean(meta.get("captions")) if isinstance(meta.get("captions"), list) else []
-    if not caps and isinstance(meta.get("caption"), str):
-        caps = clean([meta["caption"]])
-    if not caps and txt is not None:
-        try:
-            caps = clean([txt.decode("utf-8")])
-        except UnicodeDecodeError:
-            return [], "caption_not_utf8"
-    return caps[:max_captions], (None if caps else "missing_caption")
-
-
-def decode_input_sample(raw: dict, resolution: int, tokenizer, max_captions: int):
-    """(item, None) or (None, skip reason) for one raw input sample."""
-    import numpy as np
-
-    from lct.vae import open_image, preprocess_image_uint8
-
-    meta = {}
-    if raw.get("json") is not None:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:  # includes UnicodeDecodeError
-            meta = {}
-        if not isinstance(meta, dict):
-            meta = {"value": meta}
-    ext = next((e for e in IMAGE_EXTS if raw.get(e) is not None), None)
-    if ext is None:
-        return None, "missing_image"
-    captions, reason = sample_captions(meta, raw.get("txt"), max_captions)
-    if reason:
-        return None, reason
-    try:
-        image = preprocess_image_uint8(open_image(raw[ext]), resolution)
-    except Exception:  # PIL raises many kinds for corrupt, truncated or exotic files
-        return None, "corrupt_image"
-    tokens = tokenizer(captions).numpy().astype(np.int32)
-    return {"key": raw["__key__"], "image": image, "tokens": tokens, "captions": captions, "meta": meta}, None
-
-
-def _identity(x):
-    return x
-
-
-def shard_batches(jobs, resolution: int, tokenizer, max_captions: int, batch_size: int,
-                  worker: int = 0, workers: int = 1):
-    """Batches of decoded samples of whole shards (shard j goes to worker j mod workers), in shard
-    order, then an end marker per shard with its skip counts and read errors (`lct.shards`: a
-    shard without its end-of-archive marker is a read error; a repeated key is `duplicate_key`)."""
-    import torch
-
-    from lct.shards import ShardError, tar_samples
-
-    for j, (idx, url) in enumerate(jobs):
-        if j % workers != worker:
-            continue
-        skipped: dict[str, int] = {}
-        errors: list[str] = []
-
-        def count(reason, skipped=skipped):
-            skipped[reason] = skipped.get(reason, 0) + 1
-
-        buf: list[dict] = []
-        seen = 0
-        try:
-            for raw in tar_samples(open_url(url), on_duplicate=lambda key: count("duplicate_key")):
-                seen += 1
-                item, reason = decode_input_sample(raw, resolution, tokenizer, max_captions)
-                if reason:
-                    count(reason)
-                    continue
-                buf.append(item)
-                if len(buf) == batch_size:
-                    yield _batch(idx, buf, torch)
-                    buf = []
-        except ShardError as err:  # the shard fails as a whole and is redone by a rerun
-            errors.append(str(err))
-        if buf:
-            yield _batch(idx, buf, torch)
-        yield {"shard": idx, "done": True, "skipped": skipped, "errors": errors, "seen": seen}
-
-
-def _batch(idx: int, items: list[dict], torch) -> dict:
-    return {"shard": idx, "done": False, "keys": [i["key"] for i in items],
-            "images": torch.stack([i["image"] for i in items]), "tokens": [i["tokens"] for i in items],
-            "captions": [i["captions"] for i in items], "meta": [i["meta"] for i in items]}
-
-
-class ShardImages(IterableDataset):
-    """The DataLoader's dataset: worker w of n decodes the shards j with j mod n == w."""
-
-    def __init__(self, jobs, resolution, tokenizer, max_captions, batch_size):
-        self.args = (jobs, resolution, tokenizer, max_captions, batch_size)
-
-    def __iter__(self):
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
-        return shard_batches(*self.args, worker=w, workers=n)
-
-
-def make_loader(jobs, resolution, tokenizer, max_captions, batch_size, num_workers, pin_memory):
-    """A DataLoader over `jobs` [(index, url)] whose workers decode whole shards (and die with
-    this process, however it dies: `lct.data.die_with_parent`)."""
-    import functools
-
-    from torch.utils.data import DataLoader
-
-    from lct.data import die_with_parent
-
-    workers = min(num_workers, len(jobs))
-    kw = {"prefetch_factor": 4, "worker_init_fn": functools.partial(die_with_parent, os.getpid())} if workers else {}
-    return DataLoader(ShardImages(jobs, resolution, tokenizer, max_captions, batch_size), batch_size=None,
-                      num_workers=workers, collate_fn=_identity, pin_memory=pin_memory, **kw)
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding and writing (main process)
+# Encoding (main process); reading is lct.image_shards (DataLoader workers), writing lct.latent_writer
 # ----------------------------------------------------------------------------------------------
 
 
@@ -265,10 +134,6 @@ class Encoder:
     """VAE (fp32, or half with an fp32 fallback per batch) and the text tower on one device."""
 
     def __init__(self, vae, text, device, precision: str):
-        import copy
-
-        import torch
-
         self.vae, self.text, self.device = vae, text, device
         self.trimmed = getattr(text, "kind", "open_clip") != "open_clip"  # transformers towers: trimmed states
         self.half = None
@@ -284,17 +149,12 @@ class Encoder:
 
     def posterior(self, images, fp32: bool = False):
         """(mean, std) fp32 of images in [-1, 1], queued on the device (no host sync)."""
-        from lct.vae import encode_posterior
-
         return encode_posterior(self.vae if (fp32 or self.half is None) else self.half, images)
 
     def text_states(self, tokens: list, chunk: int = 256):
         """(states [N,L,D], pooled [N,P] or None) fp32 of the captions' tokens [K_i, L] of a batch.
         Transformers towers (`trimmed`): states [N,n,D] up to the batch's longest caption (the
         later positions are padding), pooled None where the tower has none (T5)."""
-        import numpy as np
-        import torch
-
         flat = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
         states, pooled = [], []
         for s in range(0, flat.shape[0], chunk):
@@ -309,143 +169,8 @@ class Encoder:
 
 def real_lengths(text, tokens):
     """Per caption, the number of positions up to its last real token (mask is a prefix)."""
-    import torch
-
     mask = torch.as_tensor(text.mask(torch.as_tensor(tokens).long()))
     return torch.where(mask.any(-1), mask.shape[-1] - mask.flip(-1).int().argmax(-1), torch.zeros_like(mask[:, 0], dtype=torch.long))
-
-
-def fp16_problem(t, what: str, name: str, keys: list[str]) -> UserError:
-    """The error for a tensor holding a value that float16 cannot (names the first such sample)."""
-    import torch
-
-    from lct.latents import FP16_MAX
-
-    bad = (~torch.isfinite(t) | (t.abs() > FP16_MAX)).reshape(t.shape[0], -1).any(dim=1)
-    row = int(bad.nonzero()[0, 0]) if bad.any() else 0
-    finite = t[torch.isfinite(t)]
-    big = float(finite.abs().max()) if finite.numel() else float("nan")
-    return UserError(f"shard {name}: sample {keys[row]}: {what} is not finite or outside the float16 "
-                     f"range (max |x| {big:.4g} > {FP16_MAX:.0f}); it cannot be stored as float16 "
-                     "(try --precision fp32, or another VAE)")
-
-
-def to_fp16(t, what: str, name: str, keys: list[str]):
-    """float16 numpy of a tensor; a value outside the fp16 range is an error naming the sample."""
-    import torch
-
-    from lct.latents import FP16_MAX
-
-    if (~torch.isfinite(t) | (t.abs() > FP16_MAX)).any():
-        raise fp16_problem(t, what, name, keys)
-    return t.to(torch.float16).cpu().numpy()
-
-
-class ShardWriter:
-    """One output shard, written under its lock (`records/<name>.lock`, `lct.shards.FileLock`) to a
-    temporary file of this process (`<name>.tar.<host>-<pid>.tmp`), read back and checked, renamed
-    to `<name>.tar`, then recorded; the lock is released and removed last."""
-
-    def __init__(self, out: Path, name: str, url: str, latent_shape, job_id: str, lock, rank: int = 0,
-                 world: int = 1):
-        import socket
-
-        import webdataset as wds
-
-        from lct.latents import StatsAccumulator
-
-        self.out, self.name, self.url, self.job_id, self.lock = out, name, url, job_id, lock
-        self.rank, self.world = rank, world
-        self.final = out / f"{name}.tar"
-        for old in out.glob(f"{name}.tar.*tmp"):  # left by a dead writer (we hold the lock)
-            old.unlink(missing_ok=True)
-        self.tmp = out / f"{name}.tar.{socket.gethostname()}-{os.getpid()}.tmp"
-        self.stream = open(self.tmp, "wb")
-        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0, user="lct", group="lct", mode=0o644)
-        self.stats = StatsAccumulator(latent_shape)
-        self.keys: list[str] = []
-        self.text_bytes = 0
-        self.fallbacks = 0
-
-    @property
-    def count(self) -> int:
-        return len(self.keys)
-
-    def add(self, members: dict, mean16, std16) -> None:
-        self.writer.write(members)
-        self.stats.add(mean16, std16)
-        self.keys.append(members["__key__"])
-        self.text_bytes += len(members.get("states.npy", b"")) + len(members.get("pooled.npy", b""))
-        self.lock.heartbeat()
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            self.stream.close()
-            self.tmp.unlink(missing_ok=True)
-            self.lock.release()
-
-    def verify(self) -> str:
-        """Read the closed temporary file back: every key once, in order, then the end-of-archive
-        marker. Returns its sha256."""
-        import hashlib
-
-        from lct.shards import ShardError, tar_samples
-
-        keys, dups = [], []
-        try:
-            keys = [s["__key__"] for s in tar_samples(str(self.tmp), on_duplicate=dups.append)]
-        except ShardError as err:
-            raise UserError(f"shard {self.name}: the file just written does not read back ({err}); is the "
-                            f"disk of --output {self.out} full or failing?") from None
-        if keys != self.keys or dups:
-            raise UserError(f"shard {self.name}: the file just written holds {len(keys)} samples, "
-                            f"{len(self.keys)} were written; another process may be writing to --output {self.out}")
-        h = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    def commit(self, skipped: dict, seen: int, record_empty: bool) -> dict | None:
-        """Close, check and rename; write the record. Returns it (None for an unrecorded empty shard)."""
-        from lct.latents import write_shard_record
-
-        rec = {"name": self.name, "input": self.url, "samples": self.count, "read": seen,
-               "skipped": dict(sorted(skipped.items())), "text_state_bytes": self.text_bytes,
-               "fp32_fallback_batches": self.fallbacks, "job": self.job_id, "rank": self.rank,
-               "world_size": self.world}
-        if self.count == 0:
-            self.writer.close()
-            self.stream.close()
-            self.tmp.unlink(missing_ok=True)
-            if record_empty and self.lock.still_held():
-                rec.update(file=None, bytes=0, empty=True)
-                write_shard_record(self.out, self.name, rec, None)
-            self.lock.release(remove=record_empty)
-            return rec if record_empty else None
-        self.writer.close()
-        self.stream.flush()
-        os.fsync(self.stream.fileno())
-        self.stream.close()
-        try:
-            digest = self.verify()
-            if current_job(self.out) != self.job_id:
-                raise UserError(f"shard {self.name}: {self.out}/job.json was replaced by a job with other settings "
-                                "while this one ran; not recorded (run one job per --output at a time)")
-            if not self.lock.still_held():
-                raise UserError(f"shard {self.name}: lost its lock {self.lock.path} to "
-                                f"{self.lock.describe(self.lock._read())} while writing; not recorded here")
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            self.lock.release()
-            raise
-        os.replace(self.tmp, self.final)
-        rec.update(file=self.final.name, bytes=self.final.stat().st_size, sha256=digest, empty=False)
-        write_shard_record(self.out, self.name, rec, self.stats)
-        self.lock.release(remove=True)
-        return rec
 
 
 WHAT = {"mean": "the posterior mean", "std": "the posterior std", "states": "a text token state",
@@ -454,10 +179,6 @@ WHAT = {"mean": "the posterior mean", "std": "the posterior std", "states": "a t
 
 def _to_host(enc: Encoder, tensors: dict) -> dict:
     """Queue the device-to-host copies: fp16 values and per-row non-finite / out-of-range flags."""
-    import torch
-
-    from lct.latents import FP16_MAX
-
     nb = enc.device.type == "cuda"
     out: dict = {"dev": tensors, "half": {}, "nonfinite": {}, "bad": {}}
     for k, t in tensors.items():
@@ -471,10 +192,6 @@ def _to_host(enc: Encoder, tensors: dict) -> dict:
 
 def launch_batch(enc: Encoder, item: dict, w: "ShardWriter", flip: bool, text_states: bool) -> dict:
     """Queue the device work of one batch (VAE, text tower, fp16 casts, copies); no host sync."""
-    import torch
-
-    from lct.vae import to_unit_range
-
     x = to_unit_range(item["images"].to(enc.device, non_blocking=True))
     if flip:
         x = torch.cat([x, x.flip(-1)])
@@ -494,12 +211,6 @@ def launch_batch(enc: Encoder, item: dict, w: "ShardWriter", flip: bool, text_st
 def finish_batch(enc: Encoder, p: dict) -> int:
     """Wait for a launched batch, check it (a half-precision batch with a non-finite value is
     re-encoded in fp32; values must fit float16) and write its samples. Returns their number."""
-    import torch
-
-    import numpy as np
-
-    from lct.latents import encode_latent_sample
-
     if "event" in p:
         p["event"].synchronize()
     item, w = p["item"], p["w"]
@@ -533,9 +244,11 @@ def finish_batch(enc: Encoder, p: dict) -> int:
             extra.update(states=np.ascontiguousarray(states))
             if "pooled" in h:
                 extra.update(pooled=h["pooled"][offsets[i]:offsets[i + 1]])
+        if "bucket" in item:
+            extra.update(bucket=w.buckets.names[item["bucket"]], crop=item["crops"][i])
         members = encode_latent_sample(key, mean=h["mean"][i], std=h["std"][i], tokens=item["tokens"][i],
                                        captions=item["captions"][i], meta=item["meta"][i], **extra)
-        w.add(members, h["mean"][i], h["std"][i])
+        w.add(members, h["mean"][i], h["std"][i], item["pos"][i], item.get("bucket"), extra.get("crop"))
     return b
 
 
@@ -544,14 +257,11 @@ def finish_batch(enc: Encoder, p: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def job_options(cfg: EncodeLatentsConfig) -> dict:
+def job_options(cfg: EncodeLatentsConfig, table: BucketTable | None = None) -> dict:
     """The settings a rerun must repeat (checked before any model is loaded)."""
-    from lct.text import RANDOM, is_random
-    from lct.vae import vae_source
-
     hf = cfg.text_kind != "open_clip"
     random = not hf and is_random(cfg.text_pretrained)
-    opts = {"vae": vae_source(cfg.vae), "resolution": cfg.resolution, "flip": cfg.flip,
+    opts = {"vae": vae_source(cfg.vae), "resolution": table.base if table else cfg.resolution, "flip": cfg.flip,
             "precision": cfg.precision, "text_model": cfg.text_model,
             "text_pretrained": None if hf else RANDOM if random else cfg.text_pretrained,
             "seed": cfg.seed if random else None, "text_states": cfg.text_states,
@@ -559,7 +269,20 @@ def job_options(cfg: EncodeLatentsConfig) -> dict:
     if hf:  # a transformers tower (T5, CLIP): lct.hf_text
         opts.update(text_kind=cfg.text_kind, text_tokenizer=cfg.text_tokenizer,
                     text_max_length=cfg.text_max_length, text_dtype=cfg.text_dtype)
+    if table is not None:  # square data keeps its job.json byte for byte
+        opts["buckets"] = {"source": table.source, "sizes": [[b.height, b.width] for b in table.buckets]}
     return opts
+
+
+def bucket_table(cfg: EncodeLatentsConfig) -> BucketTable | None:
+    """--buckets read and checked (before any work); an explicit --resolution must be its base."""
+    if not cfg.buckets:
+        return None
+    table = load_table(cfg.buckets)
+    if "resolution" in cfg.model_fields_set and cfg.resolution != table.base:
+        raise UserError(f"--resolution {cfg.resolution} and --buckets {cfg.buckets} (base resolution {table.base}) "
+                        "disagree: with --buckets the table sets the sizes; drop --resolution")
+    return table
 
 
 def max_captions(cfg: EncodeLatentsConfig) -> int:
@@ -571,8 +294,6 @@ def max_captions(cfg: EncodeLatentsConfig) -> int:
 def check_output(out: Path, urls: list[str], names: list[str]) -> None:
     """Refuse an --output that holds what this tool did not write (before any work): the input
     shards themselves, or a manifest.json, tars or records without this tool's job.json."""
-    from lct.latents import JOB, MANIFEST, RECORDS
-
     if not out.is_dir():
         return
     here = out.resolve()
@@ -602,26 +323,8 @@ def check_output(out: Path, urls: list[str], names: list[str]) -> None:
                             "away (or choose another --output)")
 
 
-def job_digest(header: dict) -> str:
-    """The id of a job's settings (its job.json without the input list), kept in each record."""
-    return hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "input"},
-                                     sort_keys=True).encode()).hexdigest()[:16]
-
-
-def current_job(out: Path) -> str | None:
-    from lct.latents import JOB
-
-    try:
-        return job_digest(json.loads((out / JOB).read_text()))
-    except (OSError, ValueError):
-        return None
-
-
 def running_writers(out: Path) -> list[str]:
     """Descriptions of the processes holding a shard lock in `out` (other live jobs)."""
-    from lct.latents import RECORDS
-    from lct.shards import FileLock
-
     held = []
     for p in sorted((out / RECORDS).glob("*.lock")):
         lock = FileLock(p)
@@ -637,11 +340,6 @@ def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, repl
     under the output's job lock. A job.json with other settings is refused once a shard has been
     recorded under it or while another process writes shards; an earlier job that recorded no
     shard (it failed) is replaced, with its temporary files and a random text tower of other settings."""
-    import shutil
-
-    from lct.latents import JOB, RECORDS
-    from lct.text import TOWER_DIR
-
     path = out / JOB
     if not path.is_file():
         return None
@@ -685,8 +383,6 @@ def fmt_skips(skipped: dict) -> str:
 
 
 def merge(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, required: bool) -> dict | None:
-    from lct.latents import JOB, MANIFEST, merge_manifest, record_paths
-
     job = json.loads((out / JOB).read_text()) if (out / JOB).is_file() else None
     if job is None:
         raise UserError(f"{out}: no {JOB}; run without --merge-only first")
@@ -704,6 +400,13 @@ def merge(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, requ
     if t.get("states"):
         sb = t["states_bytes"]
         extra = f", text states {sb['total'] / 1e6:.1f} MB ({sb['per_sample'] / 1e3:.1f} kB/sample)"
+    if manifest.get("buckets"):
+        b = manifest["buckets"]
+        used = sum(1 for v in b["counts"].values() if v)
+        top = b["most_common"]
+        extra += (f"; buckets: {used} of {len(b['table'])} used, most common {top} "
+                  f"({b['counts'][top] / max(manifest['num_samples'], 1):.0%}), crop mean {b['crop']['mean']:.1%}, "
+                  f"max {b['crop']['max']:.1%}")
     log(rank, f"wrote {out / MANIFEST}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
               f"skipped: {fmt_skips(manifest['skipped'])}, {manifest['output_bytes'] / 1e6:.1f} MB{extra}")
     return manifest
@@ -712,23 +415,95 @@ def merge(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, requ
 JOB_LOCK = "job.lock"
 
 
-def run(cfg: EncodeLatentsConfig) -> dict:
-    """Encode this rank's shards, then merge if complete. Returns a summary dict."""
-    import shutil
+@dataclass
+class Job:
+    """One rank's encoding job: what `prepare` resolved (read-only afterwards) and what `encode`
+    has done so far (the progress fields), read by `finish`."""
 
-    import torch
+    cfg: EncodeLatentsConfig
+    rank: int
+    world: int
+    out: Path
+    urls: list[str]
+    names: list[str]
+    todo: list[int]                 # input shard indices this rank encodes (not yet recorded)
+    enc: Encoder
+    shape: tuple[int, int, int]     # latent shape (bucketed data: the base bucket's)
+    table: BucketTable | None       # --buckets
+    job_id: str
+    faults: Faults
+    writers: dict[int, ShardWriter] = field(default_factory=dict)
+    ignored: set[int] = field(default_factory=set)   # shards another process holds (or completed meanwhile)
+    busy: list[str] = field(default_factory=list)
+    done_recs: list[dict] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    images: int = 0
+    finished: int = 0
+    finished_images: int = 0
+    pending: dict | None = None     # the launched batch not yet written
+    t0: float = field(default_factory=time.time)
+    t_first: tuple[float, int] | None = None  # (time, images) after the first batch: steady rate without start-up
+    bar: tqdm | None = None
 
-    from lct.data import existing_shards
-    import numpy as np
+    def writer_for(self, idx: int) -> ShardWriter | None:
+        """The shard's writer, made once its lock is ours; None when another process has it."""
+        if idx in self.ignored:
+            return None
+        if idx not in self.writers:
+            name = self.names[idx]
+            lock = FileLock(record_paths(self.out, name)[0].with_suffix(".lock"))
+            if not lock.acquire():
+                self.ignored.add(idx)
+                self.busy.append(f"{name} ({lock.describe()})")
+                log(self.rank, f"shard {name} is being encoded by {lock.describe()}; left to it")
+                return None
+            if read_shard_record(self.out, name) is not None:  # completed while we waited for it
+                lock.release()
+                self.ignored.add(idx)
+                return None
+            self.writers[idx] = ShardWriter(self.out, name, self.urls[idx], self.shape, self.job_id, lock,
+                                            self.rank, self.world, self.table)
+        return self.writers[idx]
 
-    from lct.files import atomic_file
-    from lct.latents import JOB, TEXT_NULL, read_shard_record, record_paths, write_json_atomic
-    from lct.shards import FileLock
-    from lct.text import TOWER_DIR, TextEncoder, check_text_source, is_random
-    from lct.vae import check_vae_source, latent_shape, load_vae, vae_summary
+    def drain(self) -> None:
+        """Check and write the batch in flight (the next one is already queued on the device)."""
+        if self.pending is not None:
+            n = finish_batch(self.enc, self.pending)
+            self.pending = None
+            self.images += n
+            self.bar.update(n)
+            if self.t_first is None:
+                self.t_first = (time.time(), self.images)
 
-    info = DistInfo.from_env()
-    rank, world, local_rank = info.rank, info.world_size, info.local_rank
+    def close_shard(self, idx: int, item: dict) -> None:
+        """A shard's end marker: commit (or abort) its writer, count it, update the ETA."""
+        self.drain()
+        w = self.writers.pop(idx)
+        url, name = self.urls[idx], self.names[idx]
+        if item["errors"]:
+            w.abort()
+            self.failed.append(f"{name} ({item['errors'][0]})")
+            log(self.rank, f"input shard {url} could not be read to its end: {item['errors'][0]}")
+            return
+        rec = w.commit(item["skipped"], item["seen"], self.cfg.skip_empty_shards)
+        if rec is None or rec.get("empty"):
+            self.empty.append(name)
+            log(self.rank, f"input shard {url} yielded no sample (read {item['seen']}, skipped: "
+                           f"{fmt_skips(item['skipped'])})" + ("; recorded as empty" if rec else ""))
+        if rec is not None:
+            self.done_recs.append(rec)
+        self.finished += 1
+        self.finished_images += w.count
+        own = len(self.todo) - len(self.ignored)
+        if self.finished < own:  # ETA: images per finished shard so far, times this process's shards
+            self.bar.total = max(int(self.finished_images / self.finished * own), self.images)
+            self.bar.refresh()
+
+
+def inputs(cfg: EncodeLatentsConfig) -> tuple[Path, list[str], list[str]]:
+    """(--output, input shard URLs, their output names), refused before any work: no shard, two
+    shards with one output name, an --output that is a file or holds what this tool did not write."""
     urls = existing_shards(cfg.input, "--input")
     names = [shard_name(u) for u in urls]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -739,43 +514,52 @@ def run(cfg: EncodeLatentsConfig) -> dict:
     if problem:
         raise UserError(problem)
     check_output(out, urls, names)
-    out.mkdir(parents=True, exist_ok=True)
-    options = job_options(cfg)
-    job_lock = FileLock(out / JOB_LOCK)  # held while job.json (and a random text tower) is checked or made
-    if cfg.merge_only:
-        if check_job(out, None, options, rank, replace=False) is None:
-            raise UserError(f"{out}: no {JOB}; run without --merge-only first")
-        manifest = merge(cfg, out, names, rank, required=True)
-        return {"manifest": manifest, "images": 0}
-    with job_lock:
-        check_job(out, None, options, rank)  # other settings: refuse before loading anything
+    return out, urls, names
 
-    hf = cfg.text_kind != "open_clip"
-    check_vae_source(cfg.vae)  # missing weights: fail before the slow imports
-    if not hf:
-        check_text_source(cfg.text_model, cfg.text_pretrained)
-    else:
-        from lct.hf_text import HFTextEncoder
-        from lct.hub import resolve_pretrained
 
-        resolve_pretrained(cfg.text_model, key="--text-model", subfolders=("", "text_encoder"), what="text encoder")
-    device = pick_device(cfg.device, local_rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    vae = load_vae(cfg.vae, device, torch.float32)
-    shape = latent_shape(vae, cfg.resolution)
-    random_tower = not hf and is_random(cfg.text_pretrained)
-    if hf:
+def load_text(cfg: EncodeLatentsConfig, device: torch.device):
+    """The text tower (None for a random open_clip tower: made under the job lock in `prepare`)."""
+    if cfg.text_kind != "open_clip":
         text = HFTextEncoder.load(cfg.text_model, tokenizer=cfg.text_tokenizer, max_length=cfg.text_max_length,
                                   device=device, dtype=cfg.text_dtype, key="--text-model")
         if text.kind != cfg.text_kind:
             raise UserError(f"--text-model {cfg.text_model} is a {text.kind} tower, not --text-kind {cfg.text_kind}")
+        return text
+    return None if is_random(cfg.text_pretrained) else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
+
+
+def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str], names: list[str],
+            table: BucketTable | None) -> Job:
+    """Settings checked against an earlier job's (before loading anything), models loaded,
+    job.json (and a random text tower) made under the job lock, this rank's shards listed."""
+    rank = info.rank
+    out.mkdir(parents=True, exist_ok=True)
+    options = job_options(cfg, table)
+    job_lock = FileLock(out / JOB_LOCK)  # held while job.json (and a random text tower) is checked or made
+    with job_lock:
+        check_job(out, None, options, rank)  # other settings: refuse before loading anything
+    hf = cfg.text_kind != "open_clip"
+    check_vae_source(cfg.vae)  # missing weights: fail before the slow imports
+    if hf:
+        resolve_pretrained(cfg.text_model, key="--text-model", subfolders=("", "text_encoder"), what="text encoder")
     else:
-        text = None if random_tower else TextEncoder.load(cfg.text_model, cfg.text_pretrained, device)
+        check_text_source(cfg.text_model, cfg.text_pretrained)
+    device = pick_device(cfg.device, info.local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    vae = load_vae(cfg.vae, device, torch.float32)
+    if table is not None:
+        table.check_divisible(downsample_factor(vae), "the VAE's downsampling factor")
+        base = table.buckets[table.base_index]
+        shape = (int(vae.config.latent_channels), base.height // downsample_factor(vae),
+                 base.width // downsample_factor(vae))
+    else:
+        shape = latent_shape(vae, cfg.resolution)
+    text = load_text(cfg, device)
     with job_lock:
         old = check_job(out, None, options, rank)
-        if random_tower:  # made once per job, under the lock; a tower no job.json names is stale
+        if text is None:  # a random tower, made once per job under the lock; one no job.json names is stale
             if old is None:
                 shutil.rmtree(out / TOWER_DIR, ignore_errors=True)
             text = TextEncoder.load(cfg.text_model, cfg.text_pretrained, device, seed=cfg.seed, save_dir=out)
@@ -786,151 +570,123 @@ def run(cfg: EncodeLatentsConfig) -> dict:
             trec.update(states_layout="trimmed" if cfg.text_states else None, null_file=TEXT_NULL)
             with atomic_file(out / TEXT_NULL) as f:
                 np.save(f, text.null_condition().numpy().astype(np.float32), allow_pickle=False)
-        header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": cfg.resolution,
-                  "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip, "preprocess": PREPROCESS,
+        header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": options["resolution"],
+                  "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip,
+                  "preprocess": PREPROCESS_BUCKETS if table else PREPROCESS,
                   "vae": {**vae_summary(vae, cfg.vae), "precision": cfg.precision},
                   "text": trec, "options": options}
+        if table is not None:
+            header["buckets"] = table.record(shape[0], downsample_factor(vae))
         if check_job(out, header, options, rank) is None:
             write_json_atomic(out / JOB, header)
-    job_id = job_digest(header)
 
-    mine = [i for i in range(len(urls)) if i % world == rank]
+    mine = [i for i in range(len(urls)) if i % info.world_size == rank]
     todo = [i for i in mine if read_shard_record(out, names[i]) is None]
-    log(rank, f"{len(urls)} input shards, world {world}: {len(mine)} for this rank, {len(mine) - len(todo)} "
-              f"already complete, {len(todo)} to encode on {device} (VAE {cfg.precision}, latents {list(shape)})")
-    enc = Encoder(vae, text, device, cfg.precision)
-    loader = make_loader([(i, urls[i]) for i in todo], cfg.resolution, text.tokenizer, max_captions(cfg),
-                         cfg.batch_size, cfg.num_workers, device.type == "cuda")
-    crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+    what = (f"{len(table)} aspect-ratio buckets of {table.source}, base {list(shape)}" if table
+            else f"latents {list(shape)}")
+    log(rank, f"{len(urls)} input shards, world {info.world_size}: {len(mine)} for this rank, "
+              f"{len(mine) - len(todo)} already complete, {len(todo)} to encode on {device} "
+              f"(VAE {cfg.precision}, {what})")
+    return Job(cfg=cfg, rank=rank, world=info.world_size, out=out, urls=urls, names=names, todo=todo,
+               enc=Encoder(vae, text, device, cfg.precision), shape=tuple(shape), table=table,
+               job_id=job_digest(header), faults=Faults())
 
-    from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="img", desc=f"encode rank {rank}", disable=rank != 0, dynamic_ncols=True,
-               mininterval=2.0, smoothing=0.05)
-    writers: dict[int, ShardWriter] = {}
-    ignored: set[int] = set()  # shards another process holds (or completed meanwhile)
-    busy: list[str] = []
-    done_recs: list[dict] = []
-    failed: list[str] = []
-    empty: list[str] = []
-    images = finished = finished_images = 0
-    pending = None
-    t0 = time.time()
-    t_first = None  # (time, images) after the first batch: the steady rate leaves start-up out
-
-    def drain():
-        """Check and write the batch in flight (the next one is already queued on the device)."""
-        nonlocal pending, images, t_first
-        if pending is not None:
-            n = finish_batch(enc, pending)
-            pending = None
-            images += n
-            bar.update(n)
-            if t_first is None:
-                t_first = (time.time(), images)
-
-    def writer_for(idx: int) -> ShardWriter | None:
-        """The shard's writer, made once its lock is ours; None when another process has it."""
-        if idx in ignored:
-            return None
-        if idx not in writers:
-            lock = FileLock(record_paths(out, names[idx])[0].with_suffix(".lock"))
-            if not lock.acquire():
-                ignored.add(idx)
-                busy.append(f"{names[idx]} ({lock.describe()})")
-                log(rank, f"shard {names[idx]} is being encoded by {lock.describe()}; left to it")
-                return None
-            if read_shard_record(out, names[idx]) is not None:  # completed while we waited for it
-                lock.release()
-                ignored.add(idx)
-                return None
-            writers[idx] = ShardWriter(out, names[idx], urls[idx], shape, job_id, lock, rank, world)
-        return writers[idx]
-
+def encode(job: Job) -> None:
+    """Encode and write this rank's shards: DataLoader workers decode whole shards while this
+    process runs the VAE on one batch and writes the previous one."""
+    cfg, enc = job.cfg, job.enc
+    dec = Decoding(cfg.resolution, enc.text.tokenizer, max_captions(cfg), job.table)
+    loader = make_loader([(i, job.urls[i]) for i in job.todo], dec, cfg.batch_size, cfg.num_workers,
+                         enc.device.type == "cuda")
+    job.t0 = time.time()
+    job.bar = tqdm(total=None, unit="img", desc=f"encode rank {job.rank}", disable=job.rank != 0,
+                   dynamic_ncols=True, mininterval=2.0, smoothing=0.05)
     try:
         for item in loader:
             idx = item["shard"]
-            w = writer_for(idx)
+            w = job.writer_for(idx)
             if w is None:
                 continue
             if item["done"]:
-                drain()
-                del writers[idx]
-                if item["errors"]:
-                    w.abort()
-                    failed.append(f"{names[idx]} ({item['errors'][0]})")
-                    log(rank, f"input shard {urls[idx]} could not be read to its end: {item['errors'][0]}")
-                    continue
-                rec = w.commit(item["skipped"], item["seen"], cfg.skip_empty_shards)
-                if rec is None or rec.get("empty"):
-                    empty.append(names[idx])
-                    log(rank, f"input shard {urls[idx]} yielded no sample (read {item['seen']}, skipped: "
-                              f"{fmt_skips(item['skipped'])})" + ("; recorded as empty" if rec else ""))
-                if rec is not None:
-                    done_recs.append(rec)
-                finished += 1
-                finished_images += w.count
-                own = len(todo) - len(ignored)
-                if finished < own:  # ETA: images per finished shard so far, times this process's shards
-                    bar.total = max(int(finished_images / finished * own), images)
-                    bar.refresh()
+                job.close_shard(idx, item)
                 continue
             launched = launch_batch(enc, item, w, cfg.flip, cfg.text_states)
-            drain()  # the previous batch is written while this one runs on the device
-            pending = launched
-            if crash_after is not None and len(done_recs) >= crash_after and any(x.count for x in writers.values()):
-                for x in writers.values():
-                    x.stream.flush()
-                os._exit(17)  # test hook: a kill in the middle of a shard
-        drain()
-        bar.total = images
-        bar.refresh()
+            job.drain()  # the previous batch is written while this one runs on the device
+            job.pending = launched
+            job.faults.mid_shard(len(job.done_recs), list(job.writers.values()))
+        job.drain()
+        job.bar.total = job.images
+        job.bar.refresh()
     except BaseException:
-        for w in writers.values():
+        for w in job.writers.values():
             w.abort()
         raise
     finally:
-        bar.close()
+        job.bar.close()
+
+
+def finish(job: Job) -> dict:
+    """Log what this rank did, merge the manifest (rank 0 after a barrier when a process group is
+    running; otherwise whichever process finds every shard complete), then fail for empty or
+    unreadable input shards. Returns a summary dict."""
+    cfg, images, recs = job.cfg, job.images, job.done_recs
     t_end = time.time()
-    dt = max(t_end - t0, 1e-9)
+    dt = max(t_end - job.t0, 1e-9)
     steady = None
-    if t_first is not None and images > t_first[1]:
-        steady = (images - t_first[1]) / max(t_end - t_first[0], 1e-9)
+    if job.t_first is not None and images > job.t_first[1]:
+        steady = (images - job.t_first[1]) / max(t_end - job.t_first[0], 1e-9)
     skipped: dict[str, int] = {}
-    for r in done_recs:
+    for r in recs:
         for k, v in r["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
-    nbytes = sum(r["bytes"] for r in done_recs)
-    tbytes = sum(r["text_state_bytes"] for r in done_recs)
+    nbytes = sum(r["bytes"] for r in recs)
+    tbytes = sum(r["text_state_bytes"] for r in recs)
     text_msg = (f", text states {tbytes / 1e6:.1f} MB ({tbytes / max(images, 1) / 1e3:.1f} kB/sample)"
                 if cfg.text_states else "")
-    fb = f", {enc.fallback_batches} batches re-encoded in fp32" if enc.fallback_batches else ""
-    log(rank, f"{images} images in {len(done_recs)} shards, skipped: {fmt_skips(skipped)}, "
-              f"{images / dt:.1f} images/s, {nbytes / 1e6:.1f} MB written{text_msg}{fb}")
-    if busy:
-        log(rank, f"{len(busy)} shard(s) left to other processes: {', '.join(busy[:5])}; the process that "
-                  "completes the last shard writes the manifest (a rerun redoes any that did not complete)")
-
-    manifest = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        if rank == 0:
-            manifest = merge(cfg, out, names, rank, required=False)
-    else:
-        manifest = merge(cfg, out, names, rank, required=False)
+    fb = f", {job.enc.fallback_batches} batches re-encoded in fp32" if job.enc.fallback_batches else ""
+    log(job.rank, f"{images} images in {len(recs)} shards, skipped: {fmt_skips(skipped)}, "
+                  f"{images / dt:.1f} images/s, {nbytes / 1e6:.1f} MB written{text_msg}{fb}")
+    if job.busy:
+        log(job.rank, f"{len(job.busy)} shard(s) left to other processes: {', '.join(job.busy[:5])}; the process "
+                      "that completes the last shard writes the manifest (a rerun redoes any that did not complete)")
+    group = dist.group_world_size()  # no process group is needed; with one, rank 0 merges after the others
+    dist.barrier(group)
+    manifest = merge(cfg, job.out, job.names, job.rank, required=False) if group == 1 or job.rank == 0 else None
     problems = []
-    if empty and not cfg.skip_empty_shards:
-        problems.append(f"input shard(s) {', '.join(empty[:5])} yielded no sample and got no output shard; "
+    if job.empty and not cfg.skip_empty_shards:
+        problems.append(f"input shard(s) {', '.join(job.empty[:5])} yielded no sample and got no output shard; "
                         "fix or drop them, or pass --skip-empty-shards to record them as empty")
-    if failed:
-        problems.append(f"input shard(s) {', '.join(failed[:3])} could not be read to the end; fix them and "
+    if job.failed:
+        problems.append(f"input shard(s) {', '.join(job.failed[:3])} could not be read to the end; fix them and "
                         "re-run (completed shards are kept)")
     if problems:
         raise UserError("; ".join(problems))
     return {"images": images, "seconds": dt, "images_per_s": images / dt, "steady_images_per_s": steady,
-            "shards": len(done_recs), "left_to_others": busy,
+            "shards": len(recs), "left_to_others": job.busy,
             "skipped": skipped, "bytes": nbytes, "text_state_bytes": tbytes, "manifest": manifest,
-            "fallback_batches": enc.fallback_batches, "record_paths": [str(record_paths(out, n)[0]) for n in names]}
+            "fallback_batches": job.enc.fallback_batches,
+            "record_paths": [str(record_paths(job.out, n)[0]) for n in job.names]}
+
+
+def merge_only(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, table: BucketTable | None) -> dict:
+    """--merge-only: the manifest from the records of a complete job (refused while one is missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if check_job(out, None, job_options(cfg, table), rank, replace=False) is None:
+        raise UserError(f"{out}: no {JOB}; run without --merge-only first")
+    return {"manifest": merge(cfg, out, names, rank, required=True), "images": 0}
+
+
+def run(cfg: EncodeLatentsConfig) -> dict:
+    """Encode this rank's shards, then merge if complete. Returns a summary dict."""
+    info = DistInfo.from_env()
+    table = bucket_table(cfg)
+    out, urls, names = inputs(cfg)
+    if cfg.merge_only:
+        return merge_only(cfg, out, names, info.rank, table)
+    job = prepare(cfg, info, out, urls, names, table)
+    encode(job)
+    return finish(job)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Write the embedded shapes data set (`lct.shapes`) as img2dataset-style webdataset shards.
 
     python data_prep/make_shapes.py --output data/shapes --num 20000 --size 64 --heldout 1000
+    python data_prep/make_shapes.py --output data/shapes-ar --num 20000 --size 32 --aspects 5:3,1:1,3:5
 
 Output directory of a split:
 
@@ -18,6 +19,15 @@ every run with the same settings writes the same bytes (fixed tar mtime/owner, P
 time stamps). With `--heldout N` the held-out split (N samples, same seed) also goes to
 `OUTPUT/heldout/` (or `--heldout-output`).
 
+Aspect ratios (`--aspects W:H,...`): each sample's canvas is one of the given width:height ratios
+with about `--size`^2 pixels (width round(size * sqrt(r)), height round(size / sqrt(r))), drawn
+from `lct.rng` stream `SHAPES_CANVAS` (seed, split id, i) so the sample's spec and captions are
+those of the square data set; cells, centre and the position words are in the canvas's own
+coordinates (thirds of its width and height) and the extent a fraction of its short side
+(`lct.shapes.render`). The json's width/height and captions.jsonl's `canvas` [width, height] say
+which. Encode with a bucket table of the same ratios (`--buckets shapes_32` for `--size 32
+--aspects 5:3,1:1,3:5`) so nothing is cropped.
+
 Resumable: a shard is written to a temporary name and renamed when complete; a rerun skips the
 complete shards (and the caption lists are rewritten from the seeds, not read from shards).
 """
@@ -28,16 +38,21 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 import contextlib
 import io
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Literal
 
+import webdataset as wds
 from pydantic import Field
+from tqdm import tqdm
 
+from lct import shapes
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_file, output_dir_problem, write_atomic, write_json
+from lct.rng import Stream, philox
 
 FORMAT_VERSION = 1
 
@@ -52,6 +67,8 @@ class MakeShapesConfig(Strict):
     heldout: int = Field(0, ge=0, description="also write this many held-out samples (train split only)")
     heldout_output: str | None = Field(None, description="directory of the --heldout split (default OUTPUT/heldout)")
     num_captions: int = Field(3, ge=1, le=18, description="caption phrasings per sample")
+    aspects: list[str] | None = Field(None, description="landscape/portrait canvases: width:height ratios, e.g. "
+                                      "5:3,1:1,3:5 (each sample draws one; about size x size pixels)")
 
 
 def _png_bytes(img) -> bytes:
@@ -84,18 +101,45 @@ def _check_settings(out: Path, settings: dict) -> None:
         write_json(path, settings, sort_keys=True)
 
 
+def parse_aspects(aspects: list[str] | None) -> list[tuple[int, int]] | None:
+    """[(w, h)] of `--aspects W:H,...` (one-line errors)."""
+    if not aspects:
+        return None
+    out = []
+    for a in aspects:
+        w, _, h = a.partition(":")
+        if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+            raise UserError(f"--aspects {a!r}: expected width:height with positive integers, e.g. 5:3,1:1,3:5")
+        out.append((int(w), int(h)))
+    return out
+
+
+def canvas(size: int, aspect: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of about size x size pixels with the width:height ratio `aspect`."""
+    r = aspect[0] / aspect[1]
+    return max(1, round(size * math.sqrt(r))), max(1, round(size / math.sqrt(r)))
+
+
+def sample_canvas(seed: int, split: str, index: int, size: int, aspects: list[tuple[int, int]] | None
+                  ) -> tuple[int, int]:
+    """The canvas of sample `index` (size x size without `aspects`)."""
+    if not aspects:
+        return size, size
+    g = philox(Stream.SHAPES_CANVAS, seed, shapes.SPLITS[split], index)
+    return canvas(size, aspects[int(g.integers(len(aspects)))])
+
+
 def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples_per_shard: int,
-                seed: int, num_captions: int = 3, progress: bool = True) -> dict:
+                seed: int, num_captions: int = 3, progress: bool = True,
+                aspects: list[tuple[int, int]] | None = None) -> dict:
     """Write one split; returns {shards, written, skipped, samples}."""
-    import webdataset as wds
-    from tqdm import tqdm
-
-    from lct import shapes
-
     out = Path(out)
     settings = {"format": FORMAT_VERSION, "split": split, "num": num, "size": size,
                 "samples_per_shard": samples_per_shard, "seed": seed, "num_captions": num_captions,
                 "seeds": f"SeedSequence([{seed}, {shapes.SPLITS[split]}, i])"}
+    if aspects:  # square data sets keep their shapes.json
+        settings.update(aspects=[f"{w}:{h}" for w, h in aspects],
+                        canvases=f"lct.rng SHAPES_CANVAS ({seed}, {shapes.SPLITS[split]}, i)")
     _check_settings(out, settings)
     n_shards = (num + samples_per_shard - 1) // samples_per_shard
     width = max(4, len(str(samples_per_shard - 1)))
@@ -115,13 +159,15 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
             for i in range(first, last):
                 key = _key(s, i - first, width)
                 spec, caps = shapes.make_spec(seed, split, i, num_captions)
+                cw, ch = sample_canvas(seed, split, i, size, aspects)
                 meta = {"key": key, "caption": caps[0], "captions": caps, "spec": spec.to_dict(),
-                        "seed": [seed, shapes.SPLITS[split], i], "split": split,
-                        "width": size, "height": size}
+                        "seed": [seed, shapes.SPLITS[split], i], "split": split, "width": cw, "height": ch}
                 lines.append(caps[0])
                 records.append({k: meta[k] for k in ("key", "caption", "captions", "spec")})
+                if aspects:
+                    records[-1]["canvas"] = [cw, ch]
                 if writer is not None:
-                    img = shapes.render(spec, size)
+                    img = shapes.render(spec, size if not aspects else (cw, ch))
                     writer.write({"__key__": key, "png": _png_bytes(img), "txt": caps[0].encode(),
                                   "json": json.dumps(meta, sort_keys=True).encode()})
                     bar.update(1)
@@ -143,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(Path(cfg.output), cfg.split, cfg.num)]
     if cfg.heldout:
         jobs.append((Path(cfg.heldout_output or Path(cfg.output) / "heldout"), "heldout", cfg.heldout))
+    aspects = parse_aspects(cfg.aspects)
     for (out, _, _), flag in zip(jobs, ("--output", "--heldout-output")):  # all before any work
         problem = output_dir_problem(out, flag)
         if problem:
             raise UserError(problem)
     for out, split, num in jobs:
         t0 = time.time()
-        r = write_split(out, split, num, cfg.size, cfg.samples_per_shard, cfg.seed, cfg.num_captions)
-        print(f"make_shapes: {split}: {r['samples']} samples of {cfg.size}px in {r['shards']} shards at "
+        r = write_split(out, split, num, cfg.size, cfg.samples_per_shard, cfg.seed, cfg.num_captions,
+                        aspects=aspects)
+        what = f"{cfg.size}px" + (f" (aspects {','.join(cfg.aspects)})" if aspects else "")
+        print(f"make_shapes: {split}: {r['samples']} samples of {what} in {r['shards']} shards at "
               f"{out} ({r['written']} written, {r['skipped']} already complete) in "
               f"{time.time() - t0:.1f}s", flush=True)
     return 0

@@ -93,6 +93,7 @@ from pathlib import Path
 from lct.config import TrainVAEConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_dir, output_dir_problem, write_json
+from lct.rng import Stream, seed_int
 
 FORMAT_VERSION = 1
 GRID_IMAGES = 8  # held-out images (top row) and their reconstructions (bottom row) in reconstructions.png
@@ -259,13 +260,13 @@ def train(cfg: TrainVAEConfig, train_u8, device, use_bf16: bool) -> tuple[object
 
     from lct.vae import to_unit_range
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed_int(Stream.VAE_INIT, cfg.seed))
     vae = AutoencoderKL(**vae_kwargs(cfg)).to(device).train()
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
                             foreach=True)
-    gen = torch.Generator().manual_seed(cfg.seed)                 # data order, flips
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # posterior samples
+    gen = torch.Generator().manual_seed(seed_int(Stream.VAE_DATA, cfg.seed))  # data order, flips
+    noise_gen = torch.Generator(device=device).manual_seed(seed_int(Stream.VAE_POSTERIOR, cfg.seed))
     n = len(train_u8)
     bs = min(cfg.batch_size, n)
     data = train_u8.to(device) if device.type == "cuda" else train_u8
@@ -464,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         n_held = int(round(len(images) * cfg.heldout_fraction))
         if n_held >= len(images):
             raise UserError(f"--heldout-fraction {cfg.heldout_fraction} leaves no training image")
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + 2))
+        split = torch.Generator().manual_seed(seed_int(Stream.VAE_HELDOUT, cfg.seed))
+        perm = torch.randperm(len(images), generator=split)
         held, train_u8 = images[perm[:n_held]], images[perm[n_held:]]
     if cfg.max_images:
         train_u8 = train_u8[:cfg.max_images]

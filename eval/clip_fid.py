@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lct import dist
+from lct import dist, rng
 from lct.config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
@@ -286,7 +286,7 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
     device = dist.pick_device(cfg.device, info.local_rank)
     started = dist.init(info, device, timeout_minutes=60)
     try:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(rng.seed_int(rng.Stream.EVAL_INIT, cfg.seed))
         gen = Generator(cfg.checkpoint, device, cfg.ema, cfg.vae, cfg.text_pretrained)
         settings = build_settings(cfg, gen)
         gen_res = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)

@@ -327,6 +327,10 @@ class EncodeLatentsConfig(Strict):
     output: str = Field(..., description="output directory (latent shards + manifest.json)")
     vae: str = Field("stabilityai/sd-vae-ft-ema", description="AutoencoderKL hub id or local save_pretrained dir")
     resolution: int = Field(256, ge=8, description="center-crop on the long edge, then resize to this")
+    buckets: str | None = Field(None, description="aspect-ratio buckets instead of square crops: pixart_256, "
+                                "pixart_512, pixart_1024, pixart_2048, shapes_32 or a YAML list of [height, width]; "
+                                "each image goes to the bucket of nearest aspect ratio, resized to cover it and "
+                                "centre-cropped (lct/buckets.py)")
     text_kind: Literal["open_clip", "t5", "clip", "gemma", "sd3"] = Field(
         "open_clip", description="text tower: open_clip, or a transformers T5 encoder / CLIP text model (SPEC 14.3), "
                                  "gemma (Sana), sd3 (an SD3 pipeline's three towers) (SPEC 15.3)")

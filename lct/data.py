@@ -11,9 +11,10 @@ Global slots: the global batch G of one optimizer step is laid out rank-major,
 `slot = rank * (A * mb) + micro * mb + i` (A accumulation steps of mb samples per rank), so the
 same step sees the same samples on 1 or 64 ranks.
 
-All per-sample randomness (flip, caption choice, caption dropout, pair uniform u, ECT/EDM normal
-n, posterior eps, noise z) comes from `lct.rng.philox(seed, TRAIN_SAMPLE, data step, slot)` in a
-fixed order, so it depends on neither world size, workers nor accumulation. The latent is the
+All per-sample randomness comes from counter-based streams keyed by (seed, data step, slot)
+(`lct.rng`, SPEC 1.2): `SAMPLE_CHOICES` (flip, caption choice, caption dropout), `SIGMA_PAIR` (pair
+uniform u, ECT/EDM normal n), `POSTERIOR_EPS` (eps) and `TRAIN_NOISE` (noise z), so it depends on
+neither world size, workers nor accumulation. The latent is the
 posterior sample `mean + std * eps` (`data.posterior: sample`, a fresh eps at every use), its
 mean (`mean`), or one draw per image and flip keyed by (seed, sample key, flip) (`fixed`: as
 iLCT encoded one sample offline; `fixed_posterior_eps`), normalised with the manifest's
@@ -23,8 +24,8 @@ statistics (SPEC 7), and the OT coupling
 Checks: `train_shard_urls` holds `data.shards` against the manifest's shard list (missing or
 resized shards are refused, unlisted tars left out with a warning). Every sample is read with
 `lct.shards` (a shard cut short is `unreadable_shard`) and checked against the manifest's
-`SampleLayout` before any draw, so a wrong shape is never broadcast and a NaN never reaches the
-OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
+`SampleLayout` before any draw (bucketed data: each sample against its own bucket's latent
+shape), so a wrong shape is never broadcast and a NaN never reaches the OT coupling; bad samples are skipped, counted per reason (`SKIP_REASONS`, in each batch's
 `skipped`, summed by `SkipTally` for stats.jsonl) and named once. Shards without any usable
 sample raise the same `UserError` in both modes (stream mode would otherwise resample forever).
 """
@@ -251,7 +252,7 @@ def indexed_position(seed: int, data_step: int, slot: int, global_batch: int, n:
     epoch, within = divmod(pos, n)
     if epoch not in cache:
         cache.clear()
-        cache[epoch] = rng.philox(seed, rng.EPOCH_PERMUTATION, epoch).permutation(n)
+        cache[epoch] = rng.philox(rng.Stream.DATA_ORDER, seed, epoch).permutation(n)
     return int(cache[epoch][within])
 
 
@@ -266,14 +267,15 @@ POSTERIORS = ("sample", "mean", "fixed")
 def fixed_posterior_eps(seed: int, key: str, flipped: bool, shape) -> np.ndarray:
     """The one posterior draw of `data.posterior: fixed` for the image `key` (its flip apart):
     the same at every epoch, on every rank and worker, for the same run seed."""
-    g = rng.philox(seed, rng.FIXED_POSTERIOR, rng.key_int(key), int(flipped))
+    g = rng.philox(rng.Stream.FIXED_POSTERIOR, seed, rng.key_int(key), int(flipped))
     return g.standard_normal(tuple(shape), dtype=np.float32)
 
 
-def posterior_latent(posterior: str, mean: np.ndarray, std: np.ndarray, eps: np.ndarray, seed: int,
+def posterior_latent(posterior: str, mean: np.ndarray, std: np.ndarray, eps: np.ndarray | None, seed: int,
                      key: str, flipped: bool) -> np.ndarray:
     """The raw latent of one use of an image (SPEC 7): `mean + std * eps` with this use's eps
-    (`sample`), the posterior mean (`mean`), or `mean + std * fixed_posterior_eps` (`fixed`)."""
+    (`sample`), the posterior mean (`mean`), or `mean + std * fixed_posterior_eps` (`fixed`; `eps`
+    is not used by these two)."""
     if posterior == "mean":
         return mean
     if posterior == "fixed":
@@ -284,12 +286,15 @@ def posterior_latent(posterior: str, mean: np.ndarray, std: np.ndarray, eps: np.
 
 
 def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict:
-    """One training example with its random draws, in a fixed draw order."""
-    g = rng.philox(spec.seed, rng.TRAIN_SAMPLE, data_step, slot)
-    flip_u, cap_u, drop_u, u = g.random(4)
-    n = g.standard_normal()
-    eps = g.standard_normal(spec.latent_shape, dtype=np.float32)  # drawn in every posterior mode: z stays put
-    z = g.standard_normal(spec.latent_shape, dtype=np.float32)
+    """One training example with its random draws (SPEC 1.2: one stream per purpose, keyed by
+    (seed, data step, slot))."""
+    key = (spec.seed, data_step, slot)
+    flip_u, cap_u, drop_u = rng.philox(rng.Stream.SAMPLE_CHOICES, *key).random(3)
+    pair = rng.philox(rng.Stream.SIGMA_PAIR, *key)
+    u, n = pair.random(), pair.standard_normal()
+    eps = (rng.philox(rng.Stream.POSTERIOR_EPS, *key).standard_normal(spec.latent_shape, dtype=np.float32)
+           if spec.posterior == "sample" else None)
+    z = rng.philox(rng.Stream.TRAIN_NOISE, *key).standard_normal(spec.latent_shape, dtype=np.float32)
     use_flip = spec.flip and "flip_mean" in sample and flip_u < 0.5
     mean = sample["flip_mean" if use_flip else "mean"].astype(np.float32)
     std = sample["flip_std" if use_flip else "std"].astype(np.float32)
@@ -365,13 +370,14 @@ class TrainBatches(IterableDataset):
 
     def _stream_samples(self, worker: int, counts: dict[str, int]) -> Iterator[dict]:
         s = self.spec
-        seed = int(rng.philox(s.seed, s.rank, worker, s.resume_count).integers(2**62))
-        shards = wds.ResampledShards(s.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
+        key = (s.seed, s.rank, worker, s.resume_count)
+        shards = wds.ResampledShards(s.urls, seed=rng.seed_int(rng.Stream.SHARD_CHOICE, *key), worker_seed=lambda: 0,
+                                     deterministic=True)
         pipeline = wds.DataPipeline(
             shards,
             functools.partial(stream_samples, spec=s, counts=counts),
             wds.shuffle(s.shuffle_buffer, initial=min(s.shuffle_buffer, 100),
-                        rng=random.Random(seed)),
+                        rng=random.Random(rng.seed_int(rng.Stream.SHUFFLE_BUFFER, *key))),
         )
         return iter(pipeline)
 
@@ -444,7 +450,8 @@ def make_loader(spec: DataSpec, start_data_step: int, num_data_steps: int, num_w
     # or a resumed run would diverge from an uninterrupted one.
     return TrainLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                        worker_init_fn=functools.partial(_worker_init, os.getpid()),
-                       generator=torch.Generator().manual_seed(spec.seed), **kw)
+                       generator=torch.Generator().manual_seed(rng.seed_int(rng.Stream.LOADER_WORKERS, spec.seed,
+                                                                           spec.rank)), **kw)
 
 
 def _worker_init(parent_pid: int, _: int) -> None:
@@ -533,6 +540,11 @@ class DataDescription:
 def describe_data(manifest: dict | None) -> DataDescription:
     if manifest is None:
         return DataDescription()
+    table = (manifest.get("buckets") or {}).get("table") or []
+    if len(table) > 1:  # the per-step bucket draw (issue 33, trainer side) is not built yet
+        raise UserError(f"{manifest.get('_path', 'data.manifest')}: latents in {len(table)} aspect-ratio buckets "
+                        "(encode_latents.py --buckets) cannot be trained by this lct yet; encode without --buckets "
+                        "(or with a one-bucket table)")
     t = manifest.get("text") or {}
     return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
                            int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)

@@ -127,6 +127,11 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def group_world_size() -> int:
+    """The size of the running process group, 1 without one (for tools that run either way)."""
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1:
         tdist.barrier()

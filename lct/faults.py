@@ -1,4 +1,5 @@
-"""Fault injection for the trainer's fault-tolerance tests (off unless the variables are set).
+"""Fault injection for the fault-tolerance tests of the trainer and the data prep (off unless the
+variables are set).
 
     LCT_FAULT_NAN_LOSS="3:1,5:0"   loss of data step 3 on rank 1 (and step 5 on rank 0) becomes NaN
     LCT_FAULT_INF_GRAD="4:0"       data step 4 on rank 0: finite loss, infinite gradient
@@ -8,12 +9,14 @@
                                    out of memory): the exit path of an unexpected error
     LCT_FAULT_DISK_FULL="4:0"      the save of applied step 4 on rank 0 raises OSError(ENOSPC) at its
                                    write, after DeepSpeed's files: a disk that fills during a save
+    LCT_FAULT_EXIT_MID_SHARD="1"   data_prep/encode_latents.py: hard exit (137) in the middle of a
+                                   shard once 1 shard is complete: a crash while a shard is half written
 
 Each fault prints one line `fault: ... (t=<unix time>)` to stderr as it fires (tests bound the
 time from it to the exit).
 
-The trainer calls these at fixed points, so tests exercise the real code paths (DeepSpeed's
-overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
+The trainer and the data prep call these at fixed points, so tests exercise the real code paths
+(DeepSpeed's overflow skip, the ZeRO-0 gradient check, resume) rather than a stand-in.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Faults:
         self.disk_full = _pairs("LCT_FAULT_DISK_FULL")
         v = os.environ.get("LCT_FAULT_EXIT_AFTER_SAVE")
         self.exit_after_save = int(v) if v else None
+        v = os.environ.get("LCT_FAULT_EXIT_MID_SHARD")
+        self.exit_mid_shard = int(v) if v else None
 
     def loss(self, loss: torch.Tensor, data_step: int, rank: int) -> torch.Tensor:
         if (data_step, rank) in self.error:
@@ -71,6 +76,14 @@ class Faults:
 
     def after_save(self, applied_step: int) -> None:
         if self.exit_after_save is not None and applied_step == self.exit_after_save:
+            os._exit(137)
+
+    def mid_shard(self, shards_done: int, writers: list) -> None:
+        """After each batch of the data prep: exit once `shards_done` shards are complete and an open
+        shard writer holds samples, its bytes flushed (the temporary file a kill leaves)."""
+        if self.exit_mid_shard is not None and shards_done >= self.exit_mid_shard and any(w.count for w in writers):
+            for w in writers:
+                w.flush()
             os._exit(137)
 
 

@@ -9,7 +9,7 @@ Sample members (webdataset: `{key}.{member}` in a tar, grouped by key):
 | `flip_mean.npy`, `flip_std.npy` | the same for the horizontally flipped image (`--flip`) |
 | `tokens.npy` | int32 [K,L] open_clip token ids of the sample's K captions |
 | `states.npy`, `pooled.npy` | float16 [K,L,D], [K,P] text-tower outputs (`--text-states`); transformers towers (T5, CLIP): [K,n,D] trimmed to the n <= L positions of the longest caption's real tokens, no `pooled.npy` for T5 (P = 0) |
-| `json` | {"key", "captions": [K captions], "meta": the input sample's json} |
+| `json` | {"key", "captions": [K captions], "meta": the input sample's json; bucketed data: "bucket" (its name "HxW"), "crop" (the share of the resized image cut off)} |
 | `txt` | the first caption |
 
 `.npy` members are written with `np.save(allow_pickle=False)` and read with
@@ -24,6 +24,15 @@ then have E = E[mean] and Var = E[mean^2] - E[mean]^2 + E[std^2]: per element (`
 pooled over each channel's h x w positions (`channel`). Merging adds the shard sums in sorted
 shard-name order starting from zero, so one-rank, multi-rank and resumed jobs produce identical
 float64 numbers; the manifest stores the merged sums (JSON floats round-trip exactly).
+
+Bucketed data (`encode_latents.py --buckets`, `lct.buckets`): each sample's latents have its
+bucket's shape. Statistics are then per bucket and per channel (a shape-free form): `count`
+[B] samples, `positions` [B] = samples x h x w, and `sum_mean`, `sum_mean_sq`, `sum_var` [B, C]
+summed over every position, float64, added sample by sample in shard order (`ChannelStats`);
+merged in sorted shard order, then over the buckets in table order. The manifest's `buckets`
+holds the table (name, size, ratio key, latent shape), `counts` per bucket, the crop summary,
+and each shard entry its `bucket_counts` and `sample_buckets` (bucket index per sample, in order).
+Its format is `lct-latents/2`, so an lct that reads only square data refuses it in one line.
 
 Output directory of `data_prep/encode_latents.py`:
 
@@ -60,6 +69,7 @@ from lct.files import atomic_file, write_json
 from lct.shards import tar_samples
 
 FORMAT = "lct-latents/1"
+FORMAT_BUCKETED = "lct-latents/2"  # --buckets: per-bucket shapes and statistics (an older lct refuses it in one line)
 MANIFEST = "manifest.json"
 JOB = "job.json"
 RECORDS = "records"
@@ -87,8 +97,10 @@ def npy_load(data: bytes) -> np.ndarray:
 def encode_latent_sample(key: str, *, mean: np.ndarray, std: np.ndarray, tokens: np.ndarray,
                          captions: list[str], meta: dict | None = None, flip_mean: np.ndarray | None = None,
                          flip_std: np.ndarray | None = None, states: np.ndarray | None = None,
-                         pooled: np.ndarray | None = None) -> dict[str, Any]:
-    """Tar members of one sample (a dict for `webdataset.TarWriter(encoder=False)`)."""
+                         pooled: np.ndarray | None = None, bucket: str | None = None,
+                         crop: float | None = None) -> dict[str, Any]:
+    """Tar members of one sample (a dict for `webdataset.TarWriter(encoder=False)`); `bucket` and
+    `crop` go into its json (bucketed data only)."""
     def half(name, a):
         a = np.asarray(a)
         if a.dtype != np.float16:
@@ -109,15 +121,18 @@ def encode_latent_sample(key: str, *, mean: np.ndarray, std: np.ndarray, tokens:
         sample["states.npy"] = half("states", states)
     if pooled is not None:
         sample["pooled.npy"] = half("pooled", pooled)
-    sample["json"] = json.dumps({"key": key, "captions": list(captions), "meta": meta or {}},
-                                ensure_ascii=False, sort_keys=True).encode("utf-8")
+    info = {"key": key, "captions": list(captions), "meta": meta or {}}
+    if bucket is not None:
+        info.update(bucket=bucket, crop=round(float(crop), 6))
+    sample["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
     sample["txt"] = captions[0].encode("utf-8")
     return sample
 
 
 def decode_latent_sample(raw: dict) -> dict:
     """A webdataset sample dict of bytes -> {"key", "mean", "std", ["flip_mean", "flip_std"],
-    ["tokens"], ["states", "pooled"], "captions", "meta"} with numpy arrays (no unpickling).
+    ["tokens"], ["states", "pooled"], "captions", "meta", ["bucket", "crop"]} with numpy arrays
+    (no unpickling).
     Raises ValueError for an incomplete sample."""
     if "mean.npy" not in raw or "std.npy" not in raw:
         raise ValueError(f"latent sample {raw.get('__key__')!r} has no mean.npy/std.npy")
@@ -132,6 +147,8 @@ def decode_latent_sample(raw: dict) -> dict:
     if raw.get("json") is not None:
         j = json.loads(raw["json"])
         captions, meta = j.get("captions"), j.get("meta") or {}
+        if "bucket" in j:
+            out["bucket"], out["crop"] = j["bucket"], j.get("crop")
     if not captions and raw.get("txt") is not None:
         captions = [raw["txt"].decode("utf-8")]
     out["captions"] = list(captions or [])
@@ -162,26 +179,36 @@ def read_latent_shard(url: str) -> list[dict]:
 class SampleLayout:
     """What every sample of a latent data set holds, from its manifest: the latent shape of
     mean/std (and flip_mean/flip_std when the data has flipped copies), tokens [K, L] with
-    K >= 1 and L = the context length, and with text states [K, L, D] and [K, P]."""
+    K >= 1 and L = the context length, and with text states [K, L, D] and [K, P]. Bucketed data:
+    each sample's latent shape is its own bucket's (`buckets`: (name, latent shape) per bucket)."""
 
     latent_shape: tuple[int, int, int]
     flip: bool = False
     context_length: int | None = None
     states: tuple[int, int] | None = None   # (D, P) when the shards store text states
     trimmed: bool = False                   # states [K, n <= L, D] (transformers towers), no pooled when P = 0
+    buckets: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "SampleLayout":
         t = manifest.get("text") or {}
         states = (int(t["state_dim"]), int(t["pooled_dim"])) if t.get("states") else None
+        table = (manifest.get("buckets") or {}).get("table")
+        buckets = tuple((b["name"], tuple(int(x) for x in b["latent_shape"])) for b in table) if table else None
         return cls(tuple(int(x) for x in manifest["latent_shape"]), bool(manifest.get("flip")),
                    int(t["context_length"]) if t.get("context_length") else None, states,
-                   t.get("states_layout") == "trimmed")
+                   t.get("states_layout") == "trimmed", buckets)
 
     def core(self) -> "SampleLayout":
         """What every sample of any split holds (latents and tokens): for held-out shards, which
         may be encoded without --flip or --text-states."""
-        return SampleLayout(self.latent_shape, False, self.context_length, None)
+        return SampleLayout(self.latent_shape, False, self.context_length, None, buckets=self.buckets)
+
+    def shape_of(self, sample: dict) -> tuple[int, int, int] | None:
+        """The latent shape `sample` must have: its bucket's (None for a bucket not in the table)."""
+        if self.buckets is None:
+            return self.latent_shape
+        return dict(self.buckets).get(sample.get("bucket"))
 
 
 def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str, str] | None:
@@ -198,7 +225,10 @@ def check_latent_sample(sample: dict, layout: SampleLayout | None) -> tuple[str,
     missing = [n for n in need if n not in sample]
     if missing:
         return "missing_member", f"no {', '.join(m + '.npy' for m in missing)}"
-    want = list(layout.latent_shape) if layout is not None else shape("mean")
+    if layout is not None and layout.shape_of(sample) is None:
+        return "wrong_shape", (f"bucket {sample['bucket']!r} is not in the data's bucket table" if "bucket" in sample
+                               else "no bucket in its json (the data is bucketed)")
+    want = list(layout.shape_of(sample)) if layout is not None else shape("mean")
     for name in ("mean", "std", "flip_mean", "flip_std"):
         if name in sample:
             a = sample[name]
@@ -279,6 +309,85 @@ def merge_stats(parts: Iterable[tuple[str, StatsAccumulator]]) -> StatsAccumulat
     return total
 
 
+class ChannelStats:
+    """float64 per-bucket, per-channel sums of a bucketed shard (module docstring): `count` [B],
+    `positions` [B], and `sum_mean`, `sum_mean_sq`, `sum_var` [B, C] over every latent position."""
+
+    def __init__(self, buckets: int, channels: int):
+        self.count = np.zeros(buckets, dtype=np.int64)
+        self.positions = np.zeros(buckets, dtype=np.int64)
+        self.sums = {k: np.zeros((buckets, channels), dtype=np.float64) for k in STAT_KEYS}
+
+    def add(self, bucket: int, mean: np.ndarray, std: np.ndarray) -> None:
+        """One sample's stored (float16) posterior mean and std [C, h, w] in bucket `bucket`."""
+        m = np.asarray(mean, dtype=np.float64)
+        s = np.asarray(std, dtype=np.float64)
+        self.sums["sum_mean"][bucket] += m.sum(axis=(1, 2))
+        self.sums["sum_mean_sq"][bucket] += (m * m).sum(axis=(1, 2))
+        self.sums["sum_var"][bucket] += (s * s).sum(axis=(1, 2))
+        self.count[bucket] += 1
+        self.positions[bucket] += m.shape[1] * m.shape[2]
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_file(path) as f:
+            np.savez(f, count=self.count, positions=self.positions, **self.sums)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ChannelStats":
+        with np.load(path, allow_pickle=False) as z:
+            acc = cls(*z["sum_mean"].shape)
+            acc.count, acc.positions = z["count"].astype(np.int64), z["positions"].astype(np.int64)
+            for k in STAT_KEYS:
+                acc.sums[k] = z[k].astype(np.float64)
+        return acc
+
+
+def merge_channel_stats(parts: Iterable[tuple[str, ChannelStats]]) -> ChannelStats | None:
+    """Sum of shard accumulators in sorted shard-name order."""
+    total = None
+    for _, acc in sorted(parts, key=lambda p: p[0]):
+        if total is None:
+            total = ChannelStats(*acc.sums["sum_mean"].shape)
+        if acc.sums["sum_mean"].shape != total.sums["sum_mean"].shape:
+            raise UserError("bucketed shard statistics of different tables cannot be merged")
+        total.count += acc.count
+        total.positions += acc.positions
+        for k in STAT_KEYS:
+            total.sums[k] += acc.sums[k]
+    return total
+
+
+def channel_stats_record(acc: ChannelStats, names: list[str]) -> dict:
+    """The manifest's "stats" of bucketed data: per-channel sums over all buckets (added in table
+    order) and the derived channel statistics; per bucket its count and sums."""
+    total = {k: np.zeros(acc.sums[k].shape[1], dtype=np.float64) for k in STAT_KEYS}
+    for b in range(len(names)):
+        for k in STAT_KEYS:
+            total[k] += acc.sums[k][b]
+    count, positions = int(acc.count.sum()), int(acc.positions.sum())
+    mean, std = pooled_stats(positions, *(total[k] for k in STAT_KEYS))
+    return {"count": count, "positions": positions, "shape": [int(acc.sums["sum_mean"].shape[1])],
+            "of": "raw posterior samples mean + std * eps of the unflipped images, pooled over every latent "
+                  "position of every bucket (SPEC 7)",
+            "merge_order": "sorted shard names, then buckets in table order",
+            **{k: total[k].tolist() for k in STAT_KEYS},
+            "channel_mean": mean.reshape(-1).tolist(), "channel_std": std.reshape(-1).tolist(),
+            "per_bucket": {n: {"count": int(acc.count[b]), "positions": int(acc.positions[b]),
+                               **{k: acc.sums[k][b].tolist() for k in STAT_KEYS}}
+                           for b, n in enumerate(names) if acc.count[b]}}
+
+
+def pooled_stats(positions: int, sum_mean, sum_mean_sq, sum_var) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float64 [C, 1, 1] of the posterior samples from per-channel sums over `positions`."""
+    if positions <= 0:
+        raise UserError("latent statistics cover no samples")
+    sm, sq, sv = (np.asarray(a, dtype=np.float64).reshape(-1, 1, 1) for a in (sum_mean, sum_mean_sq, sum_var))
+    n = float(positions)
+    mean = sm / n
+    var = sq / n - mean * mean + sv / n
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
 def stats_from_sums(count: int, sum_mean, sum_mean_sq, sum_var, kind: str = "channel"
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) float64 of the posterior samples: [C,1,1] (channel) or [C,h,w] (element)."""
@@ -314,6 +423,11 @@ def latent_stats(manifest: dict, kind: str = "channel") -> tuple[np.ndarray, np.
     if not st or any(k not in st for k in ("count", *STAT_KEYS)):
         raise UserError("the latent manifest has no statistics; re-run data_prep/encode_latents.py "
                         "(or with --merge-only once every shard is complete)")
+    if "positions" in st:  # bucketed data: per-channel sums only
+        if kind != "channel":
+            raise UserError(f"data.latent_norm {kind}: bucketed latents (encode_latents.py --buckets) have one shape "
+                            "per bucket and per-channel statistics only; use data.latent_norm channel")
+        return pooled_stats(int(st["positions"]), *(st[k] for k in STAT_KEYS))
     return stats_from_sums(int(st["count"]), *(st[k] for k in STAT_KEYS), kind=kind)
 
 
@@ -367,24 +481,27 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
     if len(jobs) > 1:
         raise UserError(f"{out_dir}: its shard records come from {len(jobs)} jobs with different settings "
                         f"({', '.join(jobs[:3])}); delete the output and encode it again")
+    bucketed = bool(header.get("buckets"))
     parts = []
     for name in names:
         if records[name].get("samples", 0) > 0:
-            parts.append((name, StatsAccumulator.load(record_paths(out_dir, name)[1])))
-    total = merge_stats(parts)
+            path = record_paths(out_dir, name)[1]
+            parts.append((name, ChannelStats.load(path) if bucketed else StatsAccumulator.load(path)))
+    total = merge_channel_stats(parts) if bucketed else merge_stats(parts)
     if total is None:
         raise UserError(f"{out_dir}: no shard holds any sample; nothing to write a manifest for")
     skipped: dict[str, int] = {}
     for rec in records.values():
         for k, v in (rec.get("skipped") or {}).items():
             skipped[k] = skipped.get(k, 0) + int(v)
-    shards = [{k: records[n].get(k) for k in ("name", "file", "input", "samples", "skipped", "bytes",
-                                               "text_state_bytes", "fp32_fallback_batches")} for n in names]
+    keys = ("name", "file", "input", "samples", "skipped", "bytes", "text_state_bytes", "fp32_fallback_batches")
+    keys += ("bucket_counts", "sample_buckets") if bucketed else ()
+    shards = [{k: records[n].get(k) for k in keys} for n in names]
     n_samples = sum(int(r["samples"]) for r in records.values())
     text_bytes = sum(int(r.get("text_state_bytes") or 0) for r in records.values())
     manifest = dict(header)
     manifest.update({
-        "format": FORMAT,
+        "format": FORMAT_BUCKETED if bucketed else FORMAT,
         "num_samples": n_samples,
         "num_shards": sum(1 for s in shards if s["file"]),
         "skipped": dict(sorted(skipped.items())),
@@ -392,8 +509,10 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
         "output_bytes": sum(int(s["bytes"] or 0) for s in shards),
         "fp32_fallback_batches": sum(int(s["fp32_fallback_batches"] or 0) for s in shards),
         "shards": shards,
-        "stats": stats_record(total),
+        "stats": channel_stats_record(total, bucket_names(header)) if bucketed else stats_record(total),
     })
+    if bucketed:
+        manifest["buckets"] = {**header["buckets"], **bucket_summary(header, list(records.values()))}
     if manifest.get("text", {}).get("states"):
         manifest["text"] = dict(manifest["text"])
         manifest["text"]["states_bytes"] = {"total": text_bytes,
@@ -401,6 +520,29 @@ def merge_manifest(out_dir: str | os.PathLike, names: list[str], header: dict,
     if write:
         write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def bucket_names(header: dict) -> list[str]:
+    return [b["name"] for b in header["buckets"]["table"]]
+
+
+def bucket_summary(header: dict, records: list[dict]) -> dict:
+    """`counts` per bucket (table order), the most common bucket and the crop summary (mean, max,
+    share of samples per crop range, mean per bucket) from the shard records."""
+    names = bucket_names(header)
+    counts = {n: sum(int((r.get("bucket_counts") or {}).get(n, 0)) for r in records) for n in names}
+    crops = [r["crop"] for r in records if r.get("crop")]
+    n = sum(counts.values())
+    edges = crops[0]["edges"] if crops else []
+    hist = [sum(c["counts"][i] for c in crops) for i in range(len(edges) + 1)]
+    by_bucket = {b: sum(float(c["bucket_sum"].get(b, 0.0)) for c in crops) for b in names}
+    labels = [f"<= {e:g}" for e in edges] + ([f"> {edges[-1]:g}"] if edges else [])
+    return {"counts": counts, "most_common": max(names, key=lambda b: counts[b]),
+            "crop": {"of": "share of the resized image's area cut off by the centre crop",
+                     "mean": sum(float(c["sum"]) for c in crops) / max(n, 1),
+                     "max": max((float(c["max"]) for c in crops), default=0.0),
+                     "share": {lab: h / max(n, 1) for lab, h in zip(labels, hist)},
+                     "mean_per_bucket": {b: by_bucket[b] / counts[b] for b in names if counts[b]}}}
 
 
 def load_manifest(path_or_dir: str | os.PathLike) -> dict:
@@ -434,8 +576,8 @@ def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     if not (isinstance(fmt, str) and fmt.startswith("lct-latents/")):
         raise UserError(f"{s}: not a latent manifest (format {fmt!r}); point at the output of "
                         "data_prep/encode_latents.py")
-    if fmt != FORMAT:
-        raise UserError(f"{s}: latent format {fmt} is not supported by this lct (reads {FORMAT}); "
+    if fmt not in (FORMAT, FORMAT_BUCKETED):
+        raise UserError(f"{s}: latent format {fmt} is not supported by this lct (reads {FORMAT}, {FORMAT_BUCKETED}); "
                         "re-encode the data or update lct")
     missing = [k for k in ("latent_shape", "stats", "vae", "text") if k not in m]
     if missing:

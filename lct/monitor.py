@@ -265,7 +265,7 @@ class Monitor:
         samples = mem.samples[: cfg.val.batch_size]
         xs, zs, caps, toks = [], [], [], []
         for i, s in enumerate(samples):
-            g = rng.philox(cfg.run.seed, rng.VALIDATION, i)
+            g = rng.philox(rng.Stream.VALIDATION, cfg.run.seed, i)
             eps = g.standard_normal(s["mean"].shape, dtype=np.float32)
             raw = posterior_latent(cfg.data.posterior, s["mean"].astype(np.float32), s["std"].astype(np.float32), eps,
                                    cfg.run.seed, s.get("key", ""), False)  # as training sees it

@@ -33,6 +33,7 @@ import torch
 
 from lct import checkpoint as ckpt
 from lct import dist, models
+from lct import rng as lct_rng  # `rng` names RNG states here
 from lct.config import TrainConfig, dump_yaml
 from lct.data import manifest_path
 from lct.dist import DistInfo
@@ -165,6 +166,10 @@ def check_resume(cfg: TrainConfig, info: DistInfo, ckpt_dir: Path) -> dict:
     only."""
     saved = ckpt.read_state(ckpt_dir)
     old_cfg = saved["config"]
+    if saved.get("rng_keys", 1) != lct_rng.KEY_SCHEME:  # SPEC 1.2: its data and noise draws cannot be continued
+        raise UserError(f"checkpoint {ckpt_dir} was written with random-stream key scheme {saved.get('rng_keys', 1)}, "
+                        f"this lct draws with scheme {lct_rng.KEY_SCHEME} (SPEC 1.2): finish that run with the lct "
+                        "that started it, or start a new one (run.resume=never)")
     if saved["world_size"] != info.world_size:
         stages = {int(old_cfg["distributed"]["zero_stage"]), cfg.distributed.zero_stage}
         if not stages <= {1, 2}:
@@ -231,7 +236,7 @@ def load_resume(engine, ema: PartitionedEMA, ckpt_dir: Path, saved: dict, info: 
         if universal:
             seed = int(saved["config"]["run"]["seed"])
             rng = {"cpu": torch.Generator().manual_seed(
-                (seed * 1_000_003 + info.rank * 7_919 + state.applied_steps) % 2**63).get_state()}
+                lct_rng.seed_int(lct_rng.Stream.TORCH_RESEED, seed, info.rank, state.applied_steps)).get_state()}
         else:
             rng = torch.load(ckpt_dir / f"rng_rank{info.rank}.pt", weights_only=True)
     if info.is_main:
@@ -323,6 +328,7 @@ def save(run: Run, state: TrainState, export_all: bool = False, export: bool = T
             if not exists:
                 files["ema.safetensors"] = ckpt.save_ema_file(ckpt_dir / "ema.safetensors", emas)
                 record = {"state": asdict(state), "world_size": world, "files": dict(sorted(files.items())),
+                          "rng_keys": lct_rng.KEY_SCHEME,
                           "config": cfg.model_dump(mode="json"), "time": time.time()}
                 ckpt.mark_complete(ckpt_dir, record, run.ckpt_root)
                 ckpt.rotate(run.ckpt_root, cfg.run.keep_last)

@@ -192,12 +192,15 @@ def sample_spec(rng: np.random.Generator) -> ShapeSpec:
                      rgb=tuple(int(v) for v in rgb), background=tuple(int(v) for v in bg))
 
 
-def render(spec: ShapeSpec, size: int = 64, supersample: int = 4) -> Image.Image:
-    """Draw `spec` as an RGB image of `size` x `size` pixels (drawn at `supersample`x, box-filtered)."""
-    s = size * supersample
-    img = Image.new("RGB", (s, s), spec.background)
+def render(spec: ShapeSpec, size: int | tuple[int, int] = 64, supersample: int = 4) -> Image.Image:
+    """Draw `spec` as an RGB image of `size` x `size` pixels, or on a (width, height) canvas
+    (drawn at `supersample`x, box-filtered). On a canvas the centre is a fraction of each side
+    (the 3x3 cells are the canvas's own thirds) and the extent a fraction of the short side."""
+    width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    sw, sh = width * supersample, height * supersample
+    img = Image.new("RGB", (sw, sh), spec.background)
     draw = ImageDraw.Draw(img)
-    cx, cy, h = spec.cx * s, spec.cy * s, spec.extent * s / 2
+    cx, cy, h = spec.cx * sw, spec.cy * sh, spec.extent * min(sw, sh) / 2
     fill = tuple(spec.rgb)
     if spec.shape == "circle":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -212,7 +215,7 @@ def render(spec: ShapeSpec, size: int = 64, supersample: int = 4) -> Image.Image
         raise ValueError(f"unknown shape {spec.shape!r} (known: {', '.join(SHAPES)})")
     if supersample == 1:
         return img
-    return img.resize((size, size), Image.Resampling.BOX)
+    return img.resize((width, height), Image.Resampling.BOX)
 
 
 # --------------------------------------------------------------------------------------------

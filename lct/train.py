@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lct import checkpoint as ckpt
-from lct import dist
+from lct import dist, rng
 from lct.config import TrainConfig, check_train_config, load_config
 from lct.data import DataSpec, InMemoryLatents, SkipTally, make_loader, to_device, token_ids
 from lct.dist import DistInfo
@@ -132,7 +132,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the cores; oversubscribed threads make small matmuls many times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-    torch.manual_seed(cfg.run.seed + info.rank)  # dropout masks; saved and restored on resume
+    torch.manual_seed(rng.seed_int(rng.Stream.TORCH_GLOBAL, cfg.run.seed, info.rank))  # init, dropout; saved
     if info.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -227,3 +228,48 @@ def hold_lock(path: str | os.PathLike):
         p.kill()
         raise AssertionError(f"could not take {path}")
     return p
+
+
+def square_golden_inputs(directory: str | os.PathLike) -> tuple[str, str]:
+    """(input pattern, tiny VAE folder) of tests/data/square_golden.json: 3 PNG shards (lossless, so
+    the pixels do not depend on a JPEG codec) of landscape, portrait and square images."""
+    directory = Path(directory)
+    vae = make_tiny_vae(directory / "vae", latent_channels=4, downsample=4)
+    for i, (size, n) in enumerate((((40, 28), 3), ((24, 44), 3), ((30, 30), 2))):
+        src = make_image_shards(directory / f"src{i}", n_shards=1, per_shard=n, size=size, fmt="png", seed=10 + i)
+        (directory / "img").mkdir(parents=True, exist_ok=True)
+        os.replace(src, directory / "img" / f"{i:05d}.tar")
+    return str(directory / "img" / "{00000..00002}.tar"), vae
+
+
+def run_forked(argv, envs: list[dict], timeout: float = 120) -> list[int]:
+    """Run encode_latents' main in forked child processes, one per env dict, concurrently (no
+    import cost; each is an independent process reading its own RANK/WORLD_SIZE); returns their
+    exit codes."""
+    import multiprocessing as mp
+
+    import torch
+
+    from lct.data_prep.encode_latents import main as encode
+
+    def target(env):
+        os.environ.update(env)
+        torch.set_num_threads(1)
+        try:
+            code = encode(argv)
+        except BaseException as err:
+            print(f"forked encode_latents failed: {err!r}", file=sys.stderr, flush=True)
+            os._exit(1)
+        os._exit(code or 0)
+
+    procs = [mp.get_context("fork").Process(target=target, args=(env,)) for env in envs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise AssertionError("forked encode_latents timed out")
+    return [p.exitcode for p in procs]

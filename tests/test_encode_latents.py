@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT
 from helpers_data import (TINY_TEXT_MODEL, cut_points, expected_keys, make_image_shards, make_tiny_vae,
-                          hold_lock, read_latent_dir, tar_members, tiny_encode_args, write_tar)
+                          hold_lock, read_latent_dir, run_forked, tar_members, tiny_encode_args, write_tar)
 from lct.errors import UserError
 
 SCRIPT = str(ROOT / "data_prep" / "encode_latents.py")
@@ -184,7 +184,7 @@ def test_merge_only_rewrites_the_same_manifest_and_other_settings_are_refused(ba
 
 
 def test_fp16_range_error_names_the_sample():
-    from lct.data_prep.encode_latents import to_fp16
+    from lct.latent_writer import to_fp16
 
     t = torch.zeros(3, 2)
     t[1, 0] = 7e4
@@ -198,35 +198,6 @@ def test_fp16_range_error_names_the_sample():
 # ----------------------------------------------------------------------------------------------
 
 
-def run_forked(argv, envs: list[dict], timeout: float = 120) -> list[int]:
-    """Run encode_latents' main in forked child processes, one per env dict, concurrently (no
-    import cost; each is an independent process reading its own RANK/WORLD_SIZE); returns their
-    exit codes."""
-    import multiprocessing as mp
-
-    def target(env):
-        os.environ.update(env)
-        torch.set_num_threads(1)
-        try:
-            code = encode(argv)
-        except BaseException as err:
-            print(f"forked encode_latents failed: {err!r}", file=sys.stderr, flush=True)
-            os._exit(1)
-        os._exit(code or 0)
-
-    procs = [mp.get_context("fork").Process(target=target, args=(env,)) for env in envs]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-            raise AssertionError("forked encode_latents timed out")
-    return [p.exitcode for p in procs]
-
-
 def shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
@@ -235,8 +206,8 @@ def shard_files(out: Path) -> dict[str, bytes]:
 def test_resume_after_a_kill_mid_shard(tiny, clean_run, tmp_path):
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
-    # A forked child (no import cost) dies by os._exit in the middle of its second shard.
-    assert run_forked(argv, [{"LCT_TEST_CRASH_AFTER_SHARDS": "1"}]) == [17]
+    # A forked child (no import cost) dies (lct.faults: status 137, as SIGKILL) in the middle of its second shard.
+    assert run_forked(argv, [{"LCT_FAULT_EXIT_MID_SHARD": "1"}]) == [137]
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
     assert [p.stat().st_size > 0 for p in out.glob("00001.tar.*.tmp")] == [True]  # half written, per-process name
     assert not (out / "records" / "00001.json").exists() and not (out / "manifest.json").exists()
@@ -375,7 +346,7 @@ def test_a_shard_another_process_holds_is_left_to_it(clean_run, tmp_path, capfd)
 def test_a_shard_that_does_not_read_back_is_not_recorded(tiny, tmp_path):
     """The written file is read back before it is renamed and recorded (here another writer
     truncated it under us)."""
-    from lct.data_prep.encode_latents import ShardWriter
+    from lct.latent_writer import ShardWriter
     from lct.latents import encode_latent_sample
     from lct.shards import FileLock
 
@@ -402,7 +373,7 @@ def test_a_failed_job_does_not_block_the_corrected_rerun(clean_run, tmp_path):
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
     # The first attempt (other settings) dies in its first shard: job.json written, nothing recorded.
-    assert run_forked(argv + ["--max-captions", "2"], [{"LCT_TEST_CRASH_AFTER_SHARDS": "0"}]) == [17]
+    assert run_forked(argv + ["--max-captions", "2"], [{"LCT_FAULT_EXIT_MID_SHARD": "0"}]) == [137]
     assert json.loads((out / "job.json").read_text())["options"]["max_captions"] == 2
     assert not list((out / "records").glob("*.json"))
     encode(argv)  # the corrected settings replace the failed job's

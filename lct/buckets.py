@@ -1,0 +1,196 @@
+"""Aspect-ratio buckets: tables of (height, width) of about equal area, the bucket of an image, and
+the resize-to-cover + centre-crop geometry that puts an image into its bucket (issue 33, data side).
+
+Tables (`load_table`): `pixart_256`, `pixart_512`, `pixart_1024` are PixArt-alpha's multi-scale
+tables as diffusers ships them for the PixArt pipelines' resolution binning
+(`diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha.ASPECT_RATIO_{256,512,1024}_BIN`, 33
+buckets from 1:4 to 4:1, read from the installed diffusers so they are the ones its pipelines bin
+to), `pixart_2048` PixArt-Sigma's (`pipeline_pixart_sigma.ASPECT_RATIO_2048_BIN`). Their keys are
+the ratio height / width rounded to two decimals; a table maps it to [height, width].
+`shapes_32` is lct's table for the 32 px shapes data with `make_shapes.py --aspects 5:3,1:1,3:5`:
+32x32, 24x40, 40x24 (about equal area; multiples of 8, so a 4x VAE gives latents a DiT patch of
+2 divides). A user's
+table is a YAML list of [height, width] pairs (or a mapping with such a list under `buckets`),
+whose ratio keys are the exact height / width.
+
+Assignment (`BucketTable.assign`): the bucket whose ratio key is nearest to the image's height /
+width, ties to the first in table order: PixArt's `get_closest_ratio`
+(PixArt-alpha/PixArt-alpha `diffusion/data/datasets/InternalData_ms.py`; diffusers'
+`PixArtImageProcessor.classify_height_width_bin` bins generated sizes the same way).
+
+Geometry (`cover_crop`, `resize_crop`), as PixArt's multi-scale training data
+(`InternalDataMS.getdata`: `T.Resize(resize_size, BICUBIC)` then `T.CenterCrop(closest_size)`):
+scale the image by s = max(H / h, W / w) so that it covers the H x W bucket, the other side
+truncated to an integer (in integer arithmetic here; PixArt's float `int(w * H / h)` gives the
+same for sides below 2^26), resize with PIL bicubic (what torchvision's `Resize` does to a PIL
+image), then crop the centre with torchvision's `center_crop` (offsets `round((h' - H) / 2)`,
+`round((w' - W) / 2)`). The crop fraction is the share of the resized image's area cut off,
+1 - H W / (h' w').
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torchvision.transforms.functional import center_crop
+
+from lct.errors import UserError
+
+# name -> (diffusers module, table constant)
+PIXART_TABLES = {
+    "pixart_256": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_256_BIN"),
+    "pixart_512": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_512_BIN"),
+    "pixart_1024": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "ASPECT_RATIO_1024_BIN"),
+    "pixart_2048": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "ASPECT_RATIO_2048_BIN"),
+}
+# lct's own tables: name -> [height, width] pairs (ratio keys height / width)
+TABLES = {"shapes_32": ((32, 32), (24, 40), (40, 24))}
+ASSIGN = "nearest ratio key to height / width, ties to the first in table order (PixArt get_closest_ratio)"
+GEOMETRY = ("PIL bicubic resize to cover the bucket (scale max(H/h, W/w), the other side truncated), torchvision "
+            "center_crop to H x W (PixArt InternalDataMS)")
+CROP_BINS = (0.0, 0.05, 0.1, 0.25, 0.5)  # crop summary: samples with crop <= each edge, and above the last
+
+
+@dataclass(frozen=True)
+class Bucket:
+    height: int
+    width: int
+    ratio: float  # the key an image's height / width is compared with
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}"
+
+
+@dataclass(frozen=True)
+class BucketTable:
+    """Buckets in table order, and where the table came from (a shipped name or a file)."""
+
+    buckets: tuple[Bucket, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.buckets]
+
+    @property
+    def base(self) -> int:
+        """The table's base resolution: the side of a square of its largest area (PixArt: 256,
+        512, 1024, 2048)."""
+        return int(round(math.sqrt(max(b.height * b.width for b in self.buckets))))
+
+    @property
+    def base_index(self) -> int:
+        """The bucket a square image goes to."""
+        return self.assign(1, 1)
+
+    def assign(self, height: int, width: int) -> int:
+        """Index of the bucket of an image of `height` x `width` (module docstring)."""
+        r = height / width
+        return min(range(len(self.buckets)), key=lambda i: abs(self.buckets[i].ratio - r))
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def check_divisible(self, factor: int, what: str) -> None:
+        """Every side a multiple of `factor` (the VAE's downsampling), else a one-line error."""
+        bad = [b.name for b in self.buckets if b.height % factor or b.width % factor]
+        if bad:
+            raise UserError(f"--buckets {self.source}: bucket(s) {', '.join(bad[:4])} are not multiples of {what} "
+                            f"{factor}; use sides divisible by {factor}")
+
+    def record(self, channels: int, downsample: int) -> dict:
+        """The manifest's `buckets` record of the table (counts and crops are added by the merge)."""
+        return {"source": self.source, "assign": ASSIGN, "geometry": GEOMETRY, "base_resolution": self.base,
+                "table": [{"name": b.name, "size": [b.height, b.width], "ratio": b.ratio,
+                           "latent_shape": [channels, b.height // downsample, b.width // downsample]}
+                          for b in self.buckets]}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "BucketTable":
+        return cls(tuple(Bucket(int(b["size"][0]), int(b["size"][1]), float(b["ratio"])) for b in rec["table"]),
+                   str(rec.get("source", "manifest")))
+
+
+def _pixart(name: str) -> BucketTable:
+    module, const = PIXART_TABLES[name]
+    try:
+        import importlib
+
+        table = getattr(importlib.import_module(module), const)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"--buckets {name}: the installed diffusers has no {module}.{const} ({err}); "
+                        "pass the table as a YAML file of [height, width] pairs instead") from None
+    return BucketTable(tuple(Bucket(int(h), int(w), float(k)) for k, (h, w) in table.items()), name)
+
+
+def _from_file(path: Path) -> BucketTable:
+    flag = f"--buckets {path}"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise UserError(f"{flag}: cannot read the bucket table ({type(err).__name__}: {detail})") from None
+    if isinstance(data, dict):
+        data = data.get("buckets")
+    pairs = []
+    for item in data if isinstance(data, list) else [None]:
+        ok = (isinstance(item, (list, tuple)) and len(item) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item))
+        if not ok:
+            raise UserError(f"{flag}: expected a YAML list of [height, width] pairs of positive integers "
+                            f"(e.g. [[256, 256], [192, 320], [320, 192]]), got {item!r}")
+        pairs.append((int(item[0]), int(item[1])))
+    if not pairs:
+        raise UserError(f"{flag}: the bucket table is empty")
+    buckets = tuple(Bucket(h, w, h / w) for h, w in pairs)
+    seen: dict[float, str] = {}
+    for b in buckets:
+        if b.ratio in seen:
+            raise UserError(f"{flag}: buckets {seen[b.ratio]} and {b.name} have the same aspect ratio; a table "
+                            "holds one size per ratio")
+        seen[b.ratio] = b.name
+    return BucketTable(buckets, str(path.resolve()))  # a rerun from another folder is the same job
+
+
+def load_table(spec: str) -> BucketTable:
+    """A shipped table by name (`PIXART_TABLES`, `TABLES`) or a user's YAML file; errors name --buckets."""
+    if spec in PIXART_TABLES:
+        return _pixart(spec)
+    if spec in TABLES:
+        return BucketTable(tuple(Bucket(h, w, h / w) for h, w in TABLES[spec]), spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _from_file(path)
+    raise UserError(f"--buckets {spec}: neither a table name ({', '.join([*PIXART_TABLES, *TABLES])}) nor a YAML file")
+
+
+def cover_crop(height: int, width: int, bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """((resized height, resized width), (top, left) of the crop, crop fraction) of an image of
+    `height` x `width` put into `bucket` (module docstring)."""
+    H, W = bucket.height, bucket.width
+    if H * width > W * height:  # H / height > W / width: the height sets the scale
+        rh, rw = H, width * H // height
+    else:
+        rh, rw = height * W // width, W
+    top, left = int(round((rh - H) / 2.0)), int(round((rw - W) / 2.0))
+    return (rh, rw), (top, left), 1.0 - (H * W) / (rh * rw)
+
+
+def resize_crop(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, float]:
+    """(uint8 [3, H, W], crop fraction) of an 8-bit RGB PIL image put into `bucket`."""
+    (rh, rw), _, crop = cover_crop(img.height, img.width, bucket)
+    if (img.height, img.width) != (rh, rw):
+        img = img.resize((rw, rh), Image.BICUBIC)
+    img = center_crop(img, [bucket.height, bucket.width])
+    arr = np.array(img, dtype=np.uint8, copy=True)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), crop

@@ -1,0 +1,407 @@
+"""Aspect-ratio buckets, data side (issue 33): tables (PixArt's from diffusers, YAML), nearest-ratio
+assignment against diffusers' binning, the resize-to-cover + centre-crop geometry against PixArt's
+torchvision transform, square shards byte for byte as before `--buckets`, and a bucketed encode of
+`make_shapes --aspects` data with a tiny AutoencoderKL (manifest records, statistics, sample
+checks, independence of batch size, workers, ranks and a kill)."""
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from helpers_data import make_tiny_vae, read_latent_dir, run_forked, square_golden_inputs, tiny_encode_args
+from lct.buckets import PIXART_TABLES, Bucket, BucketTable, cover_crop, load_table, resize_crop
+from lct.errors import UserError
+from lct.latents import load_manifest
+
+GOLDEN = ROOT / "tests" / "data" / "square_golden.json"
+ASPECTS = [(5, 3), (1, 1), (3, 5)]
+
+
+def encode(argv):
+    from lct.data_prep.encode_latents import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and assignment
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PIXART_TABLES))
+def test_pixart_tables_are_diffusers_and_bin_like_its_pipelines(name):
+    import importlib
+
+    from diffusers.image_processor import PixArtImageProcessor
+
+    module, const = PIXART_TABLES[name]
+    ref = getattr(importlib.import_module(module), const)
+    table = load_table(name)
+    assert [[b.height, b.width] for b in table.buckets] == [[int(h), int(w)] for h, w in ref.values()]
+    assert table.base == int(name.split("_")[1]) and table.buckets[table.base_index].name == f"{table.base}x{table.base}"
+    assert all(abs(b.ratio - b.height / b.width) < 0.006 for b in table.buckets)
+    # The bucket of any image is the one diffusers' pipelines bin that size to.
+    for h in range(40, 3000, 97):
+        for w in range(40, 3000, 89):
+            b = table.buckets[table.assign(h, w)]
+            assert (b.height, b.width) == PixArtImageProcessor.classify_height_width_bin(h, w, ref)
+
+
+def test_user_tables_from_yaml(tmp_path):
+    (tmp_path / "list.yaml").write_text("- [256, 256]\n- [192, 320]\n- [320, 192]\n")
+    (tmp_path / "map.yaml").write_text("buckets: [[256, 256], [192, 320], [320, 192]]\n")
+    a, b = load_table(str(tmp_path / "list.yaml")), load_table(str(tmp_path / "map.yaml"))
+    assert a.buckets == b.buckets and a.names == ["256x256", "192x320", "320x192"] and a.base == 256
+    assert [a.assign(*hw) for hw in ((100, 100), (90, 160), (160, 90), (3, 1000))] == [0, 1, 2, 1]
+    assert load_table("shapes_32").names == ["32x32", "24x40", "40x24"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("- [256, 256]\n- [256]\n", "pairs of positive integers"),
+    ("- [256, 0]\n", "pairs of positive integers"),
+    ("- [256.5, 256]\n", "pairs of positive integers"),
+    ("{a: 1}\n", "pairs of positive integers"),
+    ("[]\n", "empty"),
+    ("- [256, 256]\n- [512, 512]\n", "same aspect ratio"),
+    ("- [256, 256\n", "cannot read"),
+])
+def test_bad_tables_are_one_line_errors_naming_the_flag(tmp_path, text, needle):
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_table(str(p))
+    assert needle in str(err.value) and str(err.value).startswith(f"--buckets {p}") and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="neither a table name .*pixart_512.*nor a YAML file"):
+        load_table("pixart_384")
+
+
+def test_tie_breaking_is_table_order():
+    t = BucketTable((Bucket(10, 20, 0.5), Bucket(20, 10, 1.5)), "t")
+    assert t.assign(1, 1) == 0  # ratio 1.0 is 0.5 from both: the first wins
+    assert BucketTable(t.buckets[::-1], "t").assign(1, 1) == 0  # ... whichever it is
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+
+
+def pixart_transform(img: Image.Image, closest_size: list[int]) -> np.ndarray:
+    """PixArt-alpha's InternalDataMS.getdata transform up to ToTensor, verbatim in its logic."""
+    import torchvision.transforms as T
+    from torchvision.transforms.functional import InterpolationMode
+
+    ori_h, ori_w = img.height, img.width
+    if closest_size[0] / ori_h > closest_size[1] / ori_w:
+        resize_size = closest_size[0], int(ori_w * closest_size[0] / ori_h)
+    else:
+        resize_size = int(ori_h * closest_size[1] / ori_w), closest_size[1]
+    t = T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.Resize(resize_size, interpolation=InterpolationMode.BICUBIC),
+                   T.CenterCrop(closest_size)])
+    return np.asarray(t(img))
+
+
+def test_resize_crop_is_pixart_training_geometry():
+    rng = np.random.default_rng(0)
+    table = load_table("pixart_256")
+    sizes = [(300, 200), (200, 300), (256, 256), (97, 401), (640, 480), (480, 640), (33, 35), (1000, 250),
+             (251, 1003), (512, 384)]
+    for h, w in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        b = table.buckets[table.assign(h, w)]
+        got, crop = resize_crop(img, b)
+        assert got.dtype == torch.uint8 and tuple(got.shape) == (3, b.height, b.width)
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), pixart_transform(img, [b.height, b.width]))
+        (rh, rw), (top, left), frac = cover_crop(h, w, b)
+        assert rh >= b.height and rw >= b.width and (rh == b.height or rw == b.width)
+        assert frac == pytest.approx(1 - b.height * b.width / (rh * rw)) and crop == frac
+        assert (top, left) == (round((rh - b.height) / 2), round((rw - b.width) / 2))
+    # An image of the bucket's own size is untouched; one of its ratio is only resized.
+    img = Image.fromarray(rng.integers(0, 256, (192, 320, 3), dtype=np.uint8))
+    same, crop = resize_crop(img, Bucket(192, 320, 0.6))
+    np.testing.assert_array_equal(same.permute(1, 2, 0).numpy(), np.asarray(img))
+    assert crop == 0.0 and cover_crop(384, 640, Bucket(192, 320, 0.6)) == ((192, 320), (0, 0), 0.0)
+    # A 2:1 image in a square bucket loses half its area, cut equally left and right.
+    assert cover_crop(100, 200, Bucket(50, 50, 1.0)) == ((50, 100), (0, 25), 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Square shards: byte for byte what the encoder wrote before --buckets
+# ----------------------------------------------------------------------------------------------
+
+
+def tar_members_of(path):
+    with tarfile.open(path) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def test_square_shards_are_byte_identical_to_the_encoder_before_buckets(tmp_path):
+    """tests/data/square_golden.json holds what data_prep/encode_latents.py wrote at 605ee6f (before
+    --buckets) for these inputs. With the same torch/diffusers/Pillow/numpy/open_clip the shards
+    must be the same bytes; with others (a different conv kernel may move a float16 rounding) every
+    member but the latents must still be the same bytes and the latents within 1e-3."""
+    import diffusers
+    import open_clip
+    import PIL
+
+    golden = json.loads(GOLDEN.read_text())
+    pattern, vae = square_golden_inputs(tmp_path / "in")
+    out = tmp_path / "lat"
+    assert encode(tiny_encode_args(pattern, out, vae, batch_size=2, extra=["--flip"])) == 0
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "pillow": PIL.__version__,
+                "numpy": np.__version__, "open_clip": open_clip.__version__}
+    tars = {p.name: p for p in sorted(out.glob("*.tar"))}
+    assert sorted(tars) == sorted(golden["files"])
+    if versions == golden["versions"]:
+        assert {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in tars.items()} == golden["files"]
+    got = {f"{n}/{m}": data for n, p in tars.items() for m, data in tar_members_of(p).items()}
+    assert sorted(got) == sorted(golden["members"])  # the same members in the same shards
+    for name, data in got.items():
+        want = golden["members"][name]
+        if name.endswith(".npy"):
+            a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(base64.b64decode(want)))
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if name.endswith("tokens.npy") or versions == golden["versions"]:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+            else:
+                np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3, err_msg=name)
+        else:
+            assert hashlib.sha256(data).hexdigest() == want, name
+    m = json.loads((out / "manifest.json").read_text())
+    assert "buckets" not in m and "buckets" not in m["options"] and "positions" not in m["stats"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bucketed encode of make_shapes --aspects data
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aspect_data(tmp_path_factory):
+    """2 shards of 6 shapes on 5:3, 1:1 and 3:5 canvases (32 px), the square set of the same seed,
+    a tiny 4x VAE, and their encode with --buckets shapes_32 --flip (batch 2)."""
+    from lct.data_prep.make_shapes import write_split
+
+    base = tmp_path_factory.mktemp("buckets")
+    write_split(base / "ar", "train", 12, 32, 6, seed=3, aspects=ASPECTS, progress=False)
+    write_split(base / "sq", "train", 12, 32, 6, seed=3, progress=False)
+    vae = make_tiny_vae(base / "vae", latent_channels=4, downsample=4)
+    out = base / "lat"
+    argv = tiny_encode_args(str(base / "ar" / "{00000..00001}.tar"), out, vae, resolution=32, batch_size=2,
+                            extra=["--buckets", "shapes_32", "--flip"])  # --resolution: the table's base, accepted
+    assert encode(argv) == 0
+    return {"base": base, "vae": vae, "out": out, "argv": argv,
+            "manifest": json.loads((out / "manifest.json").read_text()),
+            "records": [json.loads(line) for line in (base / "ar" / "captions.jsonl").read_text().splitlines()]}
+
+
+def test_make_shapes_aspects_keep_captions_and_positions_in_canvas_coordinates(aspect_data, tmp_path):
+    from lct import shapes
+    from lct.data_prep.make_shapes import canvas, main
+
+    base, recs = aspect_data["base"], aspect_data["records"]
+    assert (base / "ar" / "captions.txt").read_text() == (base / "sq" / "captions.txt").read_text()
+    square = [json.loads(line) for line in (base / "sq" / "captions.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "canvas"} for r in recs] == square  # keys, captions, specs
+    canvases = {canvas(32, a) for a in ASPECTS}
+    assert canvases == {(41, 25), (32, 32), (25, 41)}
+    assert {tuple(r["canvas"]) for r in recs} <= canvases and len({tuple(r["canvas"]) for r in recs}) == 3
+    settings = json.loads((base / "ar" / "shapes.json").read_text())
+    assert settings["aspects"] == ["5:3", "1:1", "3:5"]
+    assert "aspects" not in json.loads((base / "sq" / "shapes.json").read_text())  # square sets unchanged
+    with tarfile.open(base / "ar" / "00000.tar") as t:
+        names = [m.name for m in t.getmembers()]
+        for r in recs[:6]:
+            img = Image.open(io.BytesIO(t.extractfile(f"{r['key']}.png").read()))
+            meta = json.loads(t.extractfile(f"{r['key']}.json").read())
+            assert img.size == tuple(r["canvas"]) == (meta["width"], meta["height"])
+            spec = shapes.ShapeSpec.from_dict(r["spec"])
+            got = shapes.detect_shape(img)  # the position word holds in the canvas's own thirds
+            assert (got.colour, got.cell) == (spec.colour, spec.cell)
+            assert shapes.parse_caption(r["caption"]).cell == spec.cell
+    assert len(names) == 18
+    # A square canvas given as (width, height) draws the same pixels as the square size.
+    spec = shapes.ShapeSpec.from_dict(recs[0]["spec"])
+    assert shapes.render(spec, (32, 32)).tobytes() == shapes.render(spec, 32).tobytes()
+    with pytest.raises(UserError, match=r"--aspects '4x3': expected width:height"):
+        main(["--output", str(tmp_path / "x"), "--num", "2", "--aspects", "4x3"])
+    assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_bucketed_manifest_records(aspect_data):
+    m, recs, out = aspect_data["manifest"], aspect_data["records"], aspect_data["out"]
+    b = m["buckets"]
+    assert [t["name"] for t in b["table"]] == ["32x32", "24x40", "40x24"]
+    assert [t["latent_shape"] for t in b["table"]] == [[4, 8, 8], [4, 6, 10], [4, 10, 6]]
+    assert b["source"] == "shapes_32" and b["base_resolution"] == 32 and "get_closest_ratio" in b["assign"]
+    bucket_of = {(32, 32): "32x32", (41, 25): "24x40", (25, 41): "40x24"}  # canvas (w, h) -> bucket
+    want = {n: sum(1 for r in recs if bucket_of[tuple(r["canvas"])] == n) for n in bucket_of.values()}
+    assert b["counts"] == want and sum(want.values()) == m["num_samples"] == 12
+    assert b["most_common"] == max(want, key=lambda n: (want[n], -list(want).index(n)))
+    assert b["crop"]["max"] == 0.0 and b["crop"]["share"]["<= 0"] == 1.0  # canvases of the buckets' ratios
+    assert m["latent_shape"] == [4, 8, 8] and m["resolution"] == 32 and m["options"]["buckets"]["source"] == "shapes_32"
+    assert m["format"] == "lct-latents/2"  # an lct without buckets refuses it in one line instead of misreading it
+    assert load_manifest(out)["buckets"]["counts"] == b["counts"]
+    assert m["preprocess"].startswith("RGB, the bucket of nearest aspect ratio")
+    samples = read_latent_dir(out)
+    names = [t["name"] for t in b["table"]]
+    # The input's keys in the input's order, though each batch holds one bucket.
+    assert [k for got in samples.values() for k in got] == [r["key"] for r in recs]
+    for shard in m["shards"]:
+        got = samples[shard["name"]]
+        keys = list(got)
+        assert [names[i] for i in shard["sample_buckets"]] == [got[k]["bucket"] for k in keys]
+        assert shard["bucket_counts"] == {n: c for n in names if (c := sum(got[k]["bucket"] == n for k in keys))}
+        for k in keys:
+            s = got[k]
+            shape = next(t["latent_shape"] for t in b["table"] if t["name"] == s["bucket"])
+            assert list(s["mean"].shape) == list(s["flip_mean"].shape) == shape and s["crop"] == 0.0
+            assert s["bucket"] == bucket_of[(s["meta"]["width"], s["meta"]["height"])]
+
+
+def test_bucketed_statistics_are_per_channel_over_every_position(aspect_data):
+    from lct.latents import latent_stats
+    from lct.vae import LatentNorm
+
+    m, out = aspect_data["manifest"], aspect_data["out"]
+    names = [t["name"] for t in m["buckets"]["table"]]
+    sums = {k: np.zeros((3, 4)) for k in ("sum_mean", "sum_mean_sq", "sum_var")}
+    positions = np.zeros(3, dtype=np.int64)
+    for shard, got in sorted(read_latent_dir(out).items()):
+        for s in got.values():  # the writer's order: shard by shard, samples in order
+            i = names.index(s["bucket"])
+            mm, sd = s["mean"].astype(np.float64), s["std"].astype(np.float64)
+            sums["sum_mean"][i] += mm.sum(axis=(1, 2))
+            sums["sum_mean_sq"][i] += (mm * mm).sum(axis=(1, 2))
+            sums["sum_var"][i] += (sd * sd).sum(axis=(1, 2))
+            positions[i] += mm.shape[1] * mm.shape[2]
+    st = m["stats"]
+    assert st["count"] == 12 and st["positions"] == int(positions.sum()) and st["shape"] == [4]
+    for k, v in sums.items():
+        assert st[k] == (v[0] + v[1] + v[2]).tolist()  # exactly: float64 sums in the same order
+        for i, n in enumerate(names):
+            if positions[i]:
+                assert st["per_bucket"][n][k] == v[i].tolist()
+    mean, std = latent_stats(m, "channel")
+    n = positions.sum()
+    exp_mean = sums["sum_mean"].sum(0) / n
+    np.testing.assert_allclose(mean.reshape(-1), exp_mean, rtol=1e-12)
+    np.testing.assert_allclose(std.reshape(-1) ** 2, sums["sum_mean_sq"].sum(0) / n - exp_mean ** 2
+                               + sums["sum_var"].sum(0) / n, rtol=1e-10)
+    assert LatentNorm.from_manifest(m, "channel").sigma_data == 0.5
+    with pytest.raises(UserError, match="latent_norm element: bucketed latents .* use data.latent_norm channel"):
+        latent_stats(m, "element")
+
+
+def test_bucketed_latents_equal_a_direct_vae_encode(aspect_data):
+    from diffusers import AutoencoderKL
+
+    from lct.vae import open_image, to_rgb, to_unit_range
+
+    base, out = aspect_data["base"], aspect_data["out"]
+    table = load_table("shapes_32")
+    vae = AutoencoderKL.from_pretrained(aspect_data["vae"]).eval()
+    samples = read_latent_dir(out)
+    with tarfile.open(base / "ar" / "00001.tar") as t:
+        for key, s in samples["00001"].items():
+            img = to_rgb(open_image(t.extractfile(f"{key}.png").read()))
+            i = table.assign(img.height, img.width)
+            assert table.names[i] == s["bucket"]
+            u8, _ = resize_crop(img, table.buckets[i])
+            x = to_unit_range(u8[None])
+            with torch.no_grad():
+                d = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+            np.testing.assert_allclose(s["mean"].astype(np.float32), d.mean[0].numpy(), atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(s["flip_std"].astype(np.float32), d.std[1].numpy(), atol=2e-3, rtol=1e-3)
+
+
+def test_sample_checks_use_each_samples_bucket(aspect_data, tmp_path):
+    from helpers_data import tampered_latent_dir
+
+    from lct.data import InMemoryLatents, describe_data
+    from lct.latents import SampleLayout, check_latent_sample
+
+    m, out = aspect_data["manifest"], aspect_data["out"]
+    layout = SampleLayout.from_manifest(m)
+    assert dict(layout.buckets) == {"32x32": (4, 8, 8), "24x40": (4, 6, 10), "40x24": (4, 10, 6)}
+    mem = InMemoryLatents(sorted(str(p) for p in out.glob("*.tar")), layout)
+    assert len(mem) == 12 and not mem.skipped
+    s = dict(mem.samples[0])
+    other = next(n for n, _ in layout.buckets if n != s["bucket"])
+    assert check_latent_sample({**s, "bucket": other}, layout)[0] == "wrong_shape"
+    assert "not in the data's bucket table" in check_latent_sample({**s, "bucket": "7x7"}, layout)[1]
+    assert "no bucket" in check_latent_sample({k: v for k, v in s.items() if k != "bucket"}, layout)[1]
+    assert check_latent_sample(s, layout.core()) is None
+    # A sample whose latents are not its bucket's shape is skipped and counted by the reader.
+    def swap_bucket(members):
+        j = json.loads(members["json"])
+        j["bucket"] = "24x40" if j["bucket"] != "24x40" else "40x24"
+        return {**members, "json": json.dumps(j).encode()}
+    bad = tampered_latent_dir(out, tmp_path / "bad", "00000", {0: swap_bucket})
+    mem = InMemoryLatents(sorted(str(p) for p in bad.glob("*.tar")), layout, quiet=True)
+    assert len(mem) == 11 and mem.skipped == {"wrong_shape": 1}
+    with pytest.raises(UserError, match="3 aspect-ratio buckets .* cannot be trained by this lct yet"):
+        describe_data(m)
+
+
+def test_bucketed_encode_refusals(aspect_data, tmp_path):
+    pattern = str(aspect_data["base"] / "ar" / "00000.tar")
+    vae = aspect_data["vae"]
+    with pytest.raises(UserError, match=r"--resolution 16 and --buckets shapes_32 \(base resolution 32\) disagree"):
+        encode(tiny_encode_args(pattern, tmp_path / "a", vae, extra=["--buckets", "shapes_32"]))
+    assert not (tmp_path / "a").exists()
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("- [30, 30]\n- [20, 42]\n")
+    args = tiny_encode_args(pattern, tmp_path / "b", vae, extra=["--buckets", str(odd)])
+    args = args[:args.index("--resolution")] + args[args.index("--resolution") + 2:]
+    with pytest.raises(UserError, match=r"bucket\(s\) 30x30, 20x42 are not multiples of the VAE's downsampling factor 4"):
+        encode(args)
+    assert not list((tmp_path / "b").glob("*.tar"))
+
+
+@pytest.mark.multiproc
+def test_bucketed_output_does_not_depend_on_batches_workers_ranks_or_a_kill(aspect_data, tmp_path):
+    """Batches hold one bucket and the writer restores the input order: batch size 1 with two
+    workers, two ranks without a process group, and a kill mid-shard then a rerun all write the
+    same shards and the same manifest numbers as the fixture's run."""
+    ref_out, argv = aspect_data["out"], aspect_data["argv"]
+    ref = {p.name: p.read_bytes() for p in sorted(ref_out.glob("*.tar"))}
+
+    def same(out):
+        assert {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))} == ref
+        m = json.loads((out / "manifest.json").read_text())
+        for k in ("stats", "buckets", "num_samples"):
+            assert m[k] == aspect_data["manifest"][k], k
+        assert [s["sample_buckets"] for s in m["shards"]] == [s["sample_buckets"] for s in aspect_data["manifest"]["shards"]]
+
+    def with_out(out, **kw):
+        a = list(argv)
+        a[a.index("--output") + 1] = str(out)
+        for flag, v in kw.items():
+            a[a.index(flag) + 1] = v
+        return a
+
+    assert encode(with_out(tmp_path / "w", **{"--batch-size": "1", "--num-workers": "2"})) == 0
+    same(tmp_path / "w")
+    assert run_forked(with_out(tmp_path / "r"), [{"RANK": str(r), "WORLD_SIZE": "2"} for r in (0, 1)]) == [0, 0]
+    same(tmp_path / "r")
+    assert run_forked(with_out(tmp_path / "k"), [{"LCT_FAULT_EXIT_MID_SHARD": "0"}]) == [137]
+    assert not list((tmp_path / "k").glob("*.tar")) and list((tmp_path / "k").glob("00000.tar.*.tmp"))
+    assert encode(with_out(tmp_path / "k")) == 0
+    same(tmp_path / "k")
