@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from lct import rng as lct_rng
 from lct.config import Strict, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_file, output_dir_problem, write_atomic, write_json
@@ -78,7 +79,7 @@ def split_indices(labels, fraction: float, seed: int):
     """(train, heldout) row indices: stratified by digit, seeded, each sorted."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
+    rng = lct_rng.philox(lct_rng.Stream.DIGITS_SPLIT, seed)
     train, held = [], []
     for d in range(10):
         rows = np.flatnonzero(labels == d)

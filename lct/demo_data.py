@@ -101,7 +101,6 @@ def samples(pattern: str):
 
 def split(data: str, out: Path, seed: int = 0) -> tuple[str, str]:
     """(train, heldout) shard patterns: a seeded held-out share of the samples, written once."""
-    import numpy as np
     import webdataset as wds
 
     from lct.files import atomic_file, write_json
@@ -117,7 +116,9 @@ def split(data: str, out: Path, seed: int = 0) -> tuple[str, str]:
         from lct.errors import UserError
 
         raise UserError(f"--data {data}: {len(keys)} samples; the demo needs at least 20 (pass --heldout too)")
-    held = set(np.random.default_rng(seed).choice(len(keys), n_held, replace=False).tolist())
+    from lct import rng
+
+    held = set(rng.philox(rng.Stream.DEMO_SPLIT, seed).choice(len(keys), n_held, replace=False).tolist())
     writers, counts = {}, {"train": 0, "heldout": 0}
     ctx = {}
     for name in ("train", "heldout"):

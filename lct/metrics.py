@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lct import dist
+from lct import dist, rng
 from lct.dist import DistInfo
 from lct.errors import UserError
 from lct.features import (FID_MODEL, FID_WEIGHTS_FILE, FIDStats, clip_score, clip_weights_file, fid_features,
@@ -206,7 +206,7 @@ def setup_prdc(cfg, info, device, resolution, captions, gen) -> PRDC:
         raise Unavailable(f"--ref-images {cfg.ref_images}: {len(entries)} image(s); precision/recall needs more "
                           f"than k = {k}", FIX["prdc"])
     if len(entries) > len(captions):  # as many real as generated images (Naeem et al.): a seeded subset
-        keep = np.sort(np.random.default_rng(0).choice(len(entries), len(captions), replace=False))
+        keep = np.sort(rng.philox(rng.Stream.PRDC_SUBSET, 0).choice(len(entries), len(captions), replace=False))
         entries = [entries[int(i)] for i in keep]
     embed = RandomVGG16(resolution, device)
     ref = ref_image_rows(entries, cfg.batch_size, info, device, resolution, lambda x: embed(x).float(),

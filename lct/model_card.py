@@ -72,7 +72,7 @@ def model_card(pipe, folder: str | Path | None = None) -> str:
     vae = t.get("vae") or {}
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     steps = min(2, 1 + len(sched.taus))
-    prompt = str(t.get("example_prompt") or "your prompt").replace('"', "'") if text_model else ""
+    prompt = _example_prompt(t) if text_model else ""
     call = f"\"{prompt}\", " if text_model else ""
     lines = [
         *card_header(t, tag, ["lct", "consistency-model", tag, str(preset), "dit"]),
@@ -186,3 +186,9 @@ def _eval_lines(ev: dict | None) -> list[str]:
         metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in s["metrics"].items())
         out.append(f"| {s['name']} | {s['steps']} | {s['tau']} | {s['guidance']} | {s['nfe']} | {metrics or 'skipped'} |")
     return out
+
+
+def _example_prompt(record: dict) -> str:
+    """The card's example prompt: one from the run's own data (the training record's
+    `example_prompt`), never a stock phrase about another domain."""
+    return str(record.get("example_prompt") or "your prompt").replace('"', "'")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lct import rng
+
 PRDC_K = 5  # Naeem et al.'s recommended k for density and coverage
 FEATURES = "torchvision vgg16 (random init, seed 0) conv features, global average pool, 512-d"
 CITATION = ("precision, recall: Kynkaanniemi et al. 2019 (improved P&R); density, coverage: Naeem et al. 2020; "
@@ -87,7 +89,7 @@ class RandomVGG16:
         import torchvision
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(rng.seed_int(rng.Stream.PRDC_EMBED, seed))
             self.net = torchvision.models.vgg16(weights=None).features.eval().to(device)
         for p in self.net.parameters():
             p.requires_grad_(False)

@@ -41,7 +41,8 @@ class Stream(enum.IntEnum):
     TRAIN_NOISE = 7       # per training sample: the noise z (before the OT reordering)
     FIXED_POSTERIOR = 8   # data.posterior: fixed: the one eps of an image and flip
     VALIDATION = 9        # validation batch: eps, then z, of held-out sample i
-    SAMPLING_NOISE = 10   # sampling: z of step 0 and z' of each later step, per sample index
+    # 10 was SAMPLING_NOISE: sampling noise is keyed by the pipeline itself (lct.pipeline.noise_key),
+    # since exports carry pipeline.py without lct.
     TORCH_GLOBAL = 11     # each rank's torch generator at start: network init, dropout masks
     TORCH_RESEED = 12     # each rank's torch generator after a world-size change (universal checkpoint)
     LOADER_WORKERS = 13   # the DataLoader's base seed (torch/random/numpy in workers; lct draws none there)
@@ -52,6 +53,10 @@ class Stream(enum.IntEnum):
     EVAL_INIT = 18        # eval/clip_fid.py: the torch generator while the pipeline is built
     BENCH = 19            # bench/ scripts' own synthetic inputs
     SHAPES_CANVAS = 20    # data_prep/make_shapes.py --aspects: the canvas of sample i of a split
+    DEMO_SPLIT = 21       # lct.demo --data without --heldout: which samples are held out
+    DIGITS_SPLIT = 22     # data_prep/make_digits.py: the stratified train/held-out split
+    PRDC_SUBSET = 23      # eval's precision/recall: the subset of reference images (as many as samples)
+    PRDC_EMBED = 24       # eval's precision/recall: the random VGG16 feature network's weights
 
 
 # The fields of each stream, in key order (documentation and an arity check).
@@ -65,7 +70,6 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.TRAIN_NOISE: ("seed", "data_step", "slot"),
     Stream.FIXED_POSTERIOR: ("seed", "key_int(sample key)", "flipped"),
     Stream.VALIDATION: ("seed", "index"),
-    Stream.SAMPLING_NOISE: ("seed", "index", "step"),
     Stream.TORCH_GLOBAL: ("seed", "rank"),
     Stream.TORCH_RESEED: ("seed", "rank", "applied_steps"),
     Stream.LOADER_WORKERS: ("seed", "rank"),
@@ -76,6 +80,10 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.EVAL_INIT: ("seed",),
     Stream.BENCH: ("seed", "part", "index"),
     Stream.SHAPES_CANVAS: ("seed", "split", "index"),
+    Stream.DEMO_SPLIT: ("seed",),
+    Stream.DIGITS_SPLIT: ("seed",),
+    Stream.PRDC_SUBSET: ("seed",),
+    Stream.PRDC_EMBED: ("seed",),
 }
 
 _U32, _U64 = 1 << 32, 1 << 64
@@ -125,9 +133,3 @@ def key_int(text: str) -> int:
 def normal(shape, stream: Stream, *fields: int) -> torch.Tensor:
     """fp32 standard normal tensor of `shape` from the stream."""
     return torch.from_numpy(philox(stream, *fields).standard_normal(tuple(shape), dtype=np.float32))
-
-
-def sampling_noise(seed: int, index: int, step: int, shape) -> torch.Tensor:
-    """Noise of sampling step `step` (0 = the initial z) of sample `index`: identical whether the
-    sample is drawn alone, in a batch, or on another rank."""
-    return normal(tuple(shape), Stream.SAMPLING_NOISE, seed, index, step)

@@ -346,10 +346,8 @@ def test_small_data_config_pair_is_the_demo_recipe():
 
 
 def test_model_card_example_prompt_comes_from_the_data(tmp_path):
-    from types import SimpleNamespace
-
     from lct.config import load_config
-    from lct.export import example_prompt
+    from lct.export_common import example_prompt
     from lct.model_card import _example_prompt
 
     assert example_prompt(load_config(None, ["sample.prompts=[a handwritten digit seven]"])) == "a handwritten digit seven"
@@ -357,10 +355,8 @@ def test_model_card_example_prompt_comes_from_the_data(tmp_path):
     pf.write_text("\n  a digit two\nx\n")
     assert example_prompt(load_config(None, [f"sample.prompts_file={pf}"])) == "a digit two"
     assert example_prompt(load_config(None, [f"data.shards={tmp_path}/none.tar"])) is None
-    pipe = lambda rec: SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(cond="text")),
-                                       config=SimpleNamespace(training=rec))
-    assert _example_prompt(pipe({"example_prompt": "a handwritten digit seven"})) == "a handwritten digit seven"
-    assert "bus" not in _example_prompt(pipe({}))
+    assert _example_prompt({"example_prompt": "a handwritten digit seven"}) == "a handwritten digit seven"
+    assert "bus" not in _example_prompt({})
 
 
 def test_sample_grid_holds_the_first_16(export_dir, tmp_path):

@@ -91,7 +91,7 @@ def planned_data(cfg: TrainConfig, desc: DataDescription) -> DataDescription:
 
 
 def _build_dit(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, meta: bool) -> nn.Module:
-    from lct.models.dit import build_dit
+    from lct.models.presets import build_dit
     from lct.models.precond import Precond
 
     net = build_dit(cfg.model, desc.latent_shape, text_dim=desc.text_dim, text_len=desc.text_len,
