@@ -137,10 +137,15 @@ def test_stream_mode_without_latent_samples_fails_like_indexed(latent_data):
     result = {}
 
     def run():
+        batches = iter(make_loader(spec, 0, 4, num_workers=1, prefetch_factor=2, pin_memory=False))
         try:
-            next(iter(make_loader(spec, 0, 4, num_workers=1, prefetch_factor=2, pin_memory=False)))
+            next(batches)
         except BaseException as err:  # noqa: BLE001 - the test inspects it
             result["err"] = err
+        finally:
+            # Joined and unregistered here: the worker's PR_SET_PDEATHSIG follows this thread, and a
+            # worker killed with its pid still registered fails torch's SIGCHLD check in later tests.
+            batches._shutdown_workers()
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
