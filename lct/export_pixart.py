@@ -126,7 +126,8 @@ def sampling_levels(log_sigmas: torch.Tensor, method, steps: int) -> tuple[list[
 
 
 def start_scale(sigma_max: float) -> float:
-    """SPEC 9's first input sigma_max z in the pipeline's VP coordinates: sigma_max / sqrt(1 + sigma_max^2) (SPEC 14.1)."""
+    """SPEC 9's first input sigma_max z in the pipeline's VP coordinates (SPEC 14.1): the factor
+    sigma_max / sqrt(1 + sigma_max^2) on z."""
     return float(sigma_max) / math.sqrt(1.0 + float(sigma_max) ** 2)
 
 
@@ -173,9 +174,9 @@ def training_pixart_pipeline(model, cfg, manifest: dict, *, vae=None, text_encod
     itself): what the trainer's sample grids run, with `caption_embeds` (no text tower) and
     `sampling_inputs` (the levels). The tuned levels are checked here, at the first grid."""
     sampling_levels(model.log_sigmas, cfg.method, 1 + len(cfg.method.tau))
+    scheduler = pixart_scheduler(getattr(model, "scheduler_config", None))
     return pipeline_class(text_length(model, manifest))(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                                       transformer=model.net.transformer,
-                                                       scheduler=pixart_scheduler(getattr(model, "scheduler_config", None)))
+                                                       transformer=model.net.transformer, scheduler=scheduler)
 
 
 def text_length(model, manifest: dict) -> int:
