@@ -172,8 +172,9 @@ def null_condition(model, length: int) -> dict[str, torch.Tensor]:
 def training_pixart_pipeline(model, cfg, manifest: dict, *, vae=None, text_encoder=None, tokenizer=None):
     """The export's pipeline in memory around a PixArt denoiser being trained (its transformer
     itself): what the trainer's sample grids run, with `caption_embeds` (no text tower) and
-    `sampling_inputs` (the levels). The tuned levels are checked here, at the first grid."""
-    sampling_levels(model.log_sigmas, cfg.method, 1 + len(cfg.method.tau))
+    `sampling_inputs` (the levels). The tuned levels and the grids' step counts are checked here."""
+    for steps in {1 + len(cfg.method.tau), *cfg.sample.steps}:
+        sampling_levels(model.log_sigmas, cfg.method, steps)
     scheduler = pixart_scheduler(getattr(model, "scheduler_config", None))
     return pipeline_class(text_length(model, manifest))(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                                        transformer=model.net.transformer, scheduler=scheduler)
