@@ -307,6 +307,9 @@ def pixart_card(pipeline: str, record: dict, length: int) -> str:
         "(`pip install lct-consistency`): `from lct.export_pixart import load_pixart_export; pipe, null, record = "
         "load_pixart_export(path)` fills in a referenced VAE or text tower. `use_resolution_binning=False`: the "
         f"tuning saw one square resolution ({record.get('resolution')} px).",
+        *(["", f"Trained with sigma_min {method.get('sigma_min')} (noise sigma_min {method.get('sample_sigma_min')}): "
+            "the stock step samples the sigma_min-0 consistency function of this network, O(sigma_min) away from "
+            "the trained f (docs/SPEC.md 14.8)."] if method.get("sigma_min") or method.get("sample_sigma_min") else []),
         "",
         "## License",
         "",
