@@ -596,7 +596,7 @@ def ot_couple(x: Tensor, z: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # 14. VP / DDPM noise predictors as lct denoisers (PixArt): the formulas of lct.models.vp.VPDenoiser
-# and of the PixArt exports' sampler (lct.scheduler.LCTVPScheduler)
+# and of the PixArt exports' levels (lct.export_pixart, SPEC 14.8)
 # ----------------------------------------------------------------------------------------------
 
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction")

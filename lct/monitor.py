@@ -349,9 +349,10 @@ class Monitor:
             self._pipe = (model, pipe)
         return self._pipe[1]
 
-    def grid_inputs(self, model, indices: list[int]) -> dict:
+    def grid_inputs(self, model, indices: list[int], steps: int) -> dict:
         """The pipeline's inputs for the prompts `indices`: their text condition from the run's text
-        tower (captions as given), lct's per-sample noise (`sample.seed`, the prompt's index)."""
+        tower (captions as given), lct's per-sample noise (`sample.seed`, the prompt's index); for
+        PixArt also the levels of `steps` steps and the start (`export_pixart.sampling_inputs`)."""
         from lct.pipeline import LCTPipeline
 
         cfg = self.cfg
@@ -359,11 +360,12 @@ class Monitor:
             return {"prompt": [""] * len(indices), "seed": cfg.sample.seed, "sample_indices": indices}
         cond = self.condition([self.prompts[i] for i in indices])
         if cfg.model.arch == "pixart":
-            from lct.export_pixart import caption_embeds, null_condition, text_length
+            from lct.export_pixart import caption_embeds, null_condition, sampling_inputs, text_length
 
             null = null_condition(model, text_length(model, self.manifest))
             return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
-                    "generator": LCTPipeline.sample_generators(cfg.sample.seed, indices)}
+                    **sampling_inputs(model, cfg.method, steps, LCTPipeline.sample_generators(cfg.sample.seed, indices),
+                                      self.manifest["latent_shape"])}
         return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
                 "pooled_prompt_embeds": cond["pooled"], "seed": cfg.sample.seed, "sample_indices": indices}
 
@@ -378,7 +380,7 @@ class Monitor:
         for steps in cfg.sample.steps:
             images = np.zeros((0,), dtype=np.uint8)
             if mine:
-                out = pipe(**self.grid_inputs(model, mine), num_inference_steps=steps,
+                out = pipe(**self.grid_inputs(model, mine, steps), num_inference_steps=steps,
                            guidance_scale=cfg.sample.guidance, output_type="np").images
                 images = (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil: the PIL images' pixels
             parts = dist.gather_objects((mine, images), info.world_size)

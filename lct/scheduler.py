@@ -25,7 +25,9 @@ the noise (lct records the training boundary and a separate sampling floor), its
 hard-wired to 250 ln(sigma + 1e-44) in float64, and it clamps denoised latents to [-1, 1].
 
 This file imports only torch and diffusers (and, relatively, `consistency.py`): exports carry it
-as their `scheduler/lct_scheduler.py` beside that file.
+as their `scheduler/lct_scheduler.py` beside that file. A tuned PixArt samples with diffusers' stock
+`LCMScheduler` instead (`lct.export_pixart`, SPEC 14.8): its step is SPEC 9's for a VP model at
+integer timesteps, so no lct scheduler travels with it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .consistency import alphas_cumprod, karras_sigmas, sigma_to_timestep, time_embed_input, vp_log_sigmas, vp_scalings
+from .consistency import karras_sigmas, time_embed_input
 
 # SPEC 9's default Karras grid, in sigma_data 0.5 units.
 KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
@@ -180,60 +182,6 @@ class LCTScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return len(self.levels)
-
-
-class LCTVPScheduler(LCTScheduler):
-    """SPEC 9's consistency sampling of a consistency-tuned VP / DDPM noise predictor (PixArt, SPEC
-    14) for diffusers' PixArt pipelines, at the exact levels (not the nearest integer timestep).
-
-    Latents stay in lct's variance-exploding coordinates (`x + sigma z`, starting from
-    `init_noise_sigma` = sigma_max times the unit noise); `timesteps` are the model's continuous
-    timesteps t(sigma) of the levels (SPEC 14.1), `scale_model_input` the VP input scaling
-    1 / sqrt(sigma^2 + 1), and `step` turns the pipeline's (guided) model output, epsilon or v,
-    into f (SPEC 14.2, the boundary at `sigma_min`) and re-noises it to the next level as
-    `LCTScheduler.step` does. Config: the model's beta table (diffusers' names), `prediction_type`,
-    `sigma_min` (of the scalings), `sample_sigma_min` (noise floor; None = sigma_min), `sigma_max`
-    (None: the table's top level, where the pretrained model starts its own samplers), `sigma_data`
-    (1 in the model's own latent space, SPEC 14.4) and `taus`."""
-
-    @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas: Sequence[float] | None = None,
-                 prediction_type: str = "epsilon", sigma_min: float = 0.0, sigma_max: float | None = None,
-                 sample_sigma_min: float | None = None, sigma_data: float = 1.0, taus: Sequence[float] = ()):
-        vp_scalings(torch.ones(1), prediction_type)  # refuses another prediction type
-        self.log_sigmas = vp_log_sigmas(alphas_cumprod(dict(self.config)))  # float64, ascending in t
-        self.init_noise_sigma = float(sigma_max) if sigma_max is not None else float(self.log_sigmas[-1].exp())
-        self.set_timesteps(1)
-
-    def time_inputs(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """The model's continuous timesteps of fp32 levels (SPEC 14.1), fp32."""
-        return sigma_to_timestep(sigmas, self.log_sigmas)
-
-    def _sigma(self, sample: torch.Tensor) -> torch.Tensor:
-        return torch.full((sample.shape[0],), self.levels[self._step_index], dtype=torch.float32, device=sample.device)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """x_t = x / sqrt(sigma^2 + 1): the VP input of lct's noisy latent at the current level."""
-        _, _, c_in = vp_scalings(self._sigma(sample), self.config.prediction_type)
-        return (c_in.view(-1, *([1] * (sample.ndim - 1))) * sample.float()).to(sample.dtype)
-
-    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor | None, sample: torch.Tensor,
-             generator: torch.Generator | list[torch.Generator] | None = None,
-             return_dict: bool = True) -> LCTSchedulerOutput | tuple:
-        """f = c_skip x + c_out F (SPEC 14.2) of the model output F at the current level, then
-        `LCTScheduler`'s re-noising; the sample comes back in its own dtype."""
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output {list(model_output.shape)} must match the sample {list(sample.shape)} "
-                             "(the pipeline drops learned-variance channels)")
-        c_skip, c_out, _ = vp_scalings(self._sigma(sample), self.config.prediction_type, float(self.config.sigma_min))
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        f = c_skip.view(shape) * sample.float() + c_out.view(shape) * model_output.float()
-        prev, f = self._renoise(f, generator, False)
-        prev = prev.to(sample.dtype)
-        if not return_dict:
-            return (prev, f)
-        return LCTSchedulerOutput(prev_sample=prev, denoised=f)
 
 
 def with_sampling_sigma_min(scheduler: LCTScheduler, sigma_min: float | None = None,

@@ -656,53 +656,63 @@ def pixart_reference(model, states, mask, z_gens, levels, smin, w=1.0):
     return x
 
 
-@pytest.mark.slow
-def test_pixart_export_samples_spec9_at_the_exact_tuned_levels(pixart, monkeypatch, tmp_path):
-    """Issue 31 item 15: the export's 2-step sample re-noises at the tuned level itself, not at the
-    nearest integer timestep (the LCMScheduler export missed it by 0.27 % of sigma at this tau),
-    and num_inference_steps=2 picks the tuned level by default."""
-    from diffusers import PixArtSigmaPipeline
+def record_inputs(record: dict, steps: int, gens) -> dict:
+    """The card's sampler from the export's record: tuned timesteps, lct's start, the generators."""
+    z = torch.stack([torch.randn(record["latent"]["shape"], generator=g) for g in gens])
+    return {"timesteps": record["timesteps"][f"{steps}_step"], "latents": record["start_scale"] * z, "generator": gens}
 
-    from lct.export_pixart import caption_embeds, load_pixart_export
+
+@pytest.mark.slow
+def test_pixart_export_is_stock_and_samples_spec9_at_the_snapped_levels(pixart):
+    """Issue 30: the export is a stock PixArtSigmaPipeline + LCMScheduler folder without a .py
+    file; `from_pretrained` (no trust_remote_code) samples 1 and 2 steps, guided and not, equal to
+    SPEC 9 written out on the network that trained, at the tuned levels snapped to integer
+    timesteps (SPEC 14.8); lct's loader and the grids' `sampling_inputs` give the same."""
+    from diffusers import LCMScheduler, PixArtSigmaPipeline
+
+    from lct.export_pixart import caption_embeds, load_pixart_export, sampling_inputs
     from lct.pipeline import LCTPipeline
 
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    m = pixart["cfg"].method
-    lct_pipe, null = load_pixart_export(pixart["export"])  # lct's loader: no code from the folder
-    assert type(lct_pipe.scheduler).__module__ == "lct.scheduler"
-    stock = PixArtSigmaPipeline.from_pretrained(str(pixart["export"]), trust_remote_code=True)
+    export, m, model = pixart["export"], pixart["cfg"].method, pixart["model"]
+    assert not list(export.rglob("*.py"))
+    assert json.loads((export / "model_index.json").read_text())["scheduler"] == ["diffusers", "LCMScheduler"]
+    record = json.loads((export / "lct_export.json").read_text())
+    assert record["timesteps"] == {"1_step": [999], "2_step": [999, 203]}
+    levels = record["levels"]["2_step"]
+    assert levels == [float(model.log_sigmas[999].exp()), float(model.log_sigmas[203].exp())]
+    assert abs(levels[1] / m.tau[0] - 1) < 3e-3 and record["sampler"]["requested_levels"] == [m.sigma_max, *m.tau]
+    stock = PixArtSigmaPipeline.from_pretrained(str(export))
     stock.set_progress_bar_config(disable=True)
+    lct_pipe, null, lct_record = load_pixart_export(export)  # lct's loader: the folder as data
+    assert type(stock.scheduler) is LCMScheduler and type(lct_pipe.scheduler) is LCMScheduler
+    assert lct_record["timesteps"] == record["timesteps"]
     states, mask, _ = pixart["enc"].encode(["A red circle", "a blue square"])
-    for pipe in (lct_pipe, stock):
-        pipe.scheduler.set_timesteps(2)
-        assert pipe.scheduler.levels == [m.sigma_max, *m.tau]
-        for w in (1.0, 1.5):
-            got = pipe(**caption_embeds(pipe, states, mask, null), guidance_scale=w, num_inference_steps=2,
-                       generator=LCTPipeline.sample_generators(4, range(2)), output_type="latent").images
-            ref = pixart_reference(pixart["model"], states, mask, LCTPipeline.sample_generators(4, range(2)),
-                                   [m.sigma_max, *m.tau], m.sampling_sigma_mins()[1], w)
-            assert float((got - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max())), w
-    # The nearest-integer level the LCMScheduler export re-noised at is off by far more than that.
-    from lct.models.vp import sigma_to_timestep
-
-    t = float(sigma_to_timestep(torch.tensor([m.tau[0]], dtype=torch.float64), pixart["model"].log_sigmas.double()))
-    near = float(pixart["model"].log_sigmas.double()[round(t)].exp())
-    assert abs(near - m.tau[0]) / m.tau[0] > 1e-3
+    for steps in (1, 2):
+        grid = sampling_inputs(model, m, steps, LCTPipeline.sample_generators(4, range(2)), record["latent"]["shape"])
+        card = record_inputs(record, steps, LCTPipeline.sample_generators(4, range(2)))
+        assert grid["timesteps"] == card["timesteps"] and torch.equal(grid["latents"], card["latents"])
+        for pipe in (stock, lct_pipe):
+            for w in (1.0, 1.5):
+                got = pipe(**caption_embeds(pipe, states, mask, null), guidance_scale=w, output_type="latent",
+                           **record_inputs(record, steps, LCTPipeline.sample_generators(4, range(2)))).images
+                ref = pixart_reference(model, states, mask, LCTPipeline.sample_generators(4, range(2)),
+                                       record["levels"][f"{steps}_step"], 0.0, w)
+                assert float((got - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max())), (steps, w)
 
 
 @pytest.mark.slow
-def test_pixart_card_and_readme_recipes_run_as_written(pixart, monkeypatch, tmp_path):
+def test_pixart_card_and_readme_recipes_run_as_written(pixart):
     """The PixArt card's recipe and README's guided recipe run as written (only the folder path
-    replaced); their caption keeps its case, as lct's sampler (the grids) does."""
+    replaced), without trust_remote_code; their caption keeps its case, as lct's sampler (the
+    grids) does."""
     from huggingface_hub import ModelCard
 
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     export = pixart["export"]
     card = (export / "README.md").read_text()
-    assert ModelCard(card).data.to_dict()["license"] == "other" and "trust_remote_code=True` runs" in card
+    assert ModelCard(card).data.to_dict()["license"] == "other" and "trust_remote_code" not in card
     (block,) = code_blocks(card)
     readme = [b for b in code_blocks((ROOT / "README.md").read_text()) if "PixArtSigmaPipeline" in b]
-    assert len(readme) == 1
+    assert len(readme) == 1 and "trust_remote_code" not in readme[0]
     for code in (block.replace('"PATH"', repr(str(export))),
                  readme[0].replace('"runs/ect_pixart_sigma_512/export/ema"', repr(str(export)))):
         assert str(export) in code
@@ -711,6 +721,36 @@ def test_pixart_card_and_readme_recipes_run_as_written(pixart, monkeypatch, tmp_
         assert scope["image"].size == (32, 32)
         states, mask, _ = pixart["enc"].encode(["A red fox in the snow"])  # lct's tower: the caption as given
         assert torch.allclose(scope["embeds"], states, atol=1e-6) and torch.equal(scope["ids"].attention_mask.bool(), mask)
+
+
+def test_pixart_export_written_with_lct_scheduler_still_loads(pixart, tmp_path):
+    """An export of the former layout (scheduler ["lct_scheduler", "LCTVPScheduler"], its .py files,
+    a flat `levels` record) loads through lct's loader with the stock scheduler, its record
+    completed with the snapped timesteps; its .py files are never imported."""
+    from diffusers import LCMScheduler
+
+    from lct.export_pixart import load_pixart_export
+
+    old = tmp_path / "old"
+    shutil.copytree(pixart["export"], old)
+    m = pixart["cfg"].method
+    index = json.loads((old / "model_index.json").read_text())
+    index["scheduler"] = ["lct_scheduler", "LCTVPScheduler"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    sched = json.loads((old / "scheduler" / "scheduler_config.json").read_text())
+    sched.update(_class_name="LCTVPScheduler", sigma_min=0.0, sigma_max=m.sigma_max, taus=list(m.tau))
+    (old / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    (old / "scheduler" / "lct_scheduler.py").write_text("raise SystemExit('imported')\n")
+    record = json.loads((old / "lct_export.json").read_text())
+    for key in ("timesteps", "start_scale", "sampler"):
+        record.pop(key)
+    record["levels"] = [m.sigma_max, *m.tau]
+    (old / "lct_export.json").write_text(json.dumps(record))
+    pipe, _, got = load_pixart_export(old)
+    new = json.loads((pixart["export"] / "lct_export.json").read_text())
+    assert type(pipe.scheduler) is LCMScheduler and pipe.scheduler.config.timestep_scaling == 1e10
+    assert got["timesteps"] == new["timesteps"] and got["levels"] == new["levels"]
+    assert got["start_scale"] == new["start_scale"]
 
 
 def test_pixart_export_holds_no_absolute_path_and_refuses_crafted_modules(pixart, tmp_path, monkeypatch):

@@ -88,6 +88,95 @@ def test_output_scalings_vectors():
         vp_scalings(sig, "sample")
 
 
+def test_stock_sampler_vectors():
+    """SPEC 14.8 in float64: the snapped level of the configs' tau, lct's start, what the stock
+    LCMScheduler step computes (sigma_min-0 f) against lct's f at sigma_min 0 and 0.004."""
+    from lct.export_pixart import TIMESTEP_SCALING, snap_levels, start_scale
+
+    ls = vp_log_sigmas(alphas_cumprod_from_config(PIXART_SCHEDULER))
+    close(sigma_to_timestep(torch.tensor([0.73863095408], dtype=torch.float64), ls), [203.46441648])
+    steps, levels = snap_levels([157.40728081, 0.73863095408], ls)
+    assert steps == [999, 203]
+    close(levels, [157.40728081, 0.736606968504])
+    close(start_scale(levels[0]), 0.999979820648)
+    u = 203 * TIMESTEP_SCALING  # LCM's boundary scalings at t = 203: plain x0
+    assert 0.25 / (u * u + 0.25) < 1e-25 and u / math.sqrt(u * u + 0.25) == 1.0
+    x, out = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([0.5, -0.25], dtype=torch.float64)
+    sig, abar = torch.full((2,), levels[1], dtype=torch.float64), alphas_cumprod_from_config(PIXART_SCHEDULER)[203]
+    y = x / math.sqrt(1 + levels[1] ** 2)  # the pipeline's VP sample
+    close(y, [0.24154387173, -0.96617548692])
+    stock = {"epsilon": (y - math.sqrt(1 - abar) * out) / math.sqrt(abar),
+             "v_prediction": math.sqrt(abar) * y - math.sqrt(1 - abar) * out}
+    spec = {("epsilon", 0.0): [-0.068303484252, -1.01584825787], ("epsilon", 0.004): [-0.066303484252, -1.01684825787],
+            ("v_prediction", 0.0): [-0.102060025292, -0.629643477007],
+            ("v_prediction", 0.004): [-0.0997059895146, -0.633423596443]}
+    for (kind, smin), want in spec.items():
+        c_skip, c_out, _ = vp_scalings(sig, kind, smin)
+        close(c_skip * x + c_out * out, want, rtol=1e-10)
+        close(stock[kind], spec[(kind, 0.0)], rtol=1e-10)
+    close(spec[("epsilon", 0.004)][0] - spec[("epsilon", 0.0)][0], 0.004 * 0.5, rtol=1e-8)  # f - stock = sigma_min F
+    z = torch.tensor([1.0, -1.0], dtype=torch.float64)  # re-noising at tau: sqrt(abar) f + sqrt(1 - abar) z
+    f0 = torch.tensor(spec[("epsilon", 0.0)], dtype=torch.float64)
+    close(math.sqrt(abar) * f0 + math.sqrt(1 - abar) * z, [0.538082036923, -1.41098273471])
+    close((f0 + levels[1] * z) / math.sqrt(1 + levels[1] ** 2), [0.538082036923, -1.41098273471])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stock_lcm_step_is_the_spec9_step(prediction_type):
+    """The export's LCMScheduler, stepped on a model output F at integer timesteps, returns lct's
+    sigma_min-0 f at that level and re-noises it to `c_in(tau) (f + tau z')` (SPEC 14.8), fp32."""
+    from lct.export_pixart import pixart_scheduler, snap_levels
+
+    cfg = dict(PIXART_SCHEDULER, prediction_type=prediction_type)
+    ls = vp_log_sigmas(alphas_cumprod_from_config(cfg))
+    steps, levels = snap_levels([157.40728081, 9.7232, 0.73863095408, 0.05], ls)
+    sched = pixart_scheduler(cfg)
+    sched.set_timesteps(timesteps=steps)
+    assert sched.timesteps.tolist() == steps
+    gen = torch.Generator().manual_seed(0)
+    x = 157.40728081 * torch.randn(2, 4, 3, 3, generator=gen)  # lct's noisy latent at sigma_max
+    for i, (t, s) in enumerate(zip(steps, levels)):
+        sigma = torch.full((2,), s, dtype=torch.float32)
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in vp_scalings(sigma, prediction_type))
+        out = torch.randn(x.shape, generator=gen)
+        f = c_skip * x + c_out * out
+        prev, denoised = sched.step(out, sched.timesteps[i], c_in * x, generator=torch.Generator().manual_seed(i),
+                                    return_dict=False)
+        equivalent(denoised, f)
+        if i + 1 < len(steps):
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+            x = f + levels[i + 1] * z
+            equivalent(prev, x / math.sqrt(1 + levels[i + 1] ** 2))
+        else:
+            assert torch.equal(prev, denoised)
+
+
+def test_unrepresentable_levels_are_refused_and_moved_ones_reported(capsys):
+    from lct.export_pixart import sampler_notes, snap_levels
+
+    ls = vp_log_sigmas(alphas_cumprod_from_config(PIXART_SCHEDULER))
+    with pytest.raises(UserError, match=r"^method.tau .*rounds to timestep 0.*>= 0.01218") as err:
+        snap_levels([157.40728081, 0.012], ls)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="same integer timestep"):
+        snap_levels([157.40728081, 0.7386, 0.7385], ls)
+    snap_levels([157.40728081, 0.73863095408], ls)
+    assert capsys.readouterr().err == ""
+    steps, _ = snap_levels([200.0, 0.0122], ls)  # above the table (t clamps to 999) and 21 % off at t = 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert steps == [999, 1] and len(lines) == 2 and all(l.startswith("warning: noise level") for l in lines)
+    net = build_pixart(tiny_pixart_config(), sigma_min=0.004)
+
+    class Method:
+        sigma_min, tau, sigma_max, sigma_data = 0.004, [0.7386], 157.40728081, 1.0
+
+        def sampling_sigma_mins(self):
+            return 0.004, 0.0
+
+    (note,) = sampler_notes(net, Method())
+    assert note.startswith("method.sigma_min 0.004") and "SPEC 14.8" in note
+
+
 def test_vae_latent_norm_vectors_and_round_trip():
     raw = np.array([[[[1.0]], [[-2.0]]]])  # [1, 2, 1, 1]
     sd, sdxl = LatentNorm.from_vae(0.18215), LatentNorm.from_vae(0.13025, None)

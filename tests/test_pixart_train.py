@@ -109,7 +109,7 @@ def stats(run: Path):
 def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_data):
     """ECT with Cauchy, adaptive c, OT and the early-step diffusion term on the tiny PixArt under
     `deepspeed --num_gpus 2` (CPU ranks, ZeRO-2); a second invocation resumes; the export loads as
-    diffusers' PixArtSigmaPipeline (with lct's scheduler) whose 1-step sample is lct's f(sigma_max z)."""
+    diffusers' PixArtSigmaPipeline (with the stock LCMScheduler) whose 1-step sample is lct's f(sigma_max z)."""
     from lct.export_pixart import caption_embeds, load_pixart_export
     from lct.hf_text import HFTextEncoder
     from lct.models.pixart import load_pixart
@@ -133,10 +133,10 @@ def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_
     assert [r["stage"] for r in rec] == [0, 1, 2, 3] and rec[-1]["c"] == pytest.approx(2 * np.exp(-1.15 * np.log(10 * 2 ** (3 - 1)) - 0.85))  # SPEC 4: stage 3 -> n = s0 2^2, c x 2 (14.4)
 
     export = run / "export" / "ema"
-    pipe, null = load_pixart_export(export)  # lct's loader: the folder as data
-    record = json.loads((export / "lct_export.json").read_text())
-    assert type(pipe).__name__ == "PixArtSigmaPipeline" and type(pipe.scheduler).__name__ == "LCTVPScheduler"
-    assert record["levels"] == [c.method.sigma_max, *c.method.tau]
+    pipe, null, record = load_pixart_export(export)  # lct's loader: the folder as data
+    assert type(pipe).__name__ == "PixArtSigmaPipeline" and type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert record["timesteps"]["2_step"][0] == 999
+    assert record["sampler"]["requested_levels"] == [c.method.sigma_max, *c.method.tau]
     assert (run / "samples" / "step00000004_1step.png").is_file()  # the run's last grid, through this pipeline
     trained_null = torch.from_numpy(np.load(pixart_data["lat"] / "text_null.npy"))
     assert null["negative_prompt_embeds"].shape == (1, MAX_LEN, TEXT_DIM)
@@ -147,8 +147,8 @@ def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_
     smax = c.method.sigma_max
     with torch.no_grad():
         f = model(smax * z, torch.tensor([smax]), text_states=states, text_mask=mask)
-    out = pipe(**caption_embeds(pipe, states, mask, null), num_inference_steps=1, guidance_scale=1.0, latents=z,
-               output_type="latent", height=32, width=32).images  # x = sigma_max z, as lct starts
+    out = pipe(**caption_embeds(pipe, states, mask, null), timesteps=record["timesteps"]["1_step"], guidance_scale=1.0,
+               latents=record["start_scale"] * z, output_type="latent", height=32, width=32).images  # lct's start
     assert float((out - f).abs().max()) <= 1e-5 * max(1.0, float(f.abs().max()))
 
 
