@@ -521,7 +521,8 @@ def load_text(cfg: EncodeLatentsConfig, device: torch.device):
     """The text tower (None for a random open_clip tower: made under the job lock in `prepare`)."""
     if cfg.text_kind != "open_clip":
         text = HFTextEncoder.load(cfg.text_model, tokenizer=cfg.text_tokenizer, max_length=cfg.text_max_length,
-                                  device=device, dtype=cfg.text_dtype, key="--text-model")
+                                  device=device, dtype=cfg.text_dtype, key="--text-model",
+                                  kind="sd3" if cfg.text_kind == "sd3" else None)  # sd3: three towers, one folder
         if text.kind != cfg.text_kind:
             raise UserError(f"--text-model {cfg.text_model} is a {text.kind} tower, not --text-kind {cfg.text_kind}")
         return text
