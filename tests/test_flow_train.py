@@ -167,7 +167,7 @@ def test_sana_ect_ilct_two_deepspeed_ranks_kill_resume_bitwise_and_export(tmp_pa
     mb, eb = checkpoint_tensors(tmp_path / "b/checkpoints/step00000004")
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
-    assert not torch.equal(ea["net.null_text_states"], torch.from_numpy(np.load(data["lat"] / "text_null.npy")))
+    assert not torch.equal(mb["net.null_text_states"], torch.from_numpy(np.load(data["lat"] / "text_null.npy")))
     for steps in (1, 2):  # the run's last grids, through the stock pipeline around the EMA
         assert (tmp_path / "b" / "samples" / f"step00000004_{steps}step.png").is_file()
     check_export_samples("sana", tmp_path / "b" / "export" / "ema", load_manifest(data["lat"] / "manifest.json"), c)
