@@ -178,11 +178,14 @@ def test_sd3_ect_ilct_one_process_kill_resume_and_export(tmp_path):
     """The same for a tiny SD3 (CLIP-L + CLIP-G pooled + T5 states, untrimmed; SD3's VAE with shift),
     cheaper: one process, killed after step 2 and resumed to step 4 (the restored state equals the
     saved one); the stock StableDiffusion3Pipeline loads the export and samples 1 and 2 steps equal
-    to SPEC 9 sampling of the trained network."""
+    to SPEC 9 sampling of the trained network. Then the start's one-line refusals on this data."""
     from test_multirank import state_of
 
     from lct.config import load_config
+    from lct.dist import DistInfo
+    from lct.errors import UserError
     from lct.latents import load_manifest
+    from lct.preflight import preflight
 
     data = flow_data(tmp_path / "data", "sd3")
     assert np.load(data["lat"] / "text_null_pooled.npy").shape == (20,)
@@ -198,3 +201,10 @@ def test_sd3_ect_ilct_one_process_kill_resume_and_export(tmp_path):
     assert (tmp_path / "run" / "samples" / "step00000004_2step.png").is_file()
     check_export_samples("sd3", tmp_path / "run" / "export" / "ema", load_manifest(data["lat"] / "manifest.json"),
                          load_config(cfg))
+
+    # The start's checks against this data, before any weights are read: one line naming the key.
+    for overrides, match in ((["model.pretrained=someone/no-such-sd3"], r"^model.pretrained someone/no-such-sd3: not in"),
+                             (["model.arch=sana", "text.kind=null"], r"^data.shards: the data's text kind is 'sd3'")):
+        with pytest.raises(UserError, match=match) as err:
+            preflight(load_config(cfg, [*overrides, f"run.dir={tmp_path / 'other'}"]), DistInfo(), monitor=False)
+        assert "\n" not in str(err.value)

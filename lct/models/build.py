@@ -184,6 +184,12 @@ def flow_config_for(cfg: TrainConfig, desc: DataDescription, manifest: dict | No
     from lct.models.flow import FLOW_ARCHS, arch_config, check_compatible, flow_config
 
     family = cfg.model.arch
+    if manifest is not None:
+        kind = (manifest.get("text") or {}).get("kind", "open_clip")
+        if kind != FLOW_TEXT_KINDS[family]:
+            raise UserError(f"data.shards: the data's text kind is {kind!r} (manifest), model.arch {family} reads "
+                            f"{FLOW_TEXT_KINDS[family]}; re-encode with data_prep/encode_latents.py --text-kind "
+                            f"{FLOW_TEXT_KINDS[family]}")
     try:
         config = flow_config(cfg.model.pretrained, family)
     except UserError as err:
@@ -194,12 +200,6 @@ def flow_config_for(cfg: TrainConfig, desc: DataDescription, manifest: dict | No
             _WARNED.add(name)
             print(f"warning: {err}; the dry run uses the {name} architecture", file=sys.stderr)
         config = arch_config(name, family)[1]
-    if manifest is not None:
-        kind = (manifest.get("text") or {}).get("kind", "open_clip")
-        if kind != FLOW_TEXT_KINDS[family]:
-            raise UserError(f"data.shards: the data's text kind is {kind!r} (manifest), model.arch {family} reads "
-                            f"{FLOW_TEXT_KINDS[family]}; re-encode with data_prep/encode_latents.py --text-kind "
-                            f"{FLOW_TEXT_KINDS[family]}")
     if desc.from_manifest:  # before data prep there is nothing to check against
         check_compatible(family, config, desc.latent_shape, desc.text_dim, desc.pooled_dim)
     if manifest is not None and not meta:
