@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lct.errors import UserError
+from lct.export_common import CARRY_MAX_BYTES, REMAKE_HINT, quiet_loading, training_record
 from lct.files import atomic_dir
 
 PIPELINES = {"sana": "SanaPipeline", "sd3": "StableDiffusion3Pipeline"}
@@ -121,8 +122,6 @@ def _size(path: Path) -> int:
 
 
 def _local_small(source_id: str | None) -> bool:
-    from lct.export import CARRY_MAX_BYTES
-
     p = Path(str(source_id or ""))
     return bool(source_id) and p.is_dir() and _size(p) <= CARRY_MAX_BYTES
 
@@ -169,8 +168,6 @@ def export_flow(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_
     atomically. `cfg`: the run's TrainConfig; `manifest`: the data's."""
     import diffusers
     from safetensors.torch import save_file
-
-    from lct.export import training_record
 
     family = model.family
     check_exportable(cfg.method)
@@ -330,7 +327,6 @@ def load_flow_export(path: str | os.PathLike, *, vae: str | None = None, text_en
     import diffusers
     from safetensors.torch import load_file
 
-    from lct.export import REMAKE_HINT, quiet_loading
 
     d = Path(path)
     try:
