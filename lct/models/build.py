@@ -27,7 +27,7 @@ import torch.nn as nn
 from lct.config import TrainConfig
 from lct.data import DataDescription, manifest_path
 from lct.errors import UserError
-from lct.latents import TEXT_NULL, read_text_null
+from lct.latents import TEXT_NULL, TEXT_NULL_POOLED, read_text_null, read_text_null_pooled
 
 
 @dataclass(frozen=True)
@@ -171,11 +171,6 @@ register("pixart", Architecture(build=_build_pixart, check=_check_pixart, planne
 # Sana, SD3 (SPEC 15): the pretrained flow-matching velocity predictor as a denoiser
 # ----------------------------------------------------------------------------------------------
 
-# The latent downsampling of each family's VAE (DC-AE f32c32; SD3's AutoencoderKL): the dry run's
-# planned latent size at the transformer's own resolution before data prep.
-FLOW_VAE_DOWNSAMPLE = {"sana": 32, "sd3": 8}
-
-
 def flow_config_for(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, meta: bool) -> dict:
     """model.pretrained's transformer config (no weights read), checked against the data: latent
     channels and size, text kind and widths (SPEC 15.6). `meta` (a dry run) without the weights
@@ -212,7 +207,6 @@ def flow_null(cfg: TrainConfig, manifest: dict | None, config: dict, meta: bool 
     """The null condition the network starts from (SPEC 15.6): the data's `text_null.npy` (and for
     SD3 `text_null_pooled.npy`), as data prep wrote them; zeros in a dry run without them
     (`text_len` positions for SD3, whose null covers every position)."""
-    from lct.latents import TEXT_NULL_POOLED, read_text_null_pooled
     from lct.models.flow import text_width
 
     family = cfg.model.arch
