@@ -102,8 +102,8 @@ from lct.hub import resolve_pretrained
 from lct.buckets import BucketTable, load_table
 from lct.image_shards import Decoding, make_loader, shard_name
 from lct.latent_writer import ShardWriter, fp16_problem, job_digest
-from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, encode_latent_sample, merge_manifest,
-                         read_shard_record, record_paths, write_json_atomic)
+from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, TEXT_NULL_POOLED, encode_latent_sample,
+                         merge_manifest, read_shard_record, record_paths, write_json_atomic)
 from lct.shards import FileLock
 from lct.text import RANDOM, TOWER_DIR, TextEncoder, check_text_source, is_random
 from lct.vae import (check_vae_source, downsample_factor, encode_posterior, latent_shape, load_vae, to_unit_range,
@@ -521,7 +521,8 @@ def load_text(cfg: EncodeLatentsConfig, device: torch.device):
     """The text tower (None for a random open_clip tower: made under the job lock in `prepare`)."""
     if cfg.text_kind != "open_clip":
         text = HFTextEncoder.load(cfg.text_model, tokenizer=cfg.text_tokenizer, max_length=cfg.text_max_length,
-                                  device=device, dtype=cfg.text_dtype, key="--text-model")
+                                  device=device, dtype=cfg.text_dtype, key="--text-model",
+                                  kind="sd3" if cfg.text_kind == "sd3" else None)  # sd3: three towers, one folder
         if text.kind != cfg.text_kind:
             raise UserError(f"--text-model {cfg.text_model} is a {text.kind} tower, not --text-kind {cfg.text_kind}")
         return text
@@ -570,6 +571,9 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
             trec.update(states_layout="trimmed" if cfg.text_states else None, null_file=TEXT_NULL)
             with atomic_file(out / TEXT_NULL) as f:
                 np.save(f, text.null_condition().numpy().astype(np.float32), allow_pickle=False)
+            if hasattr(text, "null_pooled"):  # SD3's towers: the pooled vector of "" too (SPEC 15.6)
+                with atomic_file(out / TEXT_NULL_POOLED) as f:
+                    np.save(f, text.null_pooled().numpy().astype(np.float32), allow_pickle=False)
         header = {"created_by": "data_prep/encode_latents.py", "input": cfg.input, "resolution": options["resolution"],
                   "latent_shape": list(shape), "dtype": "float16", "flip": cfg.flip,
                   "preprocess": PREPROCESS_BUCKETS if table else PREPROCESS,

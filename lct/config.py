@@ -674,6 +674,9 @@ def refuse_flow(cfg: TrainConfig, fail) -> None:
         fail("data.latent_norm", f"{name} was trained on its VAE's scaled latents (SPEC 15.4); set data.latent_norm=vae")
     if cfg.text.kind not in (None, FLOW_TEXT_KINDS[mc.arch]):
         fail("text.kind", f"{name} reads text kind {FLOW_TEXT_KINDS[mc.arch]}; set text.kind={FLOW_TEXT_KINDS[mc.arch]}")
+    if max(cfg.sample.steps, default=1) > 1 + len(m.tau):
+        fail("sample.steps", f"a {mc.arch} model samples its tuned levels (sigma_max, then method.tau: "
+             f"{1 + len(m.tau)} steps at most, SPEC 15.7); drop the larger sample.steps or give more method.tau")
     for key, value in zip(("method.sample_boundary_sigma_min", "method.sample_sigma_min"), m.sampling_sigma_mins()):
         if value:
             fail(key, f"a {mc.arch} model samples with its stock pipeline, whose Euler step is the sigma_min-0 "

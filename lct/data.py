@@ -52,7 +52,7 @@ from lct.consistency import ot_couple
 from lct.errors import UserError
 from lct.latents import SampleLayout, check_latent_sample, decode_latent_sample
 from lct.shards import ShardError, tar_samples
-from lct.tokens import token_mask
+from lct.tokens import NO_PADDING, token_mask
 from lct.vae import LatentNorm
 
 # Why a latent sample was skipped (`read_samples`); the trainer logs each as `data_skipped_<reason>`.
@@ -557,6 +557,8 @@ def token_ids(manifest: dict) -> dict:
     if t.get("kind", "open_clip") == "open_clip":
         return {"pad_id": None, "eot_id": None}
     tok = t.get("tokenizer") or {}
+    if t.get("kind") == "sd3":  # every position is real (SPEC 15.6)
+        return {"pad_id": NO_PADDING, "eot_id": tok.get("eot_id")}
     return {"pad_id": tok.get("pad_id"), "eot_id": tok.get("eot_id")}
 
 

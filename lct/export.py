@@ -161,6 +161,11 @@ def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor],
 
         return export_pixart(precond, ema_state, out_dir, cfg=cfg, manifest=manifest, ema_name=ema_name, step=step,
                              images_seen=images_seen)
+    if cfg.model.arch in ("sana", "sd3"):
+        from lct.export_flow import export_flow
+
+        return export_flow(precond, ema_state, out_dir, cfg=cfg, manifest=manifest, ema_name=ema_name, step=step,
+                           images_seen=images_seen)
     net = precond.net
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
         cpu_net = type(net).from_config(net.config)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lct.errors import UserError
+from lct.export_common import CARRY_MAX_BYTES, REMAKE_HINT, quiet_loading, training_record
 from lct.files import atomic_dir
 
 PIPELINES = {"sana": "SanaPipeline", "sd3": "StableDiffusion3Pipeline"}
@@ -71,13 +72,56 @@ def sampling_levels(method) -> dict[str, list[float]]:
     return {f"{k}_step": flow_sigmas(levels[:k]) for k in range(1, len(levels) + 1)}
 
 
+def step_sigmas(method, steps: int) -> list[float]:
+    """The pipelines' `sigmas=` for a `steps`-step sample at the tuned levels (SPEC 9, 15.7)."""
+    levels = sampling_levels(method)
+    if f"{steps}_step" not in levels:
+        raise UserError(f"sample.steps {steps}: a flow model samples its tuned levels, sigma_max and method.tau "
+                        f"({len(levels)} steps at most); give method.tau {steps - 1} levels or fewer sample.steps")
+    return levels[f"{steps}_step"]
+
+
+def null_condition(family: str, null_states: torch.Tensor, null_pooled: torch.Tensor | None, length: int
+                   ) -> dict[str, torch.Tensor]:
+    """The trained null condition as the pipeline's negative embeddings (SPEC 15.6): Sana's states
+    padded to `length` with their mask, SD3's states (every position) and pooled vector."""
+    null = null_states.detach().float().cpu()
+    if family == "sana":
+        return {"negative_prompt_embeds": torch.nn.functional.pad(null, (0, 0, 0, length - null.shape[0]))[None],
+                "negative_prompt_attention_mask": (torch.arange(length) < null.shape[0]).long()[None]}
+    return {"negative_prompt_embeds": null[None], "negative_pooled_prompt_embeds": null_pooled.detach().float().cpu()[None]}
+
+
+def caption_embeds(family: str, cond: dict, null: dict[str, torch.Tensor]) -> dict:
+    """The stock pipeline's text inputs for lct's text condition (`text_states`, `text_mask`,
+    `pooled` of the captions as given) and the trained null, batched."""
+    states = cond["text_states"]
+    b = states.shape[0]
+    neg = {k: v.to(states.device, v.dtype if v.dtype == torch.long else states.dtype).expand(b, *v.shape[1:])
+           for k, v in null.items()}
+    if family == "sana":
+        return {"prompt_embeds": states, "prompt_attention_mask": cond["text_mask"].long(), "negative_prompt": None,
+                "use_resolution_binning": False, **neg}
+    return {"prompt_embeds": states, "pooled_prompt_embeds": cond["pooled"], **neg}
+
+
+def training_flow_pipeline(model, *, vae=None):
+    """The export's stock pipeline in memory around a flow denoiser being trained (its transformer
+    itself, no text towers): what the trainer's sample grids run (`caption_embeds`, `step_sigmas`)."""
+    import diffusers
+
+    names = ("text_encoder", "tokenizer") if model.family == "sana" else (
+        "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    return getattr(diffusers, PIPELINES[model.family])(transformer=model.net.transformer, vae=vae,
+                                                       scheduler=flow_scheduler(model.num_train_timesteps),
+                                                       **dict.fromkeys(names))
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _local_small(source_id: str | None) -> bool:
-    from lct.export import CARRY_MAX_BYTES
-
     p = Path(str(source_id or ""))
     return bool(source_id) and p.is_dir() and _size(p) <= CARRY_MAX_BYTES
 
@@ -125,15 +169,17 @@ def export_flow(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_
     import diffusers
     from safetensors.torch import save_file
 
-    from lct.export import training_record
-
     family = model.family
     check_exportable(cfg.method)
     net = model.net
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
         transformer = type(net.transformer).from_config(net.transformer.config)
     prefix = "net.transformer."
-    transformer.load_state_dict({k[len(prefix):]: v for k, v in ema_state.items() if k.startswith(prefix)}, strict=True)
+    missing, unexpected = transformer.load_state_dict({k[len(prefix):]: v for k, v in ema_state.items()
+                                                       if k.startswith(prefix)}, strict=False)
+    buffers = set(dict(transformer.named_buffers()))  # the EMA holds parameters; buffers (SD3's sin-cos table) are the config's
+    if unexpected or [m for m in missing if m not in buffers]:
+        raise RuntimeError(f"EMA does not match the transformer: missing {missing[:5]}, unexpected {unexpected[:5]}")
     vae, vae_source = _vae(manifest)
     text, text_source = _text(family, manifest)
     pipe = getattr(diffusers, PIPELINES[family])(transformer=transformer.eval(), vae=vae,
@@ -141,11 +187,7 @@ def export_flow(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_
     trec = manifest.get("text") or {}
     null = ema_state["net.null_text_states"].float()
     length = int(trec.get("context_length") or null.shape[0])
-    if family == "sana":
-        tensors = {"negative_prompt_embeds": torch.nn.functional.pad(null, (0, 0, 0, length - null.shape[0]))[None],
-                   "negative_prompt_attention_mask": (torch.arange(length) < null.shape[0]).long()[None]}
-    else:
-        tensors = {"negative_prompt_embeds": null[None], "negative_pooled_prompt_embeds": ema_state["net.null_pooled"].float()[None]}
+    tensors = null_condition(family, null, ema_state.get("net.null_pooled"), length)
     record = training_record(cfg, manifest, ema_name, step, images_seen)
     record.update(pipeline=PIPELINES[family], family=family, pretrained=cfg.model.pretrained, vae_source=vae_source,
                   text_source=text_source, sigmas=sampling_levels(cfg.method), null_condition=FLOW_NULL,
@@ -285,7 +327,6 @@ def load_flow_export(path: str | os.PathLike, *, vae: str | None = None, text_en
     import diffusers
     from safetensors.torch import load_file
 
-    from lct.export import REMAKE_HINT, quiet_loading
 
     d = Path(path)
     try:

@@ -371,6 +371,24 @@ class GemmaTextEncoder(HFTextEncoder):
 # ----------------------------------------------------------------------------------------------
 
 
+def _clip_ids(tok, captions, length: int) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"].long()
+
+
+class SD3Tokenizer:
+    """SD3's token ids of captions, [B, 77 + L]: CLIP-L's ids, then T5's (padding max_length,
+    truncation, special tokens). A plain object (the tokenizers alone): the data workers get a copy."""
+
+    def __init__(self, tok_l, tok_t5, clip_length: int, t5_length: int):
+        self.tok_l, self.tok_t5, self.clip_length, self.t5_length = tok_l, tok_t5, int(clip_length), int(t5_length)
+
+    def __call__(self, captions: Sequence[str] | str) -> torch.Tensor:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        t5 = self.tok_t5(captions, padding="max_length", max_length=self.t5_length, truncation=True,
+                         add_special_tokens=True, return_tensors="pt")["input_ids"].long()
+        return torch.cat([_clip_ids(self.tok_l, captions, self.clip_length), t5], dim=1)
+
+
 class SD3TextEncoder(nn.Module):
     """SD3's text condition (`StableDiffusion3Pipeline.encode_prompt`, clip_skip None), with the
     interface of `HFTextEncoder`:
@@ -403,6 +421,7 @@ class SD3TextEncoder(nn.Module):
         self.context_length = self.clip_length + self.t5_length
         self.source, self.dtype = source, dtype
         self.eot_id, self.pad_id = self.tok_l.eos_token_id, None  # mask: every position (see the docstring)
+        self.tokenizer = SD3Tokenizer(self.tok_l, self.tok_t5, self.clip_length, self.t5_length)
         self.pad_g = self.tok_g.pad_token_id
         probe = self._clip_ids(self.tok_l, [PROBE])
         if not torch.equal(self._g_ids(probe), self._clip_ids(self.tok_g, [PROBE])):
@@ -457,8 +476,7 @@ class SD3TextEncoder(nn.Module):
         return next(self.parameters()).device
 
     def _clip_ids(self, tok, captions) -> torch.Tensor:
-        return tok(captions, padding="max_length", max_length=self.clip_length, truncation=True,
-                   return_tensors="pt")["input_ids"].long()
+        return _clip_ids(tok, captions, self.clip_length)
 
     def _g_ids(self, ids_l: torch.Tensor) -> torch.Tensor:
         """CLIP-G's ids from CLIP-L's: the same up to the first end-of-text, CLIP-G's pad after it."""
@@ -466,10 +484,7 @@ class SD3TextEncoder(nn.Module):
 
     def tokenize(self, captions: Sequence[str] | str) -> torch.Tensor:
         """[B, 77 + L]: CLIP-L ids, then T5 ids (padding max_length, truncation, special tokens)."""
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        t5 = self.tok_t5(captions, padding="max_length", max_length=self.t5_length, truncation=True,
-                         add_special_tokens=True, return_tensors="pt")["input_ids"].long()
-        return torch.cat([self._clip_ids(self.tok_l, captions), t5], dim=1)
+        return self.tokenizer(captions)
 
     def mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """All True: the MMDiT attends to every position."""

@@ -45,6 +45,7 @@ Output directory of `data_prep/encode_latents.py`:
     text_tower/              the random text tower's text half, when --text-pretrained random
     text_null.npy            transformers towers: float32 [L0, D] states of the empty caption at its
                              real tokens (the initial learned null condition, SPEC 14.5)
+    text_null_pooled.npy     text kind sd3: float32 [P], the empty caption's pooled vector (SPEC 15.6)
     manifest.json            merged from job.json and all records
 
 Reading checks (`SampleLayout`, `check_latent_sample`): what the manifest says every sample holds
@@ -76,6 +77,7 @@ RECORDS = "records"
 STAT_KEYS = ("sum_mean", "sum_mean_sq", "sum_var")
 ARRAY_MEMBERS = ("mean", "std", "flip_mean", "flip_std", "tokens", "states", "pooled")
 TEXT_NULL = "text_null.npy"
+TEXT_NULL_POOLED = "text_null_pooled.npy"  # SD3's towers: the empty caption's pooled vector [P] (SPEC 15.6)
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -161,11 +163,25 @@ def read_text_null(manifest_dir: str | os.PathLike) -> np.ndarray:
     its real tokens, SPEC 14.5), written by the data prep for transformers text towers."""
     path = Path(manifest_dir) / TEXT_NULL
     if not path.is_file():
-        raise UserError(f"{path} not found: latent data for a PixArt network needs the T5 tower's null condition; "
-                        "re-run data_prep/encode_latents.py --text-kind t5 (it writes it beside manifest.json)")
+        raise UserError(f"{path} not found: latent data for a PixArt, Sana or SD3 network needs its text tower's null "
+                        "condition; re-run data_prep/encode_latents.py with --text-kind t5, gemma or sd3 (it writes it "
+                        "beside manifest.json)")
     arr = np.load(path, allow_pickle=False)
     if arr.ndim != 2 or arr.shape[0] < 1 or not np.isfinite(arr).all():
         raise UserError(f"{path}: expected finite float32 [L0 >= 1, D], got {arr.dtype} {list(arr.shape)}")
+    return arr.astype(np.float32)
+
+
+def read_text_null_pooled(manifest_dir: str | os.PathLike) -> np.ndarray:
+    """The data's pooled null vector (`text_null_pooled.npy`, float32 [P]: SD3's CLIP-L and CLIP-G
+    text_embeds of the empty caption, SPEC 15.6), written by the data prep for text kind sd3."""
+    path = Path(manifest_dir) / TEXT_NULL_POOLED
+    if not path.is_file():
+        raise UserError(f"{path} not found: latent data for an SD3 network needs the towers' pooled null vector; "
+                        "re-run data_prep/encode_latents.py --text-kind sd3 (it writes it beside manifest.json)")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 1 or not np.isfinite(arr).all():
+        raise UserError(f"{path}: expected finite float32 [P], got {arr.dtype} {list(arr.shape)}")
     return arr.astype(np.float32)
 
 

@@ -341,6 +341,10 @@ class Monitor:
                 from lct.export_pixart import training_pixart_pipeline
 
                 pipe = training_pixart_pipeline(model, self.cfg, self.manifest, vae=self.vae())
+            elif self.cfg.model.arch in ("sana", "sd3"):
+                from lct.export_flow import training_flow_pipeline
+
+                pipe = training_flow_pipeline(model, vae=self.vae())
             else:
                 from lct.export import training_pipeline
 
@@ -366,8 +370,25 @@ class Monitor:
             return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
                     **sampling_inputs(model, cfg.method, steps, LCTPipeline.sample_generators(cfg.sample.seed, indices),
                                       self.manifest["latent_shape"])}
+        if cfg.model.arch in ("sana", "sd3"):  # the stock pipeline (SPEC 15.7), lct's per-sample noise
+            from lct.export_flow import caption_embeds as flow_embeds, null_condition as flow_null
+
+            net, (_, h, w), pipe = model.net, self.desc.latent_shape, self._pipe[1]
+            null = flow_null(model.family, net.null_text_states, getattr(net, "null_pooled", None),
+                             cond["text_states"].shape[1])
+            return {**flow_embeds(model.family, cond, null), "height": h * pipe.vae_scale_factor,
+                    "width": w * pipe.vae_scale_factor, "generator": LCTPipeline.sample_generators(cfg.sample.seed, indices)}
         return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
                 "pooled_prompt_embeds": cond["pooled"], "seed": cfg.sample.seed, "sample_indices": indices}
+
+    def step_inputs(self, steps: int) -> dict:
+        """The step count as the pipeline takes it: a flow model's stock pipeline is given the tuned
+        levels as `sigmas` (SPEC 15.7), the others pick their levels from `num_inference_steps`."""
+        if self.cfg.model.arch in ("sana", "sd3"):
+            from lct.export_flow import step_sigmas
+
+            return {"sigmas": step_sigmas(self.cfg.method, steps)}
+        return {"num_inference_steps": steps}
 
     @torch.no_grad()
     def grids(self, model, step: int, logger) -> list[Path]:
@@ -380,7 +401,7 @@ class Monitor:
         for steps in cfg.sample.steps:
             images = np.zeros((0,), dtype=np.uint8)
             if mine:
-                out = pipe(**self.grid_inputs(model, mine, steps), num_inference_steps=steps,
+                out = pipe(**self.grid_inputs(model, mine, steps), **self.step_inputs(steps),
                            guidance_scale=cfg.sample.guidance, output_type="np").images
                 images = (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil: the PIL images' pixels
             parts = dist.gather_objects((mine, images), info.world_size)

@@ -172,7 +172,8 @@ def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
             raise UserError(f"text.{key}={want!r} differs from the data's {t.get(key)!r} (manifest): token ids "
                             f"and states must come from the same text tower; set text.{key}: null to use "
                             "the data's (or re-encode the data with this tower)")
-    for key, have in (("kind", t.get("kind", "open_clip")), ("max_length", t.get("context_length"))):
+    length = t.get("t5_length") if t.get("kind") == "sd3" else t.get("context_length")  # sd3: the T5 length
+    for key, have in (("kind", t.get("kind", "open_clip")), ("max_length", length)):
         want = getattr(cfg.text, key)
         if want is not None and str(want) != str(have):
             raise UserError(f"text.{key}={want!r}, but the data was encoded with {have!r} (manifest); re-encode "

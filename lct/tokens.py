@@ -6,6 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The pad id of a tokenizer none of whose positions is padding (SD3's towers: the MMDiT attends to
+# every position, SPEC 15.6): no token has it, so `token_mask` is all True.
+NO_PADDING = -1
+
 PROBE = "A photo of 2 cats & a dog: résumé, naïve café 😀 — lct tokenizer probe!"
 
 

@@ -548,7 +548,8 @@ def test_config_refusals():
     load_config(None, ok)
     for extra, key in (("text.kind=t5", "text.kind"), ("data.latent_norm=channel", "data.latent_norm"),
                        ("method.sample_boundary_sigma_min=0.003", "method.sample_boundary_sigma_min"),
-                       ("model.nsln=qk", "model.nsln"), ("model.dropout=0.1", "model.dropout")):
+                       ("model.nsln=qk", "model.nsln"), ("model.dropout=0.1", "model.dropout"),
+                       ("sample.steps=[1,2,3]", "sample.steps")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, ok + [extra] + (["method.sigma_data=0.5"] if "channel" in extra else []))
     load_config(None, ["model.arch=sd3", "model.pretrained=x/y", "data.latent_norm=vae", "method.sigma_data=1",
