@@ -38,9 +38,10 @@ def test_dry_run_prints_a_measured_time_per_step_and_for_the_run(tmp_path, laten
     assert torch.equal(torch.get_rng_state(), before)  # measuring draws nothing from the process's generator
     code, out, _ = dry(capsys, cfg, "--no-timing")
     assert code == 0 and "time per step" not in out
-    # A start that would fail is not timed.
-    code, out, err = dry(capsys, cfg, f"run.dir={tmp_path / 'cfg'}", f"vae.id={tmp_path / 'none'}")
+    # A start that would fail is not timed; a missing eval caption file is one such failure.
+    code, out, err = dry(capsys, cfg, "eval.every=3", f"eval.captions={tmp_path / 'none.jsonl'}")
     assert code == 2 and "time per step" not in out
+    assert "would fail at start: eval.captions" in err and "none.jsonl not found" in err
 
 
 def test_dry_run_does_not_time_a_pretrained_network():
