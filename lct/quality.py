@@ -10,7 +10,7 @@ figure beside any caption-accuracy figure, so a model of averaged images cannot 
 Each metric that cannot run is named once.
 
 Every rank samples its share of the captions (as the grids do); rank 0 gathers the images and does
-the metric work. One stats.jsonl row of kind "eval" per setting (`step`, `stage`, `setting`,
+the metric work. One stats.jsonl row of kind "eval" per setting (`step`, `objective`, `stage` or `N`, `setting`,
 `steps`, `guidance`, `n`, then `<metric>` and `<metric>_<field>` numbers), the same numbers in
 TensorBoard under `eval_<setting>/`. The eval runs inside the monitor's forked RNG with torch
 seeded from `Stream.TRAIN_EVAL` (SPEC 1.2): a run with the eval on trains the same weights as one
@@ -149,7 +149,8 @@ class Quality:
         """The stats.jsonl row of one setting: each metric's value and numeric fields."""
         e = self.ecfg
         setting = f"{steps}step" + (f"_g{e.guidance:g}" if e.guidance != 1 else "")
-        row = {"step": step, "setting": setting, "steps": steps, "guidance": e.guidance, "n": len(u8)}
+        row = {"step": step, "objective": self.cfg.method.objective, "setting": setting, "steps": steps,
+               "guidance": e.guidance, "n": len(u8)}
         cur = self.mon.objective.curriculum(step)
         if cur.stage is not None:
             row["stage"] = cur.stage
@@ -190,7 +191,7 @@ def is_number(v) -> bool:
 
 
 def summary(row: dict) -> str:
-    keys = [k for k in row if k not in ("step", "setting", "steps", "guidance", "n", "stage", "N", "skipped")
+    keys = [k for k in row if k not in ("step", "objective", "setting", "steps", "guidance", "n", "stage", "N", "skipped")
             and "_" not in k] + [k for k in ("prdc_precision", "prdc_recall") if k in row]
     return f"{row['setting']}: " + (", ".join(f"{k} {row[k]:.4g}" for k in keys) or "no metric")
 
