@@ -181,7 +181,7 @@ def flatten(name: str, result: dict) -> dict:
     out = {name: result.get("value")} if is_number(result.get("value")) else {}
     for k, v in result.items():
         if k not in ("value", "n", "k", "n_real", "n_fake", "n_scored", "steps", "guidance", "nfe", "seed",
-                     "resolution") and is_number(v):
+                     "resolution") and not k.startswith("chance") and is_number(v):  # chance: constant
             out[f"{name}_{k}"] = v
     return out
 
