@@ -38,7 +38,7 @@ from lct.grids import to_uint8
 from lct.latents import SampleLayout
 from lct.metrics import PRDC, metric_images, resolve_user_metric, setup_metrics
 from lct.protocols import read_captions
-from lct.vae import decode, downsample_factor
+from lct.vae import decode
 
 
 class Quality:
