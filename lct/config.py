@@ -297,6 +297,43 @@ class ValConfig(Strict):
     buckets: int = Field(8, ge=1, description="sigma buckets for the per-bucket consistency distance")
 
 
+EVAL_METRICS = ("fid", "clip", "shapes", "prdc", "none")
+
+
+class TrainEvalConfig(Strict):
+    """Quality during training (lct/quality.py, README "Quality during training")."""
+
+    every: int = Field(0, ge=0, description="sample and score the sample EMA every this many applied steps "
+                       "(and at the run's end); 0 = off (it costs sampling eval.num captions per setting)")
+    num: int = Field(64, ge=2, description="held-out captions sampled per setting, the same at every eval")
+    captions: str | None = Field(None, description="caption file (.txt or .jsonl); default: data.val_shards' captions")
+    steps: list[int] = Field([1, 2], description="sampling steps of each setting (each >= 1)")
+    guidance: float = Field(1.0, ge=0, description="CFG weight (1 = off)")
+    seed: int = Field(0, ge=0, description="sampling noise seed (per caption index, lct.pipeline)")
+    metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
+        ["fid", "clip", "shapes", "prdc"], description="built-in metrics tried (those that cannot run are named "
+        "once): fid and clip need their weights on disk (the trainer never downloads), shapes lct's shapes "
+        "captions, prdc (precision/recall/density/coverage) a reference: eval.ref_images or the VAE decodes of "
+        "the held-out latents")
+    metric: list[str] = Field([], description="your own metrics, module:Name or path/to/file.py:Name "
+                              "(lct.metrics.Metric, docs/METRICS.md)")
+    metric_arg: list[str] = Field([], description="KEY=VALUE options of the eval.metric metrics")
+    prdc_k: int = Field(5, ge=1, description="k of the k-NN balls of precision/recall/density/coverage")
+    ref_images: str | None = Field(None, description="real images (shards or folder) for FID and precision/recall")
+    ref_stats: str | None = Field(None, description="reference FID statistics .npz")
+    fid_weights: str | None = Field(None, description="local FID Inception weights (default: the torch hub cache)")
+    clip_model: str = Field("ViT-B-32", description="open_clip model of the CLIP score")
+    clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip tag (cached) or local path")
+    batch_size: int = Field(32, ge=1, description="samples per pipeline call and rank")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 1 for s in v):
+            raise ValueError("give one or more sampling step counts, each >= 1")
+        return v
+
+
 class TrainConfig(Strict):
     """The trainer's whole configuration (`lct/train.py --config ...`)."""
 
@@ -313,6 +350,7 @@ class TrainConfig(Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     val: ValConfig = Field(default_factory=ValConfig)
+    eval: TrainEvalConfig = Field(default_factory=TrainEvalConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +683,11 @@ def refuse_incompatible(cfg: TrainConfig, sources: dict[str, str]) -> None:
     if cfg.data.latent_norm == "vae" and m.sigma_data != 1.0:
         fail("method.sigma_data", "latent_norm vae latents have sigma_data 1 (SPEC 14.4); set method.sigma_data=1 "
              "and the noise levels that go with it")
+    if cfg.eval.every and not (cfg.eval.captions or cfg.data.val_shards):
+        fail("eval.every", "the quality eval samples held-out captions: set data.val_shards (held-out latent "
+             "shards) or eval.captions (a caption file), or eval.every=0")
+    if cfg.eval.every and cfg.eval.metric_arg and not cfg.eval.metric:
+        fail("eval.metric_arg", "eval.metric_arg sets options of eval.metric metrics; none is named")
     refuse_pixart(cfg, fail)
     refuse_flow(cfg, fail)
 
@@ -741,6 +784,21 @@ def check_train_config(cfg: TrainConfig, world_size: int = 1, manifest: dict | N
         if cfg.precision == "bf16_trunk":
             warn["bf16_cpu"] = ("precision bf16_trunk without a GPU: bf16 autocast on the CPU is slow and "
                                 "approximate; set precision: fp32")
+        if cfg.precision == "tf32":
+            warn["tf32_cpu"] = ("precision tf32 without a GPU: TF32 is a GPU matmul mode, the CPU computes in fp32; "
+                                "set precision: fp32 to say what runs")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.data.num_workers > cores:
+        warn["workers_over_cores"] = (f"data.num_workers {cfg.data.num_workers} on {cores} CPU core(s) this process "
+                                      f"may use: the workers and the ranks contend; set data.num_workers <= {cores}")
+    late = [f"{key} {every}" for key, every in (("run.save_every", cfg.run.save_every),
+                                                ("sample.every", cfg.sample.every),
+                                                ("val.every", cfg.val.every if cfg.data.val_shards else 0),
+                                                ("eval.every", cfg.eval.every)) if every > cfg.run.total_steps]
+    if late:
+        warn["every_beyond_run"] = (f"{', '.join(late)} beyond run.total_steps {cfg.run.total_steps}: nothing of it "
+                                    "happens before the run's end (only the end's save, grids, validation and "
+                                    "eval); lower it to see it during the run")
     return [f"{text} [{key}: if weighed, list it in run.accept_warnings]" for key, text in warn.items()
             if key not in cfg.run.accept_warnings]
 

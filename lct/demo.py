@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     edm_dir = out / "runs" / "edm"
     cmd = [*launcher(ranks), "lct/train.py", "--config", "configs/demo_edm.yaml", f"run.dir={edm_dir}", *data]
     if size["edm_steps"]:
-        cmd += [f"run.total_steps={size['edm_steps']}"]
+        n = size["edm_steps"]  # the shortened run: saves, grids and validation at its end (no config warning)
+        cmd += [f"run.total_steps={n}", f"run.save_every={n}", f"sample.every={n}", f"val.every={n}"]
     run(cmd, env)
     times["train_edm"] = time.time() - t
     t = stage("4/5 train: consistency tuning (ECT mapping + Cauchy, OT, early-step diffusion term)")
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
     cmd = [*launcher(ranks), "lct/train.py", "--config", "configs/demo.yaml", f"run.dir={ct_dir}",
            f"model.init_from={edm_dir}", *data]
     if size["ct_steps"]:
-        cmd += [f"run.total_steps={size['ct_steps']}"]
+        n = size["ct_steps"]
+        cmd += [f"run.total_steps={n}", f"run.save_every={n}", f"sample.every={n}", f"val.every={n}"]
     run(cmd, env)
     times["train_consistency"] = time.time() - t
 

@@ -10,7 +10,8 @@ checkpoint):
 3. latents   `data_prep/encode_latents.py`, a small random open_clip text tower (--text-model)
 4. train     the EDM start (configs/custom_small_edm.yaml), then ECT + Cauchy / adaptive c / OT /
              early-step diffusion term from its EMA (configs/custom_small_ect.yaml), with the real
-             deepspeed launcher
+             deepspeed launcher; each logs 1- and 2-step quality six times (`eval` rows in its
+             stats.jsonl: your metrics, precision/recall against the held-out images)
 5. eval      `eval/clip_fid.py` on the held-out captions at 1 and 2 steps: samples, grids,
              precision/recall/density/coverage against the held-out images (lct.prdc) and your
              `--metric` metrics (caption accuracy)
@@ -224,12 +225,17 @@ def run_data(args, parser) -> int:
     size = [f"model.hidden_size={plan['hidden_size']}", f"model.depth={plan['depth']}",
             f"model.num_heads={plan['num_heads']}", f"optim.batch_size={plan['batch_size']}",
             f"precision={plan['precision']}", f"data.shards={lat / 'train'}", f"data.val_shards={lat / 'heldout'}"]
+    # Quality during training (lct.quality): 1- and 2-step samples of 64 held-out captions scored with
+    # your metrics and precision/recall against the held-out images, six times per stage.
+    quality = ["eval.num=64", "eval.metrics=[prdc]", f"eval.ref_images={held}",
+               f"eval.metric={json.dumps(list(args.metric))}", f"eval.metric_arg={json.dumps(list(args.metric_arg))}"]
     edm_dir, ct_dir = out / "runs" / "edm", out / "runs" / "ect"
     t = time.time()
     header(f"4/5 train: EDM start on {ranks} {'CPU' if kind == 'cpu' else 'GPU'} rank(s)")
     run([*launcher(ranks), str(ROOT / "lct" / "train.py"), "--config", str(ROOT / "configs" / "custom_small_edm.yaml"), f"run.dir={edm_dir}",
          f"run.total_steps={plan['edm_steps']}", f"run.save_every={max(1, plan['edm_steps'] // 3)}",
-         f"sample.every={max(1, plan['edm_steps'] // 3)}", f"val.every={max(1, plan['edm_steps'] // 3)}", *size], env)
+         f"sample.every={max(1, plan['edm_steps'] // 3)}", f"val.every={max(1, plan['edm_steps'] // 3)}",
+         f"eval.every={max(1, plan['edm_steps'] // 6)}", *quality, *size], env)
     times["train_edm"] = time.time() - t
     t = time.time()
     header("4/5 train: consistency tuning (ECT mapping + Cauchy, OT, early-step diffusion term)")
@@ -237,7 +243,7 @@ def run_data(args, parser) -> int:
     run([*launcher(ranks), str(ROOT / "lct" / "train.py"), "--config", str(ROOT / "configs" / "custom_small_ect.yaml"), f"run.dir={ct_dir}",
          f"model.init_from={edm_dir}", f"run.total_steps={ct}", f"run.save_every={max(1, ct // 2)}",
          f"sample.every={max(1, ct // 2)}", f"val.every={max(1, ct // 2)}",
-         f"method.stage_every={max(1, ct // 5)}", *size], env)
+         f"method.stage_every={max(1, ct // 5)}", f"eval.every={max(1, ct // 6)}", *quality, *size], env)
     times["train_consistency"] = time.time() - t
 
     t = time.time()

@@ -3,28 +3,32 @@
 Every `lct.preflight` check (each failure printed as "would fail at start: ..."), then the figures
 a run is planned with, from the network on the meta device: parameters, FLOPs per step and for the
 run, data epochs, memory per GPU (weights, gradients, optimizer moments, EMAs, frozen towers,
-activations), the resolved DeepSpeed config and the resume state. Exit 2 when a start would fail.
+activations), the resolved DeepSpeed config and the resume state; and, where a start would not
+fail, the time per step and for the run, measured: a few optimizer steps of the network on the
+device the run will use (`measure_step`). Exit 2 when a start would fail.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lct import models
+from lct import dist, models
 from lct.config import TrainConfig, dump_yaml
 from lct.data import DataDescription
 from lct.dist import DistInfo
-from lct.engine import deepspeed_config
+from lct.engine import deepspeed_config, set_precision
 from lct.errors import UserError
 from lct.models.build import build_network, planned_data
 from lct.preflight import Start, preflight
 
 
-def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
+def dry_run(cfg: TrainConfig, info: DistInfo, measure: bool = True) -> int:
     """The module docstring's report on rank 0; the exit status a start would have (0 or 2)."""
     failures: list[str] = []
     start = preflight(cfg, info, failures=failures)
@@ -55,6 +59,8 @@ def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
           + ", ".join(f"{k} {si(v, 1024)}B" for k, v in mem.items() if k != "total")
           + " (fp32 activations" + ("; bf16_trunk keeps about half" if cfg.precision == "bf16_trunk" else "")
           + "), plus the CUDA context and allocator slack (~1-2 GiB)")
+    if measure and not failures:
+        print(time_line(cfg, desc, start, micro, info))
     print("deepspeed config (for this world size, "
           f"{info.world_size}): {json.dumps(deepspeed_config_or_none(cfg, info.world_size))}")
     if start.saved is not None:
@@ -71,6 +77,57 @@ def dry_run(cfg: TrainConfig, info: DistInfo) -> int:
     if failures:
         print(f"dry run: {len(failures)} problem{'s' * (len(failures) > 1)}; a start would exit 2", file=sys.stderr)
     return 2 if failures else 0
+
+
+PRETRAINED_ARCHS = ("pixart", "sana", "sd3")
+
+
+def time_line(cfg: TrainConfig, desc: DataDescription, start: Start, micro: int, info: DistInfo) -> str:
+    """The measured time per step and the run's estimate, as one line."""
+    if cfg.model.arch in PRETRAINED_ARCHS:
+        return (f"time per step: not measured for model.arch={cfg.model.arch} (the dry run does not load the "
+                "pretrained weights); run a few steps with run.total_steps to time it")
+    device = dist.pick_device("auto", info.local_rank)
+    seconds, timed = measure_step(cfg, desc, start.manifest, micro, start.accum, device)
+    done = start.saved["state"]["applied_steps"] if start.saved is not None else 0
+    left = max(0, cfg.run.total_steps - done)
+    eta = datetime.timedelta(seconds=round(seconds * left))
+    return (f"time per step (measured: {timed} step(s) of micro-batch {micro} x {start.accum} accumulation on "
+            f"{device.type}, one rank alone: forward, backward{', teacher forward' * (cfg.method.objective != 'edm')}"
+            f" and an RAdam step, uncompiled; no data loading, communication, EMA or monitoring): {seconds:.3g} s; "
+            f"for the {left:,} step(s) left of run.total_steps {cfg.run.total_steps:,}: about {eta}")
+
+
+def measure_step(cfg: TrainConfig, desc: DataDescription, manifest: dict | None, micro: int, accum: int,
+                 device: torch.device, steps: int = 2, slow: float = 30.0) -> tuple[float, int]:
+    """(seconds per optimizer step, steps timed): one warm-up step, then `steps` timed ones (only
+    the warm-up when it takes longer than `slow` seconds) of the network itself (random weights,
+    uncompiled) on `device` with zero inputs of the run's shapes; the process's RNG is left as it was."""
+    set_precision(cfg.precision)
+    plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": False})})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_network(plain, desc, manifest).to(device).train()
+        opt = torch.optim.RAdam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        with torch.device(device):
+            x, sigma, cond = meta_inputs(cfg, desc, micro)
+
+        def one_step() -> float:
+            t = time.perf_counter()
+            for _ in range(accum):
+                model(x, sigma, **cond).float().square().mean().backward()
+                if cfg.method.objective != "edm":
+                    with torch.no_grad():  # the teacher pass of a consistency objective
+                        model(x, sigma, **cond)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t
+
+        first = one_step()
+        if first > slow:
+            return first, 1
+        return sum(one_step() for _ in range(steps)) / steps, steps
 
 
 def si(x: float, base: int = 1000) -> str:

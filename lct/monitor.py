@@ -12,6 +12,8 @@
   Every `val.every` steps, a fixed validation batch (held-out latents, fixed noise, fixed draws of
   the objective's plan, fixed captions) gives the EMA's consistency distance per sigma bucket and
   its denoising reconstruction error: numbers comparable across steps within a stage.
+  Every `eval.every` steps, the quality eval (`lct.quality.Quality`): 1- and 2-step samples of
+  fixed held-out captions scored by the metrics that can run, rows of kind "eval".
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lct.files import write_atomic
 from lct.grids import caption_grid, save_png
 from lct.latents import SampleLayout
 from lct.objectives import make_objective
+from lct.quality import Quality
 from lct.text import load_tower, text_condition
 from lct.tokens import padding_mask
 from lct.vae import LatentNorm, load_vae
@@ -66,18 +69,19 @@ class RunLogger:
             except ImportError:
                 print("warning: run.wandb=true but wandb is not installed (pip install wandb)", file=sys.stderr)
 
-    def __call__(self, record: dict, kind: str = "train") -> None:
+    def __call__(self, record: dict, kind: str = "train", tag: str | None = None) -> None:
+        """One stats.jsonl row of `kind`; its numbers to TensorBoard (and W&B) as `tag`/key (default `kind`)."""
         record = {"kind": kind, **record}
         self.file.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
+        step, tag = record.get("step", 0), tag or kind
         flat = {}
         for k, v in record.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                flat[f"{kind}/{k}"] = v
+                flat[f"{tag}/{k}"] = v
             elif isinstance(v, list):
                 for i, x in enumerate(v):
                     if isinstance(x, (int, float)):
-                        flat[f"{kind}/{k}/{i}"] = x
+                        flat[f"{tag}/{k}/{i}"] = x
         if self.tb:
             for k, v in flat.items():
                 if math.isfinite(v):
@@ -239,6 +243,7 @@ class Monitor:
         self._text = text.to(device) if text is not None else None
         self.prompts = self.load_prompts()
         self.val = self.load_validation()
+        self.quality = Quality(self) if cfg.eval.every else None
         self.done: dict[str, int] = {}  # the last step of each kind of monitoring
 
     # ------------------------------------------------------------------ inputs
@@ -312,14 +317,16 @@ class Monitor:
     # ------------------------------------------------------------------ work
 
     def maybe_run(self, step: int, logger, force: bool = False) -> None:
-        """Grids every sample.every and validation every val.every applied steps; `force` (the
-        run's end) does whichever has not been done at this step yet."""
+        """Grids every sample.every, validation every val.every and the quality eval every
+        eval.every applied steps; `force` (the run's end) does whichever has not been done at this
+        step yet."""
         cfg = self.cfg
         do_grid = (force or step % cfg.sample.every == 0) and self.done.get("grid") != step
         do_val = self.val is not None and (force or step % cfg.val.every == 0) and self.done.get("val") != step
-        if not (do_grid or do_val):
+        do_eval = self.quality is not None and (force or step % cfg.eval.every == 0) and self.done.get("eval") != step
+        if not (do_grid or do_val or do_eval):
             return
-        self.done.update({**({"grid": step} if do_grid else {}), **({"val": step} if do_val else {})})
+        self.done.update({k: step for k, due in (("grid", do_grid), ("val", do_val), ("eval", do_eval)) if due})
         # The trainer saves before it samples: a resumed run must draw what an uninterrupted one
         # draws, so the monitor leaves the training RNG as it found it.
         forked = [self.device] if self.device.type == "cuda" else []
@@ -332,6 +339,8 @@ class Monitor:
                     logger(record, kind="val")
             if do_grid:
                 self.grids(model, step, logger)
+            if do_eval:
+                self.quality.run(model, step, logger)
 
     def pipeline(self, model):
         """The pipeline users run, in memory around the sample EMA `model` (built once: the EMA copy
@@ -353,22 +362,26 @@ class Monitor:
             self._pipe = (model, pipe)
         return self._pipe[1]
 
-    def grid_inputs(self, model, indices: list[int], steps: int) -> dict:
-        """The pipeline's inputs for the prompts `indices`: their text condition from the run's text
-        tower (captions as given), lct's per-sample noise (`sample.seed`, the prompt's index); for
-        PixArt also the levels of `steps` steps and the start (`export_pixart.sampling_inputs`)."""
+    def grid_inputs(self, model, indices: list[int], steps: int, prompts: list[str] | None = None,
+                    seed: int | None = None) -> dict:
+        """The pipeline's inputs for the prompts `indices` (of `prompts`, default the grid's): their
+        text condition from the run's text tower (captions as given), lct's per-sample noise (`seed`,
+        default `sample.seed`, and the prompt's index); for PixArt also the levels of `steps` steps
+        and the start (`export_pixart.sampling_inputs`)."""
         from lct.pipeline import LCTPipeline
 
         cfg = self.cfg
+        prompts = self.prompts if prompts is None else prompts
+        seed = cfg.sample.seed if seed is None else seed
         if cfg.model.cond != "text":
-            return {"prompt": [""] * len(indices), "seed": cfg.sample.seed, "sample_indices": indices}
-        cond = self.condition([self.prompts[i] for i in indices])
+            return {"prompt": [""] * len(indices), "seed": seed, "sample_indices": indices}
+        cond = self.condition([prompts[i] for i in indices])
         if cfg.model.arch == "pixart":
             from lct.export_pixart import caption_embeds, null_condition, sampling_inputs, text_length
 
             null = null_condition(model, text_length(model, self.manifest))
             return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
-                    **sampling_inputs(model, cfg.method, steps, LCTPipeline.sample_generators(cfg.sample.seed, indices),
+                    **sampling_inputs(model, cfg.method, steps, LCTPipeline.sample_generators(seed, indices),
                                       self.manifest["latent_shape"])}
         if cfg.model.arch in ("sana", "sd3"):  # the stock pipeline (SPEC 15.7), lct's per-sample noise
             from lct.export_flow import caption_embeds as flow_embeds, null_condition as flow_null
@@ -377,9 +390,9 @@ class Monitor:
             null = flow_null(model.family, net.null_text_states, getattr(net, "null_pooled", None),
                              cond["text_states"].shape[1])
             return {**flow_embeds(model.family, cond, null), "height": h * pipe.vae_scale_factor,
-                    "width": w * pipe.vae_scale_factor, "generator": LCTPipeline.sample_generators(cfg.sample.seed, indices)}
+                    "width": w * pipe.vae_scale_factor, "generator": LCTPipeline.sample_generators(seed, indices)}
         return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
-                "pooled_prompt_embeds": cond["pooled"], "seed": cfg.sample.seed, "sample_indices": indices}
+                "pooled_prompt_embeds": cond["pooled"], "seed": seed, "sample_indices": indices}
 
     def step_inputs(self, steps: int) -> dict:
         """The step count as the pipeline takes it: a flow model's stock pipeline is given the tuned

@@ -129,7 +129,8 @@ def problems_with_paths(cfg: TrainConfig) -> list[str]:
     if cfg.data.val_shards and not [u for u in expand_urls(cfg.data.val_shards) if os.path.exists(u)]:
         out.append(f"data.val_shards: nothing found at {cfg.data.val_shards!r}")
     out += [p for p in (output_dir_problem(cfg.run.dir, "run.dir"),
-                        problem_with_text_file(cfg.sample.prompts_file, "sample.prompts_file")) if p]
+                        problem_with_text_file(cfg.sample.prompts_file, "sample.prompts_file"),
+                        problem_with_text_file(cfg.eval.captions if cfg.eval.every else None, "eval.captions")) if p]
     return out
 
 

@@ -57,6 +57,8 @@ class Stream(enum.IntEnum):
     DIGITS_SPLIT = 22     # data_prep/make_digits.py: the stratified train/held-out split
     PRDC_SUBSET = 23      # eval's precision/recall: the subset of reference images (as many as samples)
     PRDC_EMBED = 24       # eval's precision/recall: the random VGG16 feature network's weights
+    TRAIN_EVAL = 25       # the trainer's quality eval (lct.quality): torch's generator while it runs at a step
+    TRAIN_EVAL_SET = 26   # the trainer's quality eval: which held-out captions it samples (eval.num of them)
 
 
 # The fields of each stream, in key order (documentation and an arity check).
@@ -84,6 +86,8 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.DIGITS_SPLIT: ("seed",),
     Stream.PRDC_SUBSET: ("seed",),
     Stream.PRDC_EMBED: ("seed",),
+    Stream.TRAIN_EVAL: ("seed", "applied_steps"),
+    Stream.TRAIN_EVAL_SET: ("seed",),
 }
 
 _U32, _U64 = 1 << 32, 1 << 64

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="make every check a start makes (paths, data, text tower, VAE, resume state), print "
                         "sizes, FLOPs, memory and data figures, exit (2 if a start would fail)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="with --dry-run: skip the measured time per step (a few steps of the network)")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: plan for this many ranks (default: the launcher's)")
     # deepspeed passes --local_rank=N; newer launchers only set LOCAL_RANK (preferred).
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in check_train_config(cfg, info.world_size, manifest=peek_manifest(cfg), cuda=torch.cuda.is_available()):
             print(f"config warning: {w}", file=sys.stderr)
     if args.dry_run:
-        return dry_run(cfg, info)
+        return dry_run(cfg, info, measure=not args.no_timing)
     lock = lock_run_dir(cfg, info)  # held until this process ends: one trainer per run.dir
     try:
         start = preflight(cfg, info)

@@ -276,14 +276,36 @@ def read_stats(run_dir: Path, kind="train"):
     return [r for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
+BRIGHTNESS = '''
+import torch
+
+class Brightness:
+    """Mean pixel value per sample: a user metric (lct.metrics.Metric) marked as caption accuracy."""
+    name, width, caption_accuracy = "bright", 1, True
+
+    def __init__(self, ctx):
+        self.record = {"name": "brightness", "n": len(ctx.captions)}
+
+    def rows(self, images, metric_images, captions):
+        return torch.tensor(images.reshape(len(images), -1).mean(1), dtype=torch.float64)[:, None]
+
+    def result(self, rows, out_dir, main):
+        return {"value": float(rows.mean())}
+
+    def line(self, key, m):
+        return f"{key} {m['value']:.2f}"
+'''
+
+
 def documented_log_fields(kind: str) -> set[str]:
-    """The field names of README's "Reading your logs" table for `kind` ("train" or "val")."""
+    """The field names of README's "Reading your logs" table for `kind` ("train", "val" or "eval")."""
     import re
 
     from lct.data import SKIP_REASONS
 
     text = (ROOT / "README.md").read_text().split("### Reading your logs", 1)[1].split("\n### ", 1)[0]
-    table = text.split("Train records" if kind == "train" else "Validation records", 1)[1].split("\n\n", 1)[0]
+    table = text.split({"train": "Train records", "val": "Validation records", "eval": "Eval records"}[kind],
+                       1)[1].split("\n\n", 1)[0]
     names = {"kind"}
     for line in table.splitlines():
         if line.startswith("| `"):
@@ -332,10 +354,27 @@ def checkpoint_tensors(ckpt_dir: Path):
 @pytest.mark.slow
 def test_single_process_run_writes_everything(tmp_path, latent_data):
     """~30 s: a full small run (3 processes' worth of work: train, grids, validation, export)."""
-    cfg = tiny_train_config(tmp_path, latent_data)
+    metric = tmp_path / "bright.py"
+    metric.write_text(BRIGHTNESS)
+    cfg = tiny_train_config(tmp_path, latent_data, eval={
+        "every": 3, "num": 8, "batch_size": 4, "metrics": ["shapes", "fid"], "fid_weights": str(tmp_path / "no.pth"),
+        "metric": [f"{metric}:Brightness"]})
     proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
+    # The quality eval (lct/quality.py): 1- and 2-step rows at steps 3 and 6 (the end does not repeat
+    # 6), shapes and the user metric with precision/recall beside them; fid named once as skipped.
+    ev = read_stats(run, "eval")
+    assert [(r["step"], r["setting"], r["steps"], r["n"]) for r in ev] == [
+        (3, "1step", 1, 8), (3, "2step", 2, 8), (6, "1step", 1, 8), (6, "2step", 2, 8)]
+    for r in ev:
+        assert set(r) <= documented_log_fields("eval") | {k for k in r if k.split("_")[0] in ("shapes", "prdc", "bright")}
+        assert {"shapes", "shapes_colour_acc", "shapes_position_acc", "bright", "prdc", "prdc_precision",
+                "prdc_recall", "prdc_density", "prdc_coverage", "prdc_spread"} <= set(r), r
+        assert 0 <= r["shapes_colour_acc"] <= 1 and 0 <= r["prdc_recall"] <= 1 and 0 < r["bright"] < 255
+        assert set(r["skipped"]) == {"fid"} and r["N"] >= 2
+    assert ev[0]["bright"] != ev[1]["bright"]  # 1 and 2 steps are different samples
+    assert proc.stderr.count("[eval] fid: cannot run:") == 1
     for f in ("config.yaml", "deepspeed.json", "environment.json", "stats.jsonl", "checkpoints/latest",
               "export/ema/lct_export.json", "export/slow/lct_export.json",
               "samples/step00000003_1step.png", "samples/step00000006_2step.png"):
@@ -362,14 +401,17 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
     """~60 s: indexed mode, fp32 CPU, dropout on: a run killed after step 3 and resumed ends at step
-    6 with the same weights, optimizer state and EMAs as an uninterrupted run, bit for bit."""
+    6 with the same weights, optimizer state and EMAs as an uninterrupted run, bit for bit; the
+    killed run also has the quality eval on (every 2 steps) and the other not, so the eval moves
+    no training draw (dropout masks come from torch's generator)."""
     env = {"OMP_NUM_THREADS": "1"}
     common = dict(model={"arch": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "dropout": 0.2},
                   sample={"every": 1000}, val={"every": 1000})
     a = tiny_train_config(tmp_path / "a", latent_data, run={"dir": str(tmp_path / "a" / "run"), "total_steps": 6,
                                                             "save_every": 3, "log_every": 1, "seed": 0}, **common)
     b = tiny_train_config(tmp_path / "b", latent_data, run={"dir": str(tmp_path / "b" / "run"), "total_steps": 6,
-                                                            "save_every": 3, "log_every": 1, "seed": 0}, **common)
+                                                            "save_every": 3, "log_every": 1, "seed": 0},
+                          eval={"every": 2, "num": 6, "metrics": ["shapes"]}, **common)
     assert run_cmd([sys.executable, TRAIN, "--config", str(a)], env=env).returncode == 0
     killed = run_cmd([sys.executable, TRAIN, "--config", str(b)], env={**env, "LCT_FAULT_EXIT_AFTER_SAVE": "3"})
     assert killed.returncode == 137
@@ -388,6 +430,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
                     weights_only=False)["optimizer_state_dict"]
     for t1, t2 in zip(oa["single_partition_of_fp32_groups"], ob["single_partition_of_fp32_groups"]):
         assert torch.equal(t1, t2)
+    assert [(r["step"], r["setting"]) for r in read_stats(tmp_path / "b/run", "eval")] == [
+        (2, "1step"), (2, "2step"), (4, "1step"), (4, "2step"), (6, "1step"), (6, "2step")]
     sa, sb = read_stats(tmp_path / "a/run"), read_stats(tmp_path / "b/run")
     assert [r["loss"] for r in sa] == [r["loss"] for r in sb if r["step"] in (1, 2, 3, 4, 5, 6)][-6:]
 
