@@ -57,6 +57,8 @@ class Stream(enum.IntEnum):
     DIGITS_SPLIT = 22     # data_prep/make_digits.py: the stratified train/held-out split
     PRDC_SUBSET = 23      # eval's precision/recall: the subset of reference images (as many as samples)
     PRDC_EMBED = 24       # eval's precision/recall: the random VGG16 feature network's weights
+    BUCKET_DRAW = 25      # bucketed data: the order of the steps (one bucket each) of bucket epoch E
+    BUCKET_ORDER = 26     # bucketed data, indexed mode: the permutation of bucket b's pass e
 
 
 # The fields of each stream, in key order (documentation and an arity check).
@@ -84,6 +86,8 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.DIGITS_SPLIT: ("seed",),
     Stream.PRDC_SUBSET: ("seed",),
     Stream.PRDC_EMBED: ("seed",),
+    Stream.BUCKET_DRAW: ("seed", "epoch"),
+    Stream.BUCKET_ORDER: ("seed", "bucket", "pass"),
 }
 
 _U32, _U64 = 1 << 32, 1 << 64
