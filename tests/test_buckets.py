@@ -520,3 +520,62 @@ def test_element_statistics_are_refused_with_buckets_in_one_line(aspect_data):
     with pytest.raises(UserError, match=r"^data.latent_norm element: bucketed latents .* use data.latent_norm channel$"):
         check_bucketed_norm(cfg, aspect_data["manifest"])
     check_bucketed_norm(SimpleNamespace(data=SimpleNamespace(latent_norm="channel")), aspect_data["manifest"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(aspect_data, tmp_path):
+    """Three aspect ratios under `deepspeed --num_gpus 2` with OT and the early-step term (iLCT):
+    a run killed after its step-2 checkpoint and resumed trains the same losses and weights, bit
+    for bit, as an uninterrupted one; its export generates each trained aspect (default: the most
+    common bucket) and records the table."""
+    from conftest import run_cmd, tiny_train_config
+    from test_multirank import TRAIN, deepspeed_cmd
+    from test_runs import model_of, rows, state_of
+
+    from lct.data import BucketPlan, bucket_spec
+    from lct.pipeline import LCTPipeline
+
+    data = {"train": aspect_data["out"], "heldout": aspect_data["out"]}
+
+    def config(name):
+        return tiny_train_config(tmp_path / name, data, run={"dir": str(tmp_path / name / "run"), "total_steps": 6,
+                                                             "save_every": 2, "log_every": 1, "seed": 0, "keep_last": 5},
+                                 optim={"batch_size": 4}, sample={"every": 6, "num": 2},
+                                 val={"every": 6, "batch_size": 8, "buckets": 4})
+
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = run_cmd([*deepspeed_cmd(), "--config", str(config("ref"))], env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cut = config("cut")
+    run = tmp_path / "cut" / "run"
+    killed = run_cmd([*deepspeed_cmd(), "--config", str(cut)], env={**env, "LCT_FAULT_EXIT_AFTER_SAVE": "2"})
+    assert killed.returncode != 0 and state_of(run)["applied_steps"] == 2, killed.stderr[-3000:]
+    resumed = run_cmd([*deepspeed_cmd(), "--config", str(cut)], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rows(tmp_path / "ref" / "run"), rows(run)
+    assert [r["step"] for r in b] == list(range(1, 7)) and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = model_of(tmp_path / "ref" / "run" / "checkpoints/step00000006"), model_of(run / "checkpoints/step00000006")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert state_of(run)["images_seen"] == 6 * 4  # data.batch_size: images per step, whatever the bucket
+    m = aspect_data["manifest"]
+    spec = bucket_spec(m)
+    plan = BucketPlan(spec["bucket_counts"], 4, 0)
+    assert {plan.step(s)[0] for s in range(6)} == {0, 1, 2}  # every bucket trained in these 6 steps
+    # The export: each trained aspect, the most common by default, another size refused.
+    pipe = LCTPipeline.from_pretrained(str(run / "export" / "ema"))
+    pipe.set_progress_bar_config(disable=True)
+    counts = m["buckets"]["counts"]
+    sizes = pipe.config.sizes
+    assert sorted(map(tuple, sizes)) == sorted((t["size"][0], t["size"][1]) for t in m["buckets"]["table"])
+    assert counts[f"{sizes[0][0]}x{sizes[0][1]}"] == max(counts.values())
+    for h, w in sizes:
+        img = pipe(["a red circle"], height=h, width=w, seed=0, output_type="np").images
+        assert img.shape == (1, h, w, 3) and np.isfinite(img).all() and img.std() > 0
+    assert pipe(["a red circle"], seed=0, output_type="np").images.shape[1:3] == tuple(sizes[0])
+    with pytest.raises(ValueError, match="trained at"):
+        pipe(["a red circle"], height=48, width=24)
+    record = json.loads((run / "export" / "ema" / "lct_export.json").read_text())
+    assert record["buckets"]["counts"] == counts and [t["name"] for t in record["buckets"]["table"]] == \
+        [t["name"] for t in m["buckets"]["table"]]
+    assert list((run / "samples").glob("step00000006_*step.png"))  # grids at the most common bucket
