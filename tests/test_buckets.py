@@ -579,3 +579,18 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
     assert record["buckets"]["counts"] == counts and [t["name"] for t in record["buckets"]["table"]] == \
         [t["name"] for t in m["buckets"]["table"]]
     assert list((run / "samples").glob("step00000006_*step.png"))  # grids at the most common bucket
+    # eval --aspect: another bucket's images, scored by the shapes metric in their own coordinates.
+    from lct.eval import clip_fid
+
+    caps = aspect_data["base"] / "ar" / "captions.jsonl"
+    args = ["--protocol", "custom", "--checkpoint", str(run), "--captions", str(caps), "--num-samples", "3",
+            "--steps", "1", "--metrics", "shapes", "--batch-size", "3", "--device", "cpu"]
+    h, w = sizes[-1]
+    assert clip_fid.main([*args, "--out", str(tmp_path / "eval"), "--aspect", f"{h}x{w}"]) == 0
+    r = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert r["resolution"]["generated_size"] == [h, w] and r["settings"][0]["metrics"]["shapes3"]["n"] == 3
+    assert Image.open(tmp_path / "eval" / "steps1_g1" / "000000.png").size == (w, h)
+    with pytest.raises(UserError, match=r"^--aspect 48x24: height 48, width 24: this model was trained at"):
+        clip_fid.evaluate(clip_fid.EvalConfig(checkpoint=str(run), out=str(tmp_path / "e2"), protocol="custom",
+                                              captions=str(caps), metrics=["shapes"], aspect="48x24",
+                                              device="cpu"), [])
