@@ -580,17 +580,32 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
         [t["name"] for t in m["buckets"]["table"]]
     assert list((run / "samples").glob("step00000006_*step.png"))  # grids at the most common bucket
     # eval --aspect: another bucket's images, scored by the shapes metric in their own coordinates.
-    from lct.eval import clip_fid
+    import sys
 
     caps = aspect_data["base"] / "ar" / "captions.jsonl"
-    args = ["--protocol", "custom", "--checkpoint", str(run), "--captions", str(caps), "--num-samples", "3",
-            "--steps", "1", "--metrics", "shapes", "--batch-size", "3", "--device", "cpu"]
+    args = [sys.executable, str(ROOT / "eval" / "clip_fid.py"), "--protocol", "custom", "--checkpoint", str(run),
+            "--captions", str(caps), "--num-samples", "3", "--steps", "1", "--metrics", "shapes", "--batch-size", "3",
+            "--device", "cpu"]
     h, w = sizes[-1]
-    assert clip_fid.main([*args, "--out", str(tmp_path / "eval"), "--aspect", f"{h}x{w}"]) == 0
+    proc = run_cmd([*args, "--out", str(tmp_path / "eval"), "--aspect", f"{h}x{w}"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert r["resolution"]["generated_size"] == [h, w] and r["settings"][0]["metrics"]["shapes3"]["n"] == 3
     assert Image.open(tmp_path / "eval" / "steps1_g1" / "000000.png").size == (w, h)
-    with pytest.raises(UserError, match=r"^--aspect 48x24: height 48, width 24: this model was trained at"):
-        clip_fid.evaluate(clip_fid.EvalConfig(checkpoint=str(run), out=str(tmp_path / "e2"), protocol="custom",
-                                              captions=str(caps), metrics=["shapes"], aspect="48x24",
-                                              device="cpu"), [])
+    proc = run_cmd([*args, "--out", str(tmp_path / "e2"), "--aspect", "48x24"], env=env)
+    assert proc.returncode == 2 and "--aspect 48x24: height 48, width 24: this model was trained at" in proc.stderr
+
+
+def test_dry_run_memory_inputs_take_the_largest_bucket():
+    from types import SimpleNamespace
+
+    from lct.data import DataDescription
+    from lct.dry_run import meta_inputs
+
+    desc = DataDescription((4, 8, 8), buckets=(("32x32", (4, 8, 8), 5), ("24x48", (4, 6, 12), 1),
+                                               ("48x24", (4, 12, 6), 0), ("40x40", (4, 10, 10), 0)))
+    cfg = SimpleNamespace(model=SimpleNamespace(cond="none"))
+    with torch.device("meta"):
+        x, _, _ = meta_inputs(cfg, desc, 2)
+    assert tuple(x.shape) == (2, 4, 6, 12)  # 72 > 64 positions; an empty bucket is never drawn
+    assert desc.most_common == ("32x32", (4, 8, 8)) and DataDescription().largest_shape == (4, 32, 32)
