@@ -7,6 +7,12 @@ Two modes (`data.mode`):
 - `indexed` (small data, tests, exact resume): every sample in memory; the sample at global slot
   g of data step s is `perm_e[(s * G + g) mod n]`, with `perm_e` a seeded permutation per epoch e.
 
+Aspect-ratio buckets (`encode_latents.py --buckets`, two or more buckets with samples): each
+optimizer step draws ONE bucket for its whole global batch (`BucketPlan`, SPEC 1.2: bucket epochs
+of per-bucket step counts in a seeded order; indexed mode: per-bucket passes), so a micro-batch
+holds one latent shape and the OT coupling pairs within it; stream mode keeps per-bucket queues
+(`BucketQueues`). Square data takes neither path.
+
 Global slots: the global batch G of one optimizer step is laid out rank-major,
 `slot = rank * (A * mb) + micro * mb + i` (A accumulation steps of mb samples per rank), so the
 same step sees the same samples on 1 or 64 ranks.
