@@ -44,7 +44,6 @@ from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title
 from lct.scheduler import nfe
-from lct.vae import downsample_factor
 
 RESULTS_FORMAT = "lct-eval/1"
 GRID_SIZE = 16
@@ -288,8 +287,11 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
     try:
         torch.manual_seed(rng.seed_int(rng.Stream.EVAL_INIT, cfg.seed))
         gen = Generator(cfg.checkpoint, device, cfg.ema, cfg.vae, cfg.text_pretrained)
+        if cfg.aspect:
+            gen.use_size(cfg.aspect)
         settings = build_settings(cfg, gen)
-        gen_res = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
+        gen_size = gen.image_size
+        gen_res = min(gen_size)  # what a square protocol's centre crop keeps
         res = proto.resolution or gen_res
         if res != gen_res:
             log(info, f"generated images are {gen_res}px: resized to the protocol's {res}px for the metrics "
@@ -320,7 +322,8 @@ def evaluate(cfg: EvalConfig, argv: list[str]) -> int:
             "protocol": {"name": proto.name, "conforms": not deviations, "deviations": deviations,
                          "definition": proto.to_dict()},
             "num_samples": n, "seed": cfg.seed, "world_size": info.world_size, "device": str(device),
-            "resolution": {"generated": gen_res, "metrics": res, "resized": gen_res != res,
+            "resolution": {"generated": gen_res, "generated_size": list(gen_size), "metrics": res,
+                           "resized": gen_res != res or gen_size[0] != gen_size[1],
                            "rule": "center crop of the long edge + PIL bicubic (lct.vae.preprocess_image_uint8)"},
             "models": {**{m.name: m.record for m in metrics}, **skipped}, "reference": ref_rec, "skipped": skipped,
             **({"shapes_ceiling": shapes.ceiling} if shapes and shapes.ceiling else {}), "settings": [], "summary": {}}

@@ -460,6 +460,9 @@ class EvalConfig(Strict):
     clip_pretrained: str | None = Field("laion2b_s34b_b88k", description="open_clip tag or local path")
     vae: str | None = Field(None, description="override the export's VAE (hub id or local dir)")
     text_pretrained: str | None = Field(None, description="override the export's text tower weights (tag or path)")
+    aspect: str | None = Field(None, description="HEIGHTxWIDTH image size to sample (e.g. 24x40): one the model "
+                               "trained on aspect-ratio buckets; default its most common bucket. Metrics other than "
+                               "shapes see the images centre-cropped to the protocol's square")
     device: str = "auto"
 
     _ema = field_validator("ema")(plain_name)

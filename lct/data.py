@@ -7,6 +7,12 @@ Two modes (`data.mode`):
 - `indexed` (small data, tests, exact resume): every sample in memory; the sample at global slot
   g of data step s is `perm_e[(s * G + g) mod n]`, with `perm_e` a seeded permutation per epoch e.
 
+Aspect-ratio buckets (`encode_latents.py --buckets`, two or more buckets with samples): each
+optimizer step draws ONE bucket for its whole global batch (`BucketPlan`, SPEC 1.2: bucket epochs
+of per-bucket step counts in a seeded order; indexed mode: per-bucket passes), so a micro-batch
+holds one latent shape and the OT coupling pairs within it; stream mode keeps per-bucket queues
+(`BucketQueues`). Square data takes neither path.
+
 Global slots: the global batch G of one optimizer step is laid out rank-major,
 `slot = rank * (A * mb) + micro * mb + i` (A accumulation steps of mb samples per rank), so the
 same step sees the same samples on 1 or 64 ranks.
@@ -83,6 +89,8 @@ class DataSpec:
     pad_id: int | None = None        # the tokenizer's pad and EOT ids (lct.tokens.token_mask); None: open_clip's rule
     eot_id: int | None = None
     posterior: str = "sample"        # "sample" | "mean" | "fixed" (SPEC 7, `posterior_latent`)
+    buckets: tuple[str, ...] | None = None   # bucketed data (>= 2 buckets with samples): names in table order
+    bucket_counts: tuple[int, ...] | None = None  # the manifest's samples per bucket (stream mode's shares)
 
     @property
     def global_batch(self) -> int:
@@ -257,6 +265,114 @@ def indexed_position(seed: int, data_step: int, slot: int, global_batch: int, n:
 
 
 # ----------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: one bucket per optimizer step (issue 33)
+# ----------------------------------------------------------------------------------------------
+
+
+def bucket_spec(manifest: dict) -> dict:
+    """DataSpec's `buckets` / `bucket_counts` of a manifest: set only for bucketed data with
+    samples in two or more buckets (anything else trains exactly as square data)."""
+    b = manifest.get("buckets") or {}
+    names = [t["name"] for t in b.get("table") or []]
+    counts = [int((b.get("counts") or {}).get(n, 0)) for n in names]
+    if sum(1 for c in counts if c) < 2:
+        return {}
+    return {"buckets": tuple(names), "bucket_counts": tuple(counts)}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BucketPlan:
+    """Which bucket each optimizer step (data step) draws, and which sample fills each slot.
+
+    Bucket epochs: in bucket epoch E, bucket b (n_b samples, global batch G) gets
+    `ceil((E+1) n_b / G) - ceil(E n_b / G)` steps, in the order of
+    `philox(BUCKET_DRAW, seed, E).permutation` of that list (buckets in table order, each
+    repeated). A step is therefore bucket b with probability = its share of the epoch's steps,
+    ~ n_b / n, from counter-based draws only: any data step's bucket is computed from
+    (seed, step) alone, identically on every rank, worker and after a resume.
+    Remainders: bucket b's j-th step (counted over all epochs) fills its slots with bucket b's
+    positions c = j G + slot; in indexed mode position c is sample `perm_{b,e}[c mod n_b]` with
+    e = c div n_b and `perm_{b,e} = philox(BUCKET_ORDER, seed, b, e).permutation(n_b)`, so a
+    bucket's last step of a pass is topped up with the start of its next pass (as square data
+    wraps at an epoch's end): nothing is dropped, every sample is seen once per pass of its
+    bucket, and by the end of bucket epoch E every bucket has completed pass E.
+    """
+
+    def __init__(self, counts, global_batch: int, seed: int):
+        self.counts = [int(c) for c in counts]
+        self.n = sum(self.counts)
+        self.G = int(global_batch)
+        self.seed = int(seed)
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (E, bucket per step, local step)
+
+    def steps_before(self, epoch: int) -> int:
+        """Data steps of the bucket epochs before `epoch`."""
+        return sum(_ceil_div(epoch * c, self.G) for c in self.counts)
+
+    def epoch_of(self, step: int) -> int:
+        lo, hi = 0, _ceil_div((step + 1) * self.G, self.n)  # steps_before(hi) >= hi n / G > step
+        while lo < hi:  # the largest E with steps_before(E) <= step
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.steps_before(mid) <= step else (lo, mid - 1)
+        return lo
+
+    def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each step of `epoch`, its count among that bucket's steps over all epochs)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            per = [_ceil_div((epoch + 1) * c, self.G) - _ceil_div(epoch * c, self.G) for c in self.counts]
+            order = np.repeat(np.arange(len(per)), per)
+            order = order[rng.philox(rng.Stream.BUCKET_DRAW, self.seed, epoch).permutation(len(order))]
+            local = np.zeros(len(order), dtype=np.int64)
+            seen = [_ceil_div(epoch * c, self.G) for c in self.counts]
+            for i, b in enumerate(order):
+                local[i], seen[b] = seen[b], seen[b] + 1
+            self._epoch = (epoch, order, local)
+        return self._epoch[1], self._epoch[2]
+
+    def step(self, data_step: int) -> tuple[int, int]:
+        """(bucket index, the bucket's own step count j) of a data step."""
+        epoch = self.epoch_of(data_step)
+        order, local = self.schedule(epoch)
+        p = data_step - self.steps_before(epoch)
+        return int(order[p]), int(local[p])
+
+    def member(self, bucket: int, local_step: int, slot: int, cache: dict) -> int:
+        """Indexed mode: the index among bucket `bucket`'s samples of a slot (class docstring)."""
+        n_b = self.counts[bucket]
+        e, within = divmod(local_step * self.G + slot, n_b)
+        if cache.get(bucket, (None,))[0] != e:
+            cache[bucket] = (e, rng.philox(rng.Stream.BUCKET_ORDER, self.seed, bucket, e).permutation(n_b))
+        return int(cache[bucket][1][within])
+
+
+class BucketQueues:
+    """Stream mode: this worker's samples held per bucket, so that a step takes samples of its
+    bucket in the order the stream gives them (the others wait for a step of theirs; the
+    queues stay short since steps draw buckets in proportion to their shares)."""
+
+    def __init__(self, stream: Iterator[dict], names: tuple[str, ...], spec: "DataSpec"):
+        self.stream, self.index = stream, {n: i for i, n in enumerate(names)}
+        self.queues: list[list[dict]] = [[] for _ in names]
+        self.names, self.spec = names, spec
+
+    def next(self, bucket: int) -> dict:
+        q = self.queues[bucket]
+        pulled = 0
+        while not q:
+            sample = next(self.stream)
+            self.queues[self.index[sample["bucket"]]].append(sample)
+            pulled += 1
+            if pulled > 100 * max(sum(self.spec.bucket_counts), 1):
+                raise UserError(f"data.shards: no usable sample of bucket {self.names[bucket]} in "
+                                f"{pulled} reads, though the manifest counts {self.spec.bucket_counts[bucket]}; "
+                                "check the shards against their manifest (re-encode them)")
+        return q.pop(0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Micro-batch preparation (the per-sample randomness and OT)
 # ----------------------------------------------------------------------------------------------
 
@@ -289,12 +405,13 @@ def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict
     """One training example with its random draws (SPEC 1.2: one stream per purpose, keyed by
     (seed, data step, slot))."""
     key = (spec.seed, data_step, slot)
+    shape = spec.latent_shape if spec.buckets is None else sample["mean"].shape  # bucketed: the sample's bucket
     flip_u, cap_u, drop_u = rng.philox(rng.Stream.SAMPLE_CHOICES, *key).random(3)
     pair = rng.philox(rng.Stream.SIGMA_PAIR, *key)
     u, n = pair.random(), pair.standard_normal()
-    eps = (rng.philox(rng.Stream.POSTERIOR_EPS, *key).standard_normal(spec.latent_shape, dtype=np.float32)
+    eps = (rng.philox(rng.Stream.POSTERIOR_EPS, *key).standard_normal(shape, dtype=np.float32)
            if spec.posterior == "sample" else None)
-    z = rng.philox(rng.Stream.TRAIN_NOISE, *key).standard_normal(spec.latent_shape, dtype=np.float32)
+    z = rng.philox(rng.Stream.TRAIN_NOISE, *key).standard_normal(shape, dtype=np.float32)
     use_flip = spec.flip and "flip_mean" in sample and flip_u < 0.5
     mean = sample["flip_mean" if use_flip else "mean"].astype(np.float32)
     std = sample["flip_std" if use_flip else "std"].astype(np.float32)
@@ -302,6 +419,8 @@ def draw_sample(spec: DataSpec, sample: dict, data_step: int, slot: int) -> dict
                                              use_flip))
     out = {"x": x, "z": z, "u": u, "n": n, "cond_drop": bool(drop_u < spec.caption_dropout),
            "key": sample.get("key", ""), "caption": ""}
+    if spec.buckets is not None:
+        out["bucket"] = sample["bucket"]
     if spec.text != "none":
         tokens = sample["tokens"]
         k = min(int(cap_u * tokens.shape[0]), tokens.shape[0] - 1)
@@ -390,6 +509,24 @@ class TrainBatches(IterableDataset):
                 raise
             yield {"error": str(err)}  # re-raised as this UserError by TrainLoader in the main process
 
+    def _bucket_picker(self, stream: Iterator[dict] | None):
+        """Bucketed data: `pick(data_step, slot, cache)` -> the slot's sample, of the step's bucket
+        (`BucketPlan`; indexed mode: over the samples in memory, grouped by bucket)."""
+        s = self.spec
+        if stream is not None:
+            plan, queues = BucketPlan(s.bucket_counts, s.global_batch, s.seed), BucketQueues(stream, s.buckets, s)
+            return lambda step, slot, cache: queues.next(plan.step(step)[0])
+        members: list[list[int]] = [[] for _ in s.buckets]
+        where = {n: i for i, n in enumerate(s.buckets)}
+        for i, sample in enumerate(self.memory.samples):
+            members[where[sample["bucket"]]].append(i)
+        plan = BucketPlan([len(m) for m in members], s.global_batch, s.seed)
+
+        def pick(step: int, slot: int, cache: dict) -> dict:
+            b, local = plan.step(step)
+            return self.memory.samples[members[b][plan.member(b, local, slot, cache)]]
+        return pick
+
     def _batches(self, worker: int, workers: int) -> Iterator[dict]:
         s = self.spec
         if s.mode == "indexed" and self.memory is None:
@@ -399,19 +536,24 @@ class TrainBatches(IterableDataset):
             counts = self.memory.skipped
         stream = self._stream_samples(worker, counts) if s.mode == "stream" else None
         cache: dict = {}
+        pick = self._bucket_picker(stream) if s.buckets is not None else None
         for j in range(self.start_micro + worker, self.start_micro + self.num_micro, workers):
             data_step, micro = divmod(j, s.accum)
             base = s.rank * s.accum * s.micro_batch + micro * s.micro_batch
             examples = []
             for i in range(s.micro_batch):
                 slot = base + i
-                if stream is not None:
+                if pick is not None:
+                    sample = pick(data_step, slot, cache)
+                elif stream is not None:
                     sample = next(stream)
                 else:
                     idx = indexed_position(s.seed, data_step, slot, s.global_batch, len(self.memory), cache)
                     sample = self.memory.samples[idx]
                 examples.append(draw_sample(s, sample, data_step, slot))
             batch = collate(s, examples, data_step, micro)
+            if pick is not None:
+                batch["bucket"] = examples[0]["bucket"]
             batch["skipped"] = dict(counts)
             batch["worker"] = worker
             yield batch
@@ -528,26 +670,42 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @dataclass(frozen=True)
 class DataDescription:
-    """Latent shape and text sizes (from the manifest, or defaults before data prep has run)."""
+    """Latent shape and text sizes (from the manifest, or defaults before data prep has run).
+    Bucketed data: `latent_shape` is the base (square) bucket's, the network's base grid;
+    `buckets` holds (name, latent shape, samples) per bucket in table order."""
 
     latent_shape: tuple[int, int, int] = (4, 32, 32)
     text_dim: int = 512
     text_len: int = 77
     pooled_dim: int = 512
     from_manifest: bool = False
+    buckets: tuple[tuple[str, tuple[int, int, int], int], ...] = ()
+
+    @property
+    def largest_shape(self) -> tuple[int, int, int]:
+        """The latent shape of most positions a step can draw (the memory estimate's)."""
+        shapes = [s for _, s, n in self.buckets if n] or [self.latent_shape]
+        return max(shapes, key=lambda s: (s[1] * s[2], s))
+
+    @property
+    def most_common(self) -> tuple[str, tuple[int, int, int]] | None:
+        """(name, latent shape) of the bucket with most samples (None: square data)."""
+        if not self.buckets:
+            return None
+        name, shape, _ = max(self.buckets, key=lambda b: b[2])  # ties: the first in table order
+        return name, shape
 
 
 def describe_data(manifest: dict | None) -> DataDescription:
     if manifest is None:
         return DataDescription()
-    table = (manifest.get("buckets") or {}).get("table") or []
-    if len(table) > 1:  # the per-step bucket draw (issue 33, trainer side) is not built yet
-        raise UserError(f"{manifest.get('_path', 'data.manifest')}: latents in {len(table)} aspect-ratio buckets "
-                        "(encode_latents.py --buckets) cannot be trained by this lct yet; encode without --buckets "
-                        "(or with a one-bucket table)")
     t = manifest.get("text") or {}
+    b = manifest.get("buckets") or {}
+    buckets = tuple((r["name"], tuple(int(x) for x in r["latent_shape"]), int((b.get("counts") or {}).get(r["name"], 0)))
+                    for r in b.get("table") or [])
     return DataDescription(tuple(manifest["latent_shape"]), int(t.get("state_dim", 512)),
-                           int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True)
+                           int(t.get("context_length", 77)), int(t.get("pooled_dim", 512)), True,
+                           buckets if sum(1 for x in buckets if x[2]) >= 2 else ())
 
 
 def token_ids(manifest: dict) -> dict:

@@ -189,8 +189,9 @@ def activation_bytes(cfg: TrainConfig, desc: DataDescription, model, micro: int)
 
 
 def meta_inputs(cfg: TrainConfig, desc: DataDescription, b: int):
-    """A network call's inputs for `b` samples (on the current default device: meta)."""
-    x = torch.zeros(b, *desc.latent_shape)
+    """A network call's inputs for `b` samples (on the current default device: meta); bucketed
+    data: at the largest bucket, the most memory a step can take."""
+    x = torch.zeros(b, *desc.largest_shape)
     sigma = torch.ones(b)
     cond = {}
     if cfg.model.cond == "text":

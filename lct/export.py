@@ -63,7 +63,7 @@ from lct.errors import UserError, cli_main
 from lct.export_common import (CARRY_MAX_BYTES, INDEX, REMAKE_HINT, LoadError, _first_line, _is_export,  # noqa: F401
                                _text_component, _vae_component, check_network_weights, eval_summary, is_tokenizer_class,
                                latest_eval, load_network_weights, quiet_loading, resolve_export, resolve_text,
-                               text_component, training_record, weight_files)
+                               text_component, trained_sizes, training_record, weight_files)
 from lct.files import atomic_dir, output_dir_problem
 from lct.model_card import EXPORT_FORMAT, META, model_card
 
@@ -150,7 +150,7 @@ def training_pipeline(net, cfg, manifest: dict, *, vae=None, text_encoder=None, 
                        text_kind=text_rec.get("kind", "open_clip"),
                        text_max_length=text_rec.get("context_length") if text_rec.get("kind") else None,
                        vae_source=vae_source, text_source=text_source,
-                       vae_latents=latents if vae_source else None)
+                       vae_latents=latents if vae_source else None, sizes=trained_sizes(manifest))
 
 
 def export_network(precond: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_dir: Path, *,
@@ -361,7 +361,7 @@ def load_pipeline(path: str | os.PathLike, ema: str | None = None, *, vae=None, 
         comp["text_encoder"], comp["tokenizer"] = resolve_text(text_source, None, d)
     pipe = LCTPipeline(**comp, text_kind=index.get("text_kind") or "open_clip",
                        text_max_length=index.get("text_max_length"), vae_source=vae_source, text_source=text_source,
-                       vae_latents=latents if vae_source else None)
+                       vae_latents=latents if vae_source else None, sizes=index.get("sizes"))
     pipe.training_record = record
     pipe.model_card = (d / "README.md").read_text() if (d / "README.md").is_file() else None
     target = device_map if device_map is not None else device

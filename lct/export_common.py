@@ -55,6 +55,7 @@ def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: 
                    "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
         "model": {"cond": cfg.model.cond, "arch": cfg.model.arch, "pretrained": getattr(cfg.model, "pretrained", None)},
         "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"])},
+        **({"buckets": bucket_record(manifest)} if manifest.get("buckets") else {}),
         "vae": _jsonable(manifest.get("vae")),
         "text": _jsonable(manifest.get("text")),
         "resolution": manifest.get("resolution"),
@@ -63,6 +64,26 @@ def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: 
         "example_prompt": example_prompt(cfg),
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def bucket_record(manifest: dict) -> dict:
+    """The export's record of the data's aspect-ratio buckets: the table (name, image size, ratio,
+    latent shape), the samples per bucket and the most common one."""
+    b = manifest["buckets"]
+    return {"source": b.get("source"), "table": _jsonable(b["table"]), "counts": dict(b.get("counts") or {}),
+            "most_common": b.get("most_common")}
+
+
+def trained_sizes(manifest: dict) -> list[list[int]] | None:
+    """[height, width] image sizes of the buckets with samples, most common first (ties in table
+    order): LCTPipeline's `sizes`; None for square data (one size)."""
+    b = manifest.get("buckets") or {}
+    counts = b.get("counts") or {}
+    used = [t for t in b.get("table") or [] if counts.get(t["name"], 0) > 0]
+    if len(used) < 2:
+        return None
+    order = sorted(range(len(used)), key=lambda i: (-counts[used[i]["name"]], i))
+    return [[int(x) for x in used[i]["size"]] for i in order]
 
 
 def example_prompt(cfg) -> str | None:

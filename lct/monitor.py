@@ -267,7 +267,10 @@ class Monitor:
         if not cfg.data.val_shards:
             return None
         mem = InMemoryLatents(expand_urls(cfg.data.val_shards), SampleLayout.from_manifest(self.manifest).core())
-        samples = mem.samples[: cfg.val.batch_size]
+        samples = mem.samples
+        if self.desc.most_common:  # bucketed data: one shape per batch, the most common bucket's samples
+            samples = [s for s in samples if s.get("bucket") == self.desc.most_common[0]]
+        samples = samples[: cfg.val.batch_size]
         xs, zs, caps, toks = [], [], [], []
         for i, s in enumerate(samples):
             g = rng.philox(rng.Stream.VALIDATION, cfg.run.seed, i)

@@ -200,7 +200,9 @@ class LCTPipeline(DiffusionPipeline):
     with SPEC 7's statistics in its config), `text_encoder` + `tokenizer` (see `encode_prompt`).
     Config: `text_kind` ("open_clip", "t5", "clip"), `text_max_length` (transformers towers),
     `vae_source` / `text_source` / `vae_latents` (components an export references instead of
-    holding: lct's loader fills them in)."""
+    holding: lct's loader fills them in), `sizes` (a model trained on aspect-ratio buckets: the
+    [height, width] image sizes it trained, most common first; `height=` / `width=` pick one, the
+    first by default; absent for square models)."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
@@ -208,13 +210,16 @@ class LCTPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None,
                  text_kind: str = "open_clip", text_max_length: int | None = None, vae_source: str | None = None,
-                 text_source: dict | None = None, vae_latents: dict | None = None):
+                 text_source: dict | None = None, vae_latents: dict | None = None,
+                 sizes: Sequence[Sequence[int]] | None = None):
         super().__init__()
         check_scheduler(scheduler)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.register_to_config(text_kind=text_kind, text_max_length=text_max_length, vae_source=vae_source,
                                 text_source=text_source, vae_latents=vae_latents)
+        if sizes:  # aspect-ratio buckets: the trained image sizes, most common first (the default)
+            self.register_to_config(sizes=[[int(h), int(w)] for h, w in sizes])
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if getattr(vae, "config", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # What lct's loader and exporter attach: the training record (lct_export.json) and the model
@@ -243,8 +248,32 @@ class LCTPipeline(DiffusionPipeline):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """The default latents: the most common trained bucket's, or the model's square size."""
         c = self.transformer.config
+        sizes = self.config.get("sizes")
+        if sizes:
+            return (int(c.in_channels), int(sizes[0][0]) // self.vae_scale_factor, int(sizes[0][1]) // self.vae_scale_factor)
         return (int(c.in_channels), int(c.input_height), int(c.input_width))
+
+    def latent_shape_for(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """Latents [C, h, w] of an image of `height` x `width` (None: the default size's side);
+        a size the model never trained is a one-line ValueError."""
+        size = self.vae_scale_factor
+        c, h, w = self.latent_shape
+        height = h * size if height is None else int(height)
+        width = w * size if width is None else int(width)
+        sizes = self.config.get("sizes")
+        if sizes:
+            if [height, width] not in [list(x) for x in sizes]:
+                trained = ", ".join(f"{a}x{b}" for a, b in sizes)
+                raise ValueError(f"height {height}, width {width}: this model was trained at (height x width) {trained} "
+                                 f"only; pass one of those (default {sizes[0][0]}x{sizes[0][1]})")
+            return (c, height // size, width // size)
+        if (height, width) != (h * size, w * size):
+            name, value = ("height", height) if height != h * size else ("width", width)
+            raise ValueError(f"{name} {value}: this model generates {w * size}x{h * size} images "
+                             f"(latents {c}x{h}x{w}); leave height/width unset")
+        return (c, h, w)
 
     def _text_conditioned(self) -> bool:
         return self.transformer is not None and self.transformer.config.cond == "text"
@@ -384,12 +413,7 @@ class LCTPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps {num_inference_steps}: sampling needs at least 1 step")
         if not (guidance_scale == guidance_scale and 0 <= guidance_scale < float("inf")):
             raise ValueError(f"guidance_scale {guidance_scale}: must be a finite number >= 0 (1 = off, SPEC 9)")
-        size = self.vae_scale_factor
-        c, h, w = self.latent_shape
-        for name, value, want in (("height", height, h * size), ("width", width, w * size)):
-            if value is not None and int(value) != want:
-                raise ValueError(f"{name} {value}: this model generates {w * size}x{h * size} images "
-                                 f"(latents {c}x{h}x{w}); leave height/width unset")
+        c, h, w = self.latent_shape_for(height, width)
         batch = self._batch_size(prompt, prompt_embeds) * int(num_images_per_prompt)
         if int(num_images_per_prompt) < 1:
             raise ValueError(f"num_images_per_prompt {num_images_per_prompt}: must be >= 1")
@@ -478,10 +502,13 @@ class LCTPipeline(DiffusionPipeline):
         return (prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
                 negative_prompt_attention_mask, negative_pooled_prompt_embeds)
 
-    def prepare_latents(self, batch: int, device, generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """sigma_max z: the unit noise z drawn (or `latents`) times the scheduler's first level."""
+    def prepare_latents(self, batch: int, device, generator, latents: torch.Tensor | None,
+                        shape: Sequence[int] | None = None) -> torch.Tensor:
+        """sigma_max z: the unit noise z [batch, *shape] (default `latent_shape`) drawn (or `latents`)
+        times the scheduler's first level."""
         if latents is None:
-            latents = randn_tensor((batch, *self.latent_shape), generator=generator, device=device, dtype=torch.float32)
+            latents = randn_tensor((batch, *(shape or self.latent_shape)), generator=generator, device=device,
+                                   dtype=torch.float32)
         return self.scheduler.init_noise_sigma * latents.to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
@@ -535,7 +562,8 @@ class LCTPipeline(DiffusionPipeline):
                 takes only mild guidance, w close to 1). The unconditional branch is the learned null
                 condition, or `negative_prompt` / `negative_prompt_embeds`.
             num_images_per_prompt: images per prompt, consecutive in the output.
-            height, width: the model's image size (other sizes are refused).
+            height, width: the image size: one the model trained (default: its most common bucket,
+                or its square size); others are refused.
             generator, latents: diffusers' noise sources; `seed` / `sample_indices`: lct's per-sample
                 noise (module docstring).
             prompt_embeds, prompt_attention_mask, pooled_prompt_embeds (and the negative_ ones): the
@@ -582,7 +610,7 @@ class LCTPipeline(DiffusionPipeline):
         if seed is not None:
             indices = range(batch) if sample_indices is None else sample_indices
             generator = self.sample_generators(int(seed), indices)
-        latents = self.prepare_latents(batch, device, generator, latents)
+        latents = self.prepare_latents(batch, device, generator, latents, self.latent_shape_for(height, width))
 
         # 4. Consistency steps
         m = self.scheduler.config

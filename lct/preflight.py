@@ -83,6 +83,7 @@ def preflight(cfg: TrainConfig, info: DistInfo, monitor: bool = True, failures: 
             urls, note = check(train_shard_urls, cfg.data.shards, manifest, default=((), None))
             notes += [note.removeprefix("warning: ")] if note else []
         text_ok = check(check_text_compatibility, cfg, manifest, default=False) is not False
+        check(check_bucketed_norm, cfg, manifest)
         check(check_network, cfg, desc, manifest, failures is not None)
         with torch.random.fork_rng(devices=[]):  # loading draws (random init, then the weights)
             if text_ok and cfg.model.cond == "text" and (monitor or cfg.data.text == "on_the_fly"):
@@ -179,6 +180,13 @@ def check_text_compatibility(cfg: TrainConfig, manifest: dict) -> None:
         if want is not None and str(want) != str(have):
             raise UserError(f"text.{key}={want!r}, but the data was encoded with {have!r} (manifest); re-encode "
                             f"with data_prep/encode_latents.py --text-{key.replace('_', '-')} {want} or drop text.{key}")
+
+
+def check_bucketed_norm(cfg: TrainConfig, manifest: dict) -> None:
+    """Bucketed latents have one shape per bucket: per-element statistics cannot exist (SPEC 7)."""
+    if manifest.get("buckets") and cfg.data.latent_norm == "element":
+        raise UserError("data.latent_norm element: bucketed latents (encode_latents.py --buckets) have one shape per "
+                        "bucket and per-channel statistics only; use data.latent_norm channel")
 
 
 def load_run_vae(cfg: TrainConfig, manifest: dict) -> tuple[torch.nn.Module, str | None]:

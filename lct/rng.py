@@ -59,6 +59,8 @@ class Stream(enum.IntEnum):
     PRDC_EMBED = 24       # eval's precision/recall: the random VGG16 feature network's weights
     TRAIN_EVAL = 25       # the trainer's quality eval (lct.quality): torch's generator while it runs at a step
     TRAIN_EVAL_SET = 26   # the trainer's quality eval: which held-out captions it samples (eval.num of them)
+    BUCKET_DRAW = 27      # bucketed data: the order of the steps (one bucket each) of bucket epoch E
+    BUCKET_ORDER = 28     # bucketed data, indexed mode: the permutation of bucket b's pass e
 
 
 # The fields of each stream, in key order (documentation and an arity check).
@@ -88,6 +90,8 @@ FIELDS: dict[Stream, tuple[str, ...]] = {
     Stream.PRDC_EMBED: ("seed",),
     Stream.TRAIN_EVAL: ("seed", "applied_steps"),
     Stream.TRAIN_EVAL_SET: ("seed",),
+    Stream.BUCKET_DRAW: ("seed", "epoch"),
+    Stream.BUCKET_ORDER: ("seed", "bucket", "pass"),
 }
 
 _U32, _U64 = 1 << 32, 1 << 64

@@ -410,7 +410,8 @@ def refresh_exports(cfg: TrainConfig, network: torch.nn.Module, manifest: dict, 
 
 def manifest_record(cfg: TrainConfig, manifest: dict) -> dict:
     """What an export keeps of the data's manifest."""
-    return {k: manifest.get(k) for k in ("vae", "text", "latent_shape", "resolution", "stats", "format")} | {
+    return {k: manifest.get(k) for k in ("vae", "text", "latent_shape", "resolution", "stats", "format", "buckets")
+            if k != "buckets" or manifest.get(k)} | {
         "manifest_path": os.path.abspath(manifest_path(cfg))}
 
 

@@ -22,6 +22,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,28 @@ class Generator:
                             "directory to choose an EMA, or drop --ema")
         if self.vae is None:
             raise UserError("the export has no VAE; pass --vae ID_OR_PATH")
+        self.size: tuple[int, int] | None = None  # (height, width) of `use_size`; None: the pipeline's default
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.pipe.latent_shape
+        return self.pipe.latent_shape_for(*(self.size or (None, None)))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images sampled."""
+        _, h, w = self.latent_shape
+        return h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
+
+    def use_size(self, aspect: str, flag: str = "--aspect") -> None:
+        """Sample HEIGHTxWIDTH images: a size the model trained (aspect-ratio buckets), else a one-line error."""
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(aspect))
+        if not m:
+            raise UserError(f"{flag} {aspect!r}: expected HEIGHTxWIDTH in pixels, e.g. 24x40")
+        try:
+            self.pipe.latent_shape_for(int(m[1]), int(m[2]))
+        except ValueError as err:
+            raise UserError(f"{flag} {aspect}: {err}") from None
+        self.size = (int(m[1]), int(m[2]))
 
     def weight_files(self) -> list[Path]:
         from lct.export import weight_files
@@ -147,8 +166,9 @@ class Generator:
         if len(taus) != steps - 1:
             raise UserError(f"--steps {steps} needs {steps - 1} tau value(s), got {taus}")
         try:
+            h, w = self.size or (None, None)
             out = self.pipe(captions, num_inference_steps=steps, tau=taus, guidance_scale=guidance, seed=seed,
-                            sample_indices=indices, output_type="np").images
+                            sample_indices=indices, height=h, width=w, output_type="np").images
         except ValueError as err:  # taus not decreasing, above sigma_max
             raise UserError(f"--tau: {err}") from None
         return (out * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil

@@ -31,7 +31,7 @@ import torch
 from lct import checkpoint as ckpt
 from lct import dist, rng
 from lct.config import TrainConfig, check_train_config, load_config
-from lct.data import DataSpec, InMemoryLatents, SkipTally, make_loader, to_device, token_ids
+from lct.data import DataSpec, InMemoryLatents, SkipTally, bucket_spec, make_loader, to_device, token_ids
 from lct.dist import DistInfo
 from lct.dry_run import dry_run
 from lct.ema import PartitionedEMA
@@ -168,7 +168,7 @@ def build(cfg: TrainConfig, info: DistInfo, start: Start, network: torch.nn.Modu
                     caption_dropout=cfg.data.caption_dropout, flip=cfg.data.flip, text=text_mode,
                     ot=cfg.method.ot and cfg.method.objective != "edm", shuffle_buffer=cfg.data.shuffle_buffer,
                     resume_count=state.resume_count, layout=SampleLayout.from_manifest(start.manifest),
-                    posterior=cfg.data.posterior, **token_ids(start.manifest))
+                    posterior=cfg.data.posterior, **token_ids(start.manifest), **bucket_spec(start.manifest))
     memory = InMemoryLatents(spec.urls, spec.layout, quiet=not info.is_main) if cfg.data.mode == "indexed" else None
     # Skipped steps consume data too; leave room for the allowed number of them.
     steps = cfg.run.total_steps - state.applied_steps + cfg.run.max_consecutive_skips * 4

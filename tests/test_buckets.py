@@ -356,8 +356,9 @@ def test_sample_checks_use_each_samples_bucket(aspect_data, tmp_path):
     bad = tampered_latent_dir(out, tmp_path / "bad", "00000", {0: swap_bucket})
     mem = InMemoryLatents(sorted(str(p) for p in bad.glob("*.tar")), layout, quiet=True)
     assert len(mem) == 11 and mem.skipped == {"wrong_shape": 1}
-    with pytest.raises(UserError, match="3 aspect-ratio buckets .* cannot be trained by this lct yet"):
-        describe_data(m)
+    d = describe_data(m)
+    assert d.latent_shape == (4, 8, 8) and [b[:2] for b in d.buckets] == [(n, s) for n, s in layout.buckets]
+    assert d.largest_shape == (4, 8, 8) and d.most_common[0] == max(m["buckets"]["counts"], key=m["buckets"]["counts"].get)
 
 
 def test_bucketed_encode_refusals(aspect_data, tmp_path):
@@ -405,3 +406,206 @@ def test_bucketed_output_does_not_depend_on_batches_workers_ranks_or_a_kill(aspe
     assert not list((tmp_path / "k").glob("*.tar")) and list((tmp_path / "k").glob("00000.tar.*.tmp"))
     assert encode(with_out(tmp_path / "k")) == 0
     same(tmp_path / "k")
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer side: one bucket per optimizer step (lct.data.BucketPlan)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts,G", [([50, 30, 7], 8), ([5, 0, 3, 1], 4), ([3, 2], 16)])
+def test_bucket_plan_shares_passes_and_remainders(counts, G):
+    """Through bucket epoch E bucket b has had exactly ceil((E+1) n_b / G) steps, so its share of
+    the steps is n_b / n up to one step per epoch, its local steps count 0, 1, 2, ... in step
+    order, and every pass of the bucket is complete by the end of epoch E (no sample dropped)."""
+    from lct.data import BucketPlan
+
+    plan = BucketPlan(counts, G, seed=5)
+    E = 6
+    steps = [plan.step(s) for s in range(plan.steps_before(E))]
+    for b, n_b in enumerate(counts):
+        local = [j for bb, j in steps if bb == b]
+        assert local == list(range(-(-E * n_b // G)))
+        assert len(local) * G >= E * n_b > (len(local) - 1) * G if n_b else not local
+    # The order within an epoch is drawn (seeded): another seed, another order, same counts.
+    other = [BucketPlan(counts, G, seed=6).step(s)[0] for s in range(len(steps))]
+    assert sorted(other) == sorted(b for b, _ in steps) and (other != [b for b, _ in steps] or len(set(other)) == 1)
+    # A fresh plan (a resume) at any step gives the same draw as one that stepped there.
+    assert [BucketPlan(counts, G, seed=5).step(s) for s in range(len(steps) - 1, -1, -3)] == steps[::-1][::3]
+
+
+def test_bucket_draw_is_proportional_to_the_data():
+    from lct.data import BucketPlan
+
+    counts, G = [600, 300, 100], 32
+    plan = BucketPlan(counts, G, seed=0)
+    n = plan.steps_before(40)
+    got = np.bincount([plan.step(s)[0] for s in range(n)], minlength=3) / n
+    np.testing.assert_allclose(got, np.array(counts) / 1000, atol=0.01)
+
+
+def bucket_spec_for(m, rank=0, world=1, micro=4, accum=1, mode="indexed"):
+    from lct.data import DataSpec, bucket_spec, expand_urls
+    from lct.latents import SampleLayout
+    from lct.vae import LatentNorm
+
+    urls = expand_urls(str(m["_dir"]))
+    return DataSpec(urls=urls, mode=mode, seed=3, rank=rank, world_size=world, micro_batch=micro, accum=accum,
+                    latent_shape=tuple(m["latent_shape"]), norm=LatentNorm.from_manifest(m, "channel"),
+                    caption_dropout=0.1, flip=True, text="on_the_fly", ot=True, layout=SampleLayout.from_manifest(m),
+                    **bucket_spec(m))
+
+
+def train_batches(spec, start, steps):
+    from lct.data import TrainBatches
+
+    return list(TrainBatches(spec, start, steps))
+
+
+def test_indexed_bucket_batches_ranks_resume_and_passes(aspect_data):
+    """Each step is one bucket on every rank and micro-batch (the same samples on 1 or 2 ranks
+    and with accumulation), OT within it, a resumed loader gives the same batches, and each pass
+    of a bucket visits every one of its samples once."""
+    m = {**aspect_data["manifest"], "_dir": aspect_data["out"]}
+    one = train_batches(bucket_spec_for(m, micro=4), 0, 12)
+    shapes = {n: tuple(s) for n, s in ((t["name"], t["latent_shape"]) for t in m["buckets"]["table"])}
+    for b in one:
+        assert b["x"].shape[1:] == shapes[b["bucket"]] and b["z"].shape == b["x"].shape
+    split = [train_batches(bucket_spec_for(m, rank=r, world=2, micro=1, accum=2), 0, 12) for r in (0, 1)]
+    for s, b in enumerate(one):
+        parts = split[0][2 * s: 2 * s + 2] + split[1][2 * s: 2 * s + 2]
+        assert {p["bucket"] for p in parts} == {b["bucket"]}
+        assert sum((p["keys"] for p in parts), []) == b["keys"]
+        assert torch.equal(torch.cat([p["x"] for p in parts]), b["x"])
+    resumed = train_batches(bucket_spec_for(m, micro=4), 5, 7)
+    for a, b in zip(resumed, one[5:]):
+        assert a["keys"] == b["keys"] and torch.equal(a["x"], b["x"]) and torch.equal(a["z"], b["z"])
+    # Passes: the positions of each bucket, in step order, run through its samples once per pass.
+    counts = m["buckets"]["counts"]
+    for name, n_b in counts.items():
+        keys = [k for b in one if b["bucket"] == name for k in b["keys"]]
+        for start in range(0, len(keys) - n_b + 1, n_b):
+            assert len(set(keys[start:start + n_b])) == n_b, name
+    assert {b["bucket"] for b in one} == {n for n, c in counts.items() if c}
+
+
+def test_stream_bucket_batches_hold_one_bucket(aspect_data):
+    m = {**aspect_data["manifest"], "_dir": aspect_data["out"]}
+    spec = bucket_spec_for(m, micro=3, mode="stream")
+    from lct.data import BucketPlan
+
+    from lct.data import InMemoryLatents
+
+    bucket_of = {x["key"]: x["bucket"] for x in InMemoryLatents(spec.urls, spec.layout).samples}
+    plan = BucketPlan(spec.bucket_counts, 3, 3)
+    for s, b in enumerate(train_batches(spec, 0, 10)):
+        assert b["bucket"] == spec.buckets[plan.step(s)[0]] and b["x"].shape[0] == 3
+        assert {bucket_of[k] for k in b["keys"]} == {b["bucket"]}
+
+
+def test_square_data_has_no_bucket_plan(latent_data):
+    from lct.data import bucket_spec, describe_data
+    from lct.latents import load_manifest
+
+    m = load_manifest(latent_data["train"] / "manifest.json")
+    assert bucket_spec(m) == {} and describe_data(m).buckets == () and describe_data(m).most_common is None
+
+
+def test_element_statistics_are_refused_with_buckets_in_one_line(aspect_data):
+    from types import SimpleNamespace
+
+    from lct.preflight import check_bucketed_norm
+
+    cfg = SimpleNamespace(data=SimpleNamespace(latent_norm="element"))
+    with pytest.raises(UserError, match=r"^data.latent_norm element: bucketed latents .* use data.latent_norm channel$"):
+        check_bucketed_norm(cfg, aspect_data["manifest"])
+    check_bucketed_norm(SimpleNamespace(data=SimpleNamespace(latent_norm="channel")), aspect_data["manifest"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(aspect_data, tmp_path):
+    """Three aspect ratios under `deepspeed --num_gpus 2` with OT and the early-step term (iLCT):
+    a run killed after its step-2 checkpoint and resumed trains the same losses and weights, bit
+    for bit, as an uninterrupted one; its export generates each trained aspect (default: the most
+    common bucket) and records the table."""
+    from conftest import run_cmd, tiny_train_config
+    from test_multirank import TRAIN, deepspeed_cmd
+    from test_runs import model_of, rows, state_of
+
+    from lct.data import BucketPlan, bucket_spec
+    from lct.pipeline import LCTPipeline
+
+    data = {"train": aspect_data["out"], "heldout": aspect_data["out"]}
+
+    def config(name):
+        return tiny_train_config(tmp_path / name, data, run={"dir": str(tmp_path / name / "run"), "total_steps": 6,
+                                                             "save_every": 2, "log_every": 1, "seed": 0, "keep_last": 5},
+                                 optim={"batch_size": 4}, sample={"every": 6, "num": 2},
+                                 val={"every": 6, "batch_size": 8, "buckets": 4})
+
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = run_cmd([*deepspeed_cmd(), "--config", str(config("ref"))], env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cut = config("cut")
+    run = tmp_path / "cut" / "run"
+    killed = run_cmd([*deepspeed_cmd(), "--config", str(cut)], env={**env, "LCT_FAULT_EXIT_AFTER_SAVE": "2"})
+    assert killed.returncode != 0 and state_of(run)["applied_steps"] == 2, killed.stderr[-3000:]
+    resumed = run_cmd([*deepspeed_cmd(), "--config", str(cut)], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rows(tmp_path / "ref" / "run"), rows(run)
+    assert [r["step"] for r in b] == list(range(1, 7)) and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = model_of(tmp_path / "ref" / "run" / "checkpoints/step00000006"), model_of(run / "checkpoints/step00000006")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert state_of(run)["images_seen"] == 6 * 4  # data.batch_size: images per step, whatever the bucket
+    m = aspect_data["manifest"]
+    spec = bucket_spec(m)
+    plan = BucketPlan(spec["bucket_counts"], 4, 0)
+    assert {plan.step(s)[0] for s in range(6)} == {0, 1, 2}  # every bucket trained in these 6 steps
+    # The export: each trained aspect, the most common by default, another size refused.
+    pipe = LCTPipeline.from_pretrained(str(run / "export" / "ema"))
+    pipe.set_progress_bar_config(disable=True)
+    counts = m["buckets"]["counts"]
+    sizes = pipe.config.sizes
+    assert sorted(map(tuple, sizes)) == sorted((t["size"][0], t["size"][1]) for t in m["buckets"]["table"])
+    assert counts[f"{sizes[0][0]}x{sizes[0][1]}"] == max(counts.values())
+    for h, w in sizes:
+        img = pipe(["a red circle"], height=h, width=w, seed=0, output_type="np").images
+        assert img.shape == (1, h, w, 3) and np.isfinite(img).all() and img.std() > 0
+    assert pipe(["a red circle"], seed=0, output_type="np").images.shape[1:3] == tuple(sizes[0])
+    with pytest.raises(ValueError, match="trained at"):
+        pipe(["a red circle"], height=48, width=24)
+    record = json.loads((run / "export" / "ema" / "lct_export.json").read_text())
+    assert record["buckets"]["counts"] == counts and [t["name"] for t in record["buckets"]["table"]] == \
+        [t["name"] for t in m["buckets"]["table"]]
+    assert list((run / "samples").glob("step00000006_*step.png"))  # grids at the most common bucket
+    # eval --aspect: another bucket's images, scored by the shapes metric in their own coordinates.
+    import sys
+
+    caps = aspect_data["base"] / "ar" / "captions.jsonl"
+    args = [sys.executable, str(ROOT / "eval" / "clip_fid.py"), "--protocol", "custom", "--checkpoint", str(run),
+            "--captions", str(caps), "--num-samples", "3", "--steps", "1", "--metrics", "shapes", "--batch-size", "3",
+            "--device", "cpu"]
+    h, w = sizes[-1]
+    proc = run_cmd([*args, "--out", str(tmp_path / "eval"), "--aspect", f"{h}x{w}"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert r["resolution"]["generated_size"] == [h, w] and r["settings"][0]["metrics"]["shapes3"]["n"] == 3
+    assert Image.open(tmp_path / "eval" / "steps1_g1" / "000000.png").size == (w, h)
+    proc = run_cmd([*args, "--out", str(tmp_path / "e2"), "--aspect", "48x24"], env=env)
+    assert proc.returncode == 2 and "--aspect 48x24: height 48, width 24: this model was trained at" in proc.stderr
+
+
+def test_dry_run_memory_inputs_take_the_largest_bucket():
+    from types import SimpleNamespace
+
+    from lct.data import DataDescription
+    from lct.dry_run import meta_inputs
+
+    desc = DataDescription((4, 8, 8), buckets=(("32x32", (4, 8, 8), 5), ("24x48", (4, 6, 12), 1),
+                                               ("48x24", (4, 12, 6), 0), ("40x40", (4, 10, 10), 0)))
+    cfg = SimpleNamespace(model=SimpleNamespace(cond="none"))
+    with torch.device("meta"):
+        x, _, _ = meta_inputs(cfg, desc, 2)
+    assert tuple(x.shape) == (2, 4, 6, 12)  # 72 > 64 positions; an empty bucket is never drawn
+    assert desc.most_common == ("32x32", (4, 8, 8)) and DataDescription().largest_shape == (4, 32, 32)

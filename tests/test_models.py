@@ -96,6 +96,37 @@ def test_positional_embedding_and_unpatchify_layout():
     assert model.pos_embed.shape == (1, 6, 32) and "pos_embed" not in model.state_dict()
 
 
+
+@pytest.mark.parametrize("grid", [(3, 5), (5, 3), (8, 8), (4, 4)])
+def test_positions_off_the_trained_grid_are_pixarts(grid):
+    """Any latent grid gets diffusers' PatchEmbed positions for a model trained on 4x4 patches
+    (base_size 4, interpolation_scale 1: PixArt's); the trained grid keeps its own table exactly."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    model = make()
+    got = model.pos_embed_for(*grid, torch.device("cpu"))
+    ref = get_2d_sincos_pos_embed(32, grid, base_size=4, interpolation_scale=1.0, output_type="pt").float()
+    torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-6)
+    if grid == (4, 4):
+        assert got is model.pos_embed and torch.equal(got[0], dit_module.sincos_pos_embed_2d(32, 4, 4))
+    assert model.pos_embed_for(*grid, torch.device("cpu")) is got  # cached per shape
+
+
+def test_non_square_latents_forward_and_square_is_unchanged():
+    model = perturb(make())
+    x, e, t = inputs()
+    square = model(x, e, **t)
+    # The square path is the plain table (what every earlier checkpoint trained with).
+    assert torch.equal(model.pos_embed[0], dit_module.sincos_pos_embed_2d(32, 4, 4)) and not model._pos_cache
+    assert square.shape == x.shape
+    wide = torch.randn(3, 4, 6, 10)
+    out = model(wide, e, **t)
+    assert out.shape == wide.shape and torch.isfinite(out).all()
+    # Token order on a non-square grid: each sample alone gives the same result (no mixing).
+    torch.testing.assert_close(model(wide[:1], e[:1], **{k: v[:1] for k, v in t.items()}), out[:1])
+    with pytest.raises(ValueError, match="multiples of the patch size 2"):
+        model(torch.randn(1, 4, 6, 9), e[:1], **{k: v[:1] for k, v in t.items()})
+
 # ----------------------------------------------------------------------------------------------
 # adaLN-Zero initialisation and the Precond wrapper (SPEC 1)
 # ----------------------------------------------------------------------------------------------

@@ -247,6 +247,32 @@ def test_pipeline_options(work):
     assert low.dtype == torch.float32 and torch.isfinite(low).all() and (low - plain).abs().max() < 0.1
 
 
+def test_bucket_sizes_height_width_and_refusals(work, tmp_path):
+    """A model trained on aspect-ratio buckets samples each trained size (default: the most common,
+    first in `sizes`), refuses any other in one line, keeps `sizes` through save/load; its square
+    size is the square model's image; a square model refuses another size as before."""
+    from lct.pipeline import LCTPipeline
+
+    sq = LCTPipeline.from_pretrained(str(work / "export"))
+    sq.set_progress_bar_config(disable=True)
+    sizes = [[24, 40], [32, 32], [40, 24]]
+    pipe = LCTPipeline(sq.transformer, sq.scheduler, sq.vae, sq.text_encoder, sq.tokenizer, sizes=sizes)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.latent_shape == (4, 6, 10) and pipe(PROMPTS[:1], seed=0, output_type="np").images.shape == (1, 24, 40, 3)
+    assert pipe(PROMPTS[:2], height=40, width=24, seed=0, output_type="np").images.shape == (2, 40, 24, 3)
+    assert pipe(PROMPTS[:1], width=40, seed=0, output_type="pt").images.shape == (1, 3, 24, 40)  # height: the default's
+    assert torch.equal(pipe(PROMPTS[:1], height=32, width=32, seed=0, output_type="latent").images,
+                       sq(PROMPTS[:1], seed=0, output_type="latent").images)
+    with pytest.raises(ValueError, match=r"^height 48, width 48: this model was trained at \(height x width\) "
+                                         r"24x40, 32x32, 40x24 only; pass one of those \(default 24x40\)$"):
+        pipe(PROMPTS[:1], height=48, width=48)
+    with pytest.raises(ValueError, match=r"^height 24: this model generates 32x32 images"):
+        sq(PROMPTS[:1], height=24, width=40)
+    pipe.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "model_index.json").read_text())["sizes"] == sizes
+    assert "sizes" not in json.loads((work / "export" / "model_index.json").read_text())
+    assert LCTPipeline.from_pretrained(str(tmp_path / "b")).config.sizes == sizes
+
 @pytest.mark.slow
 def test_save_load_save_gives_identical_files(work, tmp_path):
     from lct.pipeline import LCTPipeline

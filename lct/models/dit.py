@@ -58,6 +58,9 @@ from torch.utils.checkpoint import checkpoint
 XFORMERS_HINT = ("xformers is not installed: `pip install xformers` (or `pip install 'lct-consistency[xformers]'`), "
                  "or use model.attention=sdpa")
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+# PixArt's `interpolation_scale` for positions off the trained grid: its transformer's default
+# max(sample_size // 64, 1) is 1 for latents up to 64 (512 px with an 8x VAE), lct's sizes.
+POS_INTERPOLATION_SCALE = 1.0
 
 
 def autocast_off(device: torch.device):
@@ -364,16 +367,25 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x.float()), shift, scale))
 
 
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
+                        interpolation_scale: float = 1.0) -> torch.Tensor:
     """DiT/MAE fixed 2-D sin-cos embedding [grid_h*grid_w, dim], row-major tokens; float64 math.
 
     As in DiT (numpy meshgrid with w first), the first dim/2 channels encode the column index and
     the last dim/2 the row index; each half is [sin(pos*omega), cos(pos*omega)], omega_k =
-    10000^(-k/(dim/4)).
+    10000^(-k/(dim/4)). With `base_size` (the trained grid's side in patches), positions are
+    PixArt's for any grid (diffusers `get_2d_sincos_pos_embed`, which `PatchEmbed` recomputes for
+    another latent size): row i at `i / (grid_h / base_size) / interpolation_scale`, column j at
+    `j / (grid_w / base_size) / interpolation_scale`, computed in float32 as diffusers does; on
+    the base grid with scale 1 these are the integers of the plain table.
     """
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    if base_size is None:
+        rows_1d, cols_1d = torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64)
+    else:
+        rows_1d = (torch.arange(grid_h, dtype=torch.float32) / (grid_h / base_size) / interpolation_scale).double()
+        cols_1d = (torch.arange(grid_w, dtype=torch.float32) / (grid_w / base_size) / interpolation_scale).double()
+    rows, cols = torch.meshgrid(rows_1d, cols_1d, indexing="ij")
 
     def one_d(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1)[:, None] * omega[None]
@@ -440,8 +452,10 @@ class TextDiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        # Fixed, recomputed at construction, so not saved (persistent=False).
+        # Fixed, recomputed at construction, so not saved (persistent=False). Other latent sizes
+        # (aspect-ratio buckets, another resolution) get PixArt's positions (`pos_embed_for`).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)
+        self._pos_cache: dict = {}
         self.t_embedder = TimestepEmbedder(hidden_size)
         if cond == "text":
             self.text_proj = nn.Linear(text_dim, hidden_size)
@@ -562,9 +576,22 @@ class TextDiT(ModelMixin, ConfigMixin):
         for block in self.blocks:
             block.compile(**kwargs)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, p*p*C] -> [B, C, H, W]."""
-        p, c, (gh, gw) = self.patch, self.out_ch, self.grid
+    def pos_embed_for(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        """[1, grid_h*grid_w, hidden] fp32 positions of a latent grid: the table itself on the
+        trained grid, else PixArt's (`sincos_pos_embed_2d` with base_size = the trained grid's
+        height in patches, as diffusers' `PatchEmbed`, and `POS_INTERPOLATION_SCALE`), cached per
+        grid and device."""
+        if (grid_h, grid_w) == self.grid:
+            return self.pos_embed
+        key = (grid_h, grid_w, str(device))
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid_h, grid_w, self.grid[0],
+                                                       POS_INTERPOLATION_SCALE)[None].to(device)
+        return self._pos_cache[key]
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, T, p*p*C] -> [B, C, H, W] on `grid` (patches; default the trained one)."""
+        p, c, (gh, gw) = self.patch, self.out_ch, grid or self.grid
         x = x.reshape(x.shape[0], gh, gw, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, gh * p, gw * p)
@@ -612,16 +639,17 @@ class TextDiT(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """x [B,C,H,W] (already c_in-scaled), e [B] fp32 time-embedding input -> F [B,C,H,W] fp32."""
         b, ch, hgt, wid = x.shape
-        expected = (self.in_channels, self.grid[0] * self.patch, self.grid[1] * self.patch)
-        if (ch, hgt, wid) != expected:
-            raise ValueError(f"TextDiT expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], "
-                             f"got {list(x.shape)}")
+        if ch != self.in_channels or hgt % self.patch or wid % self.patch or not hgt or not wid:
+            raise ValueError(f"TextDiT expects inputs [B, {self.in_channels}, H, W] with H and W multiples of the "
+                             f"patch size {self.patch}, got {list(x.shape)}")
+        grid = (hgt // self.patch, wid // self.patch)
         # Without autocast the trunk computes in its own dtype (bf16 weights, or layerwise casting's
         # compute dtype); fp32 inputs are cast at its entries. Under autocast, autocast casts.
         autocast = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
         dt = None if autocast else self._trunk_dtype()
         x = x if dt is None else x.to(self.x_embedder.weight.dtype)  # not layerwise-cast: its own dtype
-        h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + self.pos_embed.float()  # [B, T, hidden], fp32
+        pos = self.pos_embed_for(*grid, x.device).float()
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + pos  # [B, T, hidden], fp32
         c = self.t_embedder(e.reshape(b) if e.numel() == b else e.expand(b))
         text = mask = None
         if self.cond == "text":
@@ -643,7 +671,7 @@ class TextDiT(ModelMixin, ConfigMixin):
                 h = checkpoint(block, h, c, text, mask, dt, use_reentrant=False)
             else:
                 h = block(h, c, text, mask, dt)
-        return self.unpatchify(self.final_layer(h, c)).float()
+        return self.unpatchify(self.final_layer(h, c), grid).float()
 
 
 def config_problem(args: Mapping[str, Any]) -> tuple[str, str] | None:
