@@ -1,4 +1,13 @@
-"""Shared test setup: the repository root, a CPU-only environment, and a subprocess helper."""
+"""Shared test setup: the repository root, a CPU-only environment, a subprocess helper, the test
+tiers, and the session artefacts that several modules share.
+
+Tiers (pyproject's markers; README, Development): `proc` marks a test that starts a process or
+trains a run; `slow` one that takes more than a few seconds in process; `demo` the quick demo.
+`make test-fast` deselects all three; `make test` (CI) runs everything. A test of the fast tier
+that starts a subprocess fails with a line naming the marker (`no_processes_in_the_fast_tier`).
+
+Session artefacts are made once and shared: tests that change them copy them first
+(`copy_finished_run`)."""
 
 import os
 import subprocess
@@ -15,6 +24,34 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`multiproc` (the older name) and `demo` imply `proc`: `-m "not proc"` deselects them too."""
+    for item in items:
+        if item.get_closest_marker("multiproc") or item.get_closest_marker("demo"):
+            item.add_marker(pytest.mark.proc)
+
+
+_execute_child = subprocess.Popen._execute_child
+
+
+@pytest.fixture(autouse=True)
+def no_processes_in_the_fast_tier(request, monkeypatch):
+    """The fast tier starts no process: a test that does belongs in the `proc` tier (a process
+    costs seconds of imports; the fast tier must stay within minutes). `git`, which lct.run asks
+    for the commit, is allowed."""
+    if any(request.node.get_closest_marker(m) for m in ("proc", "slow")):
+        return
+
+    def refuse(self, args, *rest, **kw):
+        first = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+        if first != "git":
+            raise AssertionError(f"{request.node.nodeid} starts a process ({str(args)[:120]}): mark it "
+                                 "@pytest.mark.proc (tests/conftest.py, README: Development)")
+        return _execute_child(self, args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 def run_cmd(args, cwd=ROOT, env=None, timeout=600, check=False):

@@ -474,7 +474,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 @pytest.mark.slow
 def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions, tmp_path):
     ref = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=N, size=16)  # prdc's real images

@@ -1,6 +1,6 @@
 """The trainer across ranks with the real launchers (deepspeed, torchrun) on CPU ranks (gloo):
 ZeRO-2 launch and resume, 2 ranks == 1 process, partitioned EMA, non-finite steps, preemption,
-two "nodes". Each test launches real processes: they are slow by nature (marked multiproc)."""
+two "nodes". Each test launches real processes: they are slow by nature (marked proc)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, run_cmd, tiny_train_config
 
-pytestmark = pytest.mark.multiproc
+pytestmark = pytest.mark.proc
 TRAIN = str(ROOT / "lct" / "train.py")
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -434,7 +434,7 @@ def test_demo_data_split_is_seeded_and_reused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.multiproc
+@pytest.mark.proc
 @pytest.mark.skipif(not os.environ.get("LCT_TEST_DEMO_DATA"), reason="opt-in (several minutes): LCT_TEST_DEMO_DATA=1")
 def test_demo_data_on_digits_end_to_end(tmp_path):
     pytest.importorskip("sklearn")

@@ -105,7 +105,7 @@ def stats(run: Path):
     return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_data):
     """ECT with Cauchy, adaptive c, OT and the early-step diffusion term on the tiny PixArt under
     `deepspeed --num_gpus 2` (CPU ranks, ZeRO-2); a second invocation resumes; the export loads as

@@ -266,7 +266,7 @@ def lct_traceback(err: str) -> bool:
     return f'File "{ROOT / "lct"}' in err  # the launchers' own tracebacks on a signal are upstream's
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(tmp_path, latent_data):
     """With DataLoader workers running (num_workers 2): a second trainer on the same run.dir is
     refused in one line; SIGINT to the process group of `deepspeed` (Ctrl-C) and SIGTERM to that of
@@ -310,7 +310,7 @@ def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(
     assert steps == sorted(set(steps))  # each step logged once across the four launches
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_world_size_2_to_1_to_2_through_universal_checkpoints(tmp_path, latent_data, finished_run):
     """2 ranks (stopped after the step-2 checkpoint) -> 1 process (stopped after step 4) -> 2 ranks
     (to the end): each change of world size goes through a DeepSpeed universal checkpoint, and
