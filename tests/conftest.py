@@ -4,11 +4,12 @@ tiers, and the session artefacts that several modules share.
 Tiers (pyproject's markers; README, Development): `proc` marks a test that starts a process or
 trains a run; `slow` one that takes more than a few seconds in process; `demo` the quick demo.
 `make test-fast` deselects all three; `make test` (CI) runs everything. A test of the fast tier
-that starts a subprocess fails with a line naming the marker (`no_processes_in_the_fast_tier`).
+that starts a subprocess (or sets up a fixture that does) fails with a line naming the marker.
 
 Session artefacts are made once and shared: tests that change them copy them first
 (`copy_finished_run`)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,22 +37,55 @@ def pytest_collection_modifyitems(config, items):
 _execute_child = subprocess.Popen._execute_child
 
 
-@pytest.fixture(autouse=True)
-def no_processes_in_the_fast_tier(request, monkeypatch):
-    """The fast tier starts no process: a test that does belongs in the `proc` tier (a process
-    costs seconds of imports; the fast tier must stay within minutes). `git`, which lct.run asks
-    for the commit, is allowed."""
-    if any(request.node.get_closest_marker(m) for m in ("proc", "slow")):
+def _fast_tier(item) -> bool:
+    return not any(item.get_closest_marker(m) for m in ("proc", "slow"))
+
+
+@contextlib.contextmanager
+def _no_processes(item):
+    """The fast tier starts no process, in the test or in a fixture it sets up (a process costs
+    seconds of imports; the fast tier must stay within minutes): one that does belongs in the
+    `proc` tier. `git`, which lct.run asks for the commit, is allowed."""
+    if not _fast_tier(item):
+        yield
         return
 
     def refuse(self, args, *rest, **kw):
         first = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
         if first != "git":
-            raise AssertionError(f"{request.node.nodeid} starts a process ({str(args)[:120]}): mark it "
-                                 "@pytest.mark.proc (tests/conftest.py, README: Development)")
+            raise AssertionError(f"{item.nodeid} starts a process ({str(args)[:120]}): mark it "
+                                 "@pytest.mark.proc (tests/conftest.py; README, Development)")
         return _execute_child(self, args, *rest, **kw)
 
-    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    subprocess.Popen._execute_child = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = _execute_child
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_processes(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _no_processes(item):
+        yield
+
+
+def run_cli(capsys, main, argv):
+    """(exit status, stdout, stderr) of a tool's `cli_main(main)` (what `python -m TOOL ARGV` does)
+    run in this process: the refusal tests need no process of their own."""
+    from lct.errors import cli_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
 
 
 def run_cmd(args, cwd=ROOT, env=None, timeout=600, check=False):

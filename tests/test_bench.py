@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT, run_cmd
 
+pytestmark = pytest.mark.proc  # every test here runs a bench script as a process
+
 
 @pytest.mark.slow
 def test_train_step_bench_tiny(tmp_path):

@@ -27,6 +27,7 @@ def test_no_module_shadows_stdlib_or_dependency(folder):
     assert not clash, f"{folder}/ has modules named like stdlib/dependency modules: {clash}"
 
 
+@pytest.mark.proc
 def test_import_lct_is_light():
     code = ("import sys, lct, lct.config, lct.errors; "
             "heavy = [m for m in ('deepspeed', 'open_clip', 'diffusers') if m in sys.modules]; "
@@ -35,6 +36,7 @@ def test_import_lct_is_light():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.proc
 def test_import_trainer_defers_diffusers_and_transformers():
     """`import lct.train` (its --help, config refusals) loads no diffusers or transformers: they come
     with the first network or text tower (lct.models loads its names on first use)."""
@@ -50,6 +52,7 @@ SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in
                  if p.name != "__init__.py")
 
 
+@pytest.mark.proc
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_run_as_plain_files(script):
     """`python data_prep/x.py --help` works from any directory, with the repo root on sys.path."""
@@ -71,6 +74,7 @@ def test_scripts_put_repo_root_first_on_sys_path():
         assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in ast.unparse(first), script
 
 
+@pytest.mark.proc
 @pytest.mark.parametrize("script", ["lct-train", "lct-sample", "lct-make-shapes", "lct-coco-to-wds",
                                     "lct-encode-latents", "lct-train-vae", "lct-eval"])
 def test_console_entry_points(script):

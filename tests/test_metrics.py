@@ -313,6 +313,7 @@ def test_load_clip_from_a_local_file_and_errors(tiny_clip, tmp_path):
         M.clip_score(images, caps[:2], model, tok, pre)
 
 
+@pytest.mark.proc
 def test_import_lct_metrics_is_light():
     import subprocess
     import sys

@@ -599,6 +599,7 @@ def test_forward_on_the_meta_device_for_flop_counts():
     assert out.shape == (3, 4, 8, 8) and out.device.type == "meta" and counter.get_total_flops() > 0
 
 
+@pytest.mark.proc
 def test_importing_lct_models_does_not_import_deepspeed_or_open_clip(python):
     from conftest import run_cmd
 

@@ -89,6 +89,7 @@ def test_bad_files_and_devices_are_refused_before_loading(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.proc
 def test_refusals_are_one_line_with_exit_2(tmp_path):
     proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
                     "--guidance", "nan"], timeout=120)
