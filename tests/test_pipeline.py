@@ -288,8 +288,11 @@ def test_old_format_export_loads_and_converts(work, parts, tmp_path):
     assert json.loads((tmp_path / "converted" / "lct_export.json").read_text())["converted_from"] == "lct-export/1"
 
 
-def test_bad_export_folders_give_one_line(work, tmp_path):
+def test_bad_export_folders_give_one_line(work, tmp_path, capsys):
     import shutil
+
+    from conftest import run_cli
+    from lct.sample import main as sample_main
 
     from lct.errors import UserError
     from lct.export import load_pipeline
@@ -303,9 +306,9 @@ def test_bad_export_folders_give_one_line(work, tmp_path):
     (broken / "lct_export.json").unlink()
     with pytest.raises(UserError, match=r"model_index.json is missing"):
         load_pipeline(broken)
-    proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
-                    "--out", str(tmp_path / "o")])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, sample_main, ["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+                                                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_fallback_lock_without_posix_locks_breaks_only_stale_holders(tmp_path, m
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     path = tmp_path / "x.lock"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live pid of this host (not a Python: no imports)
     try:
         me = FileLock(path)
         host = me.me["host"]
