@@ -166,3 +166,51 @@ def tiny_train_config(tmp_path, latent_data, name="tiny.yaml", **sections):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Session artefacts: a finished tiny run, a tiny export (each made once; copy before changing)
+# ---------------------------------------------------------------------------------------------
+
+# 1 rank and 2 ranks train the same numbers with these (no dropout, no OT: the world-size test).
+EXACT = dict(method={"preset": "ilct", "ot": False}, model={"arch": "DiT-S/2", "hidden_size": 32, "depth": 2,
+                                                            "num_heads": 2, "dropout": 0.0})
+
+
+def finished_run_config(dest: Path, latent_data, run: dict | None = None, **sections) -> Path:
+    """The config of `finished_run` with run.dir under `dest` (`run`, `sections` override it)."""
+    return tiny_train_config(dest, latent_data, run={"dir": str(Path(dest) / "run"), "total_steps": 6,
+                                                     "save_every": 2, "log_every": 1, "seed": 0, "keep_last": 3,
+                                                     **(run or {})}, **{**EXACT, **sections})
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, latent_data):
+    """A finished single-process run of the trainer as a process (its smoke test): 6 steps,
+    checkpoints at 2, 4, 6, grids and validation at 3 and 6, exports of `ema` and `slow`. The
+    1-process reference of the world-size test. Read it in place; copy it (`copy_finished_run`)
+    to change or resume it."""
+    base = tmp_path_factory.mktemp("finished")
+    cfg = finished_run_config(base, latent_data)
+    proc = run_cmd([sys.executable, str(ROOT / "lct" / "train.py"), "--config", str(cfg)],
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished: step 6 of 6" in proc.stdout and "export" in proc.stdout  # the end-of-run summary
+    return base
+
+
+def copy_finished_run(finished_run: Path, dest: Path, latent_data, run: dict | None = None, **sections) -> Path:
+    """A copy of `finished_run`'s run folder under `dest` and its config pointing there."""
+    import shutil
+
+    shutil.copytree(finished_run / "run", Path(dest) / "run", ignore=shutil.ignore_patterns("locks"))
+    return finished_run_config(dest, latent_data, run, **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A tiny export (helpers_export.make_tiny_export: a pipeline folder of a random tiny network
+    with the tiny data's VAE and text tower), made once for every module that reads one."""
+    from helpers_export import module_tiny_export
+
+    return module_tiny_export(tmp_path_factory)

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_cmd
 from helpers_data import make_image_shards
-from helpers_export import IMAGE_SIZE, module_tiny_export
+from helpers_export import IMAGE_SIZE
 
 from lct import dist
 from lct.eval import clip_fid  # eval/clip_fid.py, installed as lct.eval.clip_fid
@@ -38,8 +38,8 @@ def one_thread(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture(scope="module")

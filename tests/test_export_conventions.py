@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cmd
-from helpers_export import module_tiny_export, tiny_parts
+from helpers_export import tiny_parts
 
 PROMPTS = ["a large red circle in the top left corner", "small blue square at the bottom", "a green triangle"]
 BLOCK = """
@@ -46,8 +46,8 @@ sys.meta_path.insert(0, _Block())
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers_export import module_tiny_export
 
 from lct.errors import UserError
 from lct.eval import clip_fid
@@ -35,8 +34,8 @@ def one_thread(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture(scope="module")

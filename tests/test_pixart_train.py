@@ -3,7 +3,6 @@
 and every iLCT switch, resume, the exported diffusers pipeline, and the one-line refusals."""
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from helpers_hf import TEXT_DIM, make_tiny_pixart_pipeline
 from lct.config import load_config
 from lct.errors import ConfigError
 
-TRAIN = str(ROOT / "lct" / "train.py")
 SIGMA = str(ROOT / "configs" / "ect_pixart_sigma_512.yaml")
 MAX_LEN = 16
 

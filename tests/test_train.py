@@ -329,13 +329,15 @@ def checkpoint_tensors(ckpt_dir: Path):
     return model, ema
 
 
-@pytest.mark.slow
-def test_single_process_run_writes_everything(tmp_path, latent_data):
-    """~30 s: a full small run (3 processes' worth of work: train, grids, validation, export)."""
-    cfg = tiny_train_config(tmp_path, latent_data)
-    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
+@pytest.mark.proc
+def test_single_process_run_writes_everything(tmp_path, latent_data, finished_run, capsys):
+    """conftest's `finished_run` (a full small run as a process: train, grids, validation, export)
+    wrote everything; the same command on it (here in this process, on a copy) finds it complete,
+    and a changed total of steps is refused unless asked (it moves the curriculum)."""
+    from conftest import copy_finished_run, run_cli
+    from lct.train import main as train_main
+
+    run = finished_run / "run"
     for f in ("config.yaml", "deepspeed.json", "environment.json", "stats.jsonl", "checkpoints/latest",
               "export/ema/lct_export.json", "export/slow/lct_export.json",
               "samples/step00000003_1step.png", "samples/step00000006_2step.png"):
@@ -352,11 +354,12 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
     assert set(stats[-1]) <= documented_log_fields("train")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000006"
     # Re-running the same command finds the run complete.
-    again = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and "is complete" in again.stdout
+    cfg = copy_finished_run(finished_run, tmp_path, latent_data)
+    code, out, err = run_cli(capsys, train_main, ["--config", str(cfg)])
+    assert code == 0 and "is complete" in out, err[-3000:]
     # Changing total steps on resume is refused unless asked (it moves the curriculum).
-    moved = run_cmd([sys.executable, TRAIN, "--config", str(cfg), "run.total_steps=9"], env={"OMP_NUM_THREADS": "1"})
-    assert moved.returncode == 2 and "run.total_steps changed" in moved.stderr
+    code, out, err = run_cli(capsys, train_main, ["--config", str(cfg), "run.total_steps=9"])
+    assert code == 2 and "run.total_steps changed" in err
 
 
 @pytest.mark.slow
