@@ -101,6 +101,7 @@ def finish(proc, cfg_path: Path, timeout: float = 600):
     return out, err, ended - min(fired)
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_the_next_start_resumes(tmp_path, latent_data):
     """~60 s. The save of step 4 meets a full disk (ENOSPC at its write, after DeepSpeed's files)

@@ -282,6 +282,7 @@ def fresh(code: str, *args, env=None):
                    env={"OMP_NUM_THREADS": "1", "PYTHONPATH": "", **(env or {})}, timeout=300)
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_export_generates_without_lct_deepspeed_open_clip(export, tmp_path):
     from lct.pipeline import LCTPipeline
@@ -359,6 +360,7 @@ def test_no_absolute_path_in_an_export(export, tmp_path):
                     assert not [s for s in strings if s.startswith("/") and len(s) > 1], f
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_open_clip_text_encoder_without_lct_is_one_line(tmp_path):
     """An export whose tower cannot take transformers' CLIP form (a LayerScale tower) carries

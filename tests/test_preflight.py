@@ -148,6 +148,7 @@ def test_start_loads_the_text_tower_and_vae_before_deepspeed(tmp_path, latent_da
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_resume_state_is_checked_before_deepspeed_and_saves_precede_grids(tmp_path, latent_data, capsys):
     """~40 s. A run killed right after its step-3 checkpoint (where a grid was also due) has the

@@ -362,6 +362,7 @@ def test_single_process_run_writes_everything(tmp_path, latent_data, finished_ru
     assert code == 2 and "run.total_steps changed" in err
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
     """~60 s: indexed mode, fp32 CPU, dropout on: a run killed after step 3 and resumed ends at step
@@ -530,6 +531,7 @@ print("RESULT " + json.dumps(res))
 '''
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_train_step_collectives_fused_optimizer_and_nonfinite_guard(tmp_path, latent_data):
     """~40 s, one process, ZeRO-2, iLCT, 4 micro-batches per step:
