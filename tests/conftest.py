@@ -169,7 +169,7 @@ def tiny_train_config(tmp_path, latent_data, name="tiny.yaml", **sections):
 
 
 # ---------------------------------------------------------------------------------------------
-# Session artefacts: a finished tiny run, a tiny export (each made once; copy before changing)
+# Session artefacts: a finished tiny run, a tiny export, random Inception weights (made once)
 # ---------------------------------------------------------------------------------------------
 
 # 1 rank and 2 ranks train the same numbers with these (no dropout, no OT: the world-size test).
@@ -214,3 +214,31 @@ def tiny_export(tmp_path_factory):
     from helpers_export import module_tiny_export
 
     return module_tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's FID Inception with random weights, saved as a weights file (offline; test_eval,
+    test_metrics)."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        mp.undo()
+    # He-scaled convolutions: with PyTorch's default init the activations vanish through the
+    # network and every image gets the same features (FID ~ 1e-13, which tests nothing).
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+    path = tmp_path_factory.mktemp("fid") / "inception-random.pth"
+    torch.save(state, path)
+    return path

@@ -53,29 +53,8 @@ def shapes_captions(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    """torch-fidelity's FID Inception with random weights, saved as a weights file (offline)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as tfi
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    # He-scaled convolutions: with PyTorch's default init the activations vanish through the
-    # network and every image gets the same features (FID ~ 1e-13, which tests nothing).
-    state = model.state_dict()
-    g = torch.Generator().manual_seed(0)
-    for k, v in state.items():
-        if k.endswith("conv.weight"):
-            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-    path = tmp_path_factory.mktemp("fid") / "inception-random.pth"
-    torch.save(state, path)
-    return path
+def fid_weights(random_inception_weights):
+    return random_inception_weights  # conftest: made once a session
 
 
 def base_args(export_dir, captions, out, *extra, n=N, protocol="custom"):
