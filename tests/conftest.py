@@ -45,14 +45,15 @@ def _fast_tier(item) -> bool:
 def _no_processes(item):
     """The fast tier starts no process, in the test or in a fixture it sets up (a process costs
     seconds of imports; the fast tier must stay within minutes): one that does belongs in the
-    `proc` tier. `git` (lct.run asks it for the commit) and `sleep` (a live pid) are allowed."""
+    `proc` tier. Cheap system tools are allowed: `git` (lct.run asks it for the commit), `sleep` (a
+    live pid), `cat` (webdataset's `pipe:` shards)."""
     if not _fast_tier(item):
         yield
         return
 
     def refuse(self, args, *rest, **kw):
         first = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
-        if first not in ("git", "sleep"):
+        if first not in ("git", "sleep", "cat"):
             raise AssertionError(f"{item.nodeid} starts a process ({str(args)[:120]}): mark it "
                                  "@pytest.mark.proc (tests/conftest.py; README, Development)")
         return _execute_child(self, args, *rest, **kw)

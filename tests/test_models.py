@@ -328,6 +328,7 @@ def test_compiled_blocks_with_checkpointing_match_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.proc
 def test_inductor_compiled_blocks_match_eager():
     """What `model.compile: true` runs (configs/lct_coco.yaml): inductor-generated kernels, NsLN on
     q and k, no dropout (the ilct preset). Same function as eager to fp32 rounding, output and

@@ -75,6 +75,7 @@ def test_duplicate_keys_adjacent_or_not_keep_the_first(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     path = tmp_path / "records" / "00000.lock"
     holder = hold_lock(path)
