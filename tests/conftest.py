@@ -4,7 +4,8 @@ tiers, and the session artefacts that several modules share.
 Tiers (pyproject's markers; README, Development): `proc` marks a test that starts a process or
 trains a run; `slow` one that takes more than a few seconds in process; `demo` the quick demo.
 `make test-fast` deselects all three; `make test` (CI) runs everything. A test of the fast tier
-that starts a subprocess (or sets up a fixture that does) fails with a line naming the marker.
+that starts a Python, a launcher or a compiler (or sets up a fixture that does) fails with a line
+naming the marker.
 
 Session artefacts are made once and shared: tests that change them copy them first
 (`copy_finished_run`)."""
@@ -41,19 +42,28 @@ def _fast_tier(item) -> bool:
     return not any(item.get_closest_marker(m) for m in ("proc", "slow"))
 
 
+# What costs seconds to start: a Python (imports), a launcher, a console script, a shell script, a
+# compiler (torch.compile's C++ build). Cheap tools that libraries run (ldconfig, cat, git) are fine.
+_COSTLY = ("python", "deepspeed", "torchrun", "lct-", "bash", "g++", "gcc", "c++", "cc", "nvcc")
+
+
+def _costly(args) -> bool:
+    argv = args if isinstance(args, (list, tuple)) else str(args).split()
+    first = os.path.basename(str(argv[0])) if argv else ""
+    return str(argv[0]) == sys.executable or first.startswith(_COSTLY)
+
+
 @contextlib.contextmanager
 def _no_processes(item):
-    """The fast tier starts no process, in the test or in a fixture it sets up (a process costs
-    seconds of imports; the fast tier must stay within minutes): one that does belongs in the
-    `proc` tier. Cheap system tools are allowed: `git` (lct.run asks it for the commit), `sleep` (a
-    live pid), `cat` (webdataset's `pipe:` shards)."""
+    """The fast tier starts no costly process (`_COSTLY`), in the test or in a fixture it sets up (a
+    Python process costs seconds of imports; the fast tier must stay within minutes): a test that
+    does belongs in the `proc` tier."""
     if not _fast_tier(item):
         yield
         return
 
     def refuse(self, args, *rest, **kw):
-        first = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
-        if first not in ("git", "sleep", "cat"):
+        if _costly(args):
             raise AssertionError(f"{item.nodeid} starts a process ({str(args)[:120]}): mark it "
                                  "@pytest.mark.proc (tests/conftest.py; README, Development)")
         return _execute_child(self, args, *rest, **kw)

@@ -74,14 +74,30 @@ def test_scripts_put_repo_root_first_on_sys_path():
         assert "sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])" in ast.unparse(first), script
 
 
-@pytest.mark.proc
 @pytest.mark.parametrize("script", ["lct-train", "lct-sample", "lct-make-shapes", "lct-coco-to-wds",
                                     "lct-encode-latents", "lct-train-vae", "lct-eval"])
-def test_console_entry_points(script):
-    """The installed console scripts (pip install -e .) reach the same mains as the plain files."""
-    exe = Path(sys.executable).parent / script
+def test_console_entry_points(script, monkeypatch, capsys):
+    """The installed console scripts (pip install -e .) reach the same mains as the plain files:
+    each entry point loads and its `--help` prints the usage (in this process, as the generated
+    wrapper calls it; test_console_entry_point_as_a_process starts one wrapper)."""
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    if script not in eps:
+        pytest.skip(f"{script} is not installed (run pip install -e .)")
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exc:
+        eps[script].load()()
+    assert exc.value.code == 0, capsys.readouterr().err[-2000:]
+    assert "usage" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.proc
+def test_console_entry_point_as_a_process():
+    """One generated wrapper run as users run it (the others: test_console_entry_points)."""
+    exe = Path(sys.executable).parent / "lct-sample"
     if not exe.exists():
-        pytest.skip(f"{script} is not installed next to {sys.executable} (run pip install -e .)")
+        pytest.skip(f"lct-sample is not installed next to {sys.executable} (run pip install -e .)")
     proc = run_cmd([str(exe), "--help"], cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()
