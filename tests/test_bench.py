@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT, run_cmd
 
+pytestmark = pytest.mark.proc  # every test here runs a bench script as a process
+
 
 @pytest.mark.slow
 def test_train_step_bench_tiny(tmp_path):
@@ -118,16 +120,15 @@ def test_pixart_smoke_bench_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_probe_tiny(tmp_path):
+def test_demo_probe_tiny(tmp_path, tiny_export):
     """bench/demo_probe.py (the demo's tuning probe) on a tiny pipeline export and make_shapes
     held-out captions: ground-truth and VAE ceilings, a Heun ODE through the pipeline's network,
     1- and 2-step consistency samples, one JSON line each (it crashed on pipeline exports)."""
     import numpy as np
 
-    from helpers_export import make_tiny_export
     from lct.data_prep.make_shapes import main as make_shapes
 
-    export = make_tiny_export(tmp_path / "work")
+    export = tiny_export
     assert make_shapes(["--output", str(tmp_path / "ho"), "--split", "heldout", "--num", "6", "--size", "32"]) == 0
     proc = run_cmd([sys.executable, str(ROOT / "bench" / "demo_probe.py"), "--checkpoint", str(export),
                     "--captions", str(tmp_path / "ho" / "captions.jsonl"), "--num", "6", "--ode-steps", "2",

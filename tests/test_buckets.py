@@ -376,7 +376,7 @@ def test_bucketed_encode_refusals(aspect_data, tmp_path):
     assert not list((tmp_path / "b").glob("*.tar"))
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_bucketed_output_does_not_depend_on_batches_workers_ranks_or_a_kill(aspect_data, tmp_path):
     """Batches hold one bucket and the writer restores the input order: batch size 1 with two
     workers, two ranks without a process group, and a kill mid-shard then a rerun all write the

@@ -114,40 +114,71 @@ def test_cli_config_flags(tmp_path):
         cli_config(EncodeLatentsConfig, ["--input", "a", "--output", "o", "--resolution", "big"], prog="x")
 
 
+def train_cli(capsys, monkeypatch, argv):
+    """(exit status, stdout, stderr) of `python lct/train.py ARGV` run in this process from the
+    repository root (as the subprocess ran it; one real subprocess: test_train_cli_as_a_process)."""
+    from lct.errors import cli_main
+    from lct.train import main as train_main
+
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(train_main, argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--config", "{tmp}/unknown.yaml"], "optim.lrr: unknown key; did you mean 'optim.lr'"),
     (["--config", "{tmp}/wrongtype.yaml"], "optim.batch_size: got 'many'"),
     (["--config", "{tmp}/missing.yaml"], "config file not found"),
 ])
-def test_train_cli_user_errors_exit_2_without_traceback(tmp_path, args, needle):
+def test_train_cli_user_errors_exit_2_without_traceback(tmp_path, capsys, monkeypatch, args, needle):
     write(tmp_path, "unknown.yaml", "optim: {lrr: 1}\n")
     write(tmp_path, "wrongtype.yaml", "optim: {batch_size: many}\n")
     args = [a.format(tmp=tmp_path) for a in args]
-    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), *args, "--dry-run"])
-    assert proc.returncode == 2, proc.stderr
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = train_cli(capsys, monkeypatch, [*args, "--dry-run"])
+    assert code == 2, err
+    assert needle in err
+    assert "Traceback" not in err
 
 
-def test_train_start_with_missing_data_exits_2(tmp_path):
+def test_train_start_with_missing_data_exits_2(tmp_path, capsys, monkeypatch):
     cfg = write(tmp_path, "c.yaml", f"run: {{dir: {tmp_path}/run}}\ndata: {{shards: {tmp_path}/nothing}}\n")
-    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", str(cfg)])
-    assert proc.returncode == 2 and "data.shards" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = train_cli(capsys, monkeypatch, ["--config", str(cfg)])
+    assert code == 2 and "data.shards" in err and "Traceback" not in err
 
 
+@pytest.mark.proc
+def test_train_cli_as_a_process(tmp_path):
+    """The one subprocess of this module (the entry point as users start it): a user error is one
+    line and exit 2; a shipped config's dry run prints its figures and names what a start would
+    miss (the demo's data, not made here), exit 2."""
+    write(tmp_path, "unknown.yaml", "optim: {lrr: 1}\n")
+    bad = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", str(tmp_path / "unknown.yaml"),
+                   "--dry-run"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "optim.lrr: unknown key; did you mean 'optim.lr'" in bad.stderr
+    good = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", "configs/demo.yaml", "--dry-run"])
+    assert good.returncode == 2 and "would fail at start: data.shards" in good.stderr, good.stderr[-3000:]
+    assert "FLOPs per optimizer step" in good.stdout and "Traceback" not in good.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-def test_dry_run_every_shipped_config(config):
+def test_dry_run_every_shipped_config(config, capsys, monkeypatch):
     """Data paths are missing here: --dry-run names each problem a start would meet and exits 2
-    (0 where nothing is missing), printing the sizes either way."""
-    proc = run_cmd([sys.executable, str(ROOT / "lct/train.py"), "--config", config, "--dry-run"])
-    fails = "would fail at start" in proc.stderr
-    assert proc.returncode == (2 if fails else 0) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "parameters: trunk" in proc.stdout and "FLOPs per optimizer step" in proc.stdout
-    assert "memory per GPU (estimated" in proc.stdout
+    (0 where nothing is missing), printing the sizes either way. In this process (a subprocess
+    each cost 5-8 s of imports; test_train_cli_as_a_process runs one)."""
+    code, out, err = train_cli(capsys, monkeypatch, ["--config", config, "--dry-run"])
+    fails = "would fail at start" in err
+    assert code == (2 if fails else 0) and "Traceback" not in err, err[-3000:]
+    assert "parameters: trunk" in out and "FLOPs per optimizer step" in out
+    assert "memory per GPU (estimated" in out
     if "demo" not in config:
         assert fails
     if "_sana_" in config or "_sd35_" in config:  # issue 34: the missing weights in one line (offline: conftest)
-        assert [line for line in proc.stderr.splitlines() if line.startswith("warning: model.pretrained")
+        assert [line for line in err.splitlines() if line.startswith("warning: model.pretrained")
                 and "not in the local Hugging Face cache" in line and "the dry run uses the" in line]
 
 

@@ -182,6 +182,7 @@ def test_data_shards_are_checked_against_the_manifest(latent_data, tmp_path):
         train_shard_urls(str(d / "00000.tar"), m)
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_skip_counts_reach_stats_jsonl_and_the_progress_bar(tmp_path, latent_data, bad_data):
     """~30 s: an ilct run (OT on) in indexed mode on the bad data trains and reports every skip."""

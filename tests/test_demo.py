@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+pytestmark = [pytest.mark.demo, pytest.mark.proc]
 
 
 @pytest.mark.timeout(900)

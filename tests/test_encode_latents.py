@@ -202,7 +202,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_resume_after_a_kill_mid_shard(tiny, clean_run, tmp_path):
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
@@ -223,7 +223,7 @@ def test_resume_after_a_kill_mid_shard(tiny, clean_run, tmp_path):
     assert m["stats"] == clean_run["manifest"]["stats"]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_two_ranks_without_a_process_group_match_one_process(clean_run, tmp_path):
     """Two concurrent processes with RANK=0/1, WORLD_SIZE=2 and no torch.distributed."""
     out = tmp_path / "lat"
@@ -241,7 +241,7 @@ def test_two_ranks_without_a_process_group_match_one_process(clean_run, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_cli_user_errors_exit_2_without_traceback(tiny, tmp_path):
     base, vae = tiny
     pattern = make_image_shards(tmp_path / "img", n_shards=1, per_shard=1, size=16)
@@ -305,7 +305,7 @@ def test_a_truncated_input_shard_is_never_recorded(tiny, tmp_path):
     assert m["num_samples"] == 16 and [s["samples"] for s in m["shards"]] == [4, 4, 4, 4]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_two_jobs_on_one_output_share_its_shards(tiny, tmp_path):
     """A relaunch while the first job runs (or a SLURM array without RANK): two world-1 jobs on
     one --output at once. Per-shard locks split the work; every shard is written once and checked
@@ -325,7 +325,7 @@ def test_two_jobs_on_one_output_share_its_shards(tiny, tmp_path):
     assert all(len(rec["sha256"]) == 64 and rec["samples"] == 24 for rec in recs)
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_a_shard_another_process_holds_is_left_to_it(clean_run, tmp_path, capfd):
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
@@ -368,7 +368,7 @@ def test_a_shard_that_does_not_read_back_is_not_recorded(tiny, tmp_path):
     assert FileLock(out / "records" / "00000.lock").acquire()  # released
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_a_failed_job_does_not_block_the_corrected_rerun(clean_run, tmp_path):
     out = tmp_path / "lat"
     argv = tiny_encode_args(clean_run["pattern"], out, clean_run["vae"], batch_size=2)
@@ -433,7 +433,7 @@ def test_progress_total_is_the_number_of_images(tiny, tmp_path, capfd):
 
 
 @pytest.mark.slow
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_data_workers_die_with_a_killed_encode(tiny, tmp_path):
     """kill -9 of encode_latents while its DataLoader worker waits on a stalled download: the
     worker goes too (before, it lived on until the read returned)."""

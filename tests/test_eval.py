@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_cmd
 from helpers_data import make_image_shards
-from helpers_export import IMAGE_SIZE, module_tiny_export
+from helpers_export import IMAGE_SIZE
 
 from lct import dist
 from lct.eval import clip_fid  # eval/clip_fid.py, installed as lct.eval.clip_fid
@@ -38,8 +38,8 @@ def one_thread(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +53,8 @@ def shapes_captions(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    """torch-fidelity's FID Inception with random weights, saved as a weights file (offline)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as tfi
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    # He-scaled convolutions: with PyTorch's default init the activations vanish through the
-    # network and every image gets the same features (FID ~ 1e-13, which tests nothing).
-    state = model.state_dict()
-    g = torch.Generator().manual_seed(0)
-    for k, v in state.items():
-        if k.endswith("conv.weight"):
-            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-    path = tmp_path_factory.mktemp("fid") / "inception-random.pth"
-    torch.save(state, path)
-    return path
+def fid_weights(random_inception_weights):
+    return random_inception_weights  # conftest: made once a session
 
 
 def base_args(export_dir, captions, out, *extra, n=N, protocol="custom"):
@@ -474,7 +453,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 @pytest.mark.slow
 def test_two_ranks_give_the_same_samples_and_numbers(export_dir, shapes_captions, tmp_path):
     ref = make_image_shards(tmp_path / "ref", n_shards=1, per_shard=N, size=16)  # prdc's real images

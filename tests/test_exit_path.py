@@ -101,6 +101,7 @@ def finish(proc, cfg_path: Path, timeout: float = 600):
     return out, err, ended - min(fired)
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_the_next_start_resumes(tmp_path, latent_data):
     """~60 s. The save of step 4 meets a full disk (ENOSPC at its write, after DeepSpeed's files)
@@ -126,7 +127,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_next_start_resumes(tmp_path
     assert json.loads((run / "checkpoints/step00000006/lct_state.json").read_text())["state"]["applied_steps"] == 6
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_an_error_on_one_of_two_ranks_ends_both_promptly(tmp_path, latent_data):
     """~60 s. `deepspeed --num_gpus 2`, 2 data workers per rank: rank 1 raises at data step 3 (a bug
     or CUDA out of memory) while rank 0 is in the step's collectives. Both ranks, their workers

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cmd
-from helpers_export import module_tiny_export, tiny_parts
+from helpers_export import tiny_parts
 
 PROMPTS = ["a large red circle in the top left corner", "small blue square at the bottom", "a green triangle"]
 BLOCK = """
@@ -46,8 +46,8 @@ sys.meta_path.insert(0, _Block())
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture
@@ -99,6 +99,7 @@ def test_components_and_none_components(pipe):
     assert set(again.components) == set(comps)
 
 
+@pytest.mark.slow
 def test_dict_and_tuple_outputs_and_pt_np_pil_agree(pipe):
     out_np = run(pipe).images
     assert np.array_equal(out_np, run(pipe, return_dict=False)[0])
@@ -109,6 +110,7 @@ def test_dict_and_tuple_outputs_and_pt_np_pil_agree(pipe):
     assert np.abs(np.asarray(out_pil[0]).astype(float) - (out_np[0] * 255).round()).max() == 0
 
 
+@pytest.mark.slow
 def test_batch_of_generators_equals_single_and_num_images_per_prompt(pipe):
     single = run(pipe).images
     batch = run(pipe, prompt=[PROMPTS[0], PROMPTS[1], "very long " * 100], generator=[gen(0), gen(1), gen(2)]).images
@@ -117,6 +119,7 @@ def test_batch_of_generators_equals_single_and_num_images_per_prompt(pipe):
         assert run(pipe, prompt=prompts, num_images_per_prompt=n, generator=None).images.shape[0] == len(prompts) * n
 
 
+@pytest.mark.slow
 def test_save_load_local_and_optional_components(pipe, tmp_path):
     from lct.pipeline import LCTPipeline
 
@@ -195,6 +198,7 @@ def test_callbacks_properties_and_guidance_changed_by_a_callback(pipe):
         pipe(PROMPTS[0], callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["x_in"])
 
 
+@pytest.mark.slow
 def test_dtype_on_load_and_to_keep_spec11_modules_fp32(export):
     from lct.pipeline import LCTPipeline
 
@@ -264,6 +268,7 @@ def test_refusals_are_one_line(pipe):
         pipe.transformer.set_attention_backend("flash")
 
 
+@pytest.mark.slow
 def test_sigmas_tau_and_the_default_levels(pipe):
     a = run(pipe, sigmas=[80.0, 0.5], output_type="latent").images
     assert torch.equal(a, run(pipe, tau=[0.5], output_type="latent").images)
@@ -282,6 +287,7 @@ def fresh(code: str, *args, env=None):
                    env={"OMP_NUM_THREADS": "1", "PYTHONPATH": "", **(env or {})}, timeout=300)
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_export_generates_without_lct_deepspeed_open_clip(export, tmp_path):
     from lct.pipeline import LCTPipeline
@@ -359,6 +365,7 @@ def test_no_absolute_path_in_an_export(export, tmp_path):
                     assert not [s for s in strings if s.startswith("/") and len(s) > 1], f
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_open_clip_text_encoder_without_lct_is_one_line(tmp_path):
     """An export whose tower cannot take transformers' CLIP form (a LayerScale tower) carries

@@ -580,6 +580,7 @@ def _cfg(tmp_path, family):
                               f"run.dir={tmp_path / 'run'}", "precision=fp32"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sana", "sd3"])
 def test_export_loads_in_the_stock_pipeline_and_samples_lcts_levels(family, gemma, sd3_text, tmp_path, monkeypatch):
     """export_flow -> diffusers.SanaPipeline / StableDiffusion3Pipeline.from_pretrained -> 1 and 2

@@ -46,28 +46,31 @@ def test_other_ema_names_read_as_paths_are_checked_too():
         EvalConfig(checkpoint="r", out="o", ema="../../ema")
 
 
-@pytest.mark.slow
-def test_trainer_refuses_an_escaping_ema_name_before_writing_anything(tmp_path):
+def test_trainer_refuses_an_escaping_ema_name_before_writing_anything(tmp_path, capsys):
     """The probe's reproduction: `../escape` as an EMA name with a pre-filled target folder beside
     run.dir. The start is refused in one line (exit 2) and the folder keeps its file; a config
-    file that is not UTF-8 is one line too, not a UnicodeDecodeError traceback."""
+    file that is not UTF-8 is one line too, not a UnicodeDecodeError traceback. (The trainer's
+    main in this process, as `python lct/train.py` runs it: test_config starts that process.)"""
+    from conftest import run_cli
+    from lct.train import main as train_main
+
     target = tmp_path / "escape"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run: {{dir: {tmp_path}/run}}\nema:\n  models: [{{name: ../../escape, halflife_images: 100}}]\n"
                    "  sample: ../../escape\n")
-    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [l for l in proc.stderr.splitlines() if "ema.models.0.name" in l]
-    assert len(lines) == 1 and "plain identifier" in lines[0] and "Traceback" not in proc.stderr
+    code, _, err = run_cli(capsys, train_main, ["--config", str(cfg)])
+    assert code == 2, err[-2000:]
+    lines = [l for l in err.splitlines() if "ema.models.0.name" in l]
+    assert len(lines) == 1 and "plain identifier" in lines[0] and "Traceback" not in err
     assert (target / "keep.txt").read_text() == "mine" and not (tmp_path / "run").exists()
 
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("# réglages\nrun: {dir: x}\n".encode("latin-1"))
-    proc = run_cmd([sys.executable, TRAIN, "--config", str(latin1), "--dry-run"])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"{latin1}: not UTF-8 text (byte 0xe9 on line 1); save the file as UTF-8" in proc.stderr
+    code, _, err = run_cli(capsys, train_main, ["--config", str(latin1), "--dry-run"])
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert f"{latin1}: not UTF-8 text (byte 0xe9 on line 1); save the file as UTF-8" in err
 
 
 def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
@@ -136,6 +139,7 @@ print("RESULT " + json.dumps({"weights": max(rel(x.detach(), y.detach()) for x, 
 '''
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_fused_radam_kernels_hold_no_hyperparameter_across_runs_on_one_cache(tmp_path):
     """The probe's reproduction (~35 s: two CPU compiles): a beta2 = 0.99 run, then a 0.999 run,
@@ -185,6 +189,7 @@ print("RESULT " + json.dumps({"type": type(fused.engine.optimizer).__name__,
 '''
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_fused_radam_under_zero0_equals_torch_radam(tmp_path, latent_data):
     """`optim.fused` with distributed.zero_stage 0 (DeepSpeed hands the client optimizer the
@@ -258,6 +263,7 @@ def test_deepspeed_config_pins_the_grad_norm_check():
         assert ds["zero_optimization"]["compute_grad_norm"] is True
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_nan_skip_is_deepspeeds_global_grad_norm_check(tmp_path, latent_data):
     """~40 s: a NaN loss at data step 1 skips that update under ZeRO-1 and ZeRO-2 (weights

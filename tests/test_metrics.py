@@ -141,24 +141,7 @@ def test_fid_stats_save_load_cache_and_fingerprint(tmp_path):
 
 # ------------------------------------------------------------------------------ FID Inception (random weights)
 
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """torch-fidelity's FID Inception with random weights, saved as a weights file (offline)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as tfi
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    path = tmp_path_factory.mktemp("fid") / "inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return path
+# random_inception_weights: conftest (the same file test_eval's FID tests read).
 
 
 @pytest.mark.slow
@@ -313,6 +296,7 @@ def test_load_clip_from_a_local_file_and_errors(tiny_clip, tmp_path):
         M.clip_score(images, caps[:2], model, tok, pre)
 
 
+@pytest.mark.proc
 def test_import_lct_metrics_is_light():
     import subprocess
     import sys

@@ -359,6 +359,7 @@ def test_compiled_blocks_with_checkpointing_match_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.proc
 def test_inductor_compiled_blocks_match_eager():
     """What `model.compile: true` runs (configs/lct_coco.yaml): inductor-generated kernels, NsLN on
     q and k, no dropout (the ilct preset). Same function as eager to fp32 rounding, output and
@@ -630,6 +631,7 @@ def test_forward_on_the_meta_device_for_flop_counts():
     assert out.shape == (3, 4, 8, 8) and out.device.type == "meta" and counter.get_total_flops() > 0
 
 
+@pytest.mark.proc
 def test_importing_lct_models_does_not_import_deepspeed_or_open_clip(python):
     from conftest import run_cmd
 

@@ -1,6 +1,6 @@
 """The trainer across ranks with the real launchers (deepspeed, torchrun) on CPU ranks (gloo):
-ZeRO-2 launch and resume, 2 ranks == 1 process, partitioned EMA, non-finite steps, preemption,
-two "nodes". Each test launches real processes: they are slow by nature (marked multiproc)."""
+partitioned EMA, non-finite steps, preemption, two "nodes". Each test launches real processes:
+they are slow by nature (marked proc)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, run_cmd, tiny_train_config
 
-pytestmark = pytest.mark.multiproc
+pytestmark = pytest.mark.proc
 TRAIN = str(ROOT / "lct" / "train.py")
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -52,55 +52,11 @@ def quiet(**sections):
     return dict(sample={"every": 1000}, val={"every": 1000}, **sections)
 
 
-def test_deepspeed_launcher_zero2_trains_saves_and_resumes(tmp_path, latent_data):
-    """`deepspeed --num_gpus 2` (two CPU ranks), ZeRO-2: 4 steps with a checkpoint, then a second
-    invocation resumes and continues the step count."""
-    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 4,
-                                                        "save_every": 2, "log_every": 1})
-    first = run_cmd([*deepspeed_cmd(), "--config", str(cfg)], env=ENV)
-    assert first.returncode == 0, first.stderr[-4000:]
-    run = tmp_path / "run"
-    st = state_of(run)
-    assert st["applied_steps"] == 4 and st["images_seen"] == 32
-    ckpt = run / "checkpoints" / "step00000004"
-    for f in ("rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-              "zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema.safetensors", "COMPLETE"):
-        assert (ckpt / f).is_file(), f
-    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
-    second = run_cmd([*deepspeed_cmd(), "--config", str(cfg), "run.total_steps=6",
-                      "run.allow_total_steps_change=true"], env=ENV)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resumed from" in second.stdout and '"applied_steps": 4' in second.stdout
-    assert state_of(run)["applied_steps"] == 6 and state_of(run)["resume_count"] == 1
-    assert [r["step"] for r in stats(run)] == [1, 2, 3, 4, 5, 6]
-    assert (run / "samples" / "step00000006_1step.png").is_file()
-    # Another world size resumes through a universal checkpoint: tests/test_runs.py (2 -> 1 -> 2).
-
-
-def test_two_ranks_equal_one_process(tmp_path, latent_data):
-    """Same global batch, indexed mode, OT off, fp32, no dropout: per-step loss and post-step
-    weights of 2 ranks (ZeRO-2) and of 1 process agree within rtol 1e-5 over 20 steps."""
-    common = dict(run={"total_steps": 20, "save_every": 5, "log_every": 1, "keep_last": 4},
-                  method={"preset": "ilct", "ot": False}, optim={"batch_size": 8})
-    runs = {}
-    for name, cmd in (("one", [sys.executable, TRAIN]), ("two", deepspeed_cmd())):
-        sec = {k: dict(v) for k, v in common.items()}
-        sec["run"]["dir"] = str(tmp_path / name)
-        cfg = tiny_train_config(tmp_path / name, latent_data, **quiet(**sec))
-        proc = run_cmd([*cmd, "--config", str(cfg)], env=ENV)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[name] = tmp_path / name
-    l1 = [r["loss"] for r in stats(runs["one"])]
-    l2 = [r["loss"] for r in stats(runs["two"])]
-    assert len(l1) == len(l2) == 20
-    assert torch.allclose(torch.tensor(l1, dtype=torch.float64), torch.tensor(l2, dtype=torch.float64),
-                          rtol=1e-5, atol=0)
-    for step in (5, 10, 15, 20):
-        tag = f"step{step:08d}"
-        a = torch.load(runs["one"] / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        b = torch.load(runs["two"] / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        for k in a:
-            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (step, k)
+# The ZeRO-2 launch that saves every rank's files and resumes, and 2 ranks == 1 process (losses and
+# weights), are checked by tests/test_runs.py::test_world_size_2_to_1_to_2_through_universal_checkpoints
+# (its legs: `deepspeed` 2 ranks ZeRO-2, 1 process, torchrun 2 ranks, each compared with the 1-process
+# run); a same-world-size resume on 2 ranks by test_sigterm_to_one_rank_saves_and_both_exit_then_resume
+# and test_runs.py::test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume.
 
 
 def test_partitioned_ema_gathers_to_the_full_ema_bitwise(tmp_path):

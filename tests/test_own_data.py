@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers_export import module_tiny_export
 
 from lct.errors import UserError
 from lct.eval import clip_fid
@@ -35,8 +34,8 @@ def one_thread(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +433,7 @@ def test_demo_data_split_is_seeded_and_reused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.multiproc
+@pytest.mark.proc
 @pytest.mark.skipif(not os.environ.get("LCT_TEST_DEMO_DATA"), reason="opt-in (several minutes): LCT_TEST_DEMO_DATA=1")
 def test_demo_data_on_digits_end_to_end(tmp_path):
     pytest.importorskip("sklearn")

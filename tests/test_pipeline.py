@@ -5,24 +5,21 @@ tower, save -> load -> save, old-format exports, bad folders, and a trained run.
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cmd, tiny_train_config
 from helpers_export import legacy_parts, make_tiny_export, reference_images
 
 PROMPTS = ["a large red circle in the top left corner", "small blue square at the bottom", "a green triangle"]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tiny_export):
+    """conftest's tiny export (`work/export`) and the same network in the old format (`work/legacy`)."""
     torch.set_num_threads(1)
-    w = tmp_path_factory.mktemp("pipe") / "work"
-    make_tiny_export(w)
+    w = tiny_export.parent
     make_tiny_export(w, legacy=True)
     return w
 
@@ -314,8 +311,11 @@ def test_old_format_export_loads_and_converts(work, parts, tmp_path):
     assert json.loads((tmp_path / "converted" / "lct_export.json").read_text())["converted_from"] == "lct-export/1"
 
 
-def test_bad_export_folders_give_one_line(work, tmp_path):
+def test_bad_export_folders_give_one_line(work, tmp_path, capsys):
     import shutil
+
+    from conftest import run_cli
+    from lct.sample import main as sample_main
 
     from lct.errors import UserError
     from lct.export import load_pipeline
@@ -329,9 +329,9 @@ def test_bad_export_folders_give_one_line(work, tmp_path):
     (broken / "lct_export.json").unlink()
     with pytest.raises(UserError, match=r"model_index.json is missing"):
         load_pipeline(broken)
-    proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
-                    "--out", str(tmp_path / "o")])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, sample_main, ["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x",
+                                                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,11 +339,14 @@ def test_bad_export_folders_give_one_line(work, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 @pytest.mark.slow
-def test_trained_run_exports_a_pipeline_that_samples_like_lct_sample(tmp_path, latent_data):
-    """Train 3 steps on the tiny data, then: the export loads with DiffusionPipeline.from_pretrained,
-    and its images equal `python -m lct.sample`'s PNGs and the pre-pipeline sampler's (1-step,
-    2-step, guided)."""
+def test_trained_run_exports_a_pipeline_that_samples_like_lct_sample(tmp_path, latent_data, finished_run):
+    """A trained run (conftest's `finished_run`, 6 steps on the tiny data, copied): its export loads
+    with DiffusionPipeline.from_pretrained, and its images equal `python -m lct.sample`'s PNGs and
+    SPEC 9 sampling written out (1-step, 2-step, guided)."""
+    import shutil
+
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -352,12 +355,7 @@ def test_trained_run_exports_a_pipeline_that_samples_like_lct_sample(tmp_path, l
     from lct.sample import main as sample_main
     from lct.vae import LatentNorm, load_vae
 
-    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 3,
-                                                          "save_every": 3, "log_every": 1, "seed": 0},
-                            sample={"every": 100, "num": 4}, val={"every": 100, "batch_size": 16, "buckets": 4})
-    proc = run_cmd([sys.executable, str(Path(__file__).resolve().parents[1] / "lct" / "train.py"), "--config", str(cfg)],
-                   env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(finished_run / "run", tmp_path / "run", ignore=shutil.ignore_patterns("locks"))
     export = tmp_path / "run" / "export" / "ema"
     assert (export / "model_index.json").is_file() and (export / "README.md").is_file()
     pipe = DiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)

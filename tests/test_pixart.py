@@ -450,6 +450,7 @@ def test_missing_weights_one_line_naming_the_key_fast(tmp_path):
         load_pixart(str(weightless), torch.zeros(1, TEXT_DIM))
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_hub_cache_is_used_offline(tmp_path, python):
     """A hub id already in the local cache loads with no network (local_files_only)."""

@@ -3,7 +3,6 @@
 and every iLCT switch, resume, the exported diffusers pipeline, and the one-line refusals."""
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from helpers_hf import TEXT_DIM, make_tiny_pixart_pipeline
 from lct.config import load_config
 from lct.errors import ConfigError
 
-TRAIN = str(ROOT / "lct" / "train.py")
 SIGMA = str(ROOT / "configs" / "ect_pixart_sigma_512.yaml")
 MAX_LEN = 16
 
@@ -105,7 +103,7 @@ def stats(run: Path):
     return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_pixart_ect_ilct_two_deepspeed_ranks_resume_and_export(tmp_path, pixart_data):
     """ECT with Cauchy, adaptive c, OT and the early-step diffusion term on the tiny PixArt under
     `deepspeed --num_gpus 2` (CPU ranks, ZeRO-2); a second invocation resumes; the export loads as
@@ -163,18 +161,21 @@ def test_pixart_config_refusals_name_the_key(override, key):
     assert err.value.key == key and "\n" not in str(err.value)
 
 
-def test_unloadable_model_id_offline_is_one_line_naming_the_key(tmp_path, pixart_data):
+def test_unloadable_model_id_offline_is_one_line_naming_the_key(tmp_path, pixart_data, capsys):
     """A hub id that is not cached (offline) and a folder without weights: exit 2, one line naming
-    model.pretrained, before DeepSpeed starts, in seconds."""
+    model.pretrained, before DeepSpeed starts, in seconds (the trainer's main in this process;
+    HF_HUB_OFFLINE=1 is conftest's)."""
+    from conftest import run_cli
+    from lct.train import main as train_main
+
     cfg = pixart_config(tmp_path, pixart_data)
     empty = tmp_path / "empty_pipe"
     (empty / "transformer").mkdir(parents=True)
     for pretrained in ("someone/no-such-pixart", str(empty)):
         t0 = time.time()
-        proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg), f"model.pretrained={pretrained}"],
-                       env={"HF_HUB_OFFLINE": "1"}, timeout=120)
-        lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
+        code, _, err = run_cli(capsys, train_main, ["--config", str(cfg), f"model.pretrained={pretrained}"])
+        lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line
                  and "warn(" not in line and "real_accelerator" not in line]
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr and "model.pretrained" in lines[-1], lines
+        assert code == 2, err[-2000:]
+        assert "Traceback" not in err and "model.pretrained" in lines[-1], lines
         assert time.time() - t0 < 60

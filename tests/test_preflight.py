@@ -148,6 +148,7 @@ def test_start_loads_the_text_tower_and_vae_before_deepspeed(tmp_path, latent_da
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_resume_state_is_checked_before_deepspeed_and_saves_precede_grids(tmp_path, latent_data, capsys):
     """~40 s. A run killed right after its step-3 checkpoint (where a grid was also due) has the
@@ -200,13 +201,14 @@ def test_config_warnings_for_settings_that_do_not_fit_the_data_or_machine():
     assert not [w for w in quiet if "flip" in w or "half-life" in w or "GPU" in w], quiet
 
 
-def test_custom_small_template_dry_runs_and_names_its_keys():
+def test_custom_small_template_dry_runs_and_names_its_keys(capsys, monkeypatch):
     text = (ROOT / "configs" / "custom_small.yaml").read_text()
     for key in ("data.shards", "run.dir", "run.total_steps", "data.flip", "ema"):
         assert key.split(".")[-1] in text
-    proc = run_cmd([sys.executable, TRAIN, "--config", "configs/custom_small.yaml", "--dry-run"])
-    assert proc.returncode == 2 and "would fail at start: data.shards" in proc.stderr, proc.stderr[-2000:]
-    assert "memory per GPU (estimated" in proc.stdout
+    monkeypatch.chdir(ROOT)
+    code, out, err = dry(capsys, "configs/custom_small.yaml")
+    assert code == 2 and "would fail at start: data.shards" in err, err[-2000:]
+    assert "memory per GPU (estimated" in out
     readme = (ROOT / "README.md").read_text()
     assert "configs/custom_small.yaml" in readme and "HF_HUB_OFFLINE=1" in readme
 

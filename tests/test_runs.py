@@ -2,8 +2,8 @@
 directory, damaged and malicious checkpoints, world-size changes through universal checkpoints,
 stale exports, run.resume=never, the per-invocation time budget, stats logged once.
 
-The launches are the cost: one small finished run (`finished_run`, single process) is shared and
-copied; the multi-process tests chain their launches (each leg resumes the one before)."""
+The launches are the cost: one small finished run (conftest's `finished_run`, single process) is
+shared and copied; the multi-process tests chain their launches (each leg resumes the one before)."""
 
 import json
 import os
@@ -17,15 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cmd, tiny_train_config
+from conftest import ROOT, copy_finished_run, finished_run_config, run_cmd, tiny_train_config
 from test_multirank import deepspeed_cmd, torchrun_cmd
 
 TRAIN = str(ROOT / "lct" / "train.py")
 ENV = {"OMP_NUM_THREADS": "1"}
 QUIET = dict(sample={"every": 1000}, val={"every": 1000})
-# 1 rank and 2 ranks train the same numbers with this (no dropout, no OT: test_multirank).
-EXACT = dict(method={"preset": "ilct", "ot": False}, model={"arch": "DiT-S/2", "hidden_size": 32, "depth": 2,
-                                                            "num_heads": 2, "dropout": 0.0})
 
 
 def rows(run: Path, kind="train"):
@@ -52,24 +49,10 @@ def model_of(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, latent_data):
-    """A finished single-process run: 6 steps, checkpoints at 2, 4, 6, exports of `ema` and `slow`;
-    also the 1-rank reference of the world-size test. Tests copy it (`copy_run`)."""
-    base = tmp_path_factory.mktemp("finished")
-    cfg = tiny_train_config(base, latent_data, run={"dir": str(base / "run"), "total_steps": 6, "save_every": 2,
-                                                    "log_every": 1, "seed": 0, "keep_last": 3}, **QUIET, **EXACT)
-    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "finished: step 6 of 6" in proc.stdout and "export" in proc.stdout  # the end-of-run summary
-    return base
-
-
 def copy_run(finished_run: Path, dest: Path, latent_data, **run):
-    shutil.copytree(finished_run / "run", dest / "run", ignore=shutil.ignore_patterns("locks"))
-    return tiny_train_config(dest, latent_data, run={"dir": str(dest / "run"), "total_steps": 6, "save_every": 2,
-                                                     "log_every": 1, "seed": 0, "keep_last": 3, **run},
-                             **QUIET, **EXACT)
+    """A copy of conftest's `finished_run` (6 steps, checkpoints at 2, 4, 6; the 1-rank reference of
+    the world-size test), resumed without grids or validation."""
+    return copy_finished_run(finished_run, dest, latent_data, run, **QUIET)
 
 
 def test_data_workers_survive_the_signals_the_trainer_handles(latent_data):
@@ -120,6 +103,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_damaged_checkpoints_are_found_set_aside_and_the_previous_one_resumes(tmp_path, latent_data, finished_run):
     """Every kind of damage to the newest checkpoint is found from files alone; the resume falls
@@ -155,6 +139,7 @@ def test_damaged_checkpoints_are_found_set_aside_and_the_previous_one_resumes(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.proc
 def test_malicious_checkpoint_pickles_run_no_code(tmp_path, latent_data, finished_run):
     """A pickle that would run a command, planted in the optimizer file or the model file: the
     resume check refuses it (auto: set aside; an explicit run.resume: refused in one line), and
@@ -197,6 +182,7 @@ def test_malicious_checkpoint_pickles_run_no_code(tmp_path, latent_data, finishe
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_stale_exports_are_remade_and_resume_never_moves_the_old_run_aside(tmp_path, latent_data, finished_run):
     """A kill between the final checkpoint and its export: the next start re-makes the export from
@@ -266,7 +252,7 @@ def lct_traceback(err: str) -> bool:
     return f'File "{ROOT / "lct"}' in err  # the launchers' own tracebacks on a signal are upstream's
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(tmp_path, latent_data):
     """With DataLoader workers running (num_workers 2): a second trainer on the same run.dir is
     refused in one line; SIGINT to the process group of `deepspeed` (Ctrl-C) and SIGTERM to that of
@@ -310,15 +296,16 @@ def test_signals_to_the_launchers_process_groups_save_on_every_rank_then_resume(
     assert steps == sorted(set(steps))  # each step logged once across the four launches
 
 
-@pytest.mark.multiproc
+@pytest.mark.proc
 def test_world_size_2_to_1_to_2_through_universal_checkpoints(tmp_path, latent_data, finished_run):
-    """2 ranks (stopped after the step-2 checkpoint) -> 1 process (stopped after step 4) -> 2 ranks
-    (to the end): each change of world size goes through a DeepSpeed universal checkpoint, and
-    the losses and final weights equal the uninterrupted 1-process run's (`finished_run`, same
-    global batch, no dropout or OT): the same curriculum, data position and optimizer state."""
-    cfg = tiny_train_config(tmp_path, latent_data, run={"dir": str(tmp_path / "run"), "total_steps": 6,
-                                                        "save_every": 2, "log_every": 1, "seed": 0},
-                            **QUIET, **EXACT)
+    """2 ranks (`deepspeed` launcher, ZeRO-2; stopped after the step-2 checkpoint) -> 1 process
+    (stopped after step 4) -> 2 ranks (torchrun, to the end): each change of world size goes
+    through a DeepSpeed universal checkpoint, and the losses and final weights equal the
+    uninterrupted 1-process run's (`finished_run`, same global batch, no dropout or OT): the same
+    curriculum, data position and optimizer state. This also covers what two former tests of
+    test_multirank checked: 2 ranks == 1 process (losses within rtol 1e-5 on steps 1-2 and 5-6,
+    weights at the end) and the ZeRO-2 launch that saves every rank's files and resumes."""
+    cfg = finished_run_config(tmp_path, latent_data, **QUIET)
     run = tmp_path / "run"
     legs = [(deepspeed_cmd(), "2"), ([sys.executable, TRAIN], "4"), (torchrun_cmd(2), None)]
     for i, (cmd, stop_after) in enumerate(legs):
@@ -328,7 +315,14 @@ def test_world_size_2_to_1_to_2_through_universal_checkpoints(tmp_path, latent_d
         if i:
             assert "through a DeepSpeed universal checkpoint" in proc.stderr, proc.stderr[-3000:]
             assert '"applied_steps": %d' % (2 * i) in proc.stdout
+        else:  # two ZeRO-2 ranks each wrote their RNG and optimizer partition into the checkpoint
+            assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+            for f in ("rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema.safetensors", "COMPLETE"):
+                assert (run / "checkpoints" / "step00000002" / f).is_file(), f
+            assert state_of(run)["images_seen"] == 16
     assert proc.returncode == 0 and state_of(run)["applied_steps"] == 6 and state_of(run)["data_steps"] == 6
+    assert state_of(run)["resume_count"] == 2
     ref = finished_run / "run"
     a, b = rows(ref), rows(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["N"] for r in a] == [r["N"] for r in b]
@@ -382,6 +376,7 @@ FLIPS = {
 }
 
 
+@pytest.mark.proc
 @pytest.mark.parametrize("name", sorted(FLIPS))
 def test_flipped_bytes_in_each_kind_of_checkpoint_file_are_damage(tmp_path, finished_run, name):
     """The probe's silent corruption: a byte flipped inside a file (same size, still loads, weights
@@ -403,6 +398,7 @@ def test_flipped_bytes_in_each_kind_of_checkpoint_file_are_damage(tmp_path, fini
     assert problem is not None and problem.startswith(name) and "sha256" in problem, problem
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_every_checkpoint_damaged_refuses_in_one_line_never_restarts(tmp_path, latent_data, finished_run):
     """Flipped bytes in every checkpoint (model, optimizer, EMA): the start sets each aside and
@@ -433,6 +429,7 @@ def test_every_checkpoint_damaged_refuses_in_one_line_never_restarts(tmp_path, l
         find_resume(load_config(cfg))
 
 
+@pytest.mark.proc
 def test_universal_folders_are_checked_before_reuse(tmp_path, finished_run, capsys):
     """`stepN/universal/` (DeepSpeed's world-size-free copy) records the sha256 of its files; one
     with flipped bytes, a planted pickle (its sum forged to match), or made before lct checked them
@@ -471,6 +468,7 @@ def test_universal_folders_are_checked_before_reuse(tmp_path, finished_run, caps
     assert not marker.exists()
 
 
+@pytest.mark.proc
 def test_an_ema_name_past_the_schema_cannot_write_outside_run_dir(tmp_path, latent_data, finished_run):
     """The one guard of every checkpoint and export path: an EMA name that got past the schema
     (`../escape`, as the probe's config had it) raises before anything is written, and the folder

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import run_cmd
-from helpers_export import module_tiny_export
 
 from lct.errors import UserError
 from lct.sample import grid_title, main
@@ -16,8 +15,8 @@ from lct.scheduler import LCTScheduler, default_taus, karras_taus
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return module_tiny_export(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export  # conftest: made once a session
 
 
 def test_default_k_step_levels_are_the_karras_grid_spec9():
@@ -89,6 +88,7 @@ def test_bad_files_and_devices_are_refused_before_loading(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.proc
 def test_refusals_are_one_line_with_exit_2(tmp_path):
     proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
                     "--guidance", "nan"], timeout=120)

@@ -311,6 +311,7 @@ def test_make_shapes_resume_skips_complete_shards(tmp_path, capsys):
         _make(tmp_path / "foreign")
 
 
+@pytest.mark.proc
 def test_make_shapes_cli_as_file(tmp_path):
     env = dict(os.environ, PYTHONPATH="")
     ok = subprocess.run([sys.executable, str(SCRIPT), "--output", str(tmp_path / "o"), "--num", "3",
@@ -331,10 +332,13 @@ def test_make_shapes_cli_as_file(tmp_path):
     ["--output", "X", "--bogus"],
     ["--output", "X", "nmu=3"],                               # unknown key= override
 ])
-def test_make_shapes_bad_arguments_exit_2(tmp_path, args):
+def test_make_shapes_bad_arguments_exit_2(tmp_path, args, capsys):
+    """In this process (`cli_main`, what the script runs); test_make_shapes_cli_as_file starts it."""
+    from conftest import run_cli
+    from lct.data_prep.make_shapes import main
+
     args = [str(tmp_path / "out") if a == "X" else a for a in args]
-    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and r.stderr.strip()
+    code, out, err = run_cli(capsys, main, args)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and err.strip()
     assert not (tmp_path / "out").exists()

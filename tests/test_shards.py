@@ -75,6 +75,7 @@ def test_duplicate_keys_adjacent_or_not_keep_the_first(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     path = tmp_path / "records" / "00000.lock"
     holder = hold_lock(path)
@@ -104,7 +105,7 @@ def test_fallback_lock_without_posix_locks_breaks_only_stale_holders(tmp_path, m
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     path = tmp_path / "x.lock"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live pid of this host (not a Python: no imports)
     try:
         me = FileLock(path)
         host = me.me["host"]

@@ -276,25 +276,6 @@ def read_stats(run_dir: Path, kind="train"):
     return [r for r in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-BRIGHTNESS = '''
-import torch
-
-class Brightness:
-    """Mean pixel value per sample: a user metric (lct.metrics.Metric) marked as caption accuracy."""
-    name, width, caption_accuracy = "bright", 1, True
-
-    def __init__(self, ctx):
-        self.record = {"name": "brightness", "n": len(ctx.captions)}
-
-    def rows(self, images, metric_images, captions):
-        return torch.tensor(images.reshape(len(images), -1).mean(1), dtype=torch.float64)[:, None]
-
-    def result(self, rows, out_dir, main):
-        return {"value": float(rows.mean())}
-
-    def line(self, key, m):
-        return f"{key} {m['value']:.2f}"
-'''
 
 
 def documented_log_fields(kind: str) -> set[str]:
@@ -351,19 +332,18 @@ def checkpoint_tensors(ckpt_dir: Path):
     return model, ema
 
 
-@pytest.mark.slow
-def test_single_process_run_writes_everything(tmp_path, latent_data):
-    """~30 s: a full small run (3 processes' worth of work: train, grids, validation, export)."""
-    metric = tmp_path / "bright.py"
-    metric.write_text(BRIGHTNESS)
-    cfg = tiny_train_config(tmp_path, latent_data, eval={
-        "every": 3, "num": 8, "batch_size": 4, "metrics": ["shapes", "fid"], "fid_weights": str(tmp_path / "no.pth"),
-        "metric": [f"{metric}:Brightness"]})
-    proc = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
-    # The quality eval (lct/quality.py): 1- and 2-step rows at steps 3 and 6 (the end does not repeat
-    # 6), shapes and the user metric with precision/recall beside them; fid named once as skipped.
+@pytest.mark.proc
+def test_single_process_run_writes_everything(tmp_path, latent_data, finished_run, capsys):
+    """conftest's `finished_run` (a full small run as a process: train, grids, validation, export)
+    wrote everything; the same command on it (here in this process, on a copy) finds it complete,
+    and a changed total of steps is refused unless asked (it moves the curriculum)."""
+    from conftest import copy_finished_run, run_cli
+    from lct.train import main as train_main
+
+    run = finished_run / "run"
+    # The quality eval (lct/quality.py, on in `finished_run`): 1- and 2-step rows at steps 3 and 6
+    # (the end does not repeat 6), shapes and the user metric with precision/recall beside them;
+    # fid named once as skipped.
     ev = read_stats(run, "eval")
     assert [(r["step"], r["setting"], r["steps"], r["n"]) for r in ev] == [
         (3, "1step", 1, 8), (3, "2step", 2, 8), (6, "1step", 1, 8), (6, "2step", 2, 8)]
@@ -374,7 +354,7 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
         assert 0 <= r["shapes_colour_acc"] <= 1 and 0 <= r["prdc_recall"] <= 1 and 0 < r["bright"] < 255
         assert set(r["skipped"]) == {"fid"} and r["N"] >= 2
     assert ev[0]["bright"] != ev[1]["bright"]  # 1 and 2 steps are different samples
-    assert proc.stderr.count("[eval] fid: cannot run:") == 1
+    assert (finished_run / "stderr.txt").read_text().count("[eval] fid: cannot run:") == 1
     for f in ("config.yaml", "deepspeed.json", "environment.json", "stats.jsonl", "checkpoints/latest",
               "export/ema/lct_export.json", "export/slow/lct_export.json",
               "samples/step00000003_1step.png", "samples/step00000006_2step.png"):
@@ -391,13 +371,15 @@ def test_single_process_run_writes_everything(tmp_path, latent_data):
     assert set(stats[-1]) <= documented_log_fields("train")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000006"
     # Re-running the same command finds the run complete.
-    again = run_cmd([sys.executable, TRAIN, "--config", str(cfg)], env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and "is complete" in again.stdout
+    cfg = copy_finished_run(finished_run, tmp_path, latent_data)
+    code, out, err = run_cli(capsys, train_main, ["--config", str(cfg)])
+    assert code == 0 and "is complete" in out, err[-3000:]
     # Changing total steps on resume is refused unless asked (it moves the curriculum).
-    moved = run_cmd([sys.executable, TRAIN, "--config", str(cfg), "run.total_steps=9"], env={"OMP_NUM_THREADS": "1"})
-    assert moved.returncode == 2 and "run.total_steps changed" in moved.stderr
+    code, out, err = run_cli(capsys, train_main, ["--config", str(cfg), "run.total_steps=9"])
+    assert code == 2 and "run.total_steps changed" in err
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
     """~60 s: indexed mode, fp32 CPU, dropout on: a run killed after step 3 and resumed ends at step
@@ -437,8 +419,10 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, latent_data):
 
 
 def test_sampling_cli_is_deterministic(tmp_path, latent_data):
-    """lct.sample with the same seed writes identical images; another seed differs."""
+    """lct.sample with the same seed writes identical images; another seed differs (its main in
+    this process; test_sample starts it as a process)."""
     from lct.config import load_config
+    from lct.sample import main as sample_main
     from lct.export import export_network
     from lct.latents import load_manifest
     from lct.models import Precond, build_dit
@@ -455,11 +439,9 @@ def test_sampling_cli_is_deterministic(tmp_path, latent_data):
                    ema_name="ema", step=0)
     outs = []
     for seed, out in ((1, "s1"), (1, "s2"), (2, "s3")):
-        proc = run_cmd([sys.executable, "-m", "lct.sample", "--checkpoint", str(tmp_path / "export"), "--prompt",
-                        "a large red circle in the top left corner", "--prompt", "small blue square at the bottom",
-                        "--steps", "2", "--seed", str(seed), "--out", str(tmp_path / out), "--device", "cpu"],
-                       env={"OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert sample_main(["--checkpoint", str(tmp_path / "export"), "--prompt",
+                            "a large red circle in the top left corner", "--prompt", "small blue square at the bottom",
+                            "--steps", "2", "--seed", str(seed), "--out", str(tmp_path / out), "--device", "cpu"]) == 0
         outs.append([(tmp_path / out / f"00000{i}.png").read_bytes() for i in range(2)])
     assert outs[0] == outs[1] and outs[0] != outs[2]
     recs = [json.loads(l) for l in (tmp_path / "s1" / "captions.jsonl").read_text().splitlines()]
@@ -571,6 +553,7 @@ print("RESULT " + json.dumps(res))
 '''
 
 
+@pytest.mark.proc
 @pytest.mark.slow
 def test_train_step_collectives_fused_optimizer_and_nonfinite_guard(tmp_path, latent_data):
     """~40 s, one process, ZeRO-2, iLCT, 4 micro-batches per step:

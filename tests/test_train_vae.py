@@ -2,13 +2,11 @@
 skip or refuse, the loss decreases (deterministically), and bad arguments exit 2 in one line."""
 
 import json
-import sys
 
 import pytest
 
-from conftest import ROOT, run_cmd
+from conftest import run_cli
 
-SCRIPT = str(ROOT / "data_prep" / "train_vae.py")
 TINY = ["--resolution", "16", "--downsample", "4", "--channels", "8,16,16", "--norm-num-groups", "4",
         "--batch-size", "8", "--steps", "20", "--warmup-steps", "2", "--seed", "0", "--device", "cpu",
         "--no-progress"]
@@ -33,6 +31,7 @@ def _train(shapes16, out, *extra):
                            "--output", str(out), *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_tiny_run_saves_loadable_vae_and_reruns(shapes16, tmp_path, capsys):
     import torch
     from diffusers import AutoencoderKL
@@ -101,21 +100,20 @@ def test_loss_decreases_and_is_deterministic(shapes16):
     assert a["loss_curve"] == b["loss_curve"] and a["final_loss"] == b["final_loss"]
 
 
-def _cli(*args):
-    return run_cmd([sys.executable, SCRIPT, *args], cwd="/", timeout=120)
-
-
 @pytest.mark.parametrize("case", ["missing_input", "channels_vs_downsample", "groups", "unknown_flag_value"])
-def test_bad_arguments_exit_2_in_one_line(case, shapes16, tmp_path):
+def test_bad_arguments_exit_2_in_one_line(case, shapes16, tmp_path, capsys):
+    """In this process (`cli_main`, what the script runs; the script as a file: test_layout)."""
+    from lct.data_prep.train_vae import main
+
     args = {"missing_input": ["--input", str(tmp_path / "nope-{0..3}.tar")],
             "channels_vs_downsample": ["--input", shapes16["input"], "--downsample", "8", "--channels", "8,16,16"],
             "groups": ["--input", shapes16["input"], "--channels", "8,16,24", "--norm-num-groups", "16"],
             "unknown_flag_value": ["--input", shapes16["input"], "--downsample", "3"]}[case]
-    proc = _cli(*args, "--output", str(tmp_path / "out"))
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error ("), proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = run_cli(capsys, main, [*args, "--output", str(tmp_path / "out")])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error ("), err
+    assert "Traceback" not in err
     expect = {"missing_input": "no such shard file", "channels_vs_downsample": "needs 4 entries",
               "groups": "does not divide", "unknown_flag_value": "not a power of 2"}[case]
     assert expect in lines[0]
