@@ -119,11 +119,11 @@ class Quality:
     def run(self, model, step: int, logger) -> list[dict]:
         """Sample every setting (this rank's share), score on rank 0, log one row per setting."""
         cfg, info, e = self.cfg, self.info, self.ecfg
-        seed = rng.seed_int(rng.Stream.TRAIN_EVAL, cfg.run.seed, step)
-        torch.default_generator.manual_seed(seed)  # the generators the monitor's fork restores
+        # The generators the monitor's fork restores.
+        torch.default_generator.manual_seed(rng.seed_int(rng.Stream.TRAIN_EVAL, cfg.run.seed, step))
         if self.mon.device.type == "cuda":
             with torch.cuda.device(self.mon.device):
-                torch.cuda.manual_seed(seed)
+                torch.cuda.manual_seed(rng.seed_int(rng.Stream.TRAIN_EVAL, cfg.run.seed, step))
         pipe = self.mon.pipeline(model)
         mine = list(range(info.rank, len(self.captions), info.world_size))
         rows = []

@@ -81,8 +81,8 @@ def test_shapes_metric_end_to_end(export_dir, shapes_captions, tmp_path, capsys)
     ck = r["checkpoint"]
     assert ck["step"] == 123 and ck["ema"] == "ema" and ck["export_dir"] == str(export_dir.resolve())
     assert all(len(v) == 64 for v in ck["weights_sha256"].values()) and ck["weights_sha256"]
-    assert r["resolution"] == {"generated": IMAGE_SIZE, "metrics": IMAGE_SIZE, "resized": False,
-                               "rule": r["resolution"]["rule"]}
+    assert r["resolution"] == {"generated": IMAGE_SIZE, "generated_size": [IMAGE_SIZE, IMAGE_SIZE], "metrics": IMAGE_SIZE,
+                               "resized": False, "rule": r["resolution"]["rule"]}
     names = [s["name"] for s in r["settings"]]
     assert names == ["steps1_g1", "steps2_tau0.369315_g1"]
     # precision/recall is added beside the caption-accuracy metric; without --ref-images it is named as skipped
