@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         from lct.data_prep.encode_latents import run
     except ImportError:  # not installed: the repository root is on sys.path
         from data_prep.encode_latents import run
-    from lct.config import EncodeLatentsConfig
+    from lct.tool_config import EncodeLatentsConfig
     from lct.dist import pick_device
 
     device = pick_device(a.device)

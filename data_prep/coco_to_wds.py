@@ -39,7 +39,8 @@ from pathlib import Path
 from pydantic import Field
 
 from lct.coco import read_caption_annotations
-from lct.config import Strict, cli_config
+from lct.config import Strict
+from lct.tool_config import cli_config
 from lct.errors import UserError, cli_main
 from lct.files import output_dir_problem, write_atomic, write_json
 

@@ -91,7 +91,7 @@ import torch
 from tqdm import tqdm
 
 from lct import dist
-from lct.config import EncodeLatentsConfig, cli_config
+from lct.tool_config import EncodeLatentsConfig, cli_config
 from lct.data import existing_shards
 from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main

@@ -90,7 +90,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from lct.config import TrainVAEConfig, cli_config
+from lct.tool_config import TrainVAEConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_dir, output_dir_problem, write_json
 from lct.rng import Stream, seed_int

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.config import EvalConfig, cli_config
+from lct.tool_config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
 from lct.grids import caption_grid, save_png

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lct import dist, rng
-from lct.config import EvalConfig
+from lct.tool_config import EvalConfig
 from lct.data import InMemoryLatents, expand_urls
 from lct.dist import DistInfo
 from lct.errors import UserError

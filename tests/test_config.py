@@ -6,9 +6,9 @@ import textwrap
 import pytest
 
 from conftest import ROOT, run_cmd
-from lct.config import (METHOD_PRESETS, EncodeLatentsConfig, TrainConfig, check_train_config, cli_config,
-                        load_config, parse_override)
+from lct.config import METHOD_PRESETS, TrainConfig, check_train_config, load_config, parse_override
 from lct.errors import ConfigError
+from lct.tool_config import EncodeLatentsConfig, cli_config
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cmd
-from lct.config import EvalConfig, load_config
+from lct.config import load_config
+from lct.tool_config import EvalConfig
 from lct.errors import ConfigError
 
 TRAIN = str(ROOT / "lct" / "train.py")
