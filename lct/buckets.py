@@ -1,5 +1,6 @@
 """Aspect-ratio buckets: tables of (height, width) of about equal area, the bucket of an image, and
-the resize-to-cover + centre-crop geometry that puts an image into its bucket (issue 33, data side).
+the resize-to-cover + centre-crop geometry that puts an image into its bucket (data prep), and the
+trainer's draw of one bucket per optimizer step (`BucketPlan`, `BucketQueues`; SPEC 1.2).
 
 Tables (`load_table`): `pixart_256`, `pixart_512`, `pixart_1024` are PixArt-alpha's multi-scale
 tables as diffusers ships them for the PixArt pipelines' resolution binning
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ import yaml
 from PIL import Image
 from torchvision.transforms.functional import center_crop
 
+from lct import rng
 from lct.errors import UserError
 
 # name -> (diffusers module, table constant)
@@ -194,3 +197,112 @@ def resize_crop(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, float]:
     img = center_crop(img, [bucket.height, bucket.width])
     arr = np.array(img, dtype=np.uint8, copy=True)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), crop
+
+
+# ----------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: one bucket per optimizer step (issue 33)
+# ----------------------------------------------------------------------------------------------
+
+
+def bucket_spec(manifest: dict) -> dict:
+    """DataSpec's `buckets` / `bucket_counts` of a manifest: set only for bucketed data with
+    samples in two or more buckets (anything else trains exactly as square data)."""
+    b = manifest.get("buckets") or {}
+    names = [t["name"] for t in b.get("table") or []]
+    counts = [int((b.get("counts") or {}).get(n, 0)) for n in names]
+    if sum(1 for c in counts if c) < 2:
+        return {}
+    return {"buckets": tuple(names), "bucket_counts": tuple(counts)}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BucketPlan:
+    """Which bucket each optimizer step (data step) draws, and which sample fills each slot.
+
+    Bucket epochs: in bucket epoch E, bucket b (n_b samples, global batch G) gets
+    `ceil((E+1) n_b / G) - ceil(E n_b / G)` steps, in the order of
+    `philox(BUCKET_DRAW, seed, E).permutation` of that list (buckets in table order, each
+    repeated). A step is therefore bucket b with probability = its share of the epoch's steps,
+    ~ n_b / n, from counter-based draws only: any data step's bucket is computed from
+    (seed, step) alone, identically on every rank, worker and after a resume.
+    Remainders: bucket b's j-th step (counted over all epochs) fills its slots with bucket b's
+    positions c = j G + slot; in indexed mode position c is sample `perm_{b,e}[c mod n_b]` with
+    e = c div n_b and `perm_{b,e} = philox(BUCKET_ORDER, seed, b, e).permutation(n_b)`, so a
+    bucket's last step of a pass is topped up with the start of its next pass (as square data
+    wraps at an epoch's end): nothing is dropped, every sample is seen once per pass of its
+    bucket, and by the end of bucket epoch E every bucket has completed pass E.
+    """
+
+    def __init__(self, counts, global_batch: int, seed: int):
+        self.counts = [int(c) for c in counts]
+        self.n = sum(self.counts)
+        self.G = int(global_batch)
+        self.seed = int(seed)
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (E, bucket per step, local step)
+
+    def steps_before(self, epoch: int) -> int:
+        """Data steps of the bucket epochs before `epoch`."""
+        return sum(_ceil_div(epoch * c, self.G) for c in self.counts)
+
+    def epoch_of(self, step: int) -> int:
+        lo, hi = 0, _ceil_div((step + 1) * self.G, self.n)  # steps_before(hi) >= hi n / G > step
+        while lo < hi:  # the largest E with steps_before(E) <= step
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.steps_before(mid) <= step else (lo, mid - 1)
+        return lo
+
+    def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each step of `epoch`, its count among that bucket's steps over all epochs)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            per = [_ceil_div((epoch + 1) * c, self.G) - _ceil_div(epoch * c, self.G) for c in self.counts]
+            order = np.repeat(np.arange(len(per)), per)
+            order = order[rng.philox(rng.Stream.BUCKET_DRAW, self.seed, epoch).permutation(len(order))]
+            local = np.zeros(len(order), dtype=np.int64)
+            seen = [_ceil_div(epoch * c, self.G) for c in self.counts]
+            for i, b in enumerate(order):
+                local[i], seen[b] = seen[b], seen[b] + 1
+            self._epoch = (epoch, order, local)
+        return self._epoch[1], self._epoch[2]
+
+    def step(self, data_step: int) -> tuple[int, int]:
+        """(bucket index, the bucket's own step count j) of a data step."""
+        epoch = self.epoch_of(data_step)
+        order, local = self.schedule(epoch)
+        p = data_step - self.steps_before(epoch)
+        return int(order[p]), int(local[p])
+
+    def member(self, bucket: int, local_step: int, slot: int, cache: dict) -> int:
+        """Indexed mode: the index among bucket `bucket`'s samples of a slot (class docstring)."""
+        n_b = self.counts[bucket]
+        e, within = divmod(local_step * self.G + slot, n_b)
+        if cache.get(bucket, (None,))[0] != e:
+            cache[bucket] = (e, rng.philox(rng.Stream.BUCKET_ORDER, self.seed, bucket, e).permutation(n_b))
+        return int(cache[bucket][1][within])
+
+
+class BucketQueues:
+    """Stream mode: this worker's samples held per bucket, so that a step takes samples of its
+    bucket in the order the stream gives them (the others wait for a step of theirs; the
+    queues stay short since steps draw buckets in proportion to their shares). `spec`: the
+    worker's `lct.data.DataSpec`."""
+
+    def __init__(self, stream: Iterator[dict], names: tuple[str, ...], spec):
+        self.stream, self.index = stream, {n: i for i, n in enumerate(names)}
+        self.queues: list[list[dict]] = [[] for _ in names]
+        self.names, self.spec = names, spec
+
+    def next(self, bucket: int) -> dict:
+        q = self.queues[bucket]
+        pulled = 0
+        while not q:
+            sample = next(self.stream)
+            self.queues[self.index[sample["bucket"]]].append(sample)
+            pulled += 1
+            if pulled > 100 * max(sum(self.spec.bucket_counts), 1):
+                raise UserError(f"data.shards: no usable sample of bucket {self.names[bucket]} in "
+                                f"{pulled} reads, though the manifest counts {self.spec.bucket_counts[bucket]}; "
+                                "check the shards against their manifest (re-encode them)")
+        return q.pop(0)

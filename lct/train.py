@@ -31,7 +31,8 @@ import torch
 from lct import checkpoint as ckpt
 from lct import dist, rng
 from lct.config import TrainConfig, check_train_config, load_config
-from lct.data import DataSpec, InMemoryLatents, SkipTally, bucket_spec, make_loader, to_device, token_ids
+from lct.buckets import bucket_spec
+from lct.data import DataSpec, InMemoryLatents, SkipTally, make_loader, to_device, token_ids
 from lct.dist import DistInfo
 from lct.dry_run import dry_run
 from lct.ema import PartitionedEMA

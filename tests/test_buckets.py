@@ -409,7 +409,7 @@ def test_bucketed_output_does_not_depend_on_batches_workers_ranks_or_a_kill(aspe
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainer side: one bucket per optimizer step (lct.data.BucketPlan)
+# Trainer side: one bucket per optimizer step (lct.buckets.BucketPlan)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -418,7 +418,7 @@ def test_bucket_plan_shares_passes_and_remainders(counts, G):
     """Through bucket epoch E bucket b has had exactly ceil((E+1) n_b / G) steps, so its share of
     the steps is n_b / n up to one step per epoch, its local steps count 0, 1, 2, ... in step
     order, and every pass of the bucket is complete by the end of epoch E (no sample dropped)."""
-    from lct.data import BucketPlan
+    from lct.buckets import BucketPlan
 
     plan = BucketPlan(counts, G, seed=5)
     E = 6
@@ -435,7 +435,7 @@ def test_bucket_plan_shares_passes_and_remainders(counts, G):
 
 
 def test_bucket_draw_is_proportional_to_the_data():
-    from lct.data import BucketPlan
+    from lct.buckets import BucketPlan
 
     counts, G = [600, 300, 100], 32
     plan = BucketPlan(counts, G, seed=0)
@@ -445,7 +445,8 @@ def test_bucket_draw_is_proportional_to_the_data():
 
 
 def bucket_spec_for(m, rank=0, world=1, micro=4, accum=1, mode="indexed"):
-    from lct.data import DataSpec, bucket_spec, expand_urls
+    from lct.buckets import bucket_spec
+    from lct.data import DataSpec, expand_urls
     from lct.latents import SampleLayout
     from lct.vae import LatentNorm
 
@@ -492,7 +493,7 @@ def test_indexed_bucket_batches_ranks_resume_and_passes(aspect_data):
 def test_stream_bucket_batches_hold_one_bucket(aspect_data):
     m = {**aspect_data["manifest"], "_dir": aspect_data["out"]}
     spec = bucket_spec_for(m, micro=3, mode="stream")
-    from lct.data import BucketPlan
+    from lct.buckets import BucketPlan
 
     from lct.data import InMemoryLatents
 
@@ -504,7 +505,8 @@ def test_stream_bucket_batches_hold_one_bucket(aspect_data):
 
 
 def test_square_data_has_no_bucket_plan(latent_data):
-    from lct.data import bucket_spec, describe_data
+    from lct.buckets import bucket_spec
+    from lct.data import describe_data
     from lct.latents import load_manifest
 
     m = load_manifest(latent_data["train"] / "manifest.json")
@@ -530,10 +532,10 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
     for bit, as an uninterrupted one; its export generates each trained aspect (default: the most
     common bucket) and records the table."""
     from conftest import run_cmd, tiny_train_config
-    from test_multirank import TRAIN, deepspeed_cmd
+    from test_multirank import deepspeed_cmd
     from test_runs import model_of, rows, state_of
 
-    from lct.data import BucketPlan, bucket_spec
+    from lct.buckets import BucketPlan, bucket_spec
     from lct.pipeline import LCTPipeline
 
     data = {"train": aspect_data["out"], "heldout": aspect_data["out"]}
