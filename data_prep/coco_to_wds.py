@@ -40,9 +40,9 @@ from pydantic import Field
 
 from lct.coco import read_caption_annotations
 from lct.config import Strict
-from lct.tool_config import cli_config
 from lct.errors import UserError, cli_main
 from lct.files import output_dir_problem, write_atomic, write_json
+from lct.tool_config import cli_config
 
 SPLITS = ("train2014", "val2014")
 SPLIT_RULE = ("train on train2014, evaluate on val2014; other splits are refused (train2017 contains most of "

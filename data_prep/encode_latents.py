@@ -91,7 +91,6 @@ import torch
 from tqdm import tqdm
 
 from lct import dist
-from lct.tool_config import EncodeLatentsConfig, cli_config
 from lct.data import existing_shards
 from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main
@@ -106,6 +105,7 @@ from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, TEXT_NULL_
                          merge_manifest, read_shard_record, record_paths, write_json_atomic)
 from lct.shards import FileLock
 from lct.text import RANDOM, TOWER_DIR, TextEncoder, check_text_source, is_random
+from lct.tool_config import EncodeLatentsConfig, cli_config
 from lct.vae import (check_vae_source, downsample_factor, encode_posterior, latent_shape, load_vae, to_unit_range,
                      vae_source, vae_summary)
 

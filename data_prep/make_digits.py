@@ -36,9 +36,9 @@ from pydantic import Field
 
 from lct import rng as lct_rng
 from lct.config import Strict
-from lct.tool_config import cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_file, output_dir_problem, write_atomic, write_json
+from lct.tool_config import cli_config
 
 FORMAT_VERSION = 1
 

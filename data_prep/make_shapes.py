@@ -50,10 +50,10 @@ from tqdm import tqdm
 
 from lct import shapes
 from lct.config import Strict
-from lct.tool_config import cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_file, output_dir_problem, write_atomic, write_json
 from lct.rng import Stream, philox
+from lct.tool_config import cli_config
 
 FORMAT_VERSION = 1
 

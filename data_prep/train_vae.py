@@ -90,10 +90,10 @@ import tarfile
 import time
 from pathlib import Path
 
-from lct.tool_config import TrainVAEConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import atomic_dir, output_dir_problem, write_json
 from lct.rng import Stream, seed_int
+from lct.tool_config import TrainVAEConfig, cli_config
 
 FORMAT_VERSION = 1
 GRID_IMAGES = 8  # held-out images (top row) and their reconstructions (bottom row) in reconstructions.png

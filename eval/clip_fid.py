@@ -34,7 +34,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from lct import dist, rng
-from lct.tool_config import EvalConfig, cli_config
 from lct.errors import UserError, cli_main
 from lct.files import check_out_dir, file_sha256, write_atomic, write_json
 from lct.grids import caption_grid, save_png
@@ -44,6 +43,7 @@ from lct.protocols import (CAPTIONS_DIR, captions_jsonl, draw_coco_captions, get
                            read_captions)
 from lct.sample import Generator, check_sampling, grid_title
 from lct.scheduler import nfe
+from lct.tool_config import EvalConfig, cli_config
 
 RESULTS_FORMAT = "lct-eval/1"
 GRID_SIZE = 16

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from lct import dist, rng
-from lct.tool_config import EvalConfig
 from lct.data import InMemoryLatents, expand_urls
 from lct.dist import DistInfo
 from lct.errors import UserError
@@ -38,6 +37,7 @@ from lct.grids import to_uint8
 from lct.latents import SampleLayout
 from lct.metrics import PRDC, metric_images, resolve_user_metric, setup_metrics
 from lct.protocols import read_captions
+from lct.tool_config import EvalConfig
 from lct.vae import decode
 
 
