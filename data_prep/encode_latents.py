@@ -459,7 +459,7 @@ class Job:
                 log(self.rank, f"shard {name} is being encoded by {lock.describe()}; left to it")
                 return None
             if read_shard_record(self.out, name) is not None:  # completed while we waited for it
-                lock.release()
+                lock.release(remove=True)  # its writer removed the file; our acquire made it again
                 self.ignored.add(idx)
                 return None
             self.writers[idx] = ShardWriter(self.out, name, self.urls[idx], self.shape, self.job_id, lock,
