@@ -24,3 +24,11 @@ def assert_spec(value: float | torch.Tensor, printed: str) -> None:
     tol = atol + rtol * abs(expected)
     assert abs(value - expected) <= tol, (
         f"{value!r} != SPEC {printed} (|diff| {abs(value - expected):.3g} > tol {tol:.3g})")
+
+
+def equivalent(f: torch.Tensor, ref: torch.Tensor) -> None:
+    """The wrapped-model tolerance of SPEC 14.7 and 15.8: |f - ref| <= 1e-5 * max(1, max |ref|)
+    elementwise."""
+    bound = 1e-5 * max(1.0, float(ref.abs().max()))
+    err = float((f - ref).abs().max())
+    assert err <= bound, f"max |f - reference| = {err:.3g} > {bound:.3g}"

@@ -14,6 +14,7 @@ import torch
 
 from helpers_flow import (GEMMA_DIM, SD3_JOINT, SD3_POOLED, make_tiny_gemma, make_tiny_sd3_towers, tiny_dc_ae,
                           tiny_sana, tiny_sana_config, tiny_sd3, tiny_sd3_config, tiny_sd3_vae)
+from helpers_spec import equivalent
 from lct.errors import ConfigError, UserError
 from lct.models.flow import (FLOW_ARCHS, FlowDenoiser, SanaNet, SD3Net, build_flow, check_compatible, flow_config,
                              flow_scalings, flow_sigma, flow_t, load_flow, wrap_flow)
@@ -24,13 +25,6 @@ SIGMA_MAX = 1e8  # SPEC 15.3: t = 1 in fp32
 
 def close(a, b, rtol=RTOL):
     np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=0)
-
-
-def equivalent(f, ref):
-    """SPEC 15.8 tolerance: |f - ref| <= 1e-5 * max(1, max |ref|) elementwise."""
-    bound = 1e-5 * max(1.0, float(ref.abs().max()))
-    err = float((f - ref).abs().max())
-    assert err <= bound, f"max |f - reference| = {err:.3g} > {bound:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------

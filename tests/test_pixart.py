@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers_hf import CAPTIONS, TEXT_DIM, make_tiny_pixart_pipeline, make_tiny_t5, tiny_pixart, tiny_pixart_config
+from helpers_spec import equivalent
 from lct.errors import ConfigError, UserError
 from lct.models.pixart import (PIXART_SCHEDULER, PixArtNet, build_pixart, check_compatible, load_pixart,
                                pixart_config, wrap_pixart)
@@ -22,13 +23,6 @@ RTOL = 1e-9  # SPEC 14.7 vectors
 
 def close(a, b, rtol=RTOL):
     np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=0)
-
-
-def equivalent(f, ref):
-    """SPEC 14.7 tolerance: |f - ref| <= 1e-5 * max(1, max |ref|) elementwise."""
-    bound = 1e-5 * max(1.0, float(ref.abs().max()))
-    err = float((f - ref).abs().max())
-    assert err <= bound, f"max |f - reference| = {err:.3g} > {bound:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
