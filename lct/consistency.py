@@ -76,6 +76,12 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def per_sample_sigma(sigma: TensorOrFloat, x: Tensor) -> Tensor:
+    """`sigma` (one number or [B]) in `x`'s dtype and device, one level per sample of `x` [B, ...]."""
+    s = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s.reshape(x.shape[0])
+
+
 def _as_tensor64(v: Any) -> Tensor:
     """A tensor for `v`: tensors keep their dtype (>= fp32), Python numbers become float64."""
     if isinstance(v, Tensor):
@@ -152,8 +158,7 @@ def consistency_function(net: Callable[..., Tensor], x_noisy: Tensor, sigma: Ten
     the caller set, so only its trunk may run in bf16 (SPEC 1.1)."""
     with autocast_off(x_noisy.device):
         x = _at_least_fp32(x_noisy)
-        s = torch.as_tensor(sigma, device=x.device).to(x.dtype)
-        s = s.expand(x.shape[0]) if s.ndim == 0 else s.reshape(x.shape[0])
+        s = per_sample_sigma(sigma, x)
         c_skip, c_out, c_in = scalings(s, sigma_data, sigma_min)
         e = time_embed_input(s, time_embed_scale)
         x_in = _bcast(c_in, x) * x

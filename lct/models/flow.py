@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lct.consistency import autocast_off
+from lct.consistency import autocast_off, per_sample_sigma
 from lct.errors import ConfigError, UserError
 from lct.models.dit import FP32Linear
 
@@ -119,8 +119,7 @@ class FlowDenoiser(nn.Module):
         shape = (-1,) + (1,) * (x.ndim - 1)
         with autocast_off(x.device):
             x = x.to(dtype)
-            sigma = torch.as_tensor(sigma, device=x.device).to(dtype)
-            sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+            sigma = per_sample_sigma(sigma, x)
             timestep = (flow_t(sigma) * self.num_train_timesteps).float()  # the pipelines' 1000 t, in fp32
             c_skip, c_out, c_in = flow_scalings(sigma, self.sigma_min)
             x_in = c_in.view(shape) * x

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lct.consistency import VP_PREDICTION_TYPES as PREDICTION_TYPES
-from lct.consistency import alphas_cumprod, autocast_off, sigma_to_timestep, vp_log_sigmas
+from lct.consistency import alphas_cumprod, autocast_off, per_sample_sigma, sigma_to_timestep, vp_log_sigmas
 from lct.consistency import vp_scalings as _vp_scalings
 from lct.errors import ConfigError
 
@@ -77,8 +77,7 @@ class VPDenoiser(nn.Module):
         shape = (-1,) + (1,) * (x.ndim - 1)
         with autocast_off(x.device):
             x = x.to(dtype)
-            sigma = torch.as_tensor(sigma, device=x.device).to(dtype)
-            sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+            sigma = per_sample_sigma(sigma, x)
             t = sigma_to_timestep(sigma, self.log_sigmas)
             c_skip, c_out, c_in = vp_scalings(sigma, self.prediction_type, self.sigma_min)
             x_in = c_in.view(shape) * x
