@@ -17,6 +17,10 @@ From nothing to captioned 1- and 2-step samples on a 2-core CPU, with no model h
    and on the VAE's reconstructions of them (the ceilings).
 
 Each stage resumes: a second run reuses what exists. `--quick` is the shortened run CI uses.
+`--aspects` runs it on aspect-ratio buckets (issue 33): landscape, square and portrait canvases
+(`make_shapes.py --aspects 5:3,1:1,3:5`), latents at their bucket's shape (`encode_latents.py
+--buckets shapes_32`), the same training, and the evaluation once per trained size (`--aspect`),
+each beside the VAE's ceiling on that canvas.
 
 `python -m lct.demo --data 'SHARDS' [--heldout 'SHARDS'] [--vae ID|PATH | --train-vae]` runs the
 same recipe on your image-text shards (img2dataset layout), sized for the machine it finds
@@ -55,6 +59,8 @@ SIZES = {
 }
 
 
+ASPECTS = "5:3,1:1,3:5"  # width:height; with --buckets shapes_32: 24x40, 32x32, 40x24 images, nothing cropped
+
 # 8 latent channels at 8x8: with 4 the VAE rounds half the small squares and diamonds into blobs
 # (shape read right on 0.76 of its held-out reconstructions, and the DiT reaches that ceiling);
 # with 8 it keeps 0.89 and the 1-step samples' shape goes from 0.76 to 0.81 (README, issue 24).
@@ -66,19 +72,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="working directory (default: ./demo_out, with --data ./demo_data_out)")
     p.add_argument("--quick", action="store_true", help="the shortened demo CI runs")
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: GPUs, else 2 CPU ranks)")
+    p.add_argument("--aspects", action="store_true",
+                   help="landscape, square and portrait canvases on aspect-ratio buckets (default out: ./demo_ar_out)")
     from lct.demo_data import add_arguments, run_data
 
     add_arguments(p)
     args = p.parse_args(argv)
     if args.data is not None:
+        if args.aspects:
+            p.error("--aspects is the shapes demo on aspect-ratio buckets; for your own shards pass --buckets to "
+                    "data_prep/encode_latents.py (README, Your own data)")
         return run_data(args, p)
     if args.heldout or args.vae or args.train_vae or args.metric or args.metric_arg:
         p.error("--heldout, --vae, --train-vae, --metric and --metric-arg go with --data SHARDS")
+    return run_shapes(args)
+
+
+def run_shapes(args) -> int:
+    """The demo on lct's shapes data (module docstring), square or on aspect-ratio buckets."""
 
     import torch
 
     size = SIZES["quick" if args.quick else "full"]
-    out = Path(args.out or "demo_out").resolve()
+    out = Path(args.out or ("demo_ar_out" if args.aspects else "demo_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
     ranks = args.ranks or (gpus if gpus else 2)
@@ -96,7 +112,8 @@ def main(argv=None) -> int:
     t = stage("1/5 make_shapes: coloured shapes with captions (train + held-out)")
     shapes = out / "shapes"
     run([py, "data_prep/make_shapes.py", "--output", str(shapes), "--num", str(size["train"]),
-         "--heldout", str(size["heldout"]), "--size", "32", "--samples-per-shard", "1000", "--seed", "0"])
+         "--heldout", str(size["heldout"]), "--size", "32", "--samples-per-shard", "1000", "--seed", "0",
+         *(["--aspects", ASPECTS] if args.aspects else [])])
     times["make_shapes"] = time.time() - t
 
     # 2. VAE.
@@ -115,7 +132,8 @@ def main(argv=None) -> int:
     # 3. Latents.
     t = stage("3/5 encode_latents: VAE posteriors + random open_clip text tower")
     lat = out / "latents"
-    common = ["--vae", str(vae), "--resolution", "32", "--text-model", "lct-tiny-text-c32", "--device", device,
+    common = ["--vae", str(vae), *(["--buckets", "shapes_32"] if args.aspects else ["--resolution", "32"]),
+              "--text-model", "lct-tiny-text-c32", "--device", device,
               "--num-workers", "1", "--batch-size", "256"]
     run([py, "data_prep/encode_latents.py", "--input", train_shards, "--output", str(lat / "train"),
          "--text-pretrained", "random", *common], env)
@@ -146,22 +164,43 @@ def main(argv=None) -> int:
 
     # 5. Evaluation on held-out captions.
     t = stage("5/5 eval: shapes metric on held-out captions, 1 and 2 steps")
-    ev = out / "eval"
-    run([py, "eval/clip_fid.py", "--checkpoint", str(ct_dir), "--protocol", "custom",
-         "--captions", str(shapes / "heldout" / "captions.jsonl"), "--num-samples", str(size["eval_samples"]),
-         "--steps", "1", "2", "--metrics", "shapes", "--ref-images", heldout_shards,  # and prdc beside it
-         "--device", device, "--batch-size", "100", "--out", str(ev)],
-        env)
+    evals = {}  # size name (HxW; "" square) -> eval folder
+    for aspect in trained_sizes(lat / "train") if args.aspects else [""]:
+        evals[aspect] = ev = out / ("eval" if not aspect else f"eval_{aspect}")
+        run([py, "eval/clip_fid.py", "--checkpoint", str(ct_dir), "--protocol", "custom",
+             "--captions", str(shapes / "heldout" / "captions.jsonl"), "--num-samples", str(size["eval_samples"]),
+             "--steps", "1", "2", "--metrics", "shapes", "--device", device, "--batch-size", "100", "--out", str(ev),
+             *(["--aspect", aspect] if aspect else ["--ref-images", heldout_shards])],  # prdc beside it (square)
+            env)
     times["eval"] = time.time() - t
     times["total"] = time.time() - t_all
 
-    summary = summarize(out, vae, ev, times)
+    if args.aspects:
+        summary = {"aspects": {a: summarize(out, vae, ev, {}) for a, ev in evals.items()}, "times_s": times,
+                   "out": str(out)}
+        print_stage_times(times)
+    else:
+        summary = summarize(out, vae, evals[""], times)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
+def trained_sizes(latents: Path) -> list[str]:
+    """HEIGHTxWIDTH of each bucket with samples in a latent folder's manifest, most common first."""
+    from lct.export_common import trained_sizes as sizes
+
+    return [f"{h}x{w}" for h, w in sizes(json.loads((latents / "manifest.json").read_text())) or []]
+
+
+def print_stage_times(times: dict) -> None:
+    if times:
+        print("\nstage times:")
+    for k, v in times.items():
+        print(f"  {k:<18} {v / 60:6.2f} min")
+
+
 def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
-    header("demo summary")
+    header(f"demo summary{'' if ev.name == 'eval' else ': ' + ev.name.removeprefix('eval_') + ' (height x width)'}")
     vae_info = json.loads((vae / "train_vae.json").read_text()) if (vae / "train_vae.json").is_file() else {}
     results = json.loads((ev / "results.json").read_text())
     keys = ("colour_acc", "position_acc", "shape_acc", "all_acc", "both_acc")
@@ -200,9 +239,7 @@ def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
                   "(Kynkaanniemi et al. 2019, Naeem et al. 2020; random-VGG16 features)")
     for r in rows:
         print(f"{r['steps']}-step grid: {r['grid']}")
-    print("\nstage times:")
-    for k, v in times.items():
-        print(f"  {k:<18} {v / 60:6.2f} min")
+    print_stage_times(times)
     return {"vae": vae_info, "shapes": rows, "shapes_ceiling": ceiling, "times_s": times, "out": str(out)}
 
 

@@ -354,11 +354,12 @@ def setup_shapes(cfg, info, device, resolution, captions, gen) -> Shapes:
 def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device) -> dict:
     """The `shapes` accuracies of the captions' own ground-truth renders and of the generator's VAE
     reconstructions of them (what a perfect latent model could reach), sharded like the samples."""
-    size = int(gen.latent_shape[-1]) * downsample_factor(gen.vae)
+    f = downsample_factor(gen.vae)
+    canvas = (int(gen.latent_shape[-1]) * f, int(gen.latent_shape[-2]) * f)  # (width, height): the generated size
     rows: dict[str, list] = {"ground_truth": [], "vae_reconstruction": []}
     idx: list[int] = []
     for batch in dist.rank_batches(len(specs), batch_size, info.rank, info.world_size):
-        gt = np.stack([np.asarray(render(specs[i], size)) for i in batch])
+        gt = np.stack([np.asarray(render(specs[i], canvas)) for i in batch])
         x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x.to(gen.device))[0]))
         for i, a, b in zip(batch, gt, rec):
