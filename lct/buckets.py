@@ -177,6 +177,38 @@ def load_table(spec: str) -> BucketTable:
     raise UserError(f"--buckets {spec}: neither a table name ({', '.join([*PIXART_TABLES, *TABLES])}) nor a YAML file")
 
 
+# The stock diffusers pipelines' resolution binning (`use_resolution_binning=True`, their default):
+# the table each bins a requested height x width to, by the transformer's `sample_size`, as their
+# `__call__` picks it. pipeline class -> (module, {sample_size: table constant}).
+STOCK_BINNING = {
+    "PixArtAlphaPipeline": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha",
+                            {128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN", 32: "ASPECT_RATIO_256_BIN"}),
+    "PixArtSigmaPipeline": ("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma",
+                            {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+                             32: "ASPECT_RATIO_256_BIN"}),
+    "SanaPipeline": ("diffusers.pipelines.sana.pipeline_sana",
+                     {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "ASPECT_RATIO_1024_BIN",
+                      16: "ASPECT_RATIO_512_BIN"}),
+}
+
+
+def stock_binning(pipeline: str, sample_size: int, sizes) -> dict | None:
+    """What `pipeline`'s resolution binning does for a transformer of `sample_size` trained at
+    `sizes` ([height, width] image sizes): None where the pipeline has no binning; else the table
+    it bins to (None: this sample_size makes the pipeline refuse binning) and whether every
+    trained size is one of its buckets, so that binning generates only at trained sizes."""
+    if pipeline not in STOCK_BINNING:
+        return None
+    import importlib
+
+    module, by_size = STOCK_BINNING[pipeline]
+    const = by_size.get(int(sample_size))
+    table = getattr(importlib.import_module(module), const, None) if const else None
+    values = {(int(float(h)), int(float(w))) for h, w in (table or {}).values()}
+    return {"pipeline": pipeline, "table": const, "sample_size": int(sample_size),
+            "covers_training": bool(table) and all((int(h), int(w)) in values for h, w in sizes)}
+
+
 def cover_crop(height: int, width: int, bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int], float]:
     """((resized height, resized width), (top, left) of the crop, crop fraction) of an image of
     `height` x `width` put into `bucket` (module docstring)."""

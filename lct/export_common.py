@@ -71,7 +71,7 @@ def bucket_record(manifest: dict) -> dict:
     latent shape), the samples per bucket and the most common one."""
     b = manifest["buckets"]
     return {"source": b.get("source"), "table": _jsonable(b["table"]), "counts": dict(b.get("counts") or {}),
-            "most_common": b.get("most_common")}
+            "most_common": b.get("most_common"), "sizes": trained_sizes(manifest)}
 
 
 def trained_sizes(manifest: dict) -> list[list[int]] | None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lct.buckets import stock_binning
 from lct.errors import UserError
 from lct.export_common import CARRY_MAX_BYTES, REMAKE_HINT, quiet_loading, training_record
 from lct.files import atomic_dir
@@ -194,6 +195,9 @@ def export_flow(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_
                   resolution=manifest.get("resolution"),
                   max_sequence_length=int(trec.get("t5_length") or length) if family == "sd3" else length,
                   instruction=trec.get("instruction") if family == "sana" else None)
+    if record.get("buckets"):  # what the stock pipeline's resolution binning does with the trained sizes
+        record["resolution_binning"] = stock_binning(PIPELINES[family], transformer.config.sample_size,
+                                                     record["buckets"]["sizes"])
     record = json.loads(json.dumps(record, default=str))
     with atomic_dir(Path(out_dir)) as tmp:
         pipe.save_pretrained(tmp)
@@ -241,7 +245,10 @@ def sampling_code(record: dict) -> str:
     trained null condition. Runs as written in the export folder (`path = "."`)."""
     family, res = record["family"], int(record.get("resolution") or 0)
     cls = record["pipeline"]
-    size = (f"height={res}, width={res}, " if res else "") + ("use_resolution_binning=False, " if family == "sana" else "")
+    sizes = (record.get("buckets") or {}).get("sizes") or ([[res, res]] if res else None)
+    binned = (record.get("resolution_binning") or {}).get("covers_training")  # bins only to trained sizes
+    size = (f"height={sizes[0][0]}, width={sizes[0][1]}, " if sizes else "") + (
+        "use_resolution_binning=False, " if family == "sana" and not binned else "")
     lines = ["import json", "", "import diffusers", "import torch", "import transformers",
              "from safetensors.torch import load_file", "",
              'path = "."  # this folder (huggingface-cli download USER/REPO --local-dir DIR; then cd DIR)',
@@ -312,13 +319,24 @@ def model_card(record: dict) -> str:
         f"| method | `{json.dumps(cfg.get('method') or {}, sort_keys=True)}` |",
         f"| levels | sigma_max {method.get('sigma_max')}, taus {method.get('tau')} (t = sigma / (1 + sigma): "
         f"{record.get('sigmas')}) |",
-        f"| data | `{(cfg.get('data') or {}).get('shards')}` ({record.get('resolution')} px, latents "
-        f"{(record.get('latent') or {}).get('shape')}) |",
+        f"| data | `{(cfg.get('data') or {}).get('shards')}` ({data_sizes(record)}) |",
         f"| steps | {record.get('step')} optimizer steps, batch {(cfg.get('optim') or {}).get('batch_size')}, "
         f"EMA `{record.get('ema')}` |",
         "",
     ]
     return "\n".join(lines)
+
+
+def data_sizes(record: dict) -> str:
+    """The card's data sizes: the square resolution, or the trained buckets (most common first)."""
+    b = record.get("buckets")
+    if not b:
+        return f"{record.get('resolution')} px, latents {(record.get('latent') or {}).get('shape')}"
+    binning = record.get("resolution_binning") or {}
+    note = (f"; the pipeline's resolution binning (`{binning['table']}`) holds every one of them" if
+            binning.get("covers_training") else "")
+    return (f"aspect-ratio buckets `{b.get('source')}`, height x width "
+            f"{', '.join(f'{h}x{w}' for h, w in b['sizes'])}, most common first (the code's size){note}")
 
 
 def load_flow_export(path: str | os.PathLike, *, vae: str | None = None, text_encoder: str | None = None):

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lct.buckets import stock_binning
 from lct.consistency import alphas_cumprod, sigma_to_timestep, vp_log_sigmas
 from lct.errors import UserError
 from lct.export_common import (REMAKE_HINT, LoadError, _first_line, _text_component, _vae_component,
@@ -236,6 +237,9 @@ def export_pixart(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], ou
     record = training_record(cfg, manifest, ema_name, step, images_seen)
     record.update(pipeline=cls.__name__, vae_source=vae_source, text_source=text_source, max_sequence_length=length,
                   null_condition=PIXART_NULL, **sampler)
+    if record.get("buckets"):  # what the stock pipeline's resolution binning does with the trained sizes
+        record["resolution_binning"] = stock_binning(cls.__name__, transformer.config.sample_size,
+                                                     record["buckets"]["sizes"])
     with atomic_dir(Path(out_dir)) as tmp:
         pipe.save_pretrained(tmp)
         for cfg_file in tmp.glob("*/config.json"):
@@ -258,6 +262,7 @@ def pixart_card(pipeline: str, record: dict, length: int) -> str:
     steps = len(plans)
     last = f"{steps}_step"
     levels = ", ".join(f"{v:.6g} (t = {t})" for v, t in zip(record["levels"][last], plans[last]))
+    size_lines, size_kw, size_note = card_sizes(record)
     return "\n".join([
         *card_header(record, "text-to-image", ["lct", "consistency-model", "text-to-image", "pixart",
                                                str(method.get("preset") or "ect")]),
@@ -295,18 +300,17 @@ def pixart_card(pipeline: str, record: dict, length: int) -> str:
         "with torch.no_grad():",
         "    embeds = pipe.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]",
         "generator = torch.Generator().manual_seed(0)",
-        "latents = torch.randn(1, *record[\"latent\"][\"shape\"], generator=generator) * record[\"start_scale\"]",
+        *size_lines,
         "image = pipe(prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask, negative_prompt=None,",
         "             negative_prompt_embeds=null[\"negative_prompt_embeds\"],",
         "             negative_prompt_attention_mask=null[\"negative_prompt_attention_mask\"],",
         f"             guidance_scale=1.5, timesteps=record[\"timesteps\"][\"{last}\"], latents=latents,",
-        f"             generator=generator, max_sequence_length={length}, use_resolution_binning=False).images[0]",
+        f"             generator=generator, max_sequence_length={length}, {size_kw}).images[0]",
         "```",
         "",
         f"`record[\"timesteps\"]` holds every tuned step count ({', '.join(plans)}). With lct installed "
         "(`pip install lct-consistency`): `from lct.export_pixart import load_pixart_export; pipe, null, record = "
-        "load_pixart_export(path)` fills in a referenced VAE or text tower. `use_resolution_binning=False`: the "
-        f"tuning saw one square resolution ({record.get('resolution')} px).",
+        f"load_pixart_export(path)` fills in a referenced VAE or text tower. {size_note}",
         *(["", f"Trained with sigma_min {method.get('sigma_min')} (noise sigma_min {method.get('sample_sigma_min')}): "
             "the stock step samples the sigma_min-0 consistency function of this network, O(sigma_min) away from "
             "the trained f (docs/SPEC.md 14.8)."] if method.get("sigma_min") or method.get("sample_sigma_min") else []),
@@ -316,6 +320,33 @@ def pixart_card(pipeline: str, record: dict, length: int) -> str:
         *license_lines(record),
         "",
     ])
+
+
+def card_sizes(record: dict) -> tuple[list[str], str, str]:
+    """The card's (code lines that set the start `latents`, the pipeline's size arguments, the
+    sentence on sizes): one square size, or the most common trained bucket with the stock
+    pipeline's resolution binning where its table holds every trained size (`stock_binning`)."""
+    start = "generator=generator) * record[\"start_scale\"]"
+    b = record.get("buckets")
+    if not b:
+        return ([f"latents = torch.randn(1, *record[\"latent\"][\"shape\"], {start}"], "use_resolution_binning=False",
+                f"`use_resolution_binning=False`: the tuning saw one square resolution ({record.get('resolution')} px).")
+    lines = ["height, width = record[\"buckets\"][\"sizes\"][0]  # the most common trained size; all: "
+             "record[\"buckets\"][\"sizes\"]",
+             "f = pipe.vae_scale_factor",
+             f"latents = torch.randn(1, pipe.transformer.config.in_channels, height // f, width // f, {start}"]
+    binning = record.get("resolution_binning") or {}
+    sizes = ", ".join(f"{h}x{w}" for h, w in b["sizes"])
+    head = f"Tuned on aspect-ratio buckets (`{b.get('source')}`; height x width {sizes}, most common first)"
+    if binning.get("covers_training"):
+        return (lines, "height=height, width=width",
+                f"{head}: with `use_resolution_binning=True`, the pipeline's default, any requested height and width "
+                f"are generated at the nearest size of diffusers' `{binning['table']}`, the table this model tuned on, "
+                "and the image is resized to the request (`latents=`, when given, must have the binned size).")
+    return (lines, "height=height, width=width, use_resolution_binning=False",
+            f"{head}: the pipeline's resolution binning would pick sizes of "
+            f"{('`' + binning['table'] + '`') if binning.get('table') else 'no table (it refuses this sample_size)'}, "
+            "not the trained ones, so pass `use_resolution_binning=False` and one of the trained sizes.")
 
 
 def load_pixart_export(path: str | os.PathLike, *, vae: str | None = None, text_encoder: str | None = None):

@@ -383,19 +383,26 @@ class Monitor:
             from lct.export_pixart import caption_embeds, null_condition, sampling_inputs, text_length
 
             null = null_condition(model, text_length(model, self.manifest))
-            return {**caption_embeds(self._pipe[1], cond["text_states"], cond["text_mask"], null),
+            (_, h, w), pipe = self.grid_shape, self._pipe[1]
+            return {**caption_embeds(pipe, cond["text_states"], cond["text_mask"], null),
                     **sampling_inputs(model, cfg.method, steps, LCTPipeline.sample_generators(seed, indices),
-                                      self.manifest["latent_shape"])}
+                                      self.grid_shape),
+                    "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
         if cfg.model.arch in ("sana", "sd3"):  # the stock pipeline (SPEC 15.7), lct's per-sample noise
             from lct.export_flow import caption_embeds as flow_embeds, null_condition as flow_null
 
-            net, (_, h, w), pipe = model.net, self.desc.latent_shape, self._pipe[1]
+            net, (_, h, w), pipe = model.net, self.grid_shape, self._pipe[1]
             null = flow_null(model.family, net.null_text_states, getattr(net, "null_pooled", None),
                              cond["text_states"].shape[1])
             return {**flow_embeds(model.family, cond, null), "height": h * pipe.vae_scale_factor,
                     "width": w * pipe.vae_scale_factor, "generator": LCTPipeline.sample_generators(seed, indices)}
         return {"prompt_embeds": cond["text_states"], "prompt_attention_mask": cond["text_mask"],
                 "pooled_prompt_embeds": cond["pooled"], "seed": seed, "sample_indices": indices}
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The latent shape grids sample at: the most common bucket's (bucketed data), else the data's."""
+        return self.desc.most_common[1] if self.desc.most_common else tuple(self.desc.latent_shape)
 
     def step_inputs(self, steps: int) -> dict:
         """The step count as the pipeline takes it: a flow model's stock pipeline is given the tuned

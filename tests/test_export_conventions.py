@@ -779,3 +779,81 @@ def test_pixart_export_holds_no_absolute_path_and_refuses_crafted_modules(pixart
     with pytest.raises(UserError, match="scheduler/evil.py.*lct does not load"):
         load_pixart_export(crafted)
     assert not marker.exists()
+
+
+def bucketed_manifest(table: str, counts: dict[str, int], channels: int, downsample: int) -> dict:
+    """A manifest's `buckets` record as data prep writes it (table, counts, most common)."""
+    from lct.buckets import load_table
+
+    rec = load_table(table).record(channels, downsample)
+    return {**rec, "counts": {t["name"]: counts.get(t["name"], 0) for t in rec["table"]},
+            "most_common": max(counts, key=counts.get)}
+
+
+@pytest.mark.slow
+def test_bucketed_pixart_export_bins_to_its_trained_sizes(tmp_path):
+    """Issue 33: a PixArt tuned on PixArt's own bucket table (pixart_256 at sample_size 32) exports
+    the trained sizes and what the stock pipeline's resolution binning does with them; the stock
+    pipeline generates a requested 330 x 200 at the nearest trained bucket (the transformer sees
+    its latents) and resizes to the request; the card's code
+    runs as written at the most common trained size, with binning on."""
+    from diffusers import PixArtAlphaPipeline
+
+    from helpers_data import make_tiny_vae
+    from helpers_hf import make_tiny_pixart_pipeline
+    from lct.config import load_config
+    from lct.export_pixart import export_pixart
+    from lct.hf_text import HFTextEncoder
+    from lct.models.pixart import load_pixart
+    from lct.vae import load_vae, vae_summary
+
+    src = make_tiny_pixart_pipeline(tmp_path / "pipe", sample_size=32)  # as PixArt-alpha 256: no micro-conditions
+    vae_dir = make_tiny_vae(tmp_path / "vae", latent_channels=4, downsample=8)
+    enc = HFTextEncoder.load(src, max_length=120)  # PixArt-alpha's length: PixArtAlphaPipeline
+    counts = {"256x256": 9, "192x320": 5, "320x192": 4}
+    manifest = {"latent_shape": [4, 32, 32], "resolution": None, "manifest_path": str(tmp_path / "lat" / "manifest.json"),
+                "vae": vae_summary(load_vae(vae_dir), vae_dir), "text": enc.record(),
+                "buckets": bucketed_manifest("pixart_256", counts, 4, 8)}
+    cfg = load_config(str(ROOT / "configs" / "ect_pixart_alpha_256.yaml"),
+                      [f"model.pretrained={src}", f"run.dir={tmp_path / 'run'}", "text.max_length=120"])
+    model = load_pixart(src, enc.null_condition(), sigma_min=cfg.method.sigma_min, vae_downsample=8).eval()
+    out = export_pixart(model, {k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "export", cfg=cfg,
+                        manifest=manifest, ema_name="ema", step=3)
+    record = json.loads((out / "lct_export.json").read_text())
+    assert record["buckets"]["sizes"] == [[256, 256], [192, 320], [320, 192]]
+    assert record["resolution_binning"] == {"pipeline": "PixArtAlphaPipeline", "table": "ASPECT_RATIO_256_BIN",
+                                            "sample_size": 32, "covers_training": True}
+    pipe = PixArtAlphaPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    states, mask, _ = enc.encode(["a red circle"])
+    image = pipe(prompt_embeds=states, prompt_attention_mask=mask.long(), guidance_scale=1.0, height=330, width=200,
+                 timesteps=record["timesteps"]["1_step"], generator=torch.Generator().manual_seed(0)).images[0]
+    hook.remove()
+    assert image.size == (200, 330) and seen == [(40, 24)]  # 330 / 200 = 1.65: bucket 320 x 192 (1.67)
+    card = (out / "README.md").read_text()
+    assert "ASPECT_RATIO_256_BIN" in card and "256x256, 192x320, 320x192" in card
+    (block,) = code_blocks(card)
+    assert "use_resolution_binning" not in block
+    scope: dict = {}
+    exec(block.replace('"PATH"', repr(str(out))).replace("A red fox in the snow", "a red circle"), scope)
+    assert scope["image"].size == (256, 256)
+
+
+def test_card_sizes_without_the_pipelines_table_turn_binning_off():
+    """A bucketed run on a table the stock pipeline does not bin to (a user's, or a sample_size
+    without a bin table): the card passes use_resolution_binning=False and a trained size."""
+    from lct.buckets import stock_binning
+    from lct.export_pixart import card_sizes
+
+    sizes = [[240, 280], [280, 240]]  # not PixArt sizes
+    for binning in (stock_binning("PixArtSigmaPipeline", 32, sizes), stock_binning("PixArtSigmaPipeline", 8, sizes)):
+        assert binning["covers_training"] is False
+        lines, kw, note = card_sizes({"buckets": {"source": "mine.yaml", "sizes": sizes}, "resolution_binning": binning})
+        assert kw == "height=height, width=width, use_resolution_binning=False" and "240x280, 280x240" in note
+    assert stock_binning("PixArtSigmaPipeline", 32, [[240, 272]])["covers_training"] is True
+    assert stock_binning("SD3Pipeline", 64, sizes) is None  # no binning in that pipeline
+    lines, kw, note = card_sizes({"resolution": 512})
+    assert kw == "use_resolution_binning=False" and "512 px" in note

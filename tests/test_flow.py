@@ -635,14 +635,22 @@ def test_export_loads_in_the_stock_pipeline_and_samples_lcts_levels(family, gemm
             equivalent(got, want)
 
 
-@pytest.mark.parametrize("family", ["sana", "sd3"])
-def test_model_card_code_runs_as_written(family, gemma, sd3_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,bucketed", [("sana", False), ("sd3", False), ("sana", True)])
+def test_model_card_code_runs_as_written(family, bucketed, gemma, sd3_text, tmp_path, monkeypatch):
+    """The card's code runs as written; a run on aspect-ratio buckets samples its most common
+    trained size (here a landscape one) with the pipeline's binning off, since this tiny Sana's
+    sample_size has no bin table (issue 33)."""
+    from lct.buckets import Bucket, BucketTable
     from lct.export_flow import export_flow
 
     text = gemma if family == "sana" else sd3_text
     net = wrap_flow(tiny_sana() if family == "sana" else tiny_sd3(), family, text.null_condition(),
                     None if family == "sana" else text.null_pooled())
     manifest = _manifest(tmp_path, family, text.record(), tiny_dc_ae() if family == "sana" else tiny_sd3_vae())
+    if bucketed:
+        table = BucketTable((Bucket(32, 32, 1.0), Bucket(32, 64, 0.5), Bucket(64, 32, 2.0)), "mine.yaml")
+        counts = {"32x32": 3, "32x64": 5, "64x32": 2}  # Sana sizes: multiples of 32
+        manifest["buckets"] = {**table.record(4, 4), "counts": counts, "most_common": "32x64"}
     out = export_flow(net, net.state_dict(), tmp_path / "export", cfg=_cfg(tmp_path, family), manifest=manifest,
                       ema_name="ema", step=1)
     card = (out / "README.md").read_text()
@@ -652,6 +660,13 @@ def test_model_card_code_runs_as_written(family, gemma, sd3_text, tmp_path, monk
     monkeypatch.chdir(out)
     runpy.run_path(str(tmp_path / "card.py"), run_name="__main__")
     assert (out / "sample.png").is_file()
+    if bucketed:
+        from PIL import Image
+
+        record = json.loads((out / "lct_export.json").read_text())
+        assert record["buckets"]["sizes"] == [[32, 64], [32, 32], [64, 32]]
+        assert record["resolution_binning"]["covers_training"] is False and "use_resolution_binning=False" in code
+        assert Image.open(out / "sample.png").size == (64, 32) and "32x64, 32x32, 64x32" in card
 
 
 def test_export_refuses_sampling_sigma_mins(tmp_path):

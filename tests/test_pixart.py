@@ -279,6 +279,22 @@ def test_cond_drop_uses_the_null_and_micro_conditions_are_fed():
         net(x, sigma, text_states=torch.randn(3, 6, 7))
 
 
+def test_micro_conditions_come_from_the_batchs_bucket():
+    """SPEC 14.3 with aspect-ratio buckets: a batch of one bucket's latents (6 x 10, VAE /8) feeds
+    resolution (48, 80) px and aspect ratio 0.6, what PixArtAlphaPipeline feeds at that size."""
+    net = wrap_pixart(tiny_pixart(micro=True), torch.randn(1, TEXT_DIM), vae_downsample=8)
+    x, (states, mask) = torch.randn(2, 4, 6, 10), _cond(2)
+    sigma = torch.tensor([0.5, 8.0])
+    with torch.no_grad():
+        default = net(x, sigma, text_states=states, text_mask=mask)
+        explicit = net(x, sigma, text_states=states, text_mask=mask, resolution=torch.tensor([[48.0, 80.0]] * 2),
+                       aspect_ratio=torch.full((2, 1), 0.6))
+        square = net(x, sigma, text_states=states, text_mask=mask, resolution=torch.tensor([[64.0, 64.0]] * 2),
+                     aspect_ratio=torch.ones(2, 1))
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    assert float((square - default).abs().max()) > 1e-3
+
+
 def test_gradients_flow_to_every_trained_part():
     net = wrap_pixart(tiny_pixart(out_channels=8, micro=True), torch.randn(1, TEXT_DIM))
     net.train()
