@@ -41,6 +41,8 @@ from lct.text import load_tower, text_condition
 from lct.tokens import padding_mask
 from lct.vae import LatentNorm, load_vae
 
+VAL_ASPECTS = 3  # bucketed data: validation batches of the most common aspect buckets (`by_aspect`)
+
 
 class RunLogger:
     """`start_step`: the applied step the run continues from. Rows of later steps (logged by an
@@ -82,6 +84,11 @@ class RunLogger:
                 for i, x in enumerate(v):
                     if isinstance(x, (int, float)):
                         flat[f"{tag}/{k}/{i}"] = x
+            elif isinstance(v, dict):  # e.g. val's by_aspect: {bucket: {field: number}}
+                for name, sub in v.items():
+                    for f, x in (sub.items() if isinstance(sub, dict) else ()):
+                        if isinstance(x, (int, float)) and not isinstance(x, bool):
+                            flat[f"{tag}/{k}/{name}/{f}"] = x
         if self.tb:
             for k, v in flat.items():
                 if math.isfinite(v):
@@ -261,16 +268,26 @@ class Monitor:
             prompts = [(s.get("captions") or [""])[0] for s in mem.samples[: cfg.sample.num]]
         return (prompts * cfg.sample.num)[: cfg.sample.num]
 
-    def load_validation(self) -> dict | None:
-        """The fixed validation batch: held-out latents with fixed eps, z and captions."""
+    def load_validation(self) -> dict[str, dict] | None:
+        """The fixed validation batches: held-out latents with fixed eps, z and captions, keyed by
+        aspect bucket (bucketed data: the `VAL_ASPECTS` most common buckets of the training data,
+        one shape per batch, the most common first; square data: one batch under "")."""
         cfg = self.cfg
         if not cfg.data.val_shards:
             return None
         mem = InMemoryLatents(expand_urls(cfg.data.val_shards), SampleLayout.from_manifest(self.manifest).core())
-        samples = mem.samples
-        if self.desc.most_common:  # bucketed data: one shape per batch, the most common bucket's samples
-            samples = [s for s in samples if s.get("bucket") == self.desc.most_common[0]]
-        samples = samples[: cfg.val.batch_size]
+        if not self.desc.most_common:
+            return {"": self.validation_batch(mem.samples[: cfg.val.batch_size])}
+        held: dict[str, list] = {}
+        for s in mem.samples:
+            held.setdefault(s.get("bucket"), []).append(s)
+        first = self.desc.most_common[0]
+        order = [name for name, _, n in sorted(self.desc.buckets, key=lambda b: -b[2]) if n and name != first]
+        order = [n for n in [first, *order] if n in held][:VAL_ASPECTS]
+        return {name: self.validation_batch(held[name][: cfg.val.batch_size]) for name in order} or None
+
+    def validation_batch(self, samples: list[dict]) -> dict:
+        cfg = self.cfg
         xs, zs, caps, toks = [], [], [], []
         for i, s in enumerate(samples):
             g = rng.philox(rng.Stream.VALIDATION, cfg.run.seed, i)
@@ -290,6 +307,31 @@ class Monitor:
         return val
 
     # ------------------------------------------------------------------ models
+
+    def validation_sums(self, model, val: dict, step: int):
+        """([consistency distance, recon error, count] summed per sigma bucket over all ranks, the
+        plan) of one validation batch."""
+        cfg, info = self.cfg, self.info
+        n = val["x"].shape[0]
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        plan = self.objective.plan({"u": q, "n": torch.special.ndtri(q)}, step)
+        bucket = sigma_buckets(plan.sigma, cfg.val.buckets, *bucket_range(cfg.method))
+        sums = torch.zeros(3, cfg.val.buckets, dtype=torch.float64)
+        mine = list(range(info.rank, n, info.world_size))
+        for chunk in [mine[i:i + 64] for i in range(0, len(mine), 64)]:
+            idx = torch.tensor(chunk)
+            x = val["x"][idx].to(self.device)
+            cond = self.condition(tokens=val["tokens"][idx]) if "tokens" in val else {}
+            batch = {"x": x, "z": val["z"][idx].to(self.device), "cond": cond,
+                     "cond_drop": torch.zeros(len(chunk), dtype=torch.bool, device=self.device)}
+            student, target = self.objective.pair(model, batch, plan.rows(idx))  # the pair training uses
+            bk = bucket[idx]
+            sums[0].index_add_(0, bk, mean_sq(student, target).double().cpu())
+            sums[1].index_add_(0, bk, mean_sq(student, x).double().cpu())
+            sums[2].index_add_(0, bk, torch.ones(len(chunk), dtype=torch.float64))
+        if info.world_size > 1:
+            sums = dist.all_reduce(sums.to(self.device), info.world_size).cpu()
+        return sums, plan
 
     def ema_model(self):
         """A copy of the network holding the sample EMA, in eval mode (collective gather)."""
@@ -448,28 +490,12 @@ class Monitor:
     def validate(self, model, step: int) -> dict:
         """Consistency distance per sigma bucket and denoising error of the fixed batch, at the
         objective's plan of fixed draws: stratified quantiles of the training law (uniforms u for
-        iCT's pair law, normals n for ECT's and EDM's lognormal t)."""
-        cfg, info, val = self.cfg, self.info, self.val
-        n = val["x"].shape[0]
-        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        plan = self.objective.plan({"u": q, "n": torch.special.ndtri(q)}, step)
+        iCT's pair law, normals n for ECT's and EDM's lognormal t). Bucketed data: of the most
+        common aspect bucket's batch, and the means of each validated bucket in `by_aspect`."""
+        cfg = self.cfg
         buckets, (s_lo, s_hi) = cfg.val.buckets, bucket_range(cfg.method)
-        bucket = sigma_buckets(plan.sigma, buckets, s_lo, s_hi)
-        sums = torch.zeros(3, buckets, dtype=torch.float64)
-        mine = list(range(info.rank, n, info.world_size))
-        for chunk in [mine[i:i + 64] for i in range(0, len(mine), 64)]:
-            idx = torch.tensor(chunk)
-            x = val["x"][idx].to(self.device)
-            cond = self.condition(tokens=val["tokens"][idx]) if "tokens" in val else {}
-            batch = {"x": x, "z": val["z"][idx].to(self.device), "cond": cond,
-                     "cond_drop": torch.zeros(len(chunk), dtype=torch.bool, device=self.device)}
-            student, target = self.objective.pair(model, batch, plan.rows(idx))  # the pair training uses
-            bk = bucket[idx]
-            sums[0].index_add_(0, bk, mean_sq(student, target).double().cpu())
-            sums[1].index_add_(0, bk, mean_sq(student, x).double().cpu())
-            sums[2].index_add_(0, bk, torch.ones(len(chunk), dtype=torch.float64))
-        if info.world_size > 1:
-            sums = dist.all_reduce(sums.to(self.device), info.world_size).cpu()
+        per_aspect = {name: self.validation_sums(model, val, step) for name, val in self.val.items()}
+        sums, plan = per_aspect[next(iter(self.val))]
         cnt = sums[2].clamp_min(1)
         per_bucket = lambda v: [a if c > 0 else None for a, c in zip((v / cnt).tolist(), sums[2].tolist())]
         cur = plan.curriculum
@@ -477,6 +503,10 @@ class Monitor:
                "consistency_m_mean": float(sums[0].sum() / sums[2].sum()),
                "recon_mse_mean": float(sums[1].sum() / sums[2].sum()),
                "bucket_sigma": bucket_centres(buckets, s_lo, s_hi), "bucket_count": sums[2].long().tolist()}
+        if len(per_aspect) > 1:
+            rec["by_aspect"] = {name: {"consistency_m_mean": float(v[0].sum() / v[2].sum()),
+                                       "recon_mse_mean": float(v[1].sum() / v[2].sum()), "n": int(v[2].sum())}
+                                for name, (v, _) in per_aspect.items()}
         if cur.num_points is not None:
             rec["N"] = cur.num_points
         if cur.stage is not None:

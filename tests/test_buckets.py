@@ -560,6 +560,10 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
     wa, wb = model_of(tmp_path / "ref" / "run" / "checkpoints/step00000006"), model_of(run / "checkpoints/step00000006")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert state_of(run)["images_seen"] == 6 * 4  # data.batch_size: images per step, whatever the bucket
+    (val,) = rows(run, "val")  # validation of each aspect bucket, the most common first
+    names = [n for n, _ in sorted(aspect_data["manifest"]["buckets"]["counts"].items(), key=lambda kv: -kv[1])]
+    assert list(val["by_aspect"]) == names and all(v["n"] > 0 and v["recon_mse_mean"] > 0 for v in val["by_aspect"].values())
+    assert val["recon_mse_mean"] == val["by_aspect"][names[0]]["recon_mse_mean"]
     m = aspect_data["manifest"]
     spec = bucket_spec(m)
     plan = BucketPlan(spec["bucket_counts"], 4, 0)
