@@ -32,6 +32,7 @@ image), then crop the centre with torchvision's `center_crop` (offsets `round((h
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -57,7 +58,9 @@ TABLES = {"shapes_32": ((32, 32), (24, 40), (40, 24))}
 ASSIGN = "nearest ratio key to height / width, ties to the first in table order (PixArt get_closest_ratio)"
 GEOMETRY = ("PIL bicubic resize to cover the bucket (scale max(H/h, W/w), the other side truncated), torchvision "
             "center_crop to H x W (PixArt InternalDataMS)")
-CROP_BINS = (0.0, 0.05, 0.1, 0.25, 0.5)  # crop summary: samples with crop <= each edge, and above the last
+CROP_BINS = (0.0, 0.05, 0.1, 0.25, 0.5)
+QUEUE_FLOOR = 256  # stream mode: samples held across the bucket queues, at least (BucketQueues)
+QUEUE_FULL = "bucket_queue_full"  # the skip reason of a sample passed over by a full queue  # crop summary: samples with crop <= each edge, and above the last
 
 
 @dataclass(frozen=True)
@@ -317,14 +320,21 @@ class BucketPlan:
 
 class BucketQueues:
     """Stream mode: this worker's samples held per bucket, so that a step takes samples of its
-    bucket in the order the stream gives them (the others wait for a step of theirs; the
-    queues stay short since steps draw buckets in proportion to their shares). `spec`: the
+    bucket in the order the stream gives them (the others wait for a step of theirs). Steps draw
+    buckets in proportion to their shares, so the queues stay short, but their imbalance is a
+    random walk over a long run (and long where shards group samples by shape): past
+    `max(data.shuffle_buffer, QUEUE_FLOOR)` held samples the oldest of the longest other queue
+    is passed over and counted (`bucket_queue_full` in `counts`, the run's skip counts). The
+    stream draws shards with replacement, so such a sample comes round again. `spec`: the
     worker's `lct.data.DataSpec`."""
 
-    def __init__(self, stream: Iterator[dict], names: tuple[str, ...], spec):
+    def __init__(self, stream: Iterator[dict], names: tuple[str, ...], spec, counts: dict[str, int] | None = None):
         self.stream, self.index = stream, {n: i for i, n in enumerate(names)}
-        self.queues: list[list[dict]] = [[] for _ in names]
+        self.queues: list[deque[dict]] = [deque() for _ in names]
         self.names, self.spec = names, spec
+        self.counts = counts if counts is not None else {}
+        self.cap = max(int(spec.shuffle_buffer), QUEUE_FLOOR)
+        self.held = 0
 
     def next(self, bucket: int) -> dict:
         q = self.queues[bucket]
@@ -332,9 +342,16 @@ class BucketQueues:
         while not q:
             sample = next(self.stream)
             self.queues[self.index[sample["bucket"]]].append(sample)
+            self.held += 1
             pulled += 1
+            if self.held > self.cap:  # pass over the oldest sample of the longest other queue
+                longest = max((i for i in range(len(self.queues)) if i != bucket), key=lambda i: len(self.queues[i]))
+                self.queues[longest].popleft()
+                self.held -= 1
+                self.counts[QUEUE_FULL] = self.counts.get(QUEUE_FULL, 0) + 1
             if pulled > 100 * max(sum(self.spec.bucket_counts), 1):
                 raise UserError(f"data.shards: no usable sample of bucket {self.names[bucket]} in "
                                 f"{pulled} reads, though the manifest counts {self.spec.bucket_counts[bucket]}; "
                                 "check the shards against their manifest (re-encode them)")
-        return q.pop(0)
+        self.held -= 1
+        return q.popleft()

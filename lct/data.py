@@ -54,7 +54,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lct import rng
-from lct.buckets import BucketPlan, BucketQueues
+from lct.buckets import QUEUE_FULL, BucketPlan, BucketQueues
 from lct.consistency import ot_couple
 from lct.errors import UserError
 from lct.latents import SampleLayout, check_latent_sample, decode_latent_sample
@@ -64,7 +64,7 @@ from lct.vae import LatentNorm
 
 # Why a latent sample was skipped (`read_samples`); the trainer logs each as `data_skipped_<reason>`.
 SKIP_REASONS = ("corrupt_sample", "missing_member", "wrong_shape", "non_finite", "duplicate_key",
-                "unreadable_shard")
+                "unreadable_shard", QUEUE_FULL)
 
 
 @dataclass
@@ -402,12 +402,14 @@ class TrainBatches(IterableDataset):
                 raise
             yield {"error": str(err)}  # re-raised as this UserError by TrainLoader in the main process
 
-    def _bucket_picker(self, stream: Iterator[dict] | None):
+    def _bucket_picker(self, stream: Iterator[dict] | None, counts: dict[str, int]):
         """Bucketed data: `pick(data_step, slot, cache)` -> the slot's sample, of the step's bucket
-        (`BucketPlan`; indexed mode: over the samples in memory, grouped by bucket)."""
+        (`BucketPlan`; indexed mode: over the samples in memory, grouped by bucket; stream mode:
+        `BucketQueues`, which counts what a full queue passes over in `counts`)."""
         s = self.spec
         if stream is not None:
-            plan, queues = BucketPlan(s.bucket_counts, s.global_batch, s.seed), BucketQueues(stream, s.buckets, s)
+            plan = BucketPlan(s.bucket_counts, s.global_batch, s.seed)
+            queues = BucketQueues(stream, s.buckets, s, counts)
             return lambda step, slot, cache: queues.next(plan.step(step)[0])
         members: list[list[int]] = [[] for _ in s.buckets]
         where = {n: i for i, n in enumerate(s.buckets)}
@@ -429,7 +431,7 @@ class TrainBatches(IterableDataset):
             counts = self.memory.skipped
         stream = self._stream_samples(worker, counts) if s.mode == "stream" else None
         cache: dict = {}
-        pick = self._bucket_picker(stream) if s.buckets is not None else None
+        pick = self._bucket_picker(stream, counts) if s.buckets is not None else None
         for j in range(self.start_micro + worker, self.start_micro + self.num_micro, workers):
             data_step, micro = divmod(j, s.accum)
             base = s.rank * s.accum * s.micro_batch + micro * s.micro_batch

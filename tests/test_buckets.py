@@ -504,6 +504,22 @@ def test_stream_bucket_batches_hold_one_bucket(aspect_data):
         assert {bucket_of[k] for k in b["keys"]} == {b["bucket"]}
 
 
+def test_stream_bucket_queues_are_bounded_and_count_what_they_pass_over():
+    """Shards that group samples by shape (here 600 of bucket a, then b): waiting for b holds at
+    most max(data.shuffle_buffer, 256) samples of a, passes over the oldest and counts them."""
+    from types import SimpleNamespace
+
+    from lct.buckets import QUEUE_FULL, BucketQueues
+
+    stream = iter([{"bucket": "a", "i": i} for i in range(600)] + [{"bucket": "b", "i": i} for i in range(600)])
+    counts: dict[str, int] = {}
+    q = BucketQueues(stream, ("a", "b"), SimpleNamespace(shuffle_buffer=10, bucket_counts=(600, 600)), counts)
+    assert q.next(1) == {"bucket": "b", "i": 0}  # read with 256 held: one more a passed over
+    assert q.held == 255 and counts == {QUEUE_FULL: 600 - 255}
+    assert q.next(0) == {"bucket": "a", "i": 600 - 255}  # the newest 255 of a were kept, oldest first
+    assert [q.next(1)["i"] for _ in range(3)] == [1, 2, 3] and q.held == 254 and counts[QUEUE_FULL] == 345
+
+
 def test_square_data_has_no_bucket_plan(latent_data):
     from lct.buckets import bucket_spec
     from lct.data import describe_data
