@@ -366,8 +366,9 @@ def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device
             rows["ground_truth"].append(score_image(a, captions[i]))
             rows["vae_reconstruction"].append(score_image(b, captions[i]))
         idx += batch
-    return {k: summarize_scores(dist.gather_rows(idx, torch.tensor(v, dtype=torch.float64) if v else None,
-                                                 len(SCORE_FIELDS), info.world_size, device).double().numpy())
+    return {k: {**summarize_scores(dist.gather_rows(idx, torch.tensor(v, dtype=torch.float64) if v else None,
+                                                    len(SCORE_FIELDS), info.world_size, device).double().numpy()),
+                "size": [canvas[1], canvas[0]]}  # height, width: the samples' canvas
             for k, v in rows.items()}
 
 

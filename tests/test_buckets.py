@@ -613,6 +613,7 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert r["resolution"]["generated_size"] == [h, w] and r["settings"][0]["metrics"]["shapes3"]["n"] == 3
+    assert r["shapes_ceiling"]["vae_reconstruction"]["size"] == [h, w]  # the ceiling on the same canvas
     assert Image.open(tmp_path / "eval" / "steps1_g1" / "000000.png").size == (w, h)
     proc = run_cmd([*args, "--out", str(tmp_path / "e2"), "--aspect", "48x24"], env=env)
     assert proc.returncode == 2 and "--aspect 48x24: height 48, width 24: this model was trained at" in proc.stderr

@@ -411,6 +411,8 @@ def test_demo_data_refuses_bad_inputs_before_any_work(tmp_path):
         demo.main(["--vae", "x/y", "--out", str(tmp_path / "o")])  # --vae without --data
     with pytest.raises(SystemExit):
         demo.main(["--data", str(shard), "--vae", "x/y", "--train-vae"])
+    with pytest.raises(SystemExit):  # --aspects is the shapes demo's; own shards take --buckets in data prep
+        demo.main(["--data", str(shard), "--aspects", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
