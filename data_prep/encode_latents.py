@@ -91,6 +91,7 @@ import torch
 from tqdm import tqdm
 
 from lct import dist
+from lct.buckets import BucketTable, load_table
 from lct.data import existing_shards
 from lct.dist import DistInfo, pick_device
 from lct.errors import UserError, cli_main
@@ -98,10 +99,10 @@ from lct.faults import Faults
 from lct.files import atomic_file, output_dir_problem
 from lct.hf_text import HFTextEncoder
 from lct.hub import resolve_pretrained
-from lct.buckets import BucketTable, load_table
 from lct.image_shards import Decoding, make_loader, shard_name
+from lct.latent_output import check_job, check_output
 from lct.latent_writer import ShardWriter, fp16_problem, job_digest
-from lct.latents import (FP16_MAX, JOB, MANIFEST, RECORDS, TEXT_NULL, TEXT_NULL_POOLED, encode_latent_sample,
+from lct.latents import (FP16_MAX, JOB, MANIFEST, TEXT_NULL, TEXT_NULL_POOLED, encode_latent_sample,
                          merge_manifest, read_shard_record, record_paths, write_json_atomic)
 from lct.shards import FileLock
 from lct.text import RANDOM, TOWER_DIR, TextEncoder, check_text_source, is_random
@@ -291,88 +292,6 @@ def max_captions(cfg: EncodeLatentsConfig) -> int:
     return cfg.max_captions or (5 if cfg.text_kind == "open_clip" else 1)
 
 
-def check_output(out: Path, urls: list[str], names: list[str]) -> None:
-    """Refuse an --output that holds what this tool did not write (before any work): the input
-    shards themselves, or a manifest.json, tars or records without this tool's job.json."""
-    if not out.is_dir():
-        return
-    here = out.resolve()
-    for u, n in zip(urls, names):
-        if "://" not in u and not u.startswith("pipe:") and Path(u).resolve() == here / f"{n}.tar":
-            raise UserError(f"--output {out} is the folder of the input shards: writing {n}.tar would replace "
-                            "the input; choose another --output")
-    job = None
-    if (out / JOB).is_file():
-        try:
-            job = json.loads((out / JOB).read_text())
-        except ValueError:
-            job = None
-    theirs = ([MANIFEST] if (out / MANIFEST).exists() else []) + sorted(p.name for p in out.glob("*.tar"))
-    theirs += [f"{RECORDS}/{p.name}" for p in sorted((out / RECORDS).glob("*.json"))][:1]
-    if job is None and theirs:
-        raise UserError(f"--output {out} holds {', '.join(theirs[:3])} but no {JOB} of data_prep/encode_latents.py: "
-                        "not this tool's output, which would be replaced; choose another (or an empty) --output")
-    if job is not None and (out / MANIFEST).is_file():
-        try:
-            m = json.loads((out / MANIFEST).read_text())
-        except ValueError:
-            m = None
-        if not isinstance(m, dict) or m.get("options") != job.get("options") or m.get("created_by") != job.get(
-                "created_by"):
-            raise UserError(f"--output {out}: its {MANIFEST} was not written by the job recorded in {JOB}; move it "
-                            "away (or choose another --output)")
-
-
-def running_writers(out: Path) -> list[str]:
-    """Descriptions of the processes holding a shard lock in `out` (other live jobs)."""
-    held = []
-    for p in sorted((out / RECORDS).glob("*.lock")):
-        lock = FileLock(p)
-        who = lock.probe()
-        if who is not None:
-            held.append(f"{p.stem} ({lock.describe(who)})")
-    return held
-
-
-def check_job(out: Path, header: dict | None, options: dict, rank: int = 0, replace: bool = True
-              ) -> dict | None:
-    """Compare with the job.json of an earlier run; returns it (None when there is none). Call
-    under the output's job lock. A job.json with other settings is refused once a shard has been
-    recorded under it or while another process writes shards; an earlier job that recorded no
-    shard (it failed) is replaced, with its temporary files and a random text tower of other settings."""
-    path = out / JOB
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        old = {}
-    cmp = [("options", options)] + ([("header", header)] if header is not None else [])
-    for what, new in cmp:
-        a = old.get("options") if what == "options" else {k: v for k, v in old.items() if k != "input"}
-        b = new if what == "options" else {k: v for k, v in new.items() if k != "input"}
-        if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
-            diff = sorted(k for k in set(a or {}) | set(b) if (a or {}).get(k) != b.get(k))
-            recorded = sorted(p.stem for p in (out / RECORDS).glob("*.json"))
-            busy = running_writers(out)
-            if recorded or busy or not replace:
-                what_ = (f"{len(recorded)} shard(s) recorded" if recorded else
-                     f"another job writing {busy[0]}" if busy else "no shard recorded yet")
-                raise UserError(f"{out} holds latents encoded with other settings (differing: {', '.join(diff)}; "
-                                f"{what_}); use another --output, or delete it to start over")
-            log(rank, f"{out}: replacing the settings of an earlier job that recorded no shard "
-                      f"(differing: {', '.join(diff)})")
-            path.unlink()
-            was = old.get("options") or {}
-            if was.get("text_pretrained") == "random" and any(
-                    was.get(k) != options.get(k) for k in ("text_model", "text_pretrained", "seed")):
-                shutil.rmtree(out / TOWER_DIR, ignore_errors=True)  # its tower is not this job's
-            for tmp in out.glob("*.tar.*tmp"):
-                tmp.unlink(missing_ok=True)
-            return None
-    return old
-
-
 def log(rank: int, msg: str) -> None:
     prefix = f"encode_latents[{rank}]" if rank else "encode_latents"
     print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
@@ -534,11 +453,12 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
     """Settings checked against an earlier job's (before loading anything), models loaded,
     job.json (and a random text tower) made under the job lock, this rank's shards listed."""
     rank = info.rank
+    say = lambda msg: log(rank, msg)
     out.mkdir(parents=True, exist_ok=True)
     options = job_options(cfg, table)
     job_lock = FileLock(out / JOB_LOCK)  # held while job.json (and a random text tower) is checked or made
     with job_lock:
-        check_job(out, None, options, rank)  # other settings: refuse before loading anything
+        check_job(out, None, options, say)  # other settings: refuse before loading anything
     hf = cfg.text_kind != "open_clip"
     check_vae_source(cfg.vae)  # missing weights: fail before the slow imports
     if hf:
@@ -559,7 +479,7 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
         shape = latent_shape(vae, cfg.resolution)
     text = load_text(cfg, device)
     with job_lock:
-        old = check_job(out, None, options, rank)
+        old = check_job(out, None, options, say)
         if text is None:  # a random tower, made once per job under the lock; one no job.json names is stale
             if old is None:
                 shutil.rmtree(out / TOWER_DIR, ignore_errors=True)
@@ -581,7 +501,7 @@ def prepare(cfg: EncodeLatentsConfig, info: DistInfo, out: Path, urls: list[str]
                   "text": trec, "options": options}
         if table is not None:
             header["buckets"] = table.record(shape[0], downsample_factor(vae))
-        if check_job(out, header, options, rank) is None:
+        if check_job(out, header, options, say) is None:
             write_json_atomic(out / JOB, header)
 
     mine = [i for i in range(len(urls)) if i % info.world_size == rank]
@@ -676,7 +596,7 @@ def finish(job: Job) -> dict:
 def merge_only(cfg: EncodeLatentsConfig, out: Path, names: list[str], rank: int, table: BucketTable | None) -> dict:
     """--merge-only: the manifest from the records of a complete job (refused while one is missing)."""
     out.mkdir(parents=True, exist_ok=True)
-    if check_job(out, None, job_options(cfg, table), rank, replace=False) is None:
+    if check_job(out, None, job_options(cfg, table), lambda m: log(rank, m), replace=False) is None:
         raise UserError(f"{out}: no {JOB}; run without --merge-only first")
     return {"manifest": merge(cfg, out, names, rank, required=True), "images": 0}
 
