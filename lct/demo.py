@@ -19,8 +19,9 @@ From nothing to captioned 1- and 2-step samples on a 2-core CPU, with no model h
 Each stage resumes: a second run reuses what exists. `--quick` is the shortened run CI uses.
 `--aspects` runs it on aspect-ratio buckets (issue 33): landscape, square and portrait canvases
 (`make_shapes.py --aspects 5:3,1:1,3:5`), latents at their bucket's shape (`encode_latents.py
---buckets shapes_32`), the same training, and the evaluation once per trained size (`--aspect`),
-each beside the VAE's ceiling on that canvas.
+--buckets shapes_32`) with a VAE fitted to square shapes data (train_vae crops and resizes its
+images to a square, which would enlarge the non-square canvases' shapes), the same training, and
+the evaluation once per trained size (`--aspect`), each beside the VAE's ceiling on that canvas.
 
 `python -m lct.demo --data 'SHARDS' [--heldout 'SHARDS'] [--vae ID|PATH | --train-vae]` runs the
 same recipe on your image-text shards (img2dataset layout), sized for the machine it finds
@@ -111,9 +112,13 @@ def run_shapes(args) -> int:
     # 1. Data.
     t = stage("1/5 make_shapes: coloured shapes with captions (train + held-out)")
     shapes = out / "shapes"
-    run([py, "data_prep/make_shapes.py", "--output", str(shapes), "--num", str(size["train"]),
-         "--heldout", str(size["heldout"]), "--size", "32", "--samples-per-shard", "1000", "--seed", "0",
-         *(["--aspects", ASPECTS] if args.aspects else [])])
+    square = ["--num", str(size["train"]), "--heldout", str(size["heldout"]), "--size", "32", "--samples-per-shard",
+              "1000", "--seed", "0"]
+    run([py, "data_prep/make_shapes.py", "--output", str(shapes), *square, *(["--aspects", ASPECTS] if args.aspects else [])])
+    vae_data = shapes
+    if args.aspects:  # the VAE learns the shapes at their own scale (train_vae crops and resizes to a square)
+        vae_data = out / "shapes_square"
+        run([py, "data_prep/make_shapes.py", "--output", str(vae_data), *square])
     times["make_shapes"] = time.time() - t
 
     # 2. VAE.
@@ -121,7 +126,8 @@ def run_shapes(args) -> int:
     vae = out / "vae"
     train_shards = ",".join(str(s) for s in sorted(shapes.glob("*.tar")))
     heldout_shards = ",".join(str(s) for s in sorted((shapes / "heldout").glob("*.tar")))
-    cmd = [py, "data_prep/train_vae.py", "--input", train_shards, "--heldout", heldout_shards,
+    cmd = [py, "data_prep/train_vae.py", "--input", ",".join(str(s) for s in sorted(vae_data.glob("*.tar"))),
+           "--heldout", ",".join(str(s) for s in sorted((vae_data / "heldout").glob("*.tar"))),
            "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device,
            "--min-psnr", "35"]  # README, "How good a VAE is enough": small shapes lose their colour below
     if size["vae_steps"]:
