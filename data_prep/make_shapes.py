@@ -24,8 +24,9 @@ with about `--size`^2 pixels (width round(size * sqrt(r)), height round(size / s
 from `lct.rng` stream `SHAPES_CANVAS` (seed, split id, i) so the sample's spec and captions are
 those of the square data set; cells, centre and the position words are in the canvas's own
 coordinates (thirds of its width and height) and the extent a fraction of its short side
-(`lct.shapes.render`). The json's width/height and captions.jsonl's `canvas` [width, height] say
-which. Encode with a bucket table of the same ratios (`--buckets shapes_32` for `--size 32
+(`lct.shapes.render`), or with `--shape-scale area` of sqrt(width * height), so that a shape has
+the same pixel size on every canvas (a non-square canvas otherwise draws smaller shapes: 3/4 at
+5:3). The json's width/height and captions.jsonl's `canvas` [width, height] say which. Encode with a bucket table of the same ratios (`--buckets shapes_32` for `--size 32
 --aspects 5:3,1:1,3:5`) so nothing is cropped.
 
 Resumable: a shard is written to a temporary name and renamed when complete; a rerun skips the
@@ -36,6 +37,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: repo 
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -70,6 +72,9 @@ class MakeShapesConfig(Strict):
     num_captions: int = Field(3, ge=1, le=18, description="caption phrasings per sample")
     aspects: list[str] | None = Field(None, description="landscape/portrait canvases: width:height ratios, e.g. "
                                       "5:3,1:1,3:5 (each sample draws one; about size x size pixels)")
+    shape_scale: Literal["side", "area"] = Field("side", description="a shape's extent as a fraction of the "
+                                                 "canvas's short side, or of sqrt(width * height): the same pixel "
+                                                 "size on every canvas of --aspects")
 
 
 def _png_bytes(img) -> bytes:
@@ -132,7 +137,7 @@ def sample_canvas(seed: int, split: str, index: int, size: int, aspects: list[tu
 
 def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples_per_shard: int,
                 seed: int, num_captions: int = 3, progress: bool = True,
-                aspects: list[tuple[int, int]] | None = None) -> dict:
+                aspects: list[tuple[int, int]] | None = None, shape_scale: str = "side") -> dict:
     """Write one split; returns {shards, written, skipped, samples}."""
     out = Path(out)
     settings = {"format": FORMAT_VERSION, "split": split, "num": num, "size": size,
@@ -141,6 +146,8 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
     if aspects:  # square data sets keep their shapes.json
         settings.update(aspects=[f"{w}:{h}" for w, h in aspects],
                         canvases=f"lct.rng SHAPES_CANVAS ({seed}, {shapes.SPLITS[split]}, i)")
+    if shape_scale != "side":  # data sets of the default keep their shapes.json
+        settings["shape_scale"] = shape_scale
     _check_settings(out, settings)
     n_shards = (num + samples_per_shard - 1) // samples_per_shard
     width = max(4, len(str(samples_per_shard - 1)))
@@ -160,6 +167,7 @@ def write_split(out: str | os.PathLike, split: str, num: int, size: int, samples
             for i in range(first, last):
                 key = _key(s, i - first, width)
                 spec, caps = shapes.make_spec(seed, split, i, num_captions)
+                spec = dataclasses.replace(spec, scale=shape_scale)
                 cw, ch = sample_canvas(seed, split, i, size, aspects)
                 meta = {"key": key, "caption": caps[0], "captions": caps, "spec": spec.to_dict(),
                         "seed": [seed, shapes.SPLITS[split], i], "split": split, "width": cw, "height": ch}
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for out, split, num in jobs:
         t0 = time.time()
         r = write_split(out, split, num, cfg.size, cfg.samples_per_shard, cfg.seed, cfg.num_captions,
-                        aspects=aspects)
+                        aspects=aspects, shape_scale=cfg.shape_scale)
         what = f"{cfg.size}px" + (f" (aspects {','.join(cfg.aspects)})" if aspects else "")
         print(f"make_shapes: {split}: {r['samples']} samples of {what} in {r['shards']} shards at "
               f"{out} ({r['written']} written, {r['skipped']} already complete) in "

@@ -18,7 +18,8 @@ From nothing to captioned 1- and 2-step samples on a 2-core CPU, with no model h
 
 Each stage resumes: a second run reuses what exists. `--quick` is the shortened run CI uses.
 `--aspects` runs it on aspect-ratio buckets (issue 33): landscape, square and portrait canvases
-(`make_shapes.py --aspects 5:3,1:1,3:5`), latents at their bucket's shape (`encode_latents.py
+(`make_shapes.py --aspects 5:3,1:1,3:5 --shape-scale area`: a shape has the same pixel size on
+each, so the aspects are compared on equal terms), latents at their bucket's shape (`encode_latents.py
 --buckets shapes_32`) with a VAE fitted to square shapes data (train_vae crops and resizes its
 images to a square, which would enlarge the non-square canvases' shapes), the same training, and
 the evaluation once per trained size (`--aspect`), each beside the VAE's ceiling on that canvas.
@@ -114,7 +115,8 @@ def run_shapes(args) -> int:
     shapes = out / "shapes"
     square = ["--num", str(size["train"]), "--heldout", str(size["heldout"]), "--size", "32", "--samples-per-shard",
               "1000", "--seed", "0"]
-    run([py, "data_prep/make_shapes.py", "--output", str(shapes), *square, *(["--aspects", ASPECTS] if args.aspects else [])])
+    run([py, "data_prep/make_shapes.py", "--output", str(shapes), *square,
+         *(["--aspects", ASPECTS, "--shape-scale", "area"] if args.aspects else [])])
     vae_data = shapes
     if args.aspects:  # the VAE learns the shapes at their own scale (train_vae crops and resizes to a square)
         vae_data = out / "shapes_square"

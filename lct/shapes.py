@@ -148,6 +148,7 @@ class ShapeSpec:
     extent: float                    # diameter / bounding-box side
     rgb: tuple[int, int, int]        # drawn colour (palette colour + jitter)
     background: tuple[int, int, int]
+    scale: str = "side"              # extent of: "side" the canvas's short side, "area" sqrt(width * height)
 
     @property
     def cell_name(self) -> str:
@@ -155,6 +156,8 @@ class ShapeSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.scale == "side":  # the records of data sets made before `scale` stay the same bytes
+            del d["scale"]
         d["rgb"], d["background"] = list(self.rgb), list(self.background)
         d["cell_name"] = self.cell_name
         return d
@@ -195,12 +198,18 @@ def sample_spec(rng: np.random.Generator) -> ShapeSpec:
 def render(spec: ShapeSpec, size: int | tuple[int, int] = 64, supersample: int = 4) -> Image.Image:
     """Draw `spec` as an RGB image of `size` x `size` pixels, or on a (width, height) canvas
     (drawn at `supersample`x, box-filtered). On a canvas the centre is a fraction of each side
-    (the 3x3 cells are the canvas's own thirds) and the extent a fraction of the short side."""
+    (the 3x3 cells are the canvas's own thirds) and the extent a fraction of the short side
+    (`spec.scale` "side"), or of sqrt(width * height) ("area": a shape has the same pixel size on
+    every canvas of one area; its centre is then moved, by at most the overhang, so that the shape
+    stays on the canvas)."""
     width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     sw, sh = width * supersample, height * supersample
     img = Image.new("RGB", (sw, sh), spec.background)
     draw = ImageDraw.Draw(img)
     cx, cy, h = spec.cx * sw, spec.cy * sh, spec.extent * min(sw, sh) / 2
+    if spec.scale == "area":
+        h = spec.extent * math.sqrt(sw * sh) / 2
+        cx, cy = min(max(cx, h), sw - h), min(max(cy, h), sh - h)
     fill = tuple(spec.rgb)
     if spec.shape == "circle":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)

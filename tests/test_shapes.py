@@ -67,6 +67,27 @@ def test_render_is_deterministic_antialiased_and_sized():
 # ------------------------------------------------------------------------------ captions
 
 
+def test_area_scale_draws_one_pixel_size_on_every_canvas():
+    """`scale` "area" (make_shapes --shape-scale area): a shape's extent is a fraction of
+    sqrt(width * height), so on equal-area canvases it covers the same pixels (the default "side"
+    draws 3/4 of it on a 5:3 canvas's 24-pixel short side), stays on the canvas, and the metric
+    reads every ground-truth render right; square canvases and the default's records unchanged."""
+    import dataclasses
+
+    area_px = {"side": [], "area": []}
+    for i in range(120):
+        spec, caps = S.make_spec(0, "heldout", i)
+        wide = dataclasses.replace(spec, scale="area")
+        assert np.array_equal(np.asarray(S.render(wide, 32)), np.asarray(S.render(spec, 32)))
+        assert "scale" not in spec.to_dict() and S.ShapeSpec.from_dict(wide.to_dict()) == wide
+        for sp, key in ((spec, "side"), (wide, "area")):
+            cover = [S.score_image(np.asarray(S.render(sp, c)), caps[0]) for c in ((40, 24), (24, 40))]
+            assert all(row[:4] == [1.0, 1.0, 1.0, 1.0] for row in cover), (i, key)  # scored, colour, position, shape
+            on = lambda img: int((np.abs(np.asarray(img, dtype=np.int32) - np.asarray(sp.background)).sum(-1) > 60).sum())
+            area_px[key].append(on(S.render(sp, (40, 24))) / max(on(S.render(sp, 32)), 1))
+    assert 0.5 < np.median(area_px["side"]) < 0.65 and 0.9 < np.median(area_px["area"]) < 1.1
+
+
 def test_parse_caption_round_trip_on_every_template_and_phrase():
     for colour, shape, size, cell in itertools.product(S.COLOURS, S.SHAPES, S.SIZES, range(9)):
         spec = S.ShapeSpec(colour, shape, size, cell, 0.5, 0.5, 0.2, (0, 0, 0), (250, 250, 250))
