@@ -31,6 +31,7 @@ image), then crop the centre with torchvision's `center_crop` (offsets `round((h
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -58,9 +59,9 @@ TABLES = {"shapes_32": ((32, 32), (24, 40), (40, 24))}
 ASSIGN = "nearest ratio key to height / width, ties to the first in table order (PixArt get_closest_ratio)"
 GEOMETRY = ("PIL bicubic resize to cover the bucket (scale max(H/h, W/w), the other side truncated), torchvision "
             "center_crop to H x W (PixArt InternalDataMS)")
-CROP_BINS = (0.0, 0.05, 0.1, 0.25, 0.5)
+CROP_BINS = (0.0, 0.05, 0.1, 0.25, 0.5)  # crop summary: samples with crop <= each edge, and above the last
 QUEUE_FLOOR = 256  # stream mode: samples held across the bucket queues, at least (BucketQueues)
-QUEUE_FULL = "bucket_queue_full"  # the skip reason of a sample passed over by a full queue  # crop summary: samples with crop <= each edge, and above the last
+QUEUE_FULL = "bucket_queue_full"  # the skip reason of a sample passed over by a full queue
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,6 @@ class BucketTable:
 def _pixart(name: str) -> BucketTable:
     module, const = PIXART_TABLES[name]
     try:
-        import importlib
-
         table = getattr(importlib.import_module(module), const)
     except (ImportError, AttributeError) as err:
         raise UserError(f"--buckets {name}: the installed diffusers has no {module}.{const} ({err}); "
@@ -202,8 +201,6 @@ def stock_binning(pipeline: str, sample_size: int, sizes) -> dict | None:
     trained size is one of its buckets, so that binning generates only at trained sizes."""
     if pipeline not in STOCK_BINNING:
         return None
-    import importlib
-
     module, by_size = STOCK_BINNING[pipeline]
     const = by_size.get(int(sample_size))
     table = getattr(importlib.import_module(module), const, None) if const else None
@@ -334,7 +331,10 @@ class BucketQueues:
         self.names, self.spec = names, spec
         self.counts = counts if counts is not None else {}
         self.cap = max(int(spec.shuffle_buffer), QUEUE_FLOOR)
-        self.held = 0
+
+    @property
+    def held(self) -> int:
+        return sum(len(q) for q in self.queues)
 
     def next(self, bucket: int) -> dict:
         q = self.queues[bucket]
@@ -342,16 +342,13 @@ class BucketQueues:
         while not q:
             sample = next(self.stream)
             self.queues[self.index[sample["bucket"]]].append(sample)
-            self.held += 1
             pulled += 1
             if self.held > self.cap:  # pass over the oldest sample of the longest other queue
                 longest = max((i for i in range(len(self.queues)) if i != bucket), key=lambda i: len(self.queues[i]))
                 self.queues[longest].popleft()
-                self.held -= 1
                 self.counts[QUEUE_FULL] = self.counts.get(QUEUE_FULL, 0) + 1
             if pulled > 100 * max(sum(self.spec.bucket_counts), 1):
                 raise UserError(f"data.shards: no usable sample of bucket {self.names[bucket]} in "
                                 f"{pulled} reads, though the manifest counts {self.spec.bucket_counts[bucket]}; "
                                 "check the shards against their manifest (re-encode them)")
-        self.held -= 1
         return q.popleft()
