@@ -25,19 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lct.grids import to_uint8
-from lct.shapes import read_specs, render, score_image, summarize_scores
-from lct.vae import decode, encode_posterior, load_vae
+from lct.metrics import render_scores
+from lct.shapes import read_specs, summarize_scores
+from lct.vae import load_vae
 
 
 @torch.no_grad()
 def ceiling(vae, specs, captions, height: int, width: int, batch: int = 100) -> dict:
+    """The shapes scores of `vae`'s reconstructions on a height x width canvas (eval's ceiling rows)."""
     rows = []
     for i in range(0, len(specs), batch):
-        gt = np.stack([np.asarray(render(s, (width, height))) for s in specs[i:i + batch]])
-        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        rec = to_uint8(decode(vae, encode_posterior(vae, x)[0]))
-        rows += [score_image(r, c) for r, c in zip(rec, captions[i:i + batch])]
+        rows += render_scores(vae, specs[i:i + batch], captions[i:i + batch], (width, height), "cpu")["vae_reconstruction"]
     return summarize_scores(np.asarray(rows, dtype=np.float64))
 
 

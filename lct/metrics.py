@@ -351,6 +351,16 @@ def setup_shapes(cfg, info, device, resolution, captions, gen) -> Shapes:
     return Shapes(record, shapes_ceiling(specs, captions, gen, cfg.batch_size, info, device) if specs else None)
 
 
+def render_scores(vae, specs, captions, canvas: tuple[int, int], device) -> dict[str, list]:
+    """`score_image` rows of the specs' ground-truth renders on `canvas` (width, height) and of
+    `vae`'s reconstructions of them: {"ground_truth": rows, "vae_reconstruction": rows}."""
+    gt = np.stack([np.asarray(render(s, canvas)) for s in specs])
+    x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    rec = to_uint8(decode(vae, encode_posterior(vae, x.to(device))[0]))
+    return {"ground_truth": [score_image(a, c) for a, c in zip(gt, captions)],
+            "vae_reconstruction": [score_image(b, c) for b, c in zip(rec, captions)]}
+
+
 def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device) -> dict:
     """The `shapes` accuracies of the captions' own ground-truth renders and of the generator's VAE
     reconstructions of them (what a perfect latent model could reach), sharded like the samples."""
@@ -359,12 +369,9 @@ def shapes_ceiling(specs, captions, gen, batch_size: int, info: DistInfo, device
     rows: dict[str, list] = {"ground_truth": [], "vae_reconstruction": []}
     idx: list[int] = []
     for batch in dist.rank_batches(len(specs), batch_size, info.rank, info.world_size):
-        gt = np.stack([np.asarray(render(specs[i], canvas)) for i in batch])
-        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x.to(gen.device))[0]))
-        for i, a, b in zip(batch, gt, rec):
-            rows["ground_truth"].append(score_image(a, captions[i]))
-            rows["vae_reconstruction"].append(score_image(b, captions[i]))
+        for k, v in render_scores(gen.vae, [specs[i] for i in batch], [captions[i] for i in batch], canvas,
+                                  gen.device).items():
+            rows[k] += v
         idx += batch
     return {k: {**summarize_scores(dist.gather_rows(idx, torch.tensor(v, dtype=torch.float64) if v else None,
                                                     len(SCORE_FIELDS), info.world_size, device).double().numpy()),
