@@ -35,7 +35,8 @@ def ceiling(vae, specs, captions, height: int, width: int, batch: int = 100) -> 
     """The shapes scores of `vae`'s reconstructions on a height x width canvas (eval's ceiling rows)."""
     rows = []
     for i in range(0, len(specs), batch):
-        rows += render_scores(vae, specs[i:i + batch], captions[i:i + batch], (width, height), "cpu")["vae_reconstruction"]
+        scores = render_scores(vae, specs[i:i + batch], captions[i:i + batch], (width, height), "cpu")
+        rows += scores["vae_reconstruction"]
     return summarize_scores(np.asarray(rows, dtype=np.float64))
 
 

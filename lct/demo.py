@@ -126,10 +126,8 @@ def run_shapes(args) -> int:
     # 2. VAE.
     t = stage("2/5 train_vae: a small AutoencoderKL for 32 px shapes (8x8x8 latents)")
     vae = out / "vae"
-    train_shards = ",".join(str(s) for s in sorted(shapes.glob("*.tar")))
-    heldout_shards = ",".join(str(s) for s in sorted((shapes / "heldout").glob("*.tar")))
-    cmd = [py, "data_prep/train_vae.py", "--input", ",".join(str(s) for s in sorted(vae_data.glob("*.tar"))),
-           "--heldout", ",".join(str(s) for s in sorted((vae_data / "heldout").glob("*.tar"))),
+    train_shards, heldout_shards = shard_list(shapes), shard_list(shapes / "heldout")
+    cmd = [py, "data_prep/train_vae.py", "--input", shard_list(vae_data), "--heldout", shard_list(vae_data / "heldout"),
            "--output", str(vae), "--resolution", "32", *VAE_ARCH, "--device", device,
            "--min-psnr", "35"]  # README, "How good a VAE is enough": small shapes lose their colour below
     if size["vae_steps"]:
@@ -184,13 +182,18 @@ def run_shapes(args) -> int:
     times["total"] = time.time() - t_all
 
     if args.aspects:
-        summary = {"aspects": {a: summarize(out, vae, ev, {}) for a, ev in evals.items()}, "times_s": times,
+        summary = {"aspects": {a: summarize(out, vae, ev, {}, a) for a, ev in evals.items()}, "times_s": times,
                    "out": str(out)}
         print_stage_times(times)
     else:
         summary = summarize(out, vae, evals[""], times)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def shard_list(folder: Path) -> str:
+    """The tar shards of `folder` as the tools' comma list."""
+    return ",".join(str(s) for s in sorted(folder.glob("*.tar")))
 
 
 def trained_sizes(latents: Path) -> list[str]:
@@ -207,8 +210,9 @@ def print_stage_times(times: dict) -> None:
         print(f"  {k:<18} {v / 60:6.2f} min")
 
 
-def summarize(out: Path, vae: Path, ev: Path, times: dict) -> dict:
-    header(f"demo summary{'' if ev.name == 'eval' else ': ' + ev.name.removeprefix('eval_') + ' (height x width)'}")
+def summarize(out: Path, vae: Path, ev: Path, times: dict, aspect: str = "") -> dict:
+    """The demo's summary of one evaluation (`aspect`: its HEIGHTxWIDTH with --aspects)."""
+    header(f"demo summary{f': {aspect} (height x width)' if aspect else ''}")
     vae_info = json.loads((vae / "train_vae.json").read_text()) if (vae / "train_vae.json").is_file() else {}
     results = json.loads((ev / "results.json").read_text())
     keys = ("colour_acc", "position_acc", "shape_acc", "all_acc", "both_acc")

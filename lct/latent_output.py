@@ -91,7 +91,7 @@ def check_job(out: Path, header: dict | None, options: dict, log: Callable[[str]
                 raise UserError(f"{out} holds latents encoded with other settings (differing: {', '.join(diff)}; "
                                 f"{what_}); use another --output, or delete it to start over")
             log(f"{out}: replacing the settings of an earlier job that recorded no shard "
-                      f"(differing: {', '.join(diff)})")
+                f"(differing: {', '.join(diff)})")
             path.unlink()
             was = old.get("options") or {}
             if was.get("text_pretrained") == "random" and any(
