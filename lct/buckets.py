@@ -24,8 +24,8 @@ Geometry (`cover_crop`, `resize_crop`), as PixArt's multi-scale training data
 scale the image by s = max(H / h, W / w) so that it covers the H x W bucket, the other side
 truncated to an integer (in integer arithmetic here; PixArt's float `int(w * H / h)` gives the
 same for sides below 2^26), resize with PIL bicubic (what torchvision's `Resize` does to a PIL
-image), then crop the centre with torchvision's `center_crop` (offsets `round((h' - H) / 2)`,
-`round((w' - W) / 2)`). The crop fraction is the share of the resized image's area cut off,
+image), then crop the centre at torchvision `center_crop`'s offsets (`round((h' - H) / 2)`,
+`round((w' - W) / 2)`; PIL's crop here: torchvision costs the trainer seconds of import). The crop fraction is the share of the resized image's area cut off,
 1 - H W / (h' w').
 """
 
@@ -42,7 +42,6 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from torchvision.transforms.functional import center_crop
 
 from lct import rng
 from lct.errors import UserError
@@ -223,10 +222,10 @@ def cover_crop(height: int, width: int, bucket: Bucket) -> tuple[tuple[int, int]
 
 def resize_crop(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, float]:
     """(uint8 [3, H, W], crop fraction) of an 8-bit RGB PIL image put into `bucket`."""
-    (rh, rw), _, crop = cover_crop(img.height, img.width, bucket)
+    (rh, rw), (top, left), crop = cover_crop(img.height, img.width, bucket)
     if (img.height, img.width) != (rh, rw):
         img = img.resize((rw, rh), Image.BICUBIC)
-    img = center_crop(img, [bucket.height, bucket.width])
+    img = img.crop((left, top, left + bucket.width, top + bucket.height))
     arr = np.array(img, dtype=np.uint8, copy=True)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), crop
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lct.buckets import stock_binning
 from lct.data import expand_urls
 from lct.errors import UserError
 from lct.model_card import EXPORT_FORMAT, META
@@ -37,10 +38,14 @@ def is_tokenizer_class(library, class_name) -> bool:
     return isinstance(obj, type) and issubclass(obj, transformers.PreTrainedTokenizerBase)
 
 
-def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None) -> dict:
-    """lct_export.json: what the model card and lct's tools read (paths made portable on saving)."""
+def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: int | None,
+                    stock: tuple[str, int] | None = None) -> dict:
+    """lct_export.json: what the model card and lct's tools read (paths made portable on saving).
+    `stock`: (diffusers pipeline class name, transformer sample_size) of a tuned public model, whose
+    record says what that pipeline's resolution binning does with the trained sizes."""
     m = cfg.method
     ema = next((e for e in cfg.ema.models if e.name == ema_name), None)
+    buckets = bucket_record(manifest) if manifest.get("buckets") else None
     return {
         "format": EXPORT_FORMAT,
         "layout": "diffusers pipeline (model_index.json)",
@@ -55,7 +60,8 @@ def training_record(cfg, manifest: dict, ema_name: str, step: int, images_seen: 
                    "time_embed_scale": m.time_embed_scale, "tau": list(m.tau)},
         "model": {"cond": cfg.model.cond, "arch": cfg.model.arch, "pretrained": getattr(cfg.model, "pretrained", None)},
         "latent": {"norm": cfg.data.latent_norm, "shape": list(manifest["latent_shape"])},
-        **({"buckets": bucket_record(manifest)} if manifest.get("buckets") else {}),
+        **({"buckets": buckets} if buckets else {}),
+        **({"resolution_binning": stock_binning(*stock, buckets["sizes"])} if buckets and stock else {}),
         "vae": _jsonable(manifest.get("vae")),
         "text": _jsonable(manifest.get("text")),
         "resolution": manifest.get("resolution"),

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from lct.buckets import stock_binning
 from lct.errors import UserError
 from lct.export_common import CARRY_MAX_BYTES, REMAKE_HINT, quiet_loading, training_record
 from lct.files import atomic_dir
@@ -189,15 +188,13 @@ def export_flow(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], out_
     null = ema_state["net.null_text_states"].float()
     length = int(trec.get("context_length") or null.shape[0])
     tensors = null_condition(family, null, ema_state.get("net.null_pooled"), length)
-    record = training_record(cfg, manifest, ema_name, step, images_seen)
+    record = training_record(cfg, manifest, ema_name, step, images_seen,
+                             stock=(PIPELINES[family], transformer.config.sample_size))
     record.update(pipeline=PIPELINES[family], family=family, pretrained=cfg.model.pretrained, vae_source=vae_source,
                   text_source=text_source, sigmas=sampling_levels(cfg.method), null_condition=FLOW_NULL,
                   resolution=manifest.get("resolution"),
                   max_sequence_length=int(trec.get("t5_length") or length) if family == "sd3" else length,
                   instruction=trec.get("instruction") if family == "sana" else None)
-    if record.get("buckets"):  # what the stock pipeline's resolution binning does with the trained sizes
-        record["resolution_binning"] = stock_binning(PIPELINES[family], transformer.config.sample_size,
-                                                     record["buckets"]["sizes"])
     record = json.loads(json.dumps(record, default=str))
     with atomic_dir(Path(out_dir)) as tmp:
         pipe.save_pretrained(tmp)

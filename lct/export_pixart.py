@@ -43,7 +43,6 @@ from typing import Any, Sequence
 
 import torch
 
-from lct.buckets import stock_binning
 from lct.consistency import alphas_cumprod, sigma_to_timestep, vp_log_sigmas
 from lct.errors import UserError
 from lct.export_common import (REMAKE_HINT, LoadError, _first_line, _text_component, _vae_component,
@@ -234,12 +233,10 @@ def export_pixart(model: torch.nn.Module, ema_state: dict[str, torch.Tensor], ou
     cls = pipeline_class(length)
     pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer.eval(),
                scheduler=pixart_scheduler(getattr(model, "scheduler_config", None)))
-    record = training_record(cfg, manifest, ema_name, step, images_seen)
+    record = training_record(cfg, manifest, ema_name, step, images_seen,
+                             stock=(cls.__name__, transformer.config.sample_size))
     record.update(pipeline=cls.__name__, vae_source=vae_source, text_source=text_source, max_sequence_length=length,
                   null_condition=PIXART_NULL, **sampler)
-    if record.get("buckets"):  # what the stock pipeline's resolution binning does with the trained sizes
-        record["resolution_binning"] = stock_binning(cls.__name__, transformer.config.sample_size,
-                                                     record["buckets"]["sizes"])
     with atomic_dir(Path(out_dir)) as tmp:
         pipe.save_pretrained(tmp)
         for cfg_file in tmp.glob("*/config.json"):
