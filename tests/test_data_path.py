@@ -121,6 +121,7 @@ def test_a_nan_latent_never_reaches_the_ot_coupling(bad_data):
 def test_stream_mode_without_latent_samples_fails_like_indexed(latent_data):
     """data.shards at the image shards: indexed mode said so; stream mode looped forever."""
     from lct.data import InMemoryLatents, TrainBatches, expand_urls, make_loader
+    from lct.stop import end_workers
 
     images = expand_urls(str(latent_data["root"] / "shapes" / "{00000..00001}.tar"))
     spec = _spec(latent_data["train"], mode="stream", urls=images)
@@ -144,13 +145,16 @@ def test_stream_mode_without_latent_samples_fails_like_indexed(latent_data):
             result["err"] = err
         finally:
             # Joined and unregistered here: the worker's PR_SET_PDEATHSIG follows this thread, and a
-            # worker killed with its pid still registered fails torch's SIGCHLD check in later tests.
-            batches._shutdown_workers()
+            # worker killed with its pid still registered fails torch's SIGCHLD check in later tests
+            # (CI, 2026-12-07: `batches` is lct's CheckedBatches, which had no _shutdown_workers).
+            end_workers(batches)
+            result["ended"] = not batches.source._workers[0].is_alive() and not batches.source._worker_pids_set
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(90)
     assert not t.is_alive(), "stream mode hangs"
+    assert result["ended"]
     assert isinstance(result.get("err"), UserError) and same(result["err"], indexed.value)
     assert "Traceback" not in str(result["err"])
 
