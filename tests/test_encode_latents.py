@@ -221,6 +221,14 @@ def test_resume_after_a_kill_mid_shard(tiny, clean_run, tmp_path):
     assert shard_files(out) == shard_files(clean_run["out"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["stats"] == clean_run["manifest"]["stats"]
+    # Run again on the finished output (the demo's second run): no shard or record is written again,
+    # and the manifest it merges anew says the same.
+    def written():
+        return {p.name: p.stat().st_mtime_ns for p in [*out.glob("*.tar"), *out.glob("records/*")]}
+
+    before, manifest = written(), (out / "manifest.json").read_text()
+    encode(argv)
+    assert written() == before and len(before) == 12 and (out / "manifest.json").read_text() == manifest
 
 
 @pytest.mark.proc
