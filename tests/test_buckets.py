@@ -544,7 +544,7 @@ def test_element_statistics_are_refused_with_buckets_in_one_line(aspect_data):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(aspect_data, tmp_path):
+def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(aspect_data, tmp_path, capsys):
     """Three aspect ratios under `deepspeed --num_gpus 2` with OT and the early-step term (iLCT):
     a run killed after its step-2 checkpoint and resumed trains the same losses and weights, bit
     for bit, as an uninterrupted one; its export generates each trained aspect (default: the most
@@ -617,8 +617,13 @@ def test_bucketed_run_under_deepspeed_resumes_bitwise_and_exports_each_aspect(as
     assert r["resolution"]["generated_size"] == [h, w] and r["settings"][0]["metrics"]["shapes3"]["n"] == 3
     assert r["shapes_ceiling"]["vae_reconstruction"]["size"] == [h, w]  # the ceiling on the same canvas
     assert Image.open(tmp_path / "eval" / "steps1_g1" / "000000.png").size == (w, h)
-    proc = run_cmd([*args, "--out", str(tmp_path / "e2"), "--aspect", "48x24"], env=env)
-    assert proc.returncode == 2 and "--aspect 48x24: height 48, width 24: this model was trained at" in proc.stderr
+    from lct.errors import cli_main  # the refusal, in this process (a process costs its imports)
+    from lct.eval import clip_fid
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(clip_fid.main, [*args[2:], "--out", str(tmp_path / "e2"), "--aspect", "48x24"])
+    assert exc.value.code == 2
+    assert "--aspect 48x24: height 48, width 24: this model was trained at" in capsys.readouterr().err
 
 
 def test_dry_run_memory_inputs_take_the_largest_bucket():

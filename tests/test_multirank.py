@@ -83,7 +83,7 @@ def test_partitioned_ema_gathers_to_the_full_ema_bitwise(tmp_path):
         for name in ("ema", "slow"):
             gathered, ref = part.state_dict_of(name), full.state_dict_of(name)
             assert all(torch.equal(gathered[k], ref[k]) for k in ref), name
-        os.write(1, f"rank {rank} ok\n".encode())  # one write each: print's pieces interleave across ranks
+        os.write(1, f"rank {rank} ok\\n".encode())  # one write each: print's pieces interleave across ranks
         # An orderly shutdown: a rank that exits while gloo still holds its pair can abort
         # ("terminate called without an active exception", seen once in 2026-11-30's run).
         dist.barrier()
