@@ -25,8 +25,8 @@ scale the image by s = max(H / h, W / w) so that it covers the H x W bucket, the
 truncated to an integer (in integer arithmetic here; PixArt's float `int(w * H / h)` gives the
 same for sides below 2^26), resize with PIL bicubic (what torchvision's `Resize` does to a PIL
 image), then crop the centre at torchvision `center_crop`'s offsets (`round((h' - H) / 2)`,
-`round((w' - W) / 2)`; PIL's crop here: torchvision costs the trainer seconds of import). The crop fraction is the share of the resized image's area cut off,
-1 - H W / (h' w').
+`round((w' - W) / 2)`; with PIL's crop: importing torchvision cost every trainer process seconds).
+The crop fraction is the share of the resized image's area cut off, 1 - H W / (h' w').
 """
 
 from __future__ import annotations
