@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,11 @@ def heun_ode(pipe, captions: list[str], indices, *, steps: int, seed: int, sigma
 def score(u8: np.ndarray, captions: list[str]) -> dict:
     from lct.shapes import shapes_metric
 
-    m = shapes_metric(u8, captions)
+    return brief(shapes_metric(u8, captions))
+
+
+def brief(m: dict) -> dict:
+    """The accuracies of a `shapes_metric` dictionary, rounded, overall and per size."""
     keep = ("colour_acc", "position_acc", "shape_acc", "all_acc")
     out = {k: round(m[k], 4) for k in keep}
     out["by_size"] = {s: {k: round(v[k], 4) for k in ("colour_acc", "position_acc", "shape_acc")}
@@ -93,9 +96,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from lct.grids import to_uint8
+    from lct.metrics import render_scores
     from lct.sample import Generator
-    from lct.shapes import read_specs, render
-    from lct.vae import decode, encode_posterior
+    from lct.shapes import read_specs, summarize_scores
 
     gen = Generator(a.checkpoint, torch.device("cpu"), a.ema)
     recs = [json.loads(x) for x in Path(a.captions).read_text().splitlines()[: a.num]]
@@ -108,12 +111,9 @@ def main(argv=None) -> int:
             settings.append(("cm", s, tau))
     head = {"checkpoint": a.checkpoint, "step": gen.meta.get("step"), "n": len(caps)}
     if a.ceiling:
-        specs = read_specs(a.captions, a.num)
-        gt = np.stack([np.asarray(render(sp, size)) for sp in specs])
-        x = torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        rec = to_uint8(decode(gen.vae, encode_posterior(gen.vae, x)[0]))
-        print(json.dumps({**head, "setting": "ground_truth", **score(gt, caps)}), flush=True)
-        print(json.dumps({**head, "setting": "vae_reconstruction", **score(rec, caps)}), flush=True)
+        rows = render_scores(gen.vae, read_specs(a.captions, a.num), caps, (size, size), "cpu")
+        for name in ("ground_truth", "vae_reconstruction"):
+            print(json.dumps({**head, "setting": name, **brief(summarize_scores(rows[name]))}), flush=True)
     for n_set, (kind, k, tau) in enumerate(settings):
         t0 = time.process_time()
         out = []
